@@ -1,0 +1,296 @@
+"""
+Joining two connected transports into one tunnel.
+
+Nothing here knows about HTTP: a L{Relay} is handed two transports that are
+already connected and moves bytes between them until both directions are
+finished, with flow control, half-close and an idle timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from attrs import frozen
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["Relay", "RelayResult", "TargetProtocol"]
+
+
+@frozen
+class RelayResult:
+    """
+    How a tunnel's relay ended.
+
+    @ivar bytesUp: Bytes moved from the client to the target, early data
+        included.
+    @ivar bytesDown: Bytes moved from the target to the client.
+    @ivar ended: How it ended: C{"client-eof"} or C{"target-eof"} (both
+        sides finished; this one finished first), C{"client-reset"} or
+        C{"target-reset"} (a side was lost before both finished),
+        C{"idle-timeout"}, or C{"shutdown"} (closed by the proxy).
+    """
+
+    bytesUp: int
+    bytesDown: int
+    ended: str
+
+
+class Relay:
+    """
+    Moves bytes between a client transport and a target transport.
+
+    Each transport is registered as the streaming producer of the other, so
+    when one side stops reading, the proxy stops reading from the other side:
+    the bytes buffered in the proxy stay bounded whatever the peers do.
+
+    A FIN from one side becomes a half-close towards the other; the relay
+    ends when both directions are finished, or at once when either side is
+    lost or the idle timeout passes.
+
+    The client protocol and the L{TargetProtocol} feed their events into the
+    C{client*} and C{target*} methods.
+
+    @ivar bytesUp: Bytes written to the target so far.
+    @ivar bytesDown: Bytes written to the client so far.
+    """
+
+    def __init__(
+        self,
+        client: ITransport,
+        target: ITransport,
+        clock: IReactorTime,
+        idleTimeout: float | None,
+        onEnd: Callable[[RelayResult], None],
+    ) -> None:
+        """
+        @param client: The transport connected to the client.
+        @param target: The transport connected to the target.
+        @param clock: Schedules the idle timeout.
+        @param idleTimeout: Seconds without a byte in either direction after
+            which both connections are aborted; L{None} or C{0} disables it.
+        @param onEnd: Called once with the L{RelayResult} when both
+            connections are closed.
+        """
+        self._client = client
+        self._target = target
+        self._clock = clock
+        self._idleTimeout = idleTimeout or None
+        self._onEnd: Callable[[RelayResult], None] | None = onEnd
+        self.bytesUp = 0
+        self.bytesDown = 0
+        self._clientReading = True
+        self._targetReading = True
+        self._clientOpen = True
+        self._targetOpen = True
+        self._firstEnd: str | None = None
+        self._closing: str | None = None
+        self._idleCall: IDelayedCall | None = None
+
+    def start(self, earlyData: bytes = b"", clientFinished: bool = False) -> None:
+        """
+        Start relaying.
+
+        @param earlyData: Bytes the client sent before the tunnel was
+            established; they reach the target first.
+        @param clientFinished: Whether the client already half-closed its
+            side before the tunnel was established.
+        """
+        self._target.registerProducer(self._client, True)
+        self._client.registerProducer(self._target, True)
+        if earlyData:
+            # Written after the producers are registered, so that a large
+            # write pauses the client as any other would.
+            self.clientData(earlyData)
+        if self._idleTimeout is not None:
+            self._idleCall = self._clock.callLater(self._idleTimeout, self._idle)
+        if clientFinished:
+            self.clientFinished()
+
+    def clientData(self, data: bytes) -> None:
+        """
+        Bytes arrived from the client.
+
+        @param data: The bytes.
+        """
+        self.bytesUp += len(data)
+        self._target.write(data)
+        if self._idleCall is not None:
+            self._idleCall.reset(self._idleTimeout)
+
+    def targetData(self, data: bytes) -> None:
+        """
+        Bytes arrived from the target.
+
+        @param data: The bytes.
+        """
+        self.bytesDown += len(data)
+        self._client.write(data)
+        if self._idleCall is not None:
+            self._idleCall.reset(self._idleTimeout)
+
+    def clientFinished(self) -> None:
+        """
+        The client sent FIN: pass it on to the target.
+        """
+        if self._clientReading:
+            self._clientReading = False
+            self._halfClose(self._target, "client-eof")
+
+    def targetFinished(self) -> None:
+        """
+        The target sent FIN: pass it on to the client.
+        """
+        if self._targetReading:
+            self._targetReading = False
+            self._halfClose(self._client, "target-eof")
+
+    def _halfClose(self, towards: ITransport, how: str) -> None:
+        if self._firstEnd is None:
+            self._firstEnd = how
+        if self._closing is not None:
+            return
+        if self._clientReading or self._targetReading:
+            # A transport with a producer still registered waits for that
+            # producer before it half-closes; nothing more comes from the
+            # finished side anyway.
+            towards.unregisterProducer()
+            towards.loseWriteConnection()  # type: ignore[attr-defined]
+        else:
+            self._close(self._firstEnd, abort=False)
+
+    def clientLost(self, reason: Failure = connectionDone) -> None:
+        """
+        The client connection is gone.
+
+        @param reason: Why.
+        """
+        self._clientOpen = self._clientReading = False
+        self._sideLost("client", reason)
+
+    def targetLost(self, reason: Failure = connectionDone) -> None:
+        """
+        The target connection is gone.
+
+        @param reason: Why.
+        """
+        self._targetOpen = self._targetReading = False
+        self._sideLost("target", reason)
+
+    def _sideLost(self, side: str, reason: Failure) -> None:
+        if self._closing is None:
+            # A clean close on a transport that cannot half-close (TLS, for
+            # one) is that side's FIN: let the other side flush and close.
+            # Anything else is a reset, passed on as one.
+            clean = reason.check(ConnectionDone) is not None
+            if clean:
+                self._firstEnd = self._firstEnd or f"{side}-eof"
+            self._close(self._firstEnd if clean else f"{side}-reset", not clean)
+        self._reportIfDone()
+
+    def _idle(self) -> None:
+        self._idleCall = None
+        self.abort("idle-timeout")
+
+    def abort(self, why: str = "shutdown") -> None:
+        """
+        End the tunnel at once, resetting both connections.
+
+        @param why: How the tunnel ended, for the L{RelayResult}, unless it
+            was already ending for another reason.
+        """
+        self._close(self._closing or why, abort=True)
+
+    def _close(self, how: str | None, abort: bool) -> None:
+        self._closing = how
+        if self._idleCall is not None:
+            self._idleCall.cancel()
+            self._idleCall = None
+        for transport, isOpen in (
+            (self._client, self._clientOpen),
+            (self._target, self._targetOpen),
+        ):
+            if isOpen:
+                transport.unregisterProducer()
+                if abort:
+                    transport.abortConnection()  # type: ignore[attr-defined]
+                else:
+                    transport.loseConnection()
+
+    def _reportIfDone(self) -> None:
+        if not (self._clientOpen or self._targetOpen) and self._onEnd is not None:
+            onEnd, self._onEnd = self._onEnd, None
+            onEnd(RelayResult(self.bytesUp, self.bytesDown, self._closing or "-"))
+
+
+@implementer(IHalfCloseableProtocol)
+class TargetProtocol(Protocol):
+    """
+    The protocol on the connection to the target.
+
+    Until a L{Relay} is attached it only waits; once attached it feeds every
+    event to the relay.
+    """
+
+    relay: Relay | None = None
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = []
+        self._finishedEarly = False
+        self._lostEarly: Failure | None = None
+
+    def attach(self, relay: Relay) -> None:
+        """
+        Hand this connection's events to C{relay}.
+
+        @param relay: The relay this connection now belongs to.
+        """
+        self.relay = relay
+        for data in self._pending:
+            relay.targetData(data)
+        del self._pending[:]
+        if self._finishedEarly:
+            relay.targetFinished()
+        if self._lostEarly is not None:
+            relay.targetLost(self._lostEarly)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Pass target bytes on to the relay (or hold them until it exists).
+        """
+        if self.relay is not None:
+            self.relay.targetData(data)
+        else:
+            self._pending.append(data)
+
+    def readConnectionLost(self) -> None:
+        """
+        The target sent FIN.
+        """
+        if self.relay is not None:
+            self.relay.targetFinished()
+        else:
+            self._finishedEarly = True
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our FIN towards the target went out; nothing to do.
+        """
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        The target connection is closed.
+        """
+        if self.relay is not None:
+            self.relay.targetLost(reason)
+        else:
+            self._lostEarly = reason
+

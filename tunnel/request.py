@@ -1,0 +1,270 @@
+"""
+Parsing and validation of a CONNECT request head.
+
+Everything here is pure: bytes go in, a L{ConnectRequest} or a
+L{RequestRejected} comes out.  No I/O, no reactor, so every rule can be
+tested directly.
+
+The grammar is RFC 9112 (HTTP/1.1 message syntax) section 3 and 5, with the
+request target restricted to the authority-form that RFC 9110 section 9.3.6
+requires for CONNECT.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Sequence
+
+from attrs import field, frozen
+
+__all__ = [
+    "ConnectRequest",
+    "RequestRejected",
+    "findHeadEnd",
+    "parseConnectHead",
+    "parseAuthority",
+]
+
+# RFC 9110 section 5.6.2: token = 1*tchar.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# RFC 9112 section 2.3: HTTP-version is case-sensitive, one digit each.
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
+# Field values may hold visible characters, spaces, tabs and obs-text; any
+# other control character (NUL, CR, LF, DEL, ...) is an attack or a bug.
+_BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# A DNS name (or an IPv4 literal, which uses the same characters).  RFC 3986
+# also admits percent-encoding and sub-delims in a reg-name; no resolver
+# accepts those, so they are refused here rather than passed along.
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?\Z")
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+
+
+@frozen
+class ConnectRequest:
+    """
+    A well-formed CONNECT request head.
+
+    @ivar host: The target host: a DNS name, an IPv4 literal or an IPv6
+        literal without its brackets.
+    @ivar port: The target port, 1 to 65535.
+    @ivar version: The HTTP version of the request, C{(1, 0)} or C{(1, 1)}.
+    @ivar headers: The header fields in the order received, names lower-cased.
+    """
+
+    host: str
+    port: int
+    version: tuple[int, int] = (1, 1)
+    headers: tuple[tuple[bytes, bytes], ...] = field(default=())
+
+    @property
+    def authority(self) -> str:
+        """
+        The target in authority-form, as it would appear in a request line.
+        """
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    def header(self, name: bytes) -> bytes | None:
+        """
+        Look up a header field.
+
+        @param name: The lower-case field name.
+        @return: The value of the first field of that name, or L{None}.
+        """
+        for fieldName, value in self.headers:
+            if fieldName == name:
+                return value
+        return None
+
+
+class RequestRejected(Exception):
+    """
+    The request cannot be served; the client gets this HTTP error.
+
+    @ivar status: The HTTP status code to answer with.
+    @ivar detail: A short human-readable explanation for the response body.
+    @ivar headers: Extra header fields for the response.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(status, detail)
+        self.status = status
+        self.detail = detail
+        self.headers = tuple(headers)
+
+
+def findHeadEnd(buffer: bytes, start: int = 0) -> tuple[int, int] | None:
+    """
+    Find the empty line that ends a request head.
+
+    Lines end with CRLF; RFC 9112 section 2.2 lets a recipient accept a bare
+    LF too, which this does.
+
+    @param buffer: The bytes received so far.
+    @param start: Where to start looking (to avoid rescanning old bytes).
+    @return: C{(headLength, consumed)}: the length of the head without its
+        final empty line, and the number of bytes up to and including that
+        empty line; or L{None} if the head is not complete yet.
+    """
+    index = buffer.find(b"\n", start)
+    while index != -1:
+        if buffer.startswith(b"\n", index + 1):
+            return index + 1, index + 2
+        if buffer.startswith(b"\r\n", index + 1):
+            return index + 1, index + 3
+        index = buffer.find(b"\n", index + 1)
+    return None
+
+
+def parseAuthority(target: bytes) -> tuple[str, int]:
+    """
+    Parse an authority-form request target, C{host:port}.
+
+    @param target: The request target from the request line.
+    @return: The host (without brackets for IPv6) and the port.
+    @raise RequestRejected: With status 400 if the target is not a valid
+        authority with a port in 1-65535.
+    """
+    try:
+        text = target.decode("ascii")
+    except UnicodeDecodeError:
+        raise RequestRejected(400, "The request target is not ASCII.") from None
+    if "@" in text:
+        raise RequestRejected(400, "The request target must not hold user info.")
+    if text.startswith("["):
+        close = text.find("]")
+        if close == -1 or text[close + 1 : close + 2] != ":":
+            raise RequestRejected(400, "The request target must be [IPv6]:port.")
+        host, portText = text[1:close], text[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise RequestRejected(400, "The IPv6 address is not valid.") from None
+        if "%" in host:
+            raise RequestRejected(400, "IPv6 zone identifiers are not allowed.")
+    else:
+        host, colon, portText = text.rpartition(":")
+        if not colon:
+            raise RequestRejected(400, "The request target must be host:port.")
+        if not _HOSTNAME.match(host):
+            raise RequestRejected(400, "The target host name is not valid.")
+    if not _PORT.match(portText) or not 1 <= int(portText) <= 65535:
+        raise RequestRejected(400, "The target port must be a number in 1-65535.")
+    return host, int(portText)
+
+
+def _parseRequestLine(line: bytes) -> tuple[tuple[int, int], bytes]:
+    """
+    Parse and check a request line.
+
+    @return: The HTTP version and the raw request target.
+    @raise RequestRejected: 400 for a malformed line, 405 for a method other
+        than CONNECT, 505 for an HTTP version other than 1.0 or 1.1.
+    """
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise RequestRejected(400, "The request line is malformed.")
+    method, target, versionText = parts
+    versionMatch = _VERSION.match(versionText)
+    if not _TOKEN.match(method) or not target or versionMatch is None:
+        raise RequestRejected(400, "The request line is malformed.")
+    if method != b"CONNECT":
+        raise RequestRejected(
+            405,
+            "This is a CONNECT proxy: it serves only the CONNECT method.",
+            [(b"Allow", b"CONNECT")],
+        )
+    version = (int(versionMatch.group(1)), int(versionMatch.group(2)))
+    if version not in ((1, 0), (1, 1)):
+        raise RequestRejected(505, "Only HTTP/1.0 and HTTP/1.1 are supported.")
+    return version, target
+
+
+def _parseFieldLine(line: bytes) -> tuple[bytes, bytes]:
+    """
+    Parse one header field line, C{name: value}.
+
+    @return: The lower-cased name and the value without surrounding
+        whitespace.
+    @raise RequestRejected: 400 for obs-fold, a missing colon, whitespace
+        before the colon, a name that is not a token, or control characters.
+    """
+    if line[:1] in (b" ", b"\t"):
+        raise RequestRejected(400, "Obsolete line folding is not allowed.")
+    name, colon, value = line.partition(b":")
+    if not colon or not _TOKEN.match(name):
+        raise RequestRejected(400, "A header field line is malformed.")
+    if _BAD_VALUE_BYTE.search(value):
+        raise RequestRejected(400, "A header field holds a control character.")
+    return name.lower(), value.strip(b" \t")
+
+
+def _checkFraming(headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """
+    Refuse header fields that make no sense on a CONNECT request.
+
+    @raise RequestRejected: 400 for a repeated Host, any Transfer-Encoding, or
+        a Content-Length other than 0 (a CONNECT request has no content, and
+        a proxy that believed otherwise could be made to read tunnel bytes as
+        a body).
+    """
+    hosts = 0
+    for name, value in headers:
+        if name == b"host":
+            hosts += 1
+            if hosts > 1:
+                raise RequestRejected(400, "More than one Host header field.")
+        elif name == b"transfer-encoding":
+            raise RequestRejected(400, "A CONNECT request has no content.")
+        elif name == b"content-length":
+            if not value.isdigit() or int(value) != 0:
+                raise RequestRejected(400, "A CONNECT request has no content.")
+
+
+def parseConnectHead(
+    head: bytes,
+    maxRequestLine: int = 8192,
+    maxFields: int = 100,
+) -> ConnectRequest:
+    """
+    Parse a complete request head.
+
+    @param head: The request line and header field lines, each ending in
+        CRLF (or a bare LF), without the final empty line.  Empty lines
+        before the request line are ignored (RFC 9112 section 2.2).
+    @param maxRequestLine: The longest request line accepted, in bytes.
+    @param maxFields: The most header fields accepted.
+    @return: The parsed request.
+    @raise RequestRejected: For anything that is not a well-formed CONNECT
+        request this proxy can serve.
+    """
+    lines = head.split(b"\n")
+    # The head always ends in a line ending, so the split leaves an empty
+    # last item.
+    del lines[-1]
+    for index, line in enumerate(lines):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if b"\r" in line:
+            raise RequestRejected(400, "A bare CR is not a line ending.")
+        lines[index] = line
+    while lines and not lines[0]:
+        del lines[0]
+    if not lines:
+        raise RequestRejected(400, "The request line is missing.")
+    if len(lines[0]) > maxRequestLine:
+        raise RequestRejected(414, "The request line is too long.")
+    version, target = _parseRequestLine(lines[0])
+    if len(lines) - 1 > maxFields:
+        raise RequestRejected(431, "Too many header fields.")
+    headers = tuple(_parseFieldLine(line) for line in lines[1:])
+    _checkFraming(headers)
+    host, port = parseAuthority(target)
+    return ConnectRequest(host=host, port=port, version=version, headers=headers)
