@@ -5,7 +5,7 @@ Test doubles shared by the test modules.
 from __future__ import annotations
 
 import ipaddress
-from typing import Sequence
+from collections.abc import Sequence
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
@@ -48,7 +48,7 @@ class FakeResolver:
         portNumber: int = 0,
         addressTypes: object = None,
         transportSemantics: str = "TCP",
-    ) -> IResolutionReceiver:
+    ) -> IHostResolution:
         """
         Resolve at once from the map.
         """
@@ -61,12 +61,8 @@ class FakeResolver:
             addresses = list(self.hostMap.get(hostName, ()))
         for text in addresses:
             if ":" in text:
-                resolutionReceiver.addressResolved(
-                    IPv6Address("TCP", text, portNumber)
-                )
+                resolutionReceiver.addressResolved(IPv6Address("TCP", text, portNumber))
             else:
-                resolutionReceiver.addressResolved(
-                    IPv4Address("TCP", text, portNumber)
-                )
+                resolutionReceiver.addressResolved(IPv4Address("TCP", text, portNumber))
         resolutionReceiver.resolutionComplete()
-        return resolutionReceiver
+        return resolution

@@ -4,6 +4,7 @@ The seams an application plugs its own objects into.
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import Interface
 
 __all__ = ["ITargetConnector"]
@@ -18,7 +19,7 @@ class ITargetConnector(Interface):
     through Tor, SOCKS, a parent proxy or a fixed address.
     """
 
-    def endpointForTarget(host: str, port: int) -> object:
+    def endpointForTarget(host: str, port: int) -> IStreamClientEndpoint:
         """
         Give the endpoint that reaches C{host:port}.
 

@@ -8,7 +8,8 @@ finished, with flow control, half-close and an idle timeout.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Protocol as TypingProtocol
 
 from attrs import frozen
 from twisted.internet.error import ConnectionDone
@@ -16,13 +17,29 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IReactorTime,
-    ITransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["Relay", "RelayResult", "TargetProtocol"]
+__all__ = ["Relay", "RelayResult", "StreamTransport", "TargetProtocol"]
+
+
+class StreamTransport(TypingProtocol):
+    """
+    What a relay needs of a transport: a stream connection that is a push
+    producer and a consumer, and can half-close (as TCP and UNIX transports
+    can).
+    """
+
+    def write(self, data: bytes) -> None: ...
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def loseConnection(self) -> None: ...
+    def loseWriteConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
 
 
 @frozen
@@ -65,8 +82,8 @@ class Relay:
 
     def __init__(
         self,
-        client: ITransport,
-        target: ITransport,
+        client: StreamTransport,
+        target: StreamTransport,
         clock: IReactorTime,
         idleTimeout: float | None,
         onEnd: Callable[[RelayResult], None],
@@ -83,7 +100,7 @@ class Relay:
         self._client = client
         self._target = target
         self._clock = clock
-        self._idleTimeout = idleTimeout or None
+        self._idleTimeout = idleTimeout or 0.0
         self._onEnd: Callable[[RelayResult], None] | None = onEnd
         self.bytesUp = 0
         self.bytesDown = 0
@@ -94,6 +111,8 @@ class Relay:
         self._firstEnd: str | None = None
         self._closing: str | None = None
         self._idleCall: IDelayedCall | None = None
+        # The transports that have the other one registered as producer.
+        self._consuming: list[StreamTransport] = []
 
     def start(self, earlyData: bytes = b"", clientFinished: bool = False) -> None:
         """
@@ -106,11 +125,12 @@ class Relay:
         """
         self._target.registerProducer(self._client, True)
         self._client.registerProducer(self._target, True)
+        self._consuming = [self._client, self._target]
         if earlyData:
             # Written after the producers are registered, so that a large
             # write pauses the client as any other would.
             self.clientData(earlyData)
-        if self._idleTimeout is not None:
+        if self._idleTimeout:
             self._idleCall = self._clock.callLater(self._idleTimeout, self._idle)
         if clientFinished:
             self.clientFinished()
@@ -153,7 +173,7 @@ class Relay:
             self._targetReading = False
             self._halfClose(self._client, "target-eof")
 
-    def _halfClose(self, towards: ITransport, how: str) -> None:
+    def _halfClose(self, towards: StreamTransport, how: str) -> None:
         if self._firstEnd is None:
             self._firstEnd = how
         if self._closing is not None:
@@ -162,8 +182,8 @@ class Relay:
             # A transport with a producer still registered waits for that
             # producer before it half-closes; nothing more comes from the
             # finished side anyway.
-            towards.unregisterProducer()
-            towards.loseWriteConnection()  # type: ignore[attr-defined]
+            self._unregister(towards)
+            towards.loseWriteConnection()
         else:
             self._close(self._firstEnd, abort=False)
 
@@ -219,11 +239,16 @@ class Relay:
             (self._target, self._targetOpen),
         ):
             if isOpen:
-                transport.unregisterProducer()
+                self._unregister(transport)
                 if abort:
-                    transport.abortConnection()  # type: ignore[attr-defined]
+                    transport.abortConnection()
                 else:
                     transport.loseConnection()
+
+    def _unregister(self, transport: StreamTransport) -> None:
+        if transport in self._consuming:
+            self._consuming.remove(transport)
+            transport.unregisterProducer()
 
     def _reportIfDone(self) -> None:
         if not (self._clientOpen or self._targetOpen) and self._onEnd is not None:
@@ -293,4 +318,3 @@ class TargetProtocol(Protocol):
             self.relay.targetLost(reason)
         else:
             self._lostEarly = reason
-

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from attrs import field, frozen
 
@@ -22,8 +22,8 @@ __all__ = [
     "ConnectRequest",
     "RequestRejected",
     "findHeadEnd",
-    "parseConnectHead",
     "parseAuthority",
+    "parseConnectHead",
 ]
 
 # RFC 9110 section 5.6.2: token = 1*tchar.
@@ -221,11 +221,10 @@ def _checkFraming(headers: Sequence[tuple[bytes, bytes]]) -> None:
             hosts += 1
             if hosts > 1:
                 raise RequestRejected(400, "More than one Host header field.")
-        elif name == b"transfer-encoding":
+        elif name == b"transfer-encoding" or (
+            name == b"content-length" and (not value.isdigit() or int(value) != 0)
+        ):
             raise RequestRejected(400, "A CONNECT request has no content.")
-        elif name == b"content-length":
-            if not value.isdigit() or int(value) != 0:
-                raise RequestRejected(400, "A CONNECT request has no content.")
 
 
 def parseConnectHead(

@@ -4,7 +4,7 @@ The CONNECT handshake: the protocol that talks to a client, and its factory.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from .connector import HostnameConnector
 from .interfaces import ITargetConnector
-from .relay import Relay, RelayResult, TargetProtocol
+from .relay import Relay, RelayResult, StreamTransport, TargetProtocol
 from .request import ConnectRequest, RequestRejected, findHeadEnd, parseConnectHead
 
 __all__ = ["ConnectProxy", "ConnectProxyFactory", "formatAddress"]
@@ -100,7 +100,7 @@ class _TargetFactory(Factory):
     def __init__(self, target: TargetProtocol) -> None:
         self._target = target
 
-    def buildProtocol(self, addr: IAddress) -> TargetProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> TargetProtocol:
         """
         Give the tunnel's target protocol.
         """
@@ -124,7 +124,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
     _relay: Relay | None = None
     _request: ConnectRequest | None = None
-    _connecting: Deferred[TargetProtocol] | None = None
+    _connecting: Deferred[Any] | None = None
     _status: int | None = None
     _ended: str | None = None
 
@@ -133,6 +133,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         Start the header timeout.
         """
         factory = self.factory
+        self._client = cast(StreamTransport, self.transport)
         self.callLater = factory.clock.callLater  # type: ignore[assignment]
         self._startedAt = factory.clock.seconds()
         self._buffer = b""
@@ -160,7 +161,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             if self._earlyBytes > self.factory.maxEarlyData:
                 # Flow control while the target is not reached yet: stop
                 # reading rather than buffer without bound.
-                self.transport.pauseProducing()  # type: ignore[attr-defined]
+                self._client.pauseProducing()
 
     def _headData(self, data: bytes) -> None:
         factory = self.factory
@@ -213,7 +214,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
             endpoint = factory.connector.endpointForTarget(request.host, request.port)
             connecting = endpoint.connect(_TargetFactory(target))
         except Exception:
-            self._log.failure("Could not start connecting to {target}", target=request.authority)
+            self._log.failure(
+                "Could not start connecting to {target}", target=request.authority
+            )
             self._reject(RequestRejected(502, "The proxy could not reach the target."))
             return
         self._connecting = connecting
@@ -224,10 +227,10 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._connecting = None
         self._status = 200
         self._reading = "tunnel"
-        self.transport.write(_ESTABLISHED)  # type: ignore[union-attr]
+        self._client.write(_ESTABLISHED)
         relay = Relay(
-            self.transport,  # type: ignore[arg-type]
-            target.transport,  # type: ignore[arg-type]
+            self._client,
+            cast(StreamTransport, target.transport),
             self.factory.clock,
             self.factory.idleTimeout,
             self._relayEnded,
@@ -236,7 +239,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         target.attach(relay)
         early, self._early = b"".join(self._early), []
         if self._earlyBytes > self.factory.maxEarlyData:
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self._client.resumeProducing()
         relay.start(early, self._clientFinished)
 
     def _targetFailed(self, reason: Failure) -> None:
@@ -254,7 +257,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
         elif reason.check(ConnectError):
             rejected = RequestRejected(502, "The proxy could not reach the target.")
         else:
-            self._log.failure("Unexpected failure reaching {target}", reason, target=self._target())
+            self._log.failure(
+                "Unexpected failure reaching {target}", reason, target=self._target()
+            )
             rejected = RequestRejected(502, "The proxy could not reach the target.")
         self._reject(rejected, "target-failed")
 
@@ -265,10 +270,10 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._reading = "done"
         self._buffer = b""
         self._early = []
-        self.transport.write(  # type: ignore[union-attr]
+        self._client.write(
             errorResponse(rejected.status, rejected.detail, rejected.headers)
         )
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._client.loseConnection()
         self._end(rejected.status, ended)
 
     def readConnectionLost(self) -> None:
@@ -284,7 +289,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         elif self._reading == "early" and self._early:
             self._clientFinished = True
         else:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self._client.loseConnection()
             self._abandon()
 
     def writeConnectionLost(self) -> None:
@@ -346,7 +351,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if self._relay is not None:
             self._relay.abort("shutdown")
         else:
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self._client.abortConnection()
 
 
 class ConnectProxyFactory(Factory):
@@ -365,7 +370,7 @@ class ConnectProxyFactory(Factory):
     @ivar connections: The client connections open now.
     """
 
-    protocol = ConnectProxy
+    protocol = ConnectProxy  # type: ignore[assignment]
 
     def __init__(
         self,

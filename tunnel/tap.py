@@ -4,7 +4,8 @@ The twistd face of the proxy: command-line options and the service they make.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
@@ -107,9 +108,7 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if self["max-request-line"] > self["max-header-size"]:
-            raise usage.UsageError(
-                "--max-request-line cannot exceed --max-header-size"
-            )
+            raise usage.UsageError("--max-request-line cannot exceed --max-header-size")
 
 
 def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:

@@ -1,0 +1,346 @@
+"""
+Tests for L{tunnel.request}: the pure CONNECT head parser.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from tunnel.request import (
+    ConnectRequest,
+    RequestRejected,
+    findHeadEnd,
+    parseAuthority,
+    parseConnectHead,
+)
+
+# Every status the parser may answer with.
+PARSER_STATUSES = {400, 405, 414, 431, 505}
+
+
+def parse(head: bytes, **kwargs: int) -> ConnectRequest:
+    """
+    Parse C{head} plus the line ending that ends its last line.
+    """
+    return parseConnectHead(head + b"\r\n", **kwargs)
+
+
+class ParseConnectHeadTests(SynchronousTestCase):
+    """
+    Tests for L{parseConnectHead}.
+    """
+
+    def assertRejected(self, head: bytes, status: int) -> RequestRejected:
+        """
+        Assert that parsing C{head} is rejected with C{status}.
+        """
+        rejected: RequestRejected = self.assertRaises(RequestRejected, parse, head)
+        self.assertEqual(rejected.status, status)
+        return rejected
+
+    def test_simple(self) -> None:
+        """
+        A minimal HTTP/1.1 CONNECT request parses into host, port, version.
+        """
+        request = parse(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443")
+        self.assertEqual(request.host, "example.com")
+        self.assertEqual(request.port, 443)
+        self.assertEqual(request.version, (1, 1))
+        self.assertEqual(request.header(b"host"), b"example.com:443")
+        self.assertEqual(request.authority, "example.com:443")
+
+    def test_http10(self) -> None:
+        """
+        HTTP/1.0 requests are served (Python's http.client sends them).
+        """
+        request = parse(b"CONNECT example.com:443 HTTP/1.0")
+        self.assertEqual(request.version, (1, 0))
+
+    def test_ipv6(self) -> None:
+        """
+        A bracketed IPv6 literal is the host, without its brackets.
+        """
+        request = parse(b"CONNECT [2001:db8::1]:8443 HTTP/1.1")
+        self.assertEqual(request.host, "2001:db8::1")
+        self.assertEqual(request.port, 8443)
+        self.assertEqual(request.authority, "[2001:db8::1]:8443")
+
+    def test_bareLineFeeds(self) -> None:
+        """
+        Lines ending in a bare LF are accepted (RFC 9112 section 2.2).
+        """
+        request = parseConnectHead(b"CONNECT a.example:1 HTTP/1.1\nHost: x\n")
+        self.assertEqual((request.host, request.port), ("a.example", 1))
+
+    def test_leadingEmptyLine(self) -> None:
+        """
+        An empty line before the request line is ignored.
+        """
+        request = parse(b"\r\nCONNECT a.example:1 HTTP/1.1")
+        self.assertEqual(request.host, "a.example")
+
+    def test_headerValueWhitespace(self) -> None:
+        """
+        Whitespace around a field value is not part of it; names are
+        compared case-insensitively.
+        """
+        request = parse(
+            b"CONNECT a.example:1 HTTP/1.1\r\nPROXY-Authorization: \t x y \t"
+        )
+        self.assertEqual(request.header(b"proxy-authorization"), b"x y")
+        self.assertIsNone(request.header(b"host"))
+
+    def test_zeroContentLength(self) -> None:
+        """
+        C{Content-Length: 0} is harmless and accepted.
+        """
+        parse(b"CONNECT a.example:1 HTTP/1.1\r\nContent-Length: 0")
+
+    def test_otherMethod(self) -> None:
+        """
+        Another method gets 405 with C{Allow: CONNECT}.
+        """
+        rejected = self.assertRejected(b"GET http://a.example/ HTTP/1.1", 405)
+        self.assertEqual(rejected.headers, ((b"Allow", b"CONNECT"),))
+
+    def test_methodCaseSensitive(self) -> None:
+        """
+        Methods are case-sensitive: C{connect} is not C{CONNECT}.
+        """
+        self.assertRejected(b"connect a.example:443 HTTP/1.1", 405)
+
+    def test_badVersions(self) -> None:
+        """
+        A well-formed HTTP version other than 1.0 or 1.1 gets 505; a
+        malformed one gets 400.
+        """
+        self.assertRejected(b"CONNECT a.example:443 HTTP/2.0", 505)
+        self.assertRejected(b"CONNECT a.example:443 HTTP/0.9", 505)
+        self.assertRejected(b"CONNECT a.example:443 http/1.1", 400)
+        self.assertRejected(b"CONNECT a.example:443 HTTP/1.10", 400)
+        self.assertRejected(b"CONNECT a.example:443", 400)
+
+    def test_malformedRequestLines(self) -> None:
+        """
+        Extra or missing spaces and non-token methods get 400.
+        """
+        for line in [
+            b"CONNECT  a.example:443 HTTP/1.1",
+            b"CONNECT a.example:443  HTTP/1.1",
+            b" CONNECT a.example:443 HTTP/1.1",
+            b"CONNECT\ta.example:443 HTTP/1.1",
+            b"CON(NECT a.example:443 HTTP/1.1",
+            b"CONNECT a.example:443 HTTP/1.1 extra",
+        ]:
+            self.assertRejected(line, 400)
+
+    def test_missingRequestLine(self) -> None:
+        """
+        A head of empty lines gets 400.
+        """
+        rejected = self.assertRaises(RequestRejected, parseConnectHead, b"\r\n")
+        self.assertEqual(rejected.status, 400)
+
+    def test_badTargets(self) -> None:
+        """
+        Anything but authority-form with a port in 1-65535 gets 400.
+        """
+        for target in [
+            b"a.example",
+            b"a.example:",
+            b"a.example:0",
+            b"a.example:65536",
+            b"a.example:-1",
+            b"a.example:+443",
+            b"a.example:443a",
+            b"a.example:123456",
+            b":443",
+            b"/path",
+            b"http://a.example:443/",
+            b"user@a.example:443",
+            b"a%2eexample:443",
+            b"a example:443",
+            b"-a.example:443",
+            b"[::1:443",
+            b"[::1]443",
+            b"[::1]:",
+            b"[not:v6]:443",
+            b"[fe80::1%25eth0]:443",
+            b"::1:443",
+            b"\xc3\xa9.example:443",
+            b"a.example.:443." + b"x",
+        ]:
+            rejected = self.assertRaises(
+                RequestRejected, parse, b"CONNECT " + target + b" HTTP/1.1"
+            )
+            self.assertEqual(rejected.status, 400, target)
+
+    def test_portBounds(self) -> None:
+        """
+        Ports 1 and 65535 are the extremes accepted.
+        """
+        self.assertEqual(parseAuthority(b"a.example:1"), ("a.example", 1))
+        self.assertEqual(parseAuthority(b"a.example:65535"), ("a.example", 65535))
+
+    def test_badFieldLines(self) -> None:
+        """
+        Field lines with no colon, whitespace before the colon, obs-fold,
+        a non-token name or control characters get 400.
+        """
+        for line in [
+            b"NoColon",
+            b"Host : a.example",
+            b"Host\t: a.example",
+            b": value",
+            b"Bad Name: value",
+            b" folded",
+            b"\tfolded",
+            b"X: a\x00b",
+            b"X: a\x7fb",
+            b"X: a\x1bb",
+            b"X: a\rb",
+        ]:
+            rejected = self.assertRaises(
+                RequestRejected,
+                parse,
+                b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example\r\n" + line,
+            )
+            self.assertEqual(rejected.status, 400, line)
+
+    def test_obsTextAllowed(self) -> None:
+        """
+        Bytes above 0x7F (obs-text) and tabs are allowed in field values.
+        """
+        request = parse(b"CONNECT a.example:443 HTTP/1.1\r\nX: caf\xe9\tok")
+        self.assertEqual(request.header(b"x"), b"caf\xe9\tok")
+
+    def test_framingFields(self) -> None:
+        """
+        A second Host, any Transfer-Encoding, or a Content-Length that is not
+        zero gets 400: a CONNECT request has no content.
+        """
+        for fields in [
+            b"Host: a\r\nHost: a",
+            b"Transfer-Encoding: chunked",
+            b"Transfer-Encoding: identity",
+            b"Content-Length: 5",
+            b"Content-Length: -0",
+            b"Content-Length: 0x0",
+            b"Content-Length: ",
+        ]:
+            rejected = self.assertRaises(
+                RequestRejected, parse, b"CONNECT a.example:443 HTTP/1.1\r\n" + fields
+            )
+            self.assertEqual(rejected.status, 400, fields)
+
+    def test_requestLineLimit(self) -> None:
+        """
+        A request line longer than the limit gets 414.
+        """
+        line = b"CONNECT " + b"a" * 100 + b".example:443 HTTP/1.1"
+        rejected = self.assertRaises(
+            RequestRejected, parse, line, maxRequestLine=len(line) - 1
+        )
+        self.assertEqual(rejected.status, 414)
+        parse(line, maxRequestLine=len(line))
+
+    def test_fieldCountLimit(self) -> None:
+        """
+        More header fields than the limit gets 431.
+        """
+        head = b"CONNECT a.example:443 HTTP/1.1" + b"\r\nX: y" * 3
+        rejected = self.assertRaises(RequestRejected, parse, head, maxFields=2)
+        self.assertEqual(rejected.status, 431)
+        parse(head, maxFields=3)
+
+    def test_bareCarriageReturn(self) -> None:
+        """
+        A bare CR inside a line gets 400.
+        """
+        self.assertRejected(b"CONNECT a.example:443\rHTTP/1.1", 400)
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.binary(max_size=300))
+    def test_anyBytes(self, head: bytes) -> None:
+        """
+        Any byte string either parses or is rejected with one of the parser's
+        statuses; it never raises anything else.
+        """
+        try:
+            request = parseConnectHead(head + b"\n")
+        except RequestRejected as rejected:
+            self.assertIn(rejected.status, PARSER_STATUSES)
+        else:
+            self.assertTrue(1 <= request.port <= 65535)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.sampled_from(
+                [
+                    b"CONNECT",
+                    b"GET",
+                    b" ",
+                    b"a.example",
+                    b":",
+                    b"443",
+                    b"[::1]",
+                    b"HTTP/1.1",
+                    b"HTTP/1.0",
+                    b"HTTP/2.0",
+                    b"\r\n",
+                    b"\n",
+                    b"Host",
+                    b"Content-Length",
+                    b"0",
+                    b"\x00",
+                    b"\t",
+                ]
+            ),
+            max_size=30,
+        )
+    )
+    def test_anyHeadLikeBytes(self, pieces: list[bytes]) -> None:
+        """
+        Heads built from HTTP-shaped pieces (which reach deeper than random
+        bytes do) either parse or are rejected with a parser status.
+        """
+        try:
+            parseConnectHead(b"".join(pieces) + b"\r\n")
+        except RequestRejected as rejected:
+            self.assertIn(rejected.status, PARSER_STATUSES)
+
+
+class FindHeadEndTests(SynchronousTestCase):
+    """
+    Tests for L{findHeadEnd}.
+    """
+
+    def test_incomplete(self) -> None:
+        """
+        No empty line yet: no end.
+        """
+        self.assertIsNone(findHeadEnd(b"CONNECT a:1 HTTP/1.1\r\nHost: a\r\n"))
+        self.assertIsNone(findHeadEnd(b""))
+
+    def test_crlf(self) -> None:
+        """
+        CRLF CRLF ends the head; the head keeps its last line ending.
+        """
+        data = b"CONNECT a:1 HTTP/1.1\r\n\r\nearly"
+        self.assertEqual(findHeadEnd(data), (22, 24))
+
+    def test_lf(self) -> None:
+        """
+        LF LF ends the head too.
+        """
+        self.assertEqual(findHeadEnd(b"CONNECT a:1 HTTP/1.1\n\nearly"), (21, 22))
+
+    def test_start(self) -> None:
+        """
+        The search may start after bytes already scanned.
+        """
+        data = b"CONNECT a:1 HTTP/1.1\r\nX: y\r\n\r\n"
+        self.assertEqual(findHeadEnd(data, 20), (len(data) - 2, len(data)))

@@ -1,0 +1,714 @@
+"""
+Tests for L{tunnel.server}: the handshake protocol, without sockets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    MemoryReactorClock,
+    StringTransport,
+)
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from tunnel import ConnectProxyFactory, HostnameConnector, ITargetConnector
+from tunnel.relay import TargetProtocol
+from tunnel.server import ConnectProxy, errorResponse, formatAddress
+
+ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+HEAD = b"CONNECT target.example:443 HTTP/1.1\r\nHost: target.example:443\r\n\r\n"
+
+
+class HalfCloseTransport(StringTransport):
+    """
+    A L{StringTransport} that also records half-closes, as a TCP transport
+    would perform them.
+    """
+
+    writeClosed = False
+
+    def loseWriteConnection(self) -> None:
+        """
+        Record that a FIN would have been sent.
+        """
+        self.writeClosed = True
+
+
+@implementer(IStreamClientEndpoint)
+class RecordingEndpoint:
+    """
+    An endpoint whose connection attempts are completed by the test.
+    """
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[IProtocolFactory, Deferred[Any]]] = []
+        self.cancelled = 0
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        """
+        Record an attempt and return its pending Deferred.
+        """
+
+        def cancel(d: Deferred[Any]) -> None:
+            self.cancelled += 1
+
+        d: Deferred[Any] = Deferred(cancel)
+        self.attempts.append((protocolFactory, d))
+        return d
+
+
+@implementer(ITargetConnector)
+class RecordingConnector:
+    """
+    A connector that records the targets asked for and hands out one
+    L{RecordingEndpoint}.
+    """
+
+    def __init__(self) -> None:
+        self.endpoint = RecordingEndpoint()
+        self.targets: list[tuple[str, int]] = []
+
+    def endpointForTarget(self, host: str, port: int) -> RecordingEndpoint:
+        """
+        Record the target and give the endpoint.
+        """
+        self.targets.append((host, port))
+        return self.endpoint
+
+
+@implementer(ITargetConnector)
+class BrokenConnector:
+    """
+    A connector with a bug: it raises.
+    """
+
+    def endpointForTarget(self, host: str, port: int) -> IStreamClientEndpoint:
+        """
+        Fail.
+        """
+        raise RuntimeError("broken connector")
+
+
+class ProxyTestMixin:
+    """
+    Build a proxy on a fake clock with a recording connector.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.connector = RecordingConnector()
+        self.factory = ConnectProxyFactory(
+            self.connector, reactor=self.clock, maxEarlyData=100
+        )
+        self.events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.proxy, self.client = self.connectClient()
+
+    def connectClient(self) -> tuple[ConnectProxy, HalfCloseTransport]:
+        """
+        Connect a new client to the proxy.
+        """
+        proxy = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        assert isinstance(proxy, ConnectProxy)
+        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        proxy.makeConnection(client)
+        return proxy, client
+
+    def reachTarget(self, index: int = 0) -> tuple[TargetProtocol, HalfCloseTransport]:
+        """
+        Complete the connection attempt number C{index} to the target.
+        """
+        factory, d = self.connector.endpoint.attempts[index]
+        target = factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 443))
+        assert isinstance(target, TargetProtocol)
+        transport = HalfCloseTransport()
+        target.makeConnection(transport)
+        d.callback(target)
+        return target, transport
+
+    def establish(
+        self, head: bytes = HEAD
+    ) -> tuple[TargetProtocol, HalfCloseTransport]:
+        """
+        Send C{head}, reach the target, and check the 200 went out.
+        """
+        self.proxy.dataReceived(head)
+        target, transport = self.reachTarget()
+        self.assertEqual(self.client.value(), ESTABLISHED)  # type: ignore[attr-defined]
+        self.client.clear()
+        return target, transport
+
+    def tunnelEvents(self) -> list[dict[str, Any]]:
+        """
+        The log events that ended a connection.
+        """
+        return [e for e in self.events if "ended" in e]
+
+    def closeBoth(self, target: TargetProtocol) -> None:
+        """
+        Deliver the connection-lost events that the closes asked for.
+        """
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        target.connectionLost(Failure(ConnectionDone()))
+
+
+class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    The request head, the answer, and errors.
+    """
+
+    def assertRejected(self, status: int, ended: str = "refused") -> bytes:
+        """
+        Assert that the client got an error with C{status}, the connection is
+        closing, and one log event says so.
+        """
+        response: bytes = self.client.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 %d " % (status,)), response[:80])
+        head, _, body = response.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nConnection: close", head)
+        self.assertIn(b"\r\nContent-Type: text/plain; charset=utf-8", head)
+        self.assertIn(b"\r\nContent-Length: %d" % (len(body),), head)
+        self.assertTrue(self.client.disconnecting)
+        [event] = self.tunnelEvents()
+        self.assertEqual((event["status"], event["ended"]), (status, ended))
+        return response
+
+    def test_established(self) -> None:
+        """
+        A good request is answered with exactly the 200 line and an empty
+        line, after the target is reached; the connector is asked for the
+        requested host and port.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.assertEqual(self.client.value(), b"")
+        self.assertEqual(self.connector.targets, [("target.example", 443)])
+        self.reachTarget()
+        self.assertEqual(self.client.value(), ESTABLISHED)
+
+    def test_headInPieces(self) -> None:
+        """
+        The head may arrive a byte at a time.
+        """
+        for index in range(len(HEAD)):
+            self.proxy.dataReceived(HEAD[index : index + 1])
+        self.assertEqual(self.connector.targets, [("target.example", 443)])
+
+    def test_malformed(self) -> None:
+        """
+        A malformed request line gets 400.
+        """
+        self.proxy.dataReceived(b"CONNECT nope HTTP/1.1\r\n\r\n")
+        self.assertRejected(400)
+        self.assertEqual(self.connector.targets, [])
+
+    def test_methodNotAllowed(self) -> None:
+        """
+        Another method gets 405 with C{Allow: CONNECT}.
+        """
+        self.proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertIn(b"\r\nAllow: CONNECT\r\n", self.assertRejected(405))
+
+    def test_versionNotSupported(self) -> None:
+        """
+        HTTP/2.0 in a request line gets 505.
+        """
+        self.proxy.dataReceived(b"CONNECT a.example:443 HTTP/2.0\r\n\r\n")
+        self.assertRejected(505)
+
+    def test_nothingReadAfterError(self) -> None:
+        """
+        After an error, nothing that follows is read as a new request
+        (RFC 9931): one response, then the connection closes.
+        """
+        self.proxy.dataReceived(b"GET / HTTP/1.1\r\n\r\n" + HEAD)
+        self.proxy.dataReceived(HEAD)
+        self.assertEqual(self.client.value().count(b"HTTP/1.1 "), 1)
+        self.assertEqual(self.connector.targets, [])
+
+    def test_requestLineTooLong(self) -> None:
+        """
+        A request line over the limit gets 414 as soon as the limit is
+        passed, without buffering more than the limit.
+        """
+        self.proxy.dataReceived(b"CONNECT ")
+        chunk = b"a" * 1000
+        for _ in range(8):
+            self.proxy.dataReceived(chunk)
+            self.assertLessEqual(len(self.proxy._buffer), 8192 + 2)
+        self.assertEqual(self.client.value(), b"")
+        self.proxy.dataReceived(chunk)
+        self.assertRejected(414)
+        self.assertEqual(self.proxy._buffer, b"")
+
+    def test_requestLineTooLongComplete(self) -> None:
+        """
+        A complete request line over the limit gets 414 too.
+        """
+        self.factory.maxRequestLine = 64
+        self.proxy.dataReceived(
+            b"CONNECT " + b"a" * 60 + b".example:443 HTTP/1.1\r\n\r\n"
+        )
+        self.assertRejected(414)
+
+    def test_headTooLarge(self) -> None:
+        """
+        A head over the header size limit gets 431, without the buffer ever
+        holding more than the limit.
+        """
+        self.proxy.dataReceived(b"CONNECT a.example:443 HTTP/1.1\r\n")
+        field = b"X-Padding: " + b"p" * 1000 + b"\r\n"
+        for _ in range(80):
+            if self.client.value():
+                break
+            self.proxy.dataReceived(field)
+            self.assertLessEqual(len(self.proxy._buffer), 65536)
+        self.assertRejected(431)
+
+    def test_headTooLargeInOneWrite(self) -> None:
+        """
+        A complete head over the limit that arrives in one piece gets 431.
+        """
+        self.factory.maxHeaderSize = 300
+        self.proxy.dataReceived(
+            b"CONNECT a.example:443 HTTP/1.1\r\nX: " + b"p" * 300 + b"\r\n\r\n"
+        )
+        self.assertRejected(431)
+
+    def test_headerTimeout(self) -> None:
+        """
+        A head that does not arrive within the header timeout gets 408.
+        """
+        self.proxy.dataReceived(b"CONNECT a.example:443 HTTP/1.1\r\n")
+        self.clock.advance(9.9)
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(0.2)
+        self.assertRejected(408)
+
+    def test_noHeaderTimeoutOnceParsed(self) -> None:
+        """
+        The header timeout stops once the head is complete.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.clock.advance(11)
+        self.assertEqual(self.client.value(), b"")
+        self.assertFalse(self.client.disconnecting)
+
+    def test_refused(self) -> None:
+        """
+        A target that refuses the connection gets the client a 502.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(ConnectionRefusedError())
+        self.assertIn(b"refused", self.assertRejected(502, "target-failed"))
+
+    def test_doesNotResolve(self) -> None:
+        """
+        A target name that does not resolve gets the client a 502.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(DNSLookupError("nope"))
+        self.assertIn(b"resolve", self.assertRejected(502, "target-failed"))
+
+    def test_otherConnectError(self) -> None:
+        """
+        Any other connection error (a reset, no route) gets a 502.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(ConnectError("no route"))
+        self.assertRejected(502, "target-failed")
+
+    def test_unexpectedError(self) -> None:
+        """
+        An unexpected exception from the endpoint still gets a 502, and is
+        logged as a failure for the operator.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(ZeroDivisionError())
+        self.assertRejected(502, "target-failed")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_brokenConnector(self) -> None:
+        """
+        A connector that raises gets the client a 502, not a traceback to
+        the client or a hang.
+        """
+        self.factory.connector = BrokenConnector()
+        self.proxy.dataReceived(HEAD)
+        self.assertRejected(502)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_connectTimeout(self) -> None:
+        """
+        Reaching the target for longer than the connect timeout cancels the
+        attempt and gets the client a 504.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.clock.advance(14.9)
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(0.2)
+        self.assertEqual(self.connector.endpoint.cancelled, 1)
+        self.assertRejected(504, "target-failed")
+
+    def test_clientLeavesWhileConnecting(self) -> None:
+        """
+        A client that disconnects while the proxy is connecting cancels the
+        attempt; one event records that it left.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.connector.endpoint.cancelled, 1)
+        [event] = self.tunnelEvents()
+        self.assertEqual((event["status"], event["ended"]), ("-", "client-left"))
+        self.assertEqual(self.factory.connections, set())
+
+    def test_clientFinWhileConnecting(self) -> None:
+        """
+        A client that sends FIN (and nothing else) after its head while the
+        proxy is connecting has left: the attempt is cancelled.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.proxy.readConnectionLost()
+        self.assertEqual(self.connector.endpoint.cancelled, 1)
+        self.assertTrue(self.client.disconnecting)
+
+    def test_clientFinDuringHead(self) -> None:
+        """
+        A client that sends FIN before its head is complete is closed,
+        without an answer.
+        """
+        self.proxy.dataReceived(b"CONNECT a")
+        self.proxy.readConnectionLost()
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.client.value(), b"")
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.tunnelEvents()), 1)
+
+    def test_logEvent(self) -> None:
+        """
+        Each connection emits one event with its client, target, status,
+        byte counts, duration and how it ended, and it formats as one line.
+        """
+        target, _transport = self.establish()
+        self.proxy.dataReceived(b"12345")
+        target.dataReceived(b"abc")
+        self.clock.advance(2)
+        self.proxy.readConnectionLost()
+        target.readConnectionLost()
+        self.closeBoth(target)
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["client"], "192.0.2.7:40000")
+        self.assertEqual(event["target"], "target.example:443")
+        self.assertEqual(event["status"], 200)
+        self.assertEqual((event["bytesUp"], event["bytesDown"]), (5, 3))
+        self.assertEqual(event["duration"], 2)
+        self.assertEqual(event["ended"], "client-eof")
+        from twisted.logger import formatEvent
+
+        self.assertEqual(
+            formatEvent(event),
+            "192.0.2.7:40000 CONNECT target.example:443 200 up=5 down=3 "
+            "2.000s client-eof",
+        )
+
+
+class EarlyDataTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    Bytes sent after the head, before the answer (RFC 9931).
+    """
+
+    def test_earlyDataFirst(self) -> None:
+        """
+        Bytes sent in the same write as the head, and while connecting,
+        reach the target first, once, in order.
+        """
+        self.proxy.dataReceived(HEAD + b"hello ")
+        self.proxy.dataReceived(b"world")
+        _target, transport = self.reachTarget()
+        self.assertEqual(transport.value(), b"hello world")
+        self.proxy.dataReceived(b"!")
+        self.assertEqual(transport.value(), b"hello world!")
+
+    def test_pipelinedRequestIsTunnelData(self) -> None:
+        """
+        A second request after the head is tunnel data, not a request.
+        """
+        self.proxy.dataReceived(HEAD + HEAD)
+        _target, transport = self.reachTarget()
+        self.assertEqual(transport.value(), HEAD)
+        self.assertEqual(len(self.connector.targets), 1)
+
+    def test_earlyDataDroppedOnFailure(self) -> None:
+        """
+        When the target cannot be reached, early data is dropped and only
+        the error goes back.
+        """
+        self.proxy.dataReceived(HEAD + b"secret")
+        self.connector.endpoint.attempts[0][1].errback(ConnectionRefusedError())
+        self.assertNotIn(b"secret", self.client.value())
+        self.assertEqual(self.proxy._early, [])
+
+    def test_earlyDataBounded(self) -> None:
+        """
+        Beyond C{maxEarlyData} bytes while connecting, the proxy stops
+        reading from the client, and resumes once the tunnel is up.
+        """
+        self.proxy.dataReceived(HEAD + b"x" * 60)
+        self.assertEqual(self.client.producerState, "producing")
+        self.proxy.dataReceived(b"y" * 60)
+        self.assertEqual(self.client.producerState, "paused")
+        _target, transport = self.reachTarget()
+        self.assertEqual(self.client.producerState, "producing")
+        self.assertEqual(transport.value(), b"x" * 60 + b"y" * 60)
+
+    def test_earlyDataThenFin(self) -> None:
+        """
+        A client that sends early data and then FIN before the answer gets
+        its data delivered and its FIN passed on.
+        """
+        self.proxy.dataReceived(HEAD + b"last words")
+        self.proxy.readConnectionLost()
+        self.assertEqual(self.connector.endpoint.cancelled, 0)
+        target, transport = self.reachTarget()
+        self.assertEqual(transport.value(), b"last words")
+        self.assertTrue(transport.writeClosed)
+        target.dataReceived(b"reply")
+        self.assertEqual(self.client.value(), ESTABLISHED + b"reply")
+
+
+class TunnelTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    The relay once the tunnel is established.
+    """
+
+    def test_relayBothWays(self) -> None:
+        """
+        Bytes flow both ways.
+        """
+        target, transport = self.establish()
+        self.proxy.dataReceived(b"up")
+        target.dataReceived(b"down")
+        self.assertEqual(transport.value(), b"up")
+        self.assertEqual(self.client.value(), b"down")
+
+    def test_flowControl(self) -> None:
+        """
+        Each transport is the streaming producer of the other: when the
+        client stops reading, the proxy stops reading from the target, and
+        the other way round.
+        """
+        _target, transport = self.establish()
+        self.assertIs(self.client.producer, transport)
+        self.assertIs(transport.producer, self.client)
+        self.assertTrue(self.client.streaming)
+        self.assertTrue(transport.streaming)
+
+    def test_clientHalfClose(self) -> None:
+        """
+        A FIN from the client becomes a FIN towards the target while the
+        target can still send; the tunnel ends when the target finishes too.
+        """
+        target, transport = self.establish()
+        self.proxy.readConnectionLost()
+        self.assertTrue(transport.writeClosed)
+        self.assertIsNone(transport.producer)
+        self.assertFalse(self.client.disconnecting)
+        target.dataReceived(b"still flowing")
+        self.assertEqual(self.client.value(), b"still flowing")
+        target.readConnectionLost()
+        self.assertTrue(self.client.disconnecting)
+        self.assertTrue(transport.disconnecting)
+        self.closeBoth(target)
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["ended"], "client-eof")
+
+    def test_targetHalfClose(self) -> None:
+        """
+        A FIN from the target becomes a FIN towards the client while the
+        client can still send.
+        """
+        target, transport = self.establish()
+        target.readConnectionLost()
+        self.assertTrue(self.client.writeClosed)
+        self.assertIsNone(self.client.producer)
+        self.proxy.dataReceived(b"still flowing")
+        self.assertEqual(transport.value(), b"still flowing")
+        self.proxy.readConnectionLost()
+        self.assertTrue(self.client.disconnecting)
+        self.assertTrue(transport.disconnecting)
+        self.closeBoth(target)
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["ended"], "target-eof")
+
+    def test_targetReset(self) -> None:
+        """
+        A target lost before both sides finished resets the client at once.
+        """
+        target, _transport = self.establish()
+        target.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(self.client.disconnected)
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["ended"], "target-reset")
+
+    def test_clientReset(self) -> None:
+        """
+        A client lost before both sides finished resets the target at once.
+        """
+        target, transport = self.establish()
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(transport.disconnected)
+        target.connectionLost(Failure(ConnectionLost()))
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["ended"], "client-reset")
+        self.assertEqual(self.factory.connections, set())
+
+    def test_cleanCloseWithoutHalfClose(self) -> None:
+        """
+        A clean close from a side that cannot half-close (TLS) closes the
+        other side gracefully, letting it flush, rather than resetting it.
+        """
+        target, transport = self.establish()
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        target.connectionLost(Failure(ConnectionDone()))
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["ended"], "client-eof")
+
+    def test_idleTimeout(self) -> None:
+        """
+        A tunnel with no traffic for the idle timeout is closed; traffic in
+        either direction restarts the count.
+        """
+        target, transport = self.establish()
+        self.clock.advance(599)
+        self.proxy.dataReceived(b"x")
+        self.clock.advance(599)
+        target.dataReceived(b"y")
+        self.clock.advance(599)
+        self.assertFalse(self.client.disconnected)
+        self.clock.advance(2)
+        self.assertTrue(self.client.disconnected)
+        self.assertTrue(transport.disconnected)
+        self.closeBoth(target)
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["ended"], "idle-timeout")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_idleTimeoutDisabled(self) -> None:
+        """
+        An idle timeout of 0 leaves quiet tunnels open.
+        """
+        self.factory.idleTimeout = None
+        _target, _transport = self.establish()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10**6)
+        self.assertFalse(self.client.disconnecting)
+
+    def test_noTimersLeft(self) -> None:
+        """
+        No timer outlives its tunnel.
+        """
+        target, _transport = self.establish()
+        self.proxy.readConnectionLost()
+        target.readConnectionLost()
+        self.closeBoth(target)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_abortTunnel(self) -> None:
+        """
+        L{ConnectProxy.abortTunnel} resets an established tunnel, and a
+        connection still in its handshake.
+        """
+        target, transport = self.establish()
+        self.proxy.abortTunnel()
+        self.assertTrue(self.client.disconnected)
+        self.assertTrue(transport.disconnected)
+        self.closeBoth(target)
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["ended"], "shutdown")
+        proxy, client = self.connectClient()
+        proxy.abortTunnel()
+        self.assertTrue(client.disconnected)
+
+    def test_targetDataBeforeAttach(self) -> None:
+        """
+        A target protocol that hears from its target before it is attached
+        to a relay (a parent proxy may deliver bytes with the connection)
+        passes them on once it is.
+        """
+        target = TargetProtocol()
+        target.makeConnection(HalfCloseTransport())
+        target.dataReceived(b"early")
+        target.readConnectionLost()
+        target.connectionLost(Failure(ConnectionLost()))
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].callback(target)
+        self.assertEqual(self.client.value(), ESTABLISHED + b"early")
+        self.assertTrue(self.client.disconnected)
+
+
+class HelperTests(SynchronousTestCase):
+    """
+    Tests for the small helpers of L{tunnel.server}.
+    """
+
+    def test_formatAddress(self) -> None:
+        """
+        Addresses render as host:port, [v6]:port, a UNIX path, or C{-}.
+        """
+        from twisted.internet.address import IPv6Address, UNIXAddress
+
+        self.assertEqual(formatAddress(IPv4Address("TCP", "1.2.3.4", 5)), "1.2.3.4:5")
+        self.assertEqual(formatAddress(IPv6Address("TCP", "::1", 5)), "[::1]:5")
+        self.assertEqual(formatAddress(UNIXAddress(b"/run/p.sock")), "/run/p.sock")
+        self.assertEqual(formatAddress(UNIXAddress(None)), "-")
+        self.assertEqual(formatAddress(None), "-")
+
+    def test_errorResponse(self) -> None:
+        """
+        An error response has the status line, a text body and its length,
+        C{Connection: close}, and any extra fields.
+        """
+        self.assertEqual(
+            errorResponse(405, "No.", ((b"Allow", b"CONNECT"),)),
+            b"HTTP/1.1 405 Method Not Allowed\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: 4\r\nConnection: close\r\nAllow: CONNECT\r\n\r\nNo.\n",
+        )
+
+    def test_defaultConnector(self) -> None:
+        """
+        Without a connector, the factory reaches targets with a
+        L{HostnameConnector} on its reactor.
+        """
+        factory = ConnectProxyFactory(reactor=MemoryReactorClock())
+        self.assertIsInstance(factory.connector, HostnameConnector)
+
+    def test_protocolClass(self) -> None:
+        """
+        The factory builds L{ConnectProxy} instances that know their factory.
+        """
+        factory = ConnectProxyFactory(reactor=MemoryReactorClock())
+        proxy = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.assertIsInstance(proxy, ConnectProxy)
+        self.assertIsInstance(proxy, Protocol)
+        self.assertIs(proxy.factory, factory)  # type: ignore[union-attr]
