@@ -1,0 +1,356 @@
+"""
+Tests for L{tunnel.policy}: pure decisions, no sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from tunnel.policy import (
+    DEFAULT_DENIED_NETWORKS,
+    OPEN_POLICY,
+    ITunnelPolicy,
+    PortRange,
+    TunnelPolicy,
+    embeddedIPv4,
+    isDeniedByDefault,
+    parseAddress,
+    parsePortRange,
+    parseTargetRule,
+)
+from tunnel.request import RequestRejected, parseAuthority
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT = TunnelPolicy()
+
+
+def allowed(policy: TunnelPolicy, address: str, host: str = "h.example") -> bool:
+    """
+    Ask C{policy} whether a tunnel to C{host} may go to C{address}.
+    """
+    return policy.checkAddress(None, None, host, 443, ipaddress.ip_address(address))
+
+
+def spellings(address: IPAddress) -> list[str]:
+    """
+    The ways a client can write C{address} in a CONNECT target, from the
+    canonical form to the odd ones C{inet_aton} accepts.
+    """
+    forms: list[str] = []
+    if isinstance(address, ipaddress.IPv4Address):
+        value = int(address)
+        a, b, c, d = address.packed
+        forms += [
+            str(address),
+            str(value),
+            hex(value),
+            f"{a}.{(b << 16) | (c << 8) | d}",
+            f"{a}.{b}.{(c << 8) | d}",
+            f"0x{a:x}.{b}.{c}.{d}",
+            f"0{a:o}.{b}.{c}.{d}" if a else f"{a}.{b}.{c}.{d}",
+            f"::ffff:{address}",
+            f"::ffff:{value >> 16:x}:{value & 0xFFFF:x}",
+            f"64:ff9b::{address}",
+            f"2002:{value >> 16:x}:{value & 0xFFFF:x}::1",
+        ]
+        if value > 0xFFFF:
+            forms.append(f"::{address}")
+    else:
+        forms += [str(address), address.exploded, address.exploded.upper()]
+    return forms
+
+
+def resolve(form: str) -> IPAddress:
+    """
+    What a resolver turns C{form} into: the address literal itself, or for
+    the legacy IPv4 spellings what C{inet_aton} (and so C{getaddrinfo})
+    makes of them.  This is libc arithmetic, not a DNS query.
+    """
+    literal = parseAddress(form)
+    if literal is not None:
+        return literal
+    return ipaddress.IPv4Address(socket.inet_aton(form))
+
+
+deniedAddresses = st.sampled_from(DEFAULT_DENIED_NETWORKS).flatmap(
+    lambda network: st.integers(
+        int(network.network_address), int(network.broadcast_address)
+    ).map(ipaddress.IPv4Address if network.version == 4 else ipaddress.IPv6Address)
+)
+
+
+class DefaultRangesTests(SynchronousTestCase):
+    """
+    The ranges denied by default.
+    """
+
+    def test_examples(self) -> None:
+        """
+        The classic targets of an open proxy are denied; public addresses
+        are not.
+        """
+        for text in [
+            "127.0.0.1",
+            "127.255.0.9",
+            "0.0.0.0",
+            "10.0.0.5",
+            "172.16.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:a9fe:a9fe",
+            "64:ff9b::10.0.0.1",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "::127.0.0.1",
+            "2001:db8::1",
+        ]:
+            self.assertTrue(isDeniedByDefault(ipaddress.ip_address(text)), text)
+        for text in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::8.8.8.8",
+            "2002:808:808::1",
+        ]:
+            self.assertFalse(isDeniedByDefault(ipaddress.ip_address(text)), text)
+
+    def test_embedded(self) -> None:
+        """
+        L{embeddedIPv4} finds the IPv4 address in mapped, compatible, NAT64
+        and 6to4 addresses, and nothing in others.
+        """
+        v4 = ipaddress.IPv4Address("192.0.2.33")
+        for text in [
+            "::ffff:192.0.2.33",
+            "::192.0.2.33",
+            "64:ff9b::192.0.2.33",
+            "2002:c000:221::",
+        ]:
+            self.assertEqual(embeddedIPv4(ipaddress.ip_address(text)), v4, text)
+        self.assertIsNone(embeddedIPv4(ipaddress.ip_address("2606:4700::1")))
+        self.assertIsNone(embeddedIPv4(v4))
+
+    @settings(max_examples=400, deadline=None)
+    @given(deniedAddresses)
+    def test_deniedInEveryForm(self, address: IPAddress) -> None:
+        """
+        Any address inside a default-denied range is denied however the
+        client writes it: each spelling is either refused by the parser or
+        resolves to an address the policy denies.
+        """
+        for form in spellings(address):
+            target = f"[{form}]:443" if ":" in form else f"{form}:443"
+            try:
+                host, port = parseAuthority(target.encode("ascii"))
+            except RequestRejected:
+                continue
+            self.assertFalse(
+                DEFAULT.checkAddress(None, None, host, port, resolve(host)),
+                f"{form} ({address}) was allowed",
+            )
+
+    # Hypothesis favours small integers, many of which are in 0.0.0.0/8.
+    @settings(
+        max_examples=400,
+        deadline=None,
+        suppress_health_check=[HealthCheck.filter_too_much],
+    )
+    @given(
+        st.one_of(
+            st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address),
+            st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address),
+        )
+    )
+    def test_publicAllowed(self, address: IPAddress) -> None:
+        """
+        Any public address (one Python's own tables call global, that is not
+        multicast and carries no denied IPv4 address) is allowed on port 443,
+        and every address Python calls non-global is denied: the two tables
+        agree.
+        """
+        embedded = embeddedIPv4(address)
+        public = (
+            address.is_global
+            and not address.is_multicast
+            and (embedded is None or (embedded.is_global and not embedded.is_multicast))
+        )
+        if not address.is_global:
+            self.assertFalse(allowed(DEFAULT, str(address)), str(address))
+        assume(public and not isDeniedByDefault(address))
+        self.assertIsNone(DEFAULT.checkTarget(None, None, "h.example", 443))
+        self.assertTrue(allowed(DEFAULT, str(address)), str(address))
+
+
+class PortTests(SynchronousTestCase):
+    """
+    The port rules.
+    """
+
+    def test_default(self) -> None:
+        """
+        By default only 443 is allowed; the denial names the option.
+        """
+        self.assertIsNone(DEFAULT.checkTarget(None, None, "h.example", 443))
+        denial = DEFAULT.checkTarget(None, None, "h.example", 22)
+        assert denial is not None
+        self.assertEqual((denial.status, denial.reason), (403, "port"))
+        self.assertIn("--allow-port 22", denial.detail)
+
+    def test_fromStrings(self) -> None:
+        """
+        C{--allow-port} adds single ports and ranges to 443.
+        """
+        policy = TunnelPolicy.fromStrings(ports=["22", "8000-8999"])
+        for port in [22, 443, 8000, 8500, 8999]:
+            self.assertIsNone(policy.checkTarget(None, None, "h", port), port)
+        for port in [21, 23, 7999, 9000, 80]:
+            self.assertIsNotNone(policy.checkTarget(None, None, "h", port), port)
+
+    def test_any(self) -> None:
+        """
+        C{any} allows every port.
+        """
+        policy = TunnelPolicy.fromStrings(ports=["any"])
+        for port in [1, 80, 65535]:
+            self.assertIsNone(policy.checkTarget(None, None, "h", port))
+
+    def test_parsePortRange(self) -> None:
+        """
+        Ports and ranges parse; nonsense and out-of-range values do not.
+        """
+        self.assertEqual(parsePortRange("22"), PortRange(22, 22))
+        self.assertEqual(parsePortRange("1-65535"), PortRange(1, 65535))
+        for text in ["0", "65536", "9-8", "a", "1-", "-1", "", "1-2-3"]:
+            self.assertRaises(ValueError, parsePortRange, text)
+        self.assertNotIn("22", PortRange(1, 100))
+
+
+class DestinationRuleTests(SynchronousTestCase):
+    """
+    C{--allow-to} and C{--deny-to}, and their precedence.
+    """
+
+    def test_allowNetwork(self) -> None:
+        """
+        An C{--allow-to} CIDR opens addresses in it, and only those.
+        """
+        policy = TunnelPolicy.fromStrings(allowTo=["10.1.0.0/16"])
+        self.assertTrue(allowed(policy, "10.1.2.3"))
+        self.assertTrue(allowed(policy, "::ffff:10.1.2.3"))
+        self.assertFalse(allowed(policy, "10.2.0.1"))
+
+    def test_allowHost(self) -> None:
+        """
+        An C{--allow-to} host name opens every address of that name, and a
+        C{*.domain} rule every subdomain (not the domain itself).
+        """
+        policy = TunnelPolicy.fromStrings(
+            allowTo=["intranet.example", "*.corp.example"]
+        )
+        self.assertTrue(allowed(policy, "10.0.0.5", "INTRANET.example."))
+        self.assertTrue(allowed(policy, "10.0.0.5", "git.corp.example"))
+        self.assertFalse(allowed(policy, "10.0.0.5", "corp.example"))
+        self.assertFalse(allowed(policy, "10.0.0.5", "other.example"))
+
+    def test_denyFirst(self) -> None:
+        """
+        C{--deny-to} wins over C{--allow-to} and over public addresses; a
+        denied name is refused before any lookup.
+        """
+        policy = TunnelPolicy.fromStrings(
+            allowTo=["10.0.0.0/8", "*.example"],
+            denyTo=["10.9.0.0/16", "bad.example", "8.8.8.0/24"],
+        )
+        self.assertTrue(allowed(policy, "10.1.0.1"))
+        self.assertFalse(allowed(policy, "10.9.0.1"))
+        self.assertFalse(allowed(policy, "8.8.8.8", "good.example"))
+        self.assertFalse(allowed(policy, "::ffff:8.8.8.8"))
+        denial = policy.checkTarget(None, None, "bad.example", 443)
+        assert denial is not None
+        self.assertIn("--deny-to bad.example", denial.detail)
+        self.assertIsNone(policy.checkTarget(None, None, "good.example", 443))
+
+    def test_addressDenial(self) -> None:
+        """
+        When no address remains the client is told which option opens it.
+        """
+        denial = DEFAULT.addressDenial("h.example", 443)
+        self.assertEqual((denial.status, denial.reason), (403, "address"))
+        self.assertIn("--allow-to", denial.detail)
+
+    def test_parseTargetRule(self) -> None:
+        """
+        Rules are CIDRs, addresses (bracketed or not), host names or
+        C{*.domain}; anything else is an error.
+        """
+        self.assertEqual(
+            parseTargetRule("10.0.0.1/8").network, ipaddress.ip_network("10.0.0.0/8")
+        )
+        self.assertEqual(
+            parseTargetRule("[::1]").network, ipaddress.ip_network("::1/128")
+        )
+        rule = parseTargetRule("*.Example.COM")
+        self.assertEqual((rule.name, rule.suffix), ("example.com", True))
+        for text in ["", "*.", "a..b", "bad name", "a/b", "é.example", "-"]:
+            self.assertRaises(ValueError, parseTargetRule, text)
+
+    def test_openPolicy(self) -> None:
+        """
+        L{OPEN_POLICY} allows any port and any address.
+        """
+        self.assertIsNone(OPEN_POLICY.checkTarget(None, None, "h", 1))
+        self.assertTrue(allowed(OPEN_POLICY, "127.0.0.1"))
+        self.assertTrue(allowed(OPEN_POLICY, "::1"))
+
+    def test_interface(self) -> None:
+        """
+        L{TunnelPolicy} provides L{ITunnelPolicy}.
+        """
+        self.assertTrue(ITunnelPolicy.providedBy(DEFAULT))
+
+
+class ClientTests(SynchronousTestCase):
+    """
+    C{--allow-from}.
+    """
+
+    def test_anyoneByDefault(self) -> None:
+        """
+        Without C{--allow-from}, any client may connect.
+        """
+        self.assertIsNone(DEFAULT.checkClient(ipaddress.ip_address("203.0.113.9")))
+        self.assertIsNone(DEFAULT.checkClient(None))
+
+    def test_allowFrom(self) -> None:
+        """
+        With C{--allow-from}, only clients in those networks may connect
+        (IPv4-mapped client addresses count as their IPv4 address); others
+        get a 403 naming the option.
+        """
+        policy = TunnelPolicy.fromStrings(allowFrom=["192.0.2.0/24", "2001:db8::/32"])
+        for text in ["192.0.2.1", "::ffff:192.0.2.1", "2001:db8::7"]:
+            self.assertIsNone(policy.checkClient(ipaddress.ip_address(text)), text)
+        denial = policy.checkClient(ipaddress.ip_address("198.51.100.1"))
+        assert denial is not None
+        self.assertEqual((denial.status, denial.reason), (403, "client"))
+        self.assertIn("--allow-from", denial.detail)
+        self.assertIsNotNone(policy.checkClient(None))

@@ -1,0 +1,183 @@
+"""
+Proxy authentication: C{Proxy-Authorization: Basic} credentials checked
+through a L{twisted.cred} portal, and damping of repeated failures.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import OrderedDict
+from typing import Any
+
+from attrs import frozen
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import Interface, implementer
+
+__all__ = [
+    "FailureDamper",
+    "IProxyUser",
+    "ProxyRealm",
+    "ProxyUser",
+    "challengeHeaders",
+    "parseBasicCredentials",
+    "portalFromCheckers",
+]
+
+
+def parseBasicCredentials(value: bytes | None) -> UsernamePassword | None:
+    """
+    Decode a C{Proxy-Authorization: Basic} field value (RFC 7617).
+
+    @param value: The field value, or L{None} if the field is absent.
+    @return: The credentials, or L{None} if there are none or they are
+        malformed (another scheme, bad base64, no colon, not UTF-8): all of
+        which get the client a 407, never a 5xx.
+    """
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+        text = decoded.decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    # The user name cannot hold a colon; the password can.
+    username, colon, password = text.partition(":")
+    if not colon:
+        return None
+    return UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
+
+
+def challengeHeaders(realm: str) -> tuple[tuple[bytes, bytes], ...]:
+    """
+    The header fields of a 407 answer.
+
+    @param realm: The protection realm shown to users.
+    @return: C{Proxy-Authenticate: Basic realm="..."} with UTF-8 declared.
+    """
+    quoted = realm.replace("\\", "\\\\").replace('"', '\\"')
+    return (
+        (
+            b"Proxy-Authenticate",
+            b'Basic realm="' + quoted.encode("utf-8") + b'", charset="UTF-8"',
+        ),
+    )
+
+
+class IProxyUser(Interface):
+    """
+    An authenticated proxy user; the avatar the portal hands out.
+    """
+
+
+@frozen
+class ProxyUser:
+    """
+    An authenticated proxy user.
+
+    @ivar name: The user name.
+    """
+
+    name: str
+
+
+@implementer(IRealm)
+class ProxyRealm:
+    """
+    Makes a L{ProxyUser} of each authenticated avatar ID.
+    """
+
+    def requestAvatar(
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any
+    ) -> tuple[Any, ProxyUser, Any]:
+        """
+        Give the L{ProxyUser} named by C{avatarId}.
+        """
+        if IProxyUser not in interfaces:
+            raise NotImplementedError("only IProxyUser avatars are available")
+        name = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else ""
+        return IProxyUser, ProxyUser(name), lambda: None
+
+
+def portalFromCheckers(checkers: list[Any]) -> Portal:
+    """
+    Build a portal over C{checkers} with a L{ProxyRealm}.
+
+    @param checkers: L{twisted.cred.checkers.ICredentialsChecker} providers,
+        as C{AuthOptionMixin} collects them.
+    @return: The portal.
+    """
+    return Portal(ProxyRealm(), checkers)
+
+
+class FailureDamper:
+    """
+    Count authentication failures per client address, and refuse a client
+    for a while after too many, so that the proxy is no password oracle.
+
+    Memory is bounded: at most C{maxClients} addresses are remembered; the
+    oldest is forgotten first.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        maxFailures: int = 10,
+        window: float = 60.0,
+        maxClients: int = 10000,
+    ) -> None:
+        """
+        @param clock: Tells the time.
+        @param maxFailures: Failures allowed within C{window} seconds; the
+            next attempt is refused until the window passes.
+        @param window: The window, in seconds.
+        @param maxClients: How many client addresses are remembered.
+        """
+        self._clock = clock
+        self._maxFailures = maxFailures
+        self._window = window
+        self._maxClients = maxClients
+        # address -> (time of the first failure in the window, count)
+        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def _current(self, client: str) -> tuple[float, int] | None:
+        entry = self._failures.get(client)
+        if entry is not None and self._clock.seconds() - entry[0] >= self._window:
+            del self._failures[client]
+            return None
+        return entry
+
+    def retryAfter(self, client: str) -> int | None:
+        """
+        Whether C{client} is refused now.
+
+        @param client: The client address.
+        @return: Seconds until it may try again, or L{None} if it may now.
+        """
+        entry = self._current(client)
+        if entry is None or entry[1] < self._maxFailures:
+            return None
+        return max(1, int(entry[0] + self._window - self._clock.seconds() + 0.999))
+
+    def failed(self, client: str) -> None:
+        """
+        Record a failure from C{client}.
+        """
+        entry = self._current(client)
+        if entry is None:
+            entry = (self._clock.seconds(), 0)
+        self._failures[client] = (entry[0], entry[1] + 1)
+        self._failures.move_to_end(client)
+        while len(self._failures) > self._maxClients:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        """
+        Forget C{client}'s failures.
+        """
+        self._failures.pop(client, None)

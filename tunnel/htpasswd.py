@@ -1,0 +1,183 @@
+"""
+A credentials checker for Apache htpasswd files with bcrypt entries.
+
+bcrypt is slow on purpose (tens of milliseconds a check), so verification
+runs in the reactor's thread pool, never on the reactor thread, and recent
+successful verifications are cached (bounded) so that a busy user does not
+pay for each tunnel.  The file is re-read when it changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from typing import Any
+
+import bcrypt
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+__all__ = ["HtpasswdChecker", "HtpasswdError", "parseHtpasswd"]
+
+_BCRYPT_PREFIXES = (b"$2y$", b"$2b$", b"$2a$")
+# Checked for unknown users too, so that a missing user costs the same time
+# as a wrong password.
+_DUMMY_HASH = bcrypt.hashpw(b"tunnel-dummy-password", bcrypt.gensalt(4))
+
+
+class HtpasswdError(ValueError):
+    """
+    An htpasswd file cannot be used; the message names the file, the line
+    and the reason.
+    """
+
+
+def parseHtpasswd(content: bytes, path: str = "<htpasswd>") -> dict[bytes, bytes]:
+    """
+    Parse htpasswd content that must hold only bcrypt entries.
+
+    @param content: The file's bytes.
+    @param path: The file name, for error messages.
+    @return: User name to bcrypt hash.
+    @raise HtpasswdError: For a line in another format (MD5 C{$apr1$}, SHA1
+        C{{SHA}}, crypt, plain text), a line with no colon, or a user listed
+        twice.
+    """
+    entries: dict[bytes, bytes] = {}
+    for number, raw in enumerate(content.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        user, colon, hashed = line.partition(b":")
+        where = f"{path}:{number}"
+        if not colon or not user:
+            raise HtpasswdError(f"{where}: not a 'user:hash' line")
+        if not hashed.startswith(_BCRYPT_PREFIXES) or len(hashed) != 60:
+            raise HtpasswdError(
+                f"{where}: the entry for {user.decode('utf-8', 'replace')!r} is "
+                "not bcrypt ($2y$/$2b$/$2a$); re-create it with htpasswd -B"
+            )
+        if user in entries:
+            raise HtpasswdError(
+                f"{where}: {user.decode('utf-8', 'replace')!r} is listed twice"
+            )
+        entries[user] = hashed
+    return entries
+
+
+def _fileStamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return (status.st_mtime_ns, status.st_size, status.st_ino)
+
+
+@implementer(ICredentialsChecker)
+class HtpasswdChecker:
+    """
+    Checks user names and passwords against an htpasswd file of bcrypt
+    entries.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+    _log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        reactor: Any = None,
+        cacheSize: int = 1024,
+    ) -> None:
+        """
+        @param path: The htpasswd file.
+        @param reactor: Runs bcrypt in its thread pool; by default the
+            global reactor.
+        @param cacheSize: How many recent successful verifications are
+            remembered.
+        @raise HtpasswdError: If the file cannot be read or parsed.
+        """
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
+        self._reactor = reactor
+        self._path = path
+        self._cacheSize = cacheSize
+        self._cache: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
+        self._stamp = _fileStamp(path)
+        self._entries = self._load()
+
+    def _load(self) -> dict[bytes, bytes]:
+        try:
+            with open(self._path, "rb") as f:
+                content = f.read()
+        except OSError as e:
+            raise HtpasswdError(f"{self._path}: {e.strerror}") from None
+        return parseHtpasswd(content, self._path)
+
+    def _reloadIfChanged(self) -> None:
+        stamp = _fileStamp(self._path)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            self._entries = self._load()
+        except HtpasswdError as e:
+            self._log.error(
+                "Keeping the previous users: cannot use {path}: {error}",
+                path=self._path,
+                error=str(e),
+            )
+            return
+        self._cache.clear()
+        self._log.info(
+            "Reloaded {count} users from {path}",
+            count=len(self._entries),
+            path=self._path,
+        )
+
+    def requestAvatarId(
+        self, credentials: IUsernamePassword
+    ) -> Deferred[bytes | tuple[()]]:
+        """
+        Check C{credentials}.
+
+        @return: A Deferred that fires with the user name, or fails with
+            L{UnauthorizedLogin}.
+        """
+        self._reloadIfChanged()
+        username: bytes = credentials.username
+        password: bytes = credentials.password
+        hashed = self._entries.get(username)
+        key = (
+            username,
+            hashed or b"",
+            hashlib.sha256((hashed or b"") + b"\0" + password).digest(),
+        )
+        if hashed is not None and key in self._cache:
+            self._cache.move_to_end(key)
+            return succeed(username)
+        d = deferToThreadPool(
+            self._reactor,
+            self._reactor.getThreadPool(),
+            bcrypt.checkpw,
+            password,
+            hashed if hashed is not None else _DUMMY_HASH,
+        )
+
+        def checked(valid: bool) -> bytes:
+            if not valid or hashed is None:
+                raise UnauthorizedLogin()
+            self._cache[key] = None
+            while len(self._cache) > self._cacheSize:
+                self._cache.popitem(last=False)
+            return username
+
+        return d.addCallback(checked)

@@ -1,0 +1,457 @@
+"""
+Who may tunnel where: pure decisions about clients, ports, names and
+addresses.
+
+Nothing here does I/O.  A L{TunnelPolicy} answers three questions, each as
+early as it can be asked:
+
+  1. may this client use the proxy at all (C{--allow-from})?
+  2. may this user reach this host and port (ports, name rules)?
+  3. may the tunnel go to this resolved address (address rules and the
+     ranges denied by default)?
+
+The third question is asked for every address a name resolves to, and only
+the addresses that pass are connected to, so a name that resolves to a
+private address, or an odd spelling of one, cannot get through.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+from attrs import field, frozen
+from zope.interface import Interface, implementer
+
+__all__ = [
+    "DEFAULT_DENIED_NETWORKS",
+    "DEFAULT_PORTS",
+    "AddressRule",
+    "Denial",
+    "ITunnelPolicy",
+    "PortRange",
+    "TunnelPolicy",
+    "embeddedIPv4",
+    "isDeniedByDefault",
+    "parseAddress",
+    "parsePortRange",
+    "parseTargetRule",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_PORTS = (443,)
+
+# Destinations refused unless an --allow-to rule opens them: everything that
+# is not a globally routed unicast address (IANA special-purpose registries,
+# RFC 6890 and its updates).
+DEFAULT_DENIED_NETWORKS: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(text)
+    for text in [
+        # IPv4
+        "0.0.0.0/8",  # "this network", the unspecified address
+        "10.0.0.0/8",  # RFC 1918 private
+        "100.64.0.0/10",  # carrier-grade NAT (RFC 6598)
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local, cloud metadata (169.254.169.254)
+        "172.16.0.0/12",  # RFC 1918 private
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",  # documentation (TEST-NET-1)
+        "192.88.99.0/24",  # 6to4 relay anycast (deprecated)
+        "192.168.0.0/16",  # RFC 1918 private
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",  # documentation (TEST-NET-2)
+        "203.0.113.0/24",  # documentation (TEST-NET-3)
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and 255.255.255.255 broadcast
+        # IPv6
+        "::/128",  # unspecified
+        "::1/128",  # loopback
+        # IPv4-mapped (::ffff:0:0/96), IPv4-compatible (::/96), NAT64
+        # (64:ff9b::/96) and 6to4 (2002::/16) addresses are judged by the
+        # IPv4 address they carry: see embeddedIPv4.
+        "64:ff9b:1::/48",  # local-use NAT64
+        "100::/64",  # discard-only
+        "2001::/23",  # IETF protocol assignments, Teredo included
+        "2001:db8::/32",  # documentation
+        "3fff::/20",  # documentation
+        "5f00::/16",  # segment routing SIDs
+        "fc00::/7",  # unique local
+        "fe80::/10",  # link-local
+        "fec0::/10",  # site-local (deprecated)
+        "ff00::/8",  # multicast
+    ]
+)
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def parseAddress(text: str) -> IPAddress | None:
+    """
+    Parse a canonical IP address literal.
+
+    Only the standard dotted-quad and IPv6 forms are addresses here; the
+    odd spellings C{inet_aton} accepts (C{127.1}, C{2130706433},
+    C{0x7f.0.0.1}) are not, so they are names, and names are vetted by what
+    they resolve to.
+
+    @param text: The text, an IPv6 literal without brackets.
+    @return: The address, or L{None} if C{text} is not an address literal.
+    """
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def embeddedIPv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """
+    Find the IPv4 address an IPv6 address stands for, if any.
+
+    @param address: An address.
+    @return: The IPv4 address carried by an IPv4-mapped (C{::ffff:a.b.c.d}),
+        IPv4-compatible (C{::a.b.c.d}), NAT64 (C{64:ff9b::a.b.c.d}) or 6to4
+        (C{2002:AABB:CCDD::}) address; L{None} otherwise.
+    """
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def isDeniedByDefault(address: IPAddress) -> bool:
+    """
+    Whether C{address} is in a range the proxy refuses unless told otherwise.
+
+    @param address: The address to check; an IPv6 address that carries an
+        IPv4 address is denied if either is.
+    @return: C{True} if the address is not a globally routed unicast one.
+    """
+    candidates: list[IPAddress] = [address]
+    embedded = embeddedIPv4(address)
+    if embedded is not None:
+        candidates.append(embedded)
+    return any(
+        candidate in network
+        for candidate in candidates
+        for network in DEFAULT_DENIED_NETWORKS
+        if network.version == candidate.version
+    )
+
+
+@frozen
+class PortRange:
+    """
+    An inclusive range of TCP ports.
+    """
+
+    low: int
+    high: int
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.low <= port <= self.high
+
+
+def parsePortRange(text: str) -> PortRange:
+    """
+    Parse C{443}, C{8000-8999} or C{any}.
+
+    @param text: The port, range, or C{any}.
+    @return: The range.
+    @raise ValueError: If C{text} is none of these, or outside 1-65535.
+    """
+    if text == "any":
+        return PortRange(1, 65535)
+    low, dash, high = text.partition("-")
+    try:
+        lowPort = int(low)
+        highPort = int(high) if dash else lowPort
+    except ValueError:
+        raise ValueError(f"not a port or port range: {text!r}") from None
+    if not 1 <= lowPort <= highPort <= 65535:
+        raise ValueError(f"not a port range within 1-65535: {text!r}")
+    return PortRange(lowPort, highPort)
+
+
+@frozen
+class AddressRule:
+    """
+    A destination rule: a network, an exact host name, or a domain suffix.
+
+    @ivar network: The network the rule covers, for address rules.
+    @ivar name: The lower-case host name for C{HOST} rules, or the domain
+        (without its C{*.}) for C{*.DOMAIN} rules.
+    @ivar suffix: Whether C{name} matches its subdomains (C{*.DOMAIN}).
+    @ivar text: The rule as written, for messages.
+    """
+
+    text: str
+    network: IPNetwork | None = None
+    name: str | None = None
+    suffix: bool = False
+
+    def matchesName(self, host: str) -> bool:
+        """
+        Whether this rule names C{host} (as the client wrote it).
+        """
+        if self.name is None:
+            return False
+        host = host.lower().rstrip(".")
+        if self.suffix:
+            return host.endswith("." + self.name)
+        return host == self.name
+
+    def matchesAddress(self, address: IPAddress) -> bool:
+        """
+        Whether this rule covers C{address}, or the IPv4 address it carries.
+        """
+        if self.network is None:
+            return False
+        if address.version == self.network.version and address in self.network:
+            return True
+        embedded = embeddedIPv4(address)
+        return (
+            embedded is not None
+            and self.network.version == 4
+            and embedded in self.network
+        )
+
+
+def parseTargetRule(text: str) -> AddressRule:
+    """
+    Parse a destination rule: C{CIDR}, an address, C{HOST} or C{*.DOMAIN}.
+
+    @param text: The rule.
+    @return: The rule.
+    @raise ValueError: If C{text} is none of these.
+    """
+    cleaned = text.strip()
+    if cleaned.startswith("[") and cleaned.endswith("]"):
+        cleaned = cleaned[1:-1]
+    try:
+        return AddressRule(text, network=ipaddress.ip_network(cleaned, strict=False))
+    except ValueError:
+        pass
+    name = cleaned.lower().rstrip(".")
+    suffix = name.startswith("*.")
+    if suffix:
+        name = name[2:]
+    labels = name.split(".")
+    if not name or not all(
+        label
+        and len(label) <= 63
+        and label.replace("-", "").replace("_", "").isalnum()
+        and label.isascii()
+        for label in labels
+    ):
+        raise ValueError(f"not a CIDR, host name or *.domain: {text!r}")
+    return AddressRule(text, name=name, suffix=suffix)
+
+
+@frozen
+class Denial:
+    """
+    Why a request is refused, and what the client is told.
+
+    @ivar status: The HTTP status: 403 for policy.
+    @ivar detail: The text of the response body; it names the option that
+        would allow the request, since the operator reading it needs that.
+    @ivar reason: A short token for logs and metrics (C{"port"},
+        C{"client"}, C{"destination"}, C{"address"}).
+    """
+
+    status: int
+    detail: str
+    reason: str
+
+
+class ITunnelPolicy(Interface):
+    """
+    Decides who may tunnel where.
+
+    The default is L{TunnelPolicy}; an application may provide its own to
+    decide per user, client address, target and resolved address.
+    """
+
+    def checkClient(client: IPAddress | None) -> Denial | None:
+        """
+        May this client address use the proxy at all?  Asked when a
+        connection is accepted.
+
+        @param client: The client's IP address, or L{None} if the listener
+            is not an IP one (a UNIX socket).
+        @return: L{None} to allow, or a L{Denial}.
+        """
+
+    def checkTarget(
+        avatar: str | None, client: IPAddress | None, host: str, port: int
+    ) -> Denial | None:
+        """
+        May this user reach C{host:port}?  Asked before any name lookup.
+
+        @param avatar: The authenticated user name, or L{None}.
+        @param client: The client's IP address, or L{None}.
+        @param host: The target host as requested.
+        @param port: The target port.
+        @return: L{None} to go on (each address is still checked), or a
+            L{Denial}.
+        """
+
+    def checkAddress(
+        avatar: str | None,
+        client: IPAddress | None,
+        host: str,
+        port: int,
+        address: IPAddress,
+    ) -> bool:
+        """
+        May the tunnel to C{host:port} go to this resolved C{address}?
+
+        @return: C{True} to allow connecting to this address.
+        """
+
+    def addressDenial(host: str, port: int) -> Denial:
+        """
+        The denial to send when no resolved address was allowed.
+        """
+
+
+def _parseNetworks(texts: Iterable[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(text, strict=False) for text in texts)
+
+
+@implementer(ITunnelPolicy)
+@frozen
+class TunnelPolicy:
+    """
+    The default policy: ports, client networks, and destination rules.
+
+    Precedence for destinations, first match wins:
+      1. a C{denyTo} rule (name or address) denies;
+      2. an C{allowTo} rule (name or address) allows;
+      3. an address in L{DEFAULT_DENIED_NETWORKS} is denied;
+      4. anything else is allowed.
+
+    @ivar ports: The target ports allowed; by default only 443.
+    @ivar allowFrom: Client networks allowed to use the proxy; empty means
+        any client.
+    @ivar allowTo: Destination rules that open a destination.
+    @ivar denyTo: Destination rules that close one, before anything else.
+    """
+
+    ports: tuple[PortRange, ...] = field(
+        default=tuple(PortRange(p, p) for p in DEFAULT_PORTS)
+    )
+    allowFrom: tuple[IPNetwork, ...] = ()
+    allowTo: tuple[AddressRule, ...] = ()
+    denyTo: tuple[AddressRule, ...] = ()
+
+    @classmethod
+    def fromStrings(
+        cls,
+        ports: Sequence[str] = (),
+        allowFrom: Sequence[str] = (),
+        allowTo: Sequence[str] = (),
+        denyTo: Sequence[str] = (),
+    ) -> TunnelPolicy:
+        """
+        Build a policy from rule texts, as given on the command line.
+
+        @param ports: Ports or ranges allowed besides 443 (C{22},
+            C{8000-8999}, C{any}).
+        @raise ValueError: If a rule cannot be parsed.
+        """
+        return cls(
+            ports=tuple(PortRange(p, p) for p in DEFAULT_PORTS)
+            + tuple(parsePortRange(text) for text in ports),
+            allowFrom=_parseNetworks(allowFrom),
+            allowTo=tuple(parseTargetRule(text) for text in allowTo),
+            denyTo=tuple(parseTargetRule(text) for text in denyTo),
+        )
+
+    def checkClient(self, client: IPAddress | None) -> Denial | None:
+        """
+        Allow clients within C{allowFrom}, or anyone if it is empty.
+        """
+        if not self.allowFrom:
+            return None
+        if client is not None:
+            candidates: list[IPAddress] = [client]
+            embedded = embeddedIPv4(client)
+            if embedded is not None:
+                candidates.append(embedded)
+            for candidate in candidates:
+                for network in self.allowFrom:
+                    if candidate.version == network.version and candidate in network:
+                        return None
+        return Denial(
+            403,
+            "Your address may not use this proxy (see --allow-from).",
+            "client",
+        )
+
+    def checkTarget(
+        self, avatar: str | None, client: IPAddress | None, host: str, port: int
+    ) -> Denial | None:
+        """
+        Check the port and the name rules.
+        """
+        if not any(port in allowed for allowed in self.ports):
+            return Denial(
+                403,
+                f"Port {port} is not allowed (see --allow-port {port}).",
+                "port",
+            )
+        for rule in self.denyTo:
+            if rule.matchesName(host):
+                return Denial(
+                    403,
+                    f"{host} is denied by the rule --deny-to {rule.text}.",
+                    "destination",
+                )
+        return None
+
+    def checkAddress(
+        self,
+        avatar: str | None,
+        client: IPAddress | None,
+        host: str,
+        port: int,
+        address: IPAddress,
+    ) -> bool:
+        """
+        Apply the address rules in order of precedence.
+        """
+        for rule in self.denyTo:
+            if rule.matchesAddress(address):
+                return False
+        for rule in self.allowTo:
+            if rule.matchesName(host) or rule.matchesAddress(address):
+                return True
+        return not isDeniedByDefault(address)
+
+    def addressDenial(self, host: str, port: int) -> Denial:
+        """
+        Name the option that would open the destination.
+        """
+        return Denial(
+            403,
+            f"{host} resolves only to addresses this proxy may not reach "
+            f"(see --allow-to).",
+            "address",
+        )
+
+
+#: A policy that allows any port and any address: for tests and for
+#: applications that do their own checks.
+OPEN_POLICY = TunnelPolicy(
+    ports=(PortRange(1, 65535),),
+    allowTo=(parseTargetRule("0.0.0.0/0"), parseTargetRule("::/0")),
+)
