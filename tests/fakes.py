@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
@@ -13,6 +14,7 @@ from twisted.internet.interfaces import (
     IHostResolution,
     IResolutionReceiver,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
@@ -66,3 +68,49 @@ class FakeResolver:
                 resolutionReceiver.addressResolved(IPv4Address("TCP", text, portNumber))
         resolutionReceiver.resolutionComplete()
         return resolution
+
+
+class SynchronousThreadPool:
+    """
+    A thread pool that runs each call at once, in the calling thread, and
+    counts the calls.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def callInThreadWithCallback(
+        self, onResult: Any, func: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        """
+        Run C{func} now and report its result as a real pool would.
+        """
+        self.calls += 1
+        try:
+            result = func(*args, **kwargs)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+
+class ThreadPoolReactor:
+    """
+    Just enough reactor for C{deferToThreadPool}: a synchronous pool and a
+    C{callFromThread} that calls at once.
+    """
+
+    def __init__(self) -> None:
+        self.pool = SynchronousThreadPool()
+
+    def getThreadPool(self) -> SynchronousThreadPool:
+        """
+        The pool.
+        """
+        return self.pool
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        """
+        Call C{f} now.
+        """
+        f(*args, **kwargs)

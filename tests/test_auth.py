@@ -1,0 +1,339 @@
+"""
+Tests for L{tunnel.auth} and L{tunnel.htpasswd}.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import bcrypt
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.fakes import ThreadPoolReactor
+from tunnel.auth import (
+    FailureDamper,
+    IProxyUser,
+    ProxyRealm,
+    ProxyUser,
+    challengeHeaders,
+    parseBasicCredentials,
+    portalFromCheckers,
+)
+from tunnel.htpasswd import HtpasswdChecker, HtpasswdError, parseHtpasswd
+
+
+def basic(userPass: bytes, scheme: bytes = b"Basic") -> bytes:
+    """
+    A C{Proxy-Authorization} value for C{user:password}.
+    """
+    return scheme + b" " + base64.b64encode(userPass)
+
+
+def bcryptLine(user: bytes, password: bytes, prefix: bytes = b"$2y$") -> bytes:
+    """
+    An htpasswd line as C{htpasswd -B} writes it (cheap rounds for speed).
+    """
+    hashed = bcrypt.hashpw(password, bcrypt.gensalt(4))
+    return user + b":" + prefix + hashed[4:] + b"\n"
+
+
+class BasicCredentialsTests(SynchronousTestCase):
+    """
+    Tests for L{parseBasicCredentials}.
+    """
+
+    def test_valid(self) -> None:
+        """
+        A Basic value decodes to user name and password; the scheme is
+        case-insensitive and the password may hold colons.
+        """
+        for scheme in [b"Basic", b"basic", b"BASIC"]:
+            creds = parseBasicCredentials(basic(b"alice:s3:cr:et", scheme))
+            assert creds is not None
+            self.assertEqual((creds.username, creds.password), (b"alice", b"s3:cr:et"))
+
+    def test_utf8(self) -> None:
+        """
+        User names and passwords are UTF-8 (RFC 7617).
+        """
+        creds = parseBasicCredentials(basic("zoë:pässword".encode()))
+        assert creds is not None
+        self.assertEqual(creds.username, "zoë".encode())
+
+    def test_malformed(self) -> None:
+        """
+        Absent, other schemes, bad base64, no colon or non-UTF-8 give
+        L{None} (and so a 407), never an exception.
+        """
+        for value in [
+            None,
+            b"",
+            b"Basic",
+            b"Bearer abc",
+            b"Digest username=x",
+            b"Basic !!!",
+            b"Basic YWxpY2U",  # bad padding
+            basic(b"no colon"),
+            basic(b"\xff\xfe:x"),
+        ]:
+            self.assertIsNone(parseBasicCredentials(value), value)
+
+    def test_challenge(self) -> None:
+        """
+        The challenge names the realm, quoted and escaped.
+        """
+        self.assertEqual(
+            challengeHeaders('my "proxy"'),
+            (
+                (
+                    b"Proxy-Authenticate",
+                    b'Basic realm="my \\"proxy\\"", charset="UTF-8"',
+                ),
+            ),
+        )
+
+
+class RealmTests(SynchronousTestCase):
+    """
+    Tests for L{ProxyRealm} and L{portalFromCheckers}.
+    """
+
+    def test_avatar(self) -> None:
+        """
+        The realm makes a L{ProxyUser} named after the avatar ID.
+        """
+        interface, avatar, logout = ProxyRealm().requestAvatar(
+            "zoë".encode(), None, IProxyUser
+        )
+        self.assertIs(interface, IProxyUser)
+        self.assertEqual(avatar, ProxyUser("zoë"))
+        logout()
+
+    def test_otherInterface(self) -> None:
+        """
+        Only L{IProxyUser} avatars exist.
+        """
+        self.assertRaises(
+            NotImplementedError,
+            ProxyRealm().requestAvatar,
+            b"a",
+            None,
+            IUsernamePassword,
+        )
+
+    def test_portal(self) -> None:
+        """
+        A portal over an in-memory checker logs users in as L{ProxyUser}.
+        """
+        from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw")
+        portal = portalFromCheckers([checker])
+        result = self.successResultOf(
+            portal.login(UsernamePassword(b"alice", b"pw"), None, IProxyUser)
+        )
+        self.assertEqual(result[1], ProxyUser("alice"))
+        self.failureResultOf(
+            portal.login(UsernamePassword(b"alice", b"no"), None, IProxyUser),
+            UnauthorizedLogin,
+        )
+
+
+class FailureDamperTests(SynchronousTestCase):
+    """
+    Tests for L{FailureDamper}.
+    """
+
+    def test_damping(self) -> None:
+        """
+        After C{maxFailures} failures within the window a client is refused
+        until the window passes; others are not affected.
+        """
+        clock = Clock()
+        damper = FailureDamper(clock, maxFailures=3, window=60)
+        for _ in range(3):
+            self.assertIsNone(damper.retryAfter("a"))
+            damper.failed("a")
+        self.assertEqual(damper.retryAfter("a"), 60)
+        self.assertIsNone(damper.retryAfter("b"))
+        clock.advance(59.5)
+        self.assertEqual(damper.retryAfter("a"), 1)
+        clock.advance(0.5)
+        self.assertIsNone(damper.retryAfter("a"))
+
+    def test_success(self) -> None:
+        """
+        A success forgets the failures.
+        """
+        damper = FailureDamper(Clock(), maxFailures=1)
+        damper.failed("a")
+        self.assertIsNotNone(damper.retryAfter("a"))
+        damper.succeeded("a")
+        self.assertIsNone(damper.retryAfter("a"))
+
+    def test_bounded(self) -> None:
+        """
+        Only C{maxClients} addresses are remembered; the oldest go first.
+        """
+        damper = FailureDamper(Clock(), maxFailures=1, maxClients=2)
+        for client in ["a", "b", "c"]:
+            damper.failed(client)
+        self.assertIsNone(damper.retryAfter("a"))
+        self.assertIsNotNone(damper.retryAfter("b"))
+        self.assertIsNotNone(damper.retryAfter("c"))
+
+
+class ParseHtpasswdTests(SynchronousTestCase):
+    """
+    Tests for L{parseHtpasswd}.
+    """
+
+    def test_bcrypt(self) -> None:
+        """
+        C{$2y$}, C{$2b$} and C{$2a$} entries are read; blank lines and
+        comments are skipped.
+        """
+        content = (
+            b"# users\n\n"
+            + bcryptLine(b"alice", b"a", b"$2y$")
+            + bcryptLine(b"bob", b"b", b"$2b$")
+            + bcryptLine(b"carol", b"c", b"$2a$")
+        )
+        self.assertEqual(sorted(parseHtpasswd(content)), [b"alice", b"bob", b"carol"])
+
+    def test_otherFormats(self) -> None:
+        """
+        Other formats are refused with the file, the line number and the
+        reason.
+        """
+        for line in [
+            b"alice:$apr1$abc$defghijklmnopqrstuvw",
+            b"alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=",
+            b"alice:abJnggxhB/yAY",
+            b"alice:plaintext",
+            b"no-colon",
+            b":$2y$" + b"x" * 56,
+        ]:
+            e = self.assertRaises(
+                HtpasswdError, parseHtpasswd, b"# c\n" + line + b"\n", "users.htpasswd"
+            )
+            self.assertIn("users.htpasswd:2: ", str(e))
+
+    def test_duplicate(self) -> None:
+        """
+        A user listed twice is an error.
+        """
+        content = bcryptLine(b"a", b"1") + bcryptLine(b"a", b"2")
+        e = self.assertRaises(HtpasswdError, parseHtpasswd, content)
+        self.assertIn(":2: ", str(e))
+
+
+class HtpasswdCheckerTests(SynchronousTestCase):
+    """
+    Tests for L{HtpasswdChecker}.
+    """
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.write(bcryptLine(b"alice", b"s3:cret") + bcryptLine(b"bob", b"pw"))
+        self.reactor = ThreadPoolReactor()
+        self.checker = HtpasswdChecker(self.path, reactor=self.reactor, cacheSize=2)
+
+    def write(self, content: bytes) -> None:
+        """
+        Replace the file, making sure its modification stamp changes.
+        """
+        with open(self.path, "wb") as f:
+            f.write(content)
+        stamp = os.stat(self.path).st_mtime_ns + 10**9
+        os.utime(self.path, ns=(stamp, stamp))
+
+    def check(self, user: bytes, password: bytes) -> object:
+        """
+        Check credentials; give the avatar ID or the failure.
+        """
+        d = self.checker.requestAvatarId(UsernamePassword(user, password))
+        results: list[object] = []
+        d.addBoth(results.append)
+        [result] = results
+        return result
+
+    def test_valid(self) -> None:
+        """
+        The right password gives the user name, verified in the thread pool.
+        """
+        self.assertEqual(self.check(b"alice", b"s3:cret"), b"alice")
+        self.assertEqual(self.reactor.pool.calls, 1)
+
+    def test_wrong(self) -> None:
+        """
+        A wrong password or an unknown user fails with L{UnauthorizedLogin};
+        the unknown user still costs a bcrypt check, so timing tells nothing.
+        """
+        for user, password in [(b"alice", b"nope"), (b"mallory", b"pw")]:
+            result = self.check(user, password)
+            self.assertTrue(getattr(result, "check", lambda e: None)(UnauthorizedLogin))
+        self.assertEqual(self.reactor.pool.calls, 2)
+
+    def test_cache(self) -> None:
+        """
+        A repeated successful check is answered from the bounded cache,
+        without bcrypt; a wrong password is never cached.
+        """
+        self.check(b"alice", b"s3:cret")
+        self.check(b"alice", b"s3:cret")
+        self.assertEqual(self.reactor.pool.calls, 1)
+        self.check(b"alice", b"wrong")
+        self.check(b"alice", b"wrong")
+        self.assertEqual(self.reactor.pool.calls, 3)
+        self.check(b"bob", b"pw")
+        self.check(b"bob", b"pw")
+        self.assertEqual(self.reactor.pool.calls, 4)
+
+    def test_cacheBounded(self) -> None:
+        """
+        The cache keeps only C{cacheSize} entries.
+        """
+        self.write(b"".join(bcryptLine(b"u%d" % i, b"pw") for i in range(3)))
+        for i in range(3):
+            self.check(b"u%d" % i, b"pw")
+        self.assertEqual(len(self.checker._cache), 2)
+
+    def test_reload(self) -> None:
+        """
+        Users added to or removed from the file take effect without a
+        restart; cached verifications of removed users are forgotten.
+        """
+        self.assertEqual(self.check(b"bob", b"pw"), b"bob")
+        self.write(bcryptLine(b"carol", b"c"))
+        self.assertEqual(self.check(b"carol", b"c"), b"carol")
+        self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
+
+    def test_badReloadKeepsUsers(self) -> None:
+        """
+        A file broken by an edit keeps the last good users, and the error is
+        logged.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.write(b"alice:plaintext\n")
+        self.assertEqual(self.check(b"alice", b"s3:cret"), b"alice")
+        [event] = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertIn(f"{self.path}:1: ", event["error"])
+
+    def test_startupErrors(self) -> None:
+        """
+        A missing or malformed file is an error at start-up.
+        """
+        self.assertRaises(HtpasswdError, HtpasswdChecker, self.path + ".missing")
+        self.write(b"alice:{SHA}xyz\n")
+        e = self.assertRaises(HtpasswdError, HtpasswdChecker, self.path)
+        self.assertIn(f"{self.path}:1: ", str(e))
