@@ -4,10 +4,17 @@ Tests for L{tunnel.server}: the handshake protocol, without sockets.
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 from typing import Any
 
+from twisted.cred.checkers import (
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
+from twisted.cred.credentials import IUsernamePassword
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import (
     ConnectError,
     ConnectionDone,
@@ -28,6 +35,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tunnel import ConnectProxyFactory, HostnameConnector, ITargetConnector
+from tunnel.auth import FailureDamper, portalFromCheckers
+from tunnel.connector import AddressDenied
+from tunnel.policy import TunnelPolicy
 from tunnel.relay import TargetProtocol
 from tunnel.server import ConnectProxy, errorResponse, formatAddress
 
@@ -83,12 +93,16 @@ class RecordingConnector:
     def __init__(self) -> None:
         self.endpoint = RecordingEndpoint()
         self.targets: list[tuple[str, int]] = []
+        self.allowAddress: Any = None
 
-    def endpointForTarget(self, host: str, port: int) -> RecordingEndpoint:
+    def endpointForTarget(
+        self, host: str, port: int, allowAddress: Any = None
+    ) -> RecordingEndpoint:
         """
-        Record the target and give the endpoint.
+        Record the target and the policy, and give the endpoint.
         """
         self.targets.append((host, port))
+        self.allowAddress = allowAddress
         return self.endpoint
 
 
@@ -98,7 +112,9 @@ class BrokenConnector:
     A connector with a bug: it raises.
     """
 
-    def endpointForTarget(self, host: str, port: int) -> IStreamClientEndpoint:
+    def endpointForTarget(
+        self, host: str, port: int, allowAddress: Any = None
+    ) -> IStreamClientEndpoint:
         """
         Fail.
         """
@@ -424,7 +440,7 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
 
         self.assertEqual(
             formatEvent(event),
-            "192.0.2.7:40000 CONNECT target.example:443 200 up=5 down=3 "
+            "192.0.2.7:40000 - CONNECT target.example:443 200 up=5 down=3 "
             "2.000s client-eof",
         )
 
@@ -712,3 +728,252 @@ class HelperTests(SynchronousTestCase):
         self.assertIsInstance(proxy, ConnectProxy)
         self.assertIsInstance(proxy, Protocol)
         self.assertIs(proxy.factory, factory)  # type: ignore[union-attr]
+
+
+def basicHead(
+    credentials: bytes | None, target: bytes = b"target.example:443"
+) -> bytes:
+    """
+    A CONNECT head with C{Proxy-Authorization: Basic} for C{credentials}.
+    """
+    field = b""
+    if credentials is not None:
+        field = b"Proxy-Authorization: Basic " + base64.b64encode(credentials) + b"\r\n"
+    return b"CONNECT " + target + b" HTTP/1.1\r\n" + field + b"\r\n"
+
+
+@implementer(ICredentialsChecker)
+class BrokenChecker:
+    """
+    A checker with a bug.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+        """
+        Fail unexpectedly.
+        """
+        return fail(ZeroDivisionError())
+
+
+class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    C{Proxy-Authorization} through a cred portal.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"s3:cret")
+        self.factory.portal = portalFromCheckers([checker])
+        self.factory.realm = "Test Realm"
+        self.factory.damper = FailureDamper(self.clock, maxFailures=3)
+
+    def assertChallenged(self) -> None:
+        """
+        Assert the client got a 407 with the realm, and the connection is
+        closing.
+        """
+        response = self.client.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 407 "), response)
+        self.assertIn(
+            b'\r\nProxy-Authenticate: Basic realm="Test Realm", charset="UTF-8"\r\n',
+            response,
+        )
+        self.assertIn(b"\r\nConnection: close\r\n", response)
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.connector.targets, [])
+
+    def test_noCredentials(self) -> None:
+        """
+        A request without credentials gets a 407 challenge naming the realm.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.assertChallenged()
+
+    def test_malformed(self) -> None:
+        """
+        A malformed Proxy-Authorization value is a 407, never a 5xx.
+        """
+        self.proxy.dataReceived(
+            b"CONNECT a.example:443 HTTP/1.1\r\nProxy-Authorization: Basic %%%\r\n\r\n"
+        )
+        self.assertChallenged()
+
+    def test_wrongPassword(self) -> None:
+        """
+        A wrong password gets a 407, logged with the client address and user
+        name but never the password.
+        """
+        self.proxy.dataReceived(basicHead(b"alice:wrong"))
+        self.assertChallenged()
+        [warning] = [e for e in self.events if "why" in e]
+        self.assertEqual(
+            (warning["user"], warning["client"]), ("alice", "192.0.2.7:40000")
+        )
+        from twisted.logger import formatEvent
+
+        for event in self.events:
+            self.assertNotIn("wrong", formatEvent(event).replace("wrong user", ""))
+            self.assertNotIn(base64.b64encode(b"alice:wrong").decode(), repr(event))
+
+    def test_valid(self) -> None:
+        """
+        Valid credentials (the password may hold a colon) let the request
+        through, and the user name reaches the policy and the log event.
+        """
+        self.proxy.dataReceived(basicHead(b"alice:s3:cret"))
+        self.assertEqual(self.connector.targets, [("target.example", 443)])
+        target, _transport = self.reachTarget()
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        target.connectionLost(Failure(ConnectionLost()))
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["user"], "alice")
+
+    def test_damping(self) -> None:
+        """
+        After repeated failures from one address the next attempt gets a 429
+        with Retry-After, even with the right password; other clients are
+        not affected.
+        """
+        for _ in range(3):
+            proxy, client = self.connectClient()
+            proxy.dataReceived(basicHead(b"alice:wrong"))
+            self.assertTrue(client.value().startswith(b"HTTP/1.1 407 "))
+        proxy, client = self.connectClient()
+        proxy.dataReceived(basicHead(b"alice:s3:cret"))
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 429 "))
+        self.assertIn(b"\r\nRetry-After: 60\r\n", client.value())
+        other = self.factory.buildProtocol(None)
+        otherClient = HalfCloseTransport(
+            peerAddress=IPv4Address("TCP", "192.0.2.8", 40000)
+        )
+        other.makeConnection(otherClient)
+        other.dataReceived(basicHead(b"alice:s3:cret"))
+        self.assertEqual(otherClient.value(), b"")
+
+    def test_clientLeavesDuringLogin(self) -> None:
+        """
+        A client that leaves while its credentials are checked is not
+        answered when the check ends.
+        """
+        pending: Deferred[bytes] = Deferred()
+
+        @implementer(ICredentialsChecker)
+        class SlowChecker:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+                return pending
+
+        self.factory.portal = portalFromCheckers([SlowChecker()])
+        self.proxy.dataReceived(basicHead(b"alice:s3:cret"))
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        pending.callback(b"alice")
+        self.assertEqual(self.client.value(), b"")
+        self.assertEqual(self.connector.targets, [])
+
+    def test_brokenChecker(self) -> None:
+        """
+        A checker that fails unexpectedly gets the client a 500, and the
+        failure is logged.
+        """
+        self.factory.portal = portalFromCheckers([BrokenChecker()])
+        self.proxy.dataReceived(basicHead(b"alice:s3:cret"))
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class PolicyTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    The destination policy as the client sees it.
+    """
+
+    def assertForbidden(self, client: HalfCloseTransport, phrase: bytes) -> None:
+        """
+        Assert that C{client} got a 403 whose body holds C{phrase}.
+        """
+        response = client.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 403 "), response)
+        self.assertIn(phrase, response)
+        self.assertTrue(client.disconnecting)
+
+    def test_port(self) -> None:
+        """
+        A port that is not allowed gets a 403 naming C{--allow-port}, with
+        no connection attempt.
+        """
+        self.proxy.dataReceived(b"CONNECT target.example:22 HTTP/1.1\r\n\r\n")
+        self.assertForbidden(self.client, b"--allow-port 22")
+        self.assertEqual(self.connector.targets, [])
+
+    def test_addressesDenied(self) -> None:
+        """
+        When the connector finds no allowed address, the client gets a 403
+        naming C{--allow-to}.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(AddressDenied())
+        self.assertForbidden(self.client, b"--allow-to")
+
+    def test_allowAddress(self) -> None:
+        """
+        The connector is handed the policy's address check for this tunnel.
+        """
+        self.proxy.dataReceived(HEAD)
+        allow = self.connector.allowAddress
+        self.assertFalse(allow(ipaddress.ip_address("10.0.0.1")))
+        self.assertTrue(allow(ipaddress.ip_address("93.184.216.34")))
+
+    def test_allowFrom(self) -> None:
+        """
+        A client outside C{--allow-from} gets a 403 as soon as it connects.
+        """
+        self.factory.policy = TunnelPolicy.fromStrings(allowFrom=["198.51.100.0/24"])
+        proxy, client = self.connectClient()
+        self.assertForbidden(client, b"--allow-from")
+        proxy.dataReceived(HEAD)
+        self.assertEqual(self.connector.targets, [])
+
+
+class LimitTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    C{maxTunnels} and C{maxTunnelsPerClient}.
+    """
+
+    def test_maxTunnels(self) -> None:
+        """
+        Beyond C{maxTunnels} connections (handshakes included) new clients
+        get a 503 with Retry-After; open tunnels are untouched, and a closed
+        one frees its place.
+        """
+        self.factory.maxTunnels = 2
+        _target, transport = self.establish()
+        second, _secondClient = self.connectClient()
+        third, thirdClient = self.connectClient()
+        self.assertTrue(thirdClient.value().startswith(b"HTTP/1.1 503 "))
+        self.assertIn(b"\r\nRetry-After: 1\r\n", thirdClient.value())
+        third.connectionLost(Failure(ConnectionDone()))
+        self.proxy.dataReceived(b"still works")
+        self.assertEqual(transport.value(), b"still works")
+        second.connectionLost(Failure(ConnectionDone()))
+        _fourth, fourthClient = self.connectClient()
+        self.assertEqual(fourthClient.value(), b"")
+        self.assertFalse(fourthClient.disconnecting)
+
+    def test_maxTunnelsPerClient(self) -> None:
+        """
+        Beyond C{maxTunnelsPerClient} connections from one address, that
+        address gets a 429; other addresses do not.
+        """
+        self.factory.maxTunnelsPerClient = 1
+        _second, secondClient = self.connectClient()
+        self.assertTrue(secondClient.value().startswith(b"HTTP/1.1 429 "))
+        other = self.factory.buildProtocol(None)
+        otherClient = HalfCloseTransport(
+            peerAddress=IPv4Address("TCP", "192.0.2.99", 1)
+        )
+        other.makeConnection(otherClient)
+        self.assertEqual(otherClient.value(), b"")
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory._openPerClient, {"192.0.2.99": 1})

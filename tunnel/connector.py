@@ -1,22 +1,40 @@
 """
-The default way to reach a target: Happy Eyeballs through C{HostnameEndpoint}.
+The default way to reach a target: Happy Eyeballs through C{HostnameEndpoint},
+over only the resolved addresses the destination policy allows.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import (
+    IAddress,
     IHostnameResolver,
+    IHostResolution,
+    IProtocolFactory,
     IReactorPluggableNameResolver,
+    IResolutionReceiver,
     IStreamClientEndpoint,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .interfaces import ITargetConnector
 
-__all__ = ["HostnameConnector"]
+__all__ = ["AddressDenied", "HostnameConnector"]
+
+AllowAddress = Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]
+
+
+class AddressDenied(ConnectError):
+    """
+    The target's name resolved, but the policy allows none of its addresses.
+    """
 
 
 @implementer(IReactorPluggableNameResolver)
@@ -43,11 +61,121 @@ class _ResolvingReactor:
         return getattr(self._reactor, name)
 
 
+@implementer(IResolutionReceiver)
+class _VettingReceiver:
+    """
+    Passes on only the resolved addresses the policy allows, and counts the
+    others.
+    """
+
+    def __init__(self, receiver: IResolutionReceiver, allow: AllowAddress) -> None:
+        self._receiver = receiver
+        self._allow = allow
+        self.allowed = 0
+        self.denied = 0
+
+    def resolutionBegan(self, resolution: IHostResolution) -> None:
+        self._receiver.resolutionBegan(resolution)
+
+    def addressResolved(self, address: IAddress) -> None:
+        host = getattr(address, "host", "")
+        try:
+            ip = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            self.denied += 1
+            return
+        if self._allow(ip):
+            self.allowed += 1
+            self._receiver.addressResolved(address)
+        else:
+            self.denied += 1
+
+    def resolutionComplete(self) -> None:
+        self._receiver.resolutionComplete()
+
+
+@implementer(IHostnameResolver)
+class _VettingResolver:
+    """
+    A resolver that filters another's answers through the policy, so that
+    the endpoint connects only to vetted addresses: no second lookup happens
+    between the check and the connection, so DNS rebinding cannot slip a
+    denied address in.
+    """
+
+    def __init__(self, resolver: IHostnameResolver, allow: AllowAddress) -> None:
+        self._resolver = resolver
+        self._allow = allow
+        self.receivers: list[_VettingReceiver] = []
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        receiver = _VettingReceiver(resolutionReceiver, self._allow)
+        self.receivers.append(receiver)
+        return self._resolver.resolveHostName(
+            receiver, hostName, portNumber, addressTypes, transportSemantics
+        )
+
+    def deniedAll(self) -> bool:
+        """
+        Whether addresses were found and every one of them was denied.
+        """
+        return any(r.denied for r in self.receivers) and not any(
+            r.allowed for r in self.receivers
+        )
+
+
+@implementer(IStreamClientEndpoint)
+class _VettedEndpoint:
+    """
+    A L{HostnameEndpoint} over vetted addresses that fails with
+    L{AddressDenied} when the policy left none.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        resolver: IHostnameResolver,
+        allow: AllowAddress,
+        host: str,
+        port: int,
+        timeout: float,
+        bindAddress: tuple[str, int] | None,
+    ) -> None:
+        self._vetting = _VettingResolver(resolver, allow)
+        self._endpoint = HostnameEndpoint(
+            _ResolvingReactor(reactor, self._vetting),
+            host,
+            port,
+            timeout=timeout,
+            bindAddress=bindAddress,
+        )
+        self._host = host
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        """
+        Connect to the first vetted address that answers.
+        """
+
+        def denied(reason: Failure) -> Failure:
+            if self._vetting.deniedAll():
+                raise AddressDenied(string=f"no allowed address for {self._host}")
+            return reason
+
+        return self._endpoint.connect(protocolFactory).addErrback(denied)
+
+
 @implementer(ITargetConnector)
 class HostnameConnector:
     """
-    Reach targets directly with L{HostnameEndpoint}: every address the name
-    resolves to is tried, IPv4 and IPv6 raced as RFC 8305 describes.
+    Reach targets directly with L{HostnameEndpoint}: every allowed address
+    the name resolves to is tried, IPv4 and IPv6 raced as RFC 8305 describes.
     """
 
     def __init__(
@@ -65,20 +193,25 @@ class HostnameConnector:
         @param timeout: Seconds allowed for each connection attempt.
         @param bindAddress: The local address to connect from, if any.
         """
-        if resolver is not None:
-            reactor = _ResolvingReactor(reactor, resolver)
         self._reactor = reactor
+        self._resolver = resolver
         self._timeout = timeout
         self._bindAddress = bindAddress
 
-    def endpointForTarget(self, host: str, port: int) -> IStreamClientEndpoint:
+    def endpointForTarget(
+        self, host: str, port: int, allowAddress: AllowAddress | None = None
+    ) -> IStreamClientEndpoint:
         """
-        Give a L{HostnameEndpoint} for C{host:port}.
+        Give an endpoint for C{host:port} that connects only to addresses
+        C{allowAddress} allows (all of them if it is L{None}).
         """
-        return HostnameEndpoint(
+        resolver = self._resolver or self._reactor.nameResolver
+        return _VettedEndpoint(
             self._reactor,
+            resolver,
+            allowAddress or (lambda address: True),
             host,
             port,
-            timeout=self._timeout,
-            bindAddress=self._bindAddress,
+            self._timeout,
+            self._bindAddress,
         )

@@ -4,6 +4,9 @@ The seams an application plugs its own objects into.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address
+
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import Interface
 
@@ -19,13 +22,23 @@ class ITargetConnector(Interface):
     through Tor, SOCKS, a parent proxy or a fixed address.
     """
 
-    def endpointForTarget(host: str, port: int) -> IStreamClientEndpoint:
+    def endpointForTarget(
+        host: str,
+        port: int,
+        allowAddress: Callable[[IPv4Address | IPv6Address], bool] | None = None,
+    ) -> IStreamClientEndpoint:
         """
         Give the endpoint that reaches C{host:port}.
 
         @param host: The target host as the client named it: a DNS name, an
             IPv4 literal or an IPv6 literal without brackets.
         @param port: The target port.
+        @param allowAddress: The destination policy for this tunnel.  A
+            connector that resolves C{host} itself must connect only to
+            resolved addresses for which this returns C{True}, and fail with
+            L{tunnel.connector.AddressDenied} if none is left.  A connector
+            that hands the name on (to a parent proxy, say) may ignore it;
+            the policy's name and port rules still apply.
         @return: An L{IStreamClientEndpoint} whose C{connect} Deferred fires
             when the target is reached, and fails with a
             L{twisted.internet.error.ConnectError} (or a

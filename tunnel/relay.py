@@ -14,6 +14,7 @@ from typing import Protocol as TypingProtocol
 from attrs import frozen
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
     IReactorTime,
@@ -40,6 +41,7 @@ class StreamTransport(TypingProtocol):
     def loseConnection(self) -> None: ...
     def loseWriteConnection(self) -> None: ...
     def abortConnection(self) -> None: ...
+    def getPeer(self) -> IAddress: ...
 
 
 @frozen

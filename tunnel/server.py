@@ -4,8 +4,11 @@ The CONNECT handshake: the protocol that talks to a client, and its factory.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, cast
 
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.cred.portal import Portal
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import (
@@ -21,8 +24,16 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .connector import HostnameConnector
+from .auth import (
+    FailureDamper,
+    IProxyUser,
+    ProxyUser,
+    challengeHeaders,
+    parseBasicCredentials,
+)
+from .connector import AddressDenied, HostnameConnector
 from .interfaces import ITargetConnector
+from .policy import IPAddress, ITunnelPolicy, TunnelPolicy
 from .relay import Relay, RelayResult, StreamTransport, TargetProtocol
 from .request import ConnectRequest, RequestRejected, findHeadEnd, parseConnectHead
 
@@ -63,6 +74,19 @@ def formatAddress(address: IAddress | None) -> str:
     if isinstance(name, bytes):
         return name.decode("utf-8", "replace") or "-"
     return str(name) if name else "-"
+
+
+def _ipOf(address: IAddress | None) -> IPAddress | None:
+    """
+    The IP address of a transport address, or L{None} for a UNIX socket.
+    """
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        return ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
 
 
 def errorResponse(
@@ -128,9 +152,14 @@ class ConnectProxy(Protocol, TimeoutMixin):
     _status: int | None = None
     _ended: str | None = None
 
+    _user: str | None = None
+    _admitted = False
+    _connectedTo = "-"
+
     def connectionMade(self) -> None:
         """
-        Start the header timeout.
+        Admit the client (limits, C{--allow-from}) and start the header
+        timeout.
         """
         factory = self.factory
         self._client = cast(StreamTransport, self.transport)
@@ -141,7 +170,21 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._earlyBytes = 0
         self._clientFinished = False
         self._reading = "head"
+        peer = self._client.getPeer()
+        self._peer = formatAddress(peer)
+        self._clientIP = _ipOf(peer)
+        self._clientKey = str(self._clientIP) if self._clientIP else self._peer
         factory.connections.add(self)
+        refusal = factory.admit(self._clientKey)
+        if refusal is None:
+            denial = factory.policy.checkClient(self._clientIP)
+            if denial is not None:
+                refusal = RequestRejected(denial.status, denial.detail)
+        if refusal is not None:
+            self._reject(refusal)
+            return
+        self._admitted = True
+        factory.tunnelOpened(self._clientKey)
         self.setTimeout(factory.headerTimeout)
 
     # Reading the head.
@@ -197,7 +240,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._reading = "early"
         if early:
             self.dataReceived(early)
-        self._connect(request)
+        self._authenticate(request)
 
     def timeoutConnection(self) -> None:
         """
@@ -205,13 +248,92 @@ class ConnectProxy(Protocol, TimeoutMixin):
         """
         self._reject(RequestRejected(408, "The request head took too long."))
 
+    # Who asks, and where to.
+
+    def _authenticate(self, request: ConnectRequest) -> None:
+        factory = self.factory
+        portal = factory.portal
+        if portal is None:
+            self._authorize(request)
+            return
+        retryAfter = factory.damper.retryAfter(self._clientKey)
+        if retryAfter is not None:
+            self._reject(
+                RequestRejected(
+                    429,
+                    "Too many failed logins from your address; try again later.",
+                    [(b"Retry-After", b"%d" % (retryAfter,))],
+                ),
+            )
+            return
+        credentials = parseBasicCredentials(request.header(b"proxy-authorization"))
+        if credentials is None:
+            self._challenge("no valid Basic credentials")
+            return
+        self._user = credentials.username.decode("utf-8")
+        login = portal.login(credentials, None, IProxyUser)
+        login.addCallbacks(self._authenticated, self._authenticationFailed)
+
+    def _authenticated(self, result: tuple[Any, ProxyUser, Any]) -> None:
+        if self._reading == "done":
+            return
+        self._user = result[1].name
+        self.factory.damper.succeeded(self._clientKey)
+        assert self._request is not None
+        self._authorize(self._request)
+
+    def _authenticationFailed(self, reason: Failure) -> None:
+        if reason.check(UnauthorizedLogin, UnhandledCredentials):
+            self.factory.damper.failed(self._clientKey)
+            if self._reading != "done":
+                self._challenge("wrong user name or password")
+            return
+        self._log.failure("Checking credentials failed", reason)
+        if self._reading != "done":
+            self._reject(RequestRejected(500, "Credentials could not be checked."))
+
+    def _challenge(self, why: str) -> None:
+        self._log.warn(
+            "Authentication failed for {user} from {client}: {why}",
+            user=self._user or "-",
+            client=self._peer,
+            why=why,
+        )
+        self._reject(
+            RequestRejected(
+                407,
+                "This proxy needs a user name and password.",
+                challengeHeaders(self.factory.realm),
+            )
+        )
+
+    def _authorize(self, request: ConnectRequest) -> None:
+        denial = self.factory.policy.checkTarget(
+            self._user, self._clientIP, request.host, request.port
+        )
+        if denial is not None:
+            self._reject(RequestRejected(denial.status, denial.detail))
+            return
+        self._connect(request)
+
     # Reaching the target.
 
     def _connect(self, request: ConnectRequest) -> None:
         factory = self.factory
+        policy = factory.policy
+        user, client, host, port = (
+            self._user,
+            self._clientIP,
+            request.host,
+            request.port,
+        )
+
+        def allowAddress(address: IPAddress) -> bool:
+            return policy.checkAddress(user, client, host, port, address)
+
         target = TargetProtocol()
         try:
-            endpoint = factory.connector.endpointForTarget(request.host, request.port)
+            endpoint = factory.connector.endpointForTarget(host, port, allowAddress)
             connecting = endpoint.connect(_TargetFactory(target))
         except Exception:
             self._log.failure(
@@ -225,6 +347,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
     def _targetConnected(self, target: TargetProtocol) -> None:
         self._connecting = None
+        self._connectedTo = formatAddress(target.transport.getPeer())  # type: ignore[union-attr]
         self._status = 200
         self._reading = "tunnel"
         self._client.write(_ESTABLISHED)
@@ -247,6 +370,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if reason.check(CancelledError):
             # The client left and the attempt was cancelled on its behalf.
             self._end(None, "client-left")
+            return
+        if reason.check(AddressDenied):
+            assert self._request is not None
+            denial = self.factory.policy.addressDenial(
+                self._request.host, self._request.port
+            )
+            self._reject(RequestRejected(denial.status, denial.detail))
             return
         if reason.check(DeferredTimeoutError, ConnectTimeoutError):
             rejected = RequestRejected(504, "Connecting to the target timed out.")
@@ -302,6 +432,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
         The client connection is closed.
         """
         self.factory.connections.discard(self)
+        if self._admitted:
+            self._admitted = False
+            self.factory.tunnelClosed(self._clientKey)
         if self._relay is not None:
             self._relay.clientLost(reason)
         else:
@@ -333,10 +466,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._ended = ended
         self._status = status
         self._log.info(
-            "{client} CONNECT {target} {status} up={bytesUp} down={bytesDown} "
-            "{duration:.3f}s {ended}",
-            client=formatAddress(self.transport.getPeer()),  # type: ignore[union-attr]
+            "{client} {user} CONNECT {target} {status} up={bytesUp} "
+            "down={bytesDown} {duration:.3f}s {ended}",
+            client=self._peer,
+            user=self._user or "-",
             target=self._target(),
+            connectedTo=self._connectedTo,
             status=status if status is not None else "-",
             bytesUp=bytesUp,
             bytesDown=bytesDown,
@@ -378,18 +513,29 @@ class ConnectProxyFactory(Factory):
         *,
         reactor: Any = None,
         clock: IReactorTime | None = None,
+        policy: ITunnelPolicy | None = None,
+        portal: Portal | None = None,
+        realm: str = "tunnel",
         headerTimeout: float = 10,
         connectTimeout: float = 15,
         idleTimeout: float | None = 600,
         maxRequestLine: int = 8192,
         maxHeaderSize: int = 65536,
         maxEarlyData: int = 65536,
+        maxTunnels: int | None = None,
+        maxTunnelsPerClient: int | None = None,
+        damper: FailureDamper | None = None,
     ) -> None:
         """
         @param connector: Chooses how targets are reached; by default a
             L{HostnameConnector} on C{reactor}.
         @param reactor: The reactor; by default the global one.
         @param clock: Schedules timeouts; by default C{reactor}.
+        @param policy: Decides who may tunnel where; by default a
+            L{TunnelPolicy}: port 443 only, public addresses only.
+        @param portal: Checks C{Proxy-Authorization} credentials, with
+            L{IProxyUser} avatars; L{None} means no authentication.
+        @param realm: The realm named in the 407 challenge.
         @param headerTimeout: Seconds a client has to send its request head
             before it gets a 408.
         @param connectTimeout: Seconds allowed to reach the target before the
@@ -400,6 +546,12 @@ class ConnectProxyFactory(Factory):
         @param maxHeaderSize: The largest request head, in bytes (431).
         @param maxEarlyData: How many bytes sent after the head are held
             while the target is reached before the proxy stops reading.
+        @param maxTunnels: The most client connections at once, handshakes
+            included; beyond it new ones get a 503.  L{None}: no limit.
+        @param maxTunnelsPerClient: The same, per client address; beyond it
+            a 429.
+        @param damper: Refuses clients after repeated failed logins; by
+            default 10 failures a minute.
         """
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -410,10 +562,59 @@ class ConnectProxyFactory(Factory):
         self.connector: ITargetConnector = (
             connector if connector is not None else HostnameConnector(reactor)
         )
+        self.policy: ITunnelPolicy = policy if policy is not None else TunnelPolicy()
+        self.portal = portal
+        self.realm = realm
         self.headerTimeout = headerTimeout
         self.connectTimeout = connectTimeout
         self.idleTimeout = idleTimeout or None
         self.maxRequestLine = maxRequestLine
         self.maxHeaderSize = maxHeaderSize
         self.maxEarlyData = maxEarlyData
+        self.maxTunnels = maxTunnels
+        self.maxTunnelsPerClient = maxTunnelsPerClient
+        self.damper = damper if damper is not None else FailureDamper(self.clock)
         self.connections: set[ConnectProxy] = set()
+        self._open = 0
+        self._openPerClient: dict[str, int] = {}
+
+    def admit(self, client: str) -> RequestRejected | None:
+        """
+        Apply the connection limits to a new client connection.
+
+        @param client: The client's address (without port).
+        @return: L{None} to admit it, or the refusal: 503 when the proxy is
+            full, 429 when this client holds its share.
+        """
+        if self.maxTunnels is not None and self._open >= self.maxTunnels:
+            return RequestRejected(
+                503, "The proxy is at capacity.", [(b"Retry-After", b"1")]
+            )
+        if (
+            self.maxTunnelsPerClient is not None
+            and self._openPerClient.get(client, 0) >= self.maxTunnelsPerClient
+        ):
+            return RequestRejected(
+                429,
+                "Too many connections from your address.",
+                [(b"Retry-After", b"1")],
+            )
+        return None
+
+    def tunnelOpened(self, client: str) -> None:
+        """
+        Count an admitted connection.
+        """
+        self._open += 1
+        self._openPerClient[client] = self._openPerClient.get(client, 0) + 1
+
+    def tunnelClosed(self, client: str) -> None:
+        """
+        Stop counting an admitted connection.
+        """
+        self._open -= 1
+        left = self._openPerClient[client] - 1
+        if left:
+            self._openPerClient[client] = left
+        else:
+            del self._openPerClient[client]
