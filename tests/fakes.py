@@ -5,7 +5,7 @@ Test doubles shared by the test modules.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -39,7 +39,7 @@ class FakeResolver:
     @ivar queries: The names asked for, in order.
     """
 
-    def __init__(self, hostMap: dict[str, Sequence[str]] | None = None) -> None:
+    def __init__(self, hostMap: Mapping[str, Sequence[str]] | None = None) -> None:
         self.hostMap = dict(hostMap or {})
         self.queries: list[str] = []
 

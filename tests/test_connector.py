@@ -4,6 +4,8 @@ Tests for L{tunnel.connector}.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred
 from twisted.internet.error import DNSLookupError
 from twisted.internet.protocol import Factory, Protocol
@@ -79,7 +81,7 @@ class VettingTests(SynchronousTestCase):
 
     def connect(
         self, hostMap: dict[str, list[str]], host: str
-    ) -> tuple[MemoryReactorClock, Deferred[object]]:
+    ) -> tuple[MemoryReactorClock, Deferred[Any]]:
         """
         Connect to C{host}:443 under the default policy.
         """
@@ -141,5 +143,5 @@ class VettingTests(SynchronousTestCase):
         A name with no addresses at all is a lookup failure (502), not a
         policy denial.
         """
-        reactor, d = self.connect({}, "nowhere.test")
+        _reactor, d = self.connect({}, "nowhere.test")
         self.failureResultOf(d, DNSLookupError)

@@ -750,7 +750,7 @@ class BrokenChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+    def requestAvatarId(self, credentials: object) -> Deferred[Any]:
         """
         Fail unexpectedly.
         """
@@ -845,6 +845,7 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         self.assertTrue(client.value().startswith(b"HTTP/1.1 429 "))
         self.assertIn(b"\r\nRetry-After: 60\r\n", client.value())
         other = self.factory.buildProtocol(None)
+        assert other is not None
         otherClient = HalfCloseTransport(
             peerAddress=IPv4Address("TCP", "192.0.2.8", 40000)
         )
@@ -863,7 +864,7 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         class SlowChecker:
             credentialInterfaces = (IUsernamePassword,)
 
-            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+            def requestAvatarId(self, credentials: object) -> Deferred[Any]:
                 return pending
 
         self.factory.portal = portalFromCheckers([SlowChecker()])
@@ -970,6 +971,7 @@ class LimitTests(ProxyTestMixin, SynchronousTestCase):
         _second, secondClient = self.connectClient()
         self.assertTrue(secondClient.value().startswith(b"HTTP/1.1 429 "))
         other = self.factory.buildProtocol(None)
+        assert other is not None
         otherClient = HalfCloseTransport(
             peerAddress=IPv4Address("TCP", "192.0.2.99", 1)
         )
