@@ -35,6 +35,7 @@ __all__ = [
     "isDeniedByDefault",
     "parseAddress",
     "parsePortRange",
+    "parseRules",
     "parseTargetRule",
 ]
 
@@ -447,6 +448,45 @@ class TunnelPolicy:
             f"(see --allow-to).",
             "address",
         )
+
+
+RULE_KINDS = ("allow-port", "allow-from", "allow-to", "deny-to")
+
+
+def parseRules(text: str, source: str = "<rules>") -> dict[str, list[str]]:
+    """
+    Parse a rules file: one rule a line, C{KIND VALUE}, where KIND is one of
+    C{allow-port}, C{allow-from}, C{allow-to}, C{deny-to} (the command-line
+    options without their dashes); C{#} starts a comment.
+
+    @param text: The file's text.
+    @param source: The file name, for error messages.
+    @return: The values of each kind of rule, in order.
+    @raise ValueError: Naming the file and line of the first bad rule.
+    """
+    rules: dict[str, list[str]] = {kind: [] for kind in RULE_KINDS}
+    checks = {
+        "allow-port": parsePortRange,
+        "allow-from": lambda value: ipaddress.ip_network(value, strict=False),
+        "allow-to": parseTargetRule,
+        "deny-to": parseTargetRule,
+    }
+    for number, line in enumerate(text.splitlines(), start=1):
+        words = line.partition("#")[0].split()
+        if not words:
+            continue
+        if len(words) != 2 or words[0] not in rules:
+            raise ValueError(
+                f"{source}:{number}: expected one of {', '.join(RULE_KINDS)} "
+                "and one value"
+            )
+        kind, value = words
+        try:
+            checks[kind](value)
+        except ValueError as e:
+            raise ValueError(f"{source}:{number}: {e}") from None
+        rules[kind].append(value)
+    return rules
 
 
 #: A policy that allows any port and any address: for tests and for

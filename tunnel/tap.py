@@ -4,14 +4,29 @@ The twistd face of the proxy: command-line options and the service they make.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.strcred import AuthOptionMixin, UnsupportedInterfaces, makeChecker
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
+from .auth import portalFromCheckers
+from .htpasswd import HtpasswdError
+from .policy import (
+    ITunnelPolicy,
+    TunnelPolicy,
+    parsePortRange,
+    parseRules,
+    parseTargetRule,
+)
+from .rules import RulesFilePolicy
 from .server import ConnectProxyFactory
 
 __all__ = ["Options", "makeService"]
@@ -39,7 +54,18 @@ def _number(
     return coerce
 
 
-class Options(usage.Options):
+_log = Logger(namespace="tunnel")
+
+_REPEATED = {
+    "listen": None,
+    "allow-port": parsePortRange,
+    "allow-to": parseTargetRule,
+    "deny-to": parseTargetRule,
+    "allow-from": lambda text: ipaddress.ip_network(text, strict=False),
+}
+
+
+class Options(usage.Options, AuthOptionMixin):
     """
     Options of C{twistd connect-proxy}.
     """
@@ -47,8 +73,13 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "An HTTP CONNECT tunnelling proxy. It listens on "
-        f"{DEFAULT_LISTEN} unless --listen says otherwise."
+        f"{DEFAULT_LISTEN} unless --listen says otherwise.\n\n"
+        "Destinations, first match wins: a --deny-to rule refuses; an "
+        "--allow-to rule allows; loopback, private, link-local, multicast "
+        "and other special-purpose addresses are refused; anything else is "
+        "allowed. Only port 443 is allowed unless --allow-port adds more."
     )
+    supportedInterfaces = (IUsernamePassword,)
 
     optParameters = [
         [
@@ -86,14 +117,52 @@ class Options(usage.Options):
             "Largest request head in bytes (431 beyond).",
             _number(int, 256, 1 << 24),
         ],
+        [
+            "realm",
+            None,
+            "tunnel",
+            "The realm named in the Proxy-Authenticate challenge.",
+        ],
+        [
+            "rules",
+            None,
+            None,
+            "A file of rules, one a line (allow-port 22, allow-to 10.0.0.0/8, "
+            "deny-to *.example, allow-from 192.0.2.0/24; # comments), added "
+            "to the options and re-read when it changes.",
+        ],
+        [
+            "max-tunnels",
+            None,
+            None,
+            "The most connections at once, handshakes included (503 beyond).",
+            _number(int, 1),
+        ],
+        [
+            "max-tunnels-per-client",
+            None,
+            None,
+            "The most connections at once from one client address (429 beyond).",
+            _number(int, 1),
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
-        self["listen"] = []
+        for name in _REPEATED:
+            self[name] = []
+
+    def _repeated(self, name: str, value: str) -> None:
+        check = _REPEATED[name]
+        if check is not None:
+            try:
+                check(value)
+            except ValueError as e:
+                raise usage.UsageError(f"--{name} {value}: {e}") from None
+        self[name].append(value)
 
     def opt_listen(self, description: str) -> None:
-        self["listen"].append(description)
+        self._repeated("listen", description)
 
     opt_listen.__doc__ = (
         "A server endpoint string to listen on (tcp:8080, tcp6:8080, "
@@ -101,14 +170,87 @@ class Options(usage.Options):
         "index=0, ...). Repeat for more listeners. Default: " + DEFAULT_LISTEN + "."
     )
 
+    def opt_allow_port(self, port: str) -> None:
+        """
+        Allow a target port or range besides 443: 22, 8000-8999, or any.
+        Repeatable.
+        """
+        self._repeated("allow-port", port)
+
+    def opt_allow_to(self, rule: str) -> None:
+        """
+        Allow a destination: CIDR, address, HOST or *.DOMAIN, even inside
+        the ranges denied by default. Repeatable.
+        """
+        self._repeated("allow-to", rule)
+
+    def opt_deny_to(self, rule: str) -> None:
+        """
+        Deny a destination: CIDR, address, HOST or *.DOMAIN; wins over
+        --allow-to. Repeatable.
+        """
+        self._repeated("deny-to", rule)
+
+    def opt_allow_from(self, network: str) -> None:
+        """
+        Let only clients in this network (CIDR) use the proxy; others get a
+        403. Repeatable.
+        """
+        self._repeated("allow-from", network)
+
+    def opt_auth(self, description: str) -> None:
+        """
+        Require Proxy-Authorization checked by this checker: htpasswd:PATH,
+        memory:USER:PASSWORD, file:PATH, unix, ... (see --help-auth).
+        """
+        try:
+            checker = makeChecker(description)
+        except HtpasswdError as e:
+            raise usage.UsageError(str(e)) from None
+        except Exception:
+            # Unknown types and other mistakes get strcred's own messages.
+            AuthOptionMixin.opt_auth(self, description)
+            return
+        try:
+            self.addChecker(checker)
+        except UnsupportedInterfaces as e:
+            raise usage.UsageError(
+                f"--auth {description}: cannot check user names and passwords"
+            ) from e
+
     def postOptions(self) -> None:
         """
         Fill in the default listener and check the limits fit together.
         """
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["rules"] is not None:
+            try:
+                with open(self["rules"], encoding="utf-8") as f:
+                    parseRules(f.read(), self["rules"])
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise usage.UsageError(f"--rules: {e}") from None
         if self["max-request-line"] > self["max-header-size"]:
             raise usage.UsageError("--max-request-line cannot exceed --max-header-size")
+
+
+def makePolicy(options: Options, clock: Any) -> ITunnelPolicy:
+    """
+    Build the destination policy the options describe.
+
+    @param options: Parsed L{Options}.
+    @param clock: Paces re-reading the rules file.
+    @return: A L{TunnelPolicy}, or a L{RulesFilePolicy} with C{--rules}.
+    """
+    rules = {
+        "ports": options["allow-port"],
+        "allowFrom": options["allow-from"],
+        "allowTo": options["allow-to"],
+        "denyTo": options["deny-to"],
+    }
+    if options["rules"] is not None:
+        return RulesFilePolicy(options["rules"], clock, **rules)
+    return TunnelPolicy.fromStrings(**rules)
 
 
 def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
@@ -119,14 +261,55 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     @param reactor: The reactor to run on.
     @return: The factory.
     """
+    checkers = options.get("credCheckers", [])
     return ConnectProxyFactory(
         reactor=reactor,
+        policy=makePolicy(options, reactor),
+        portal=portalFromCheckers(checkers) if checkers else None,
+        realm=options["realm"],
         headerTimeout=options["header-timeout"],
         connectTimeout=options["connect-timeout"],
         idleTimeout=options["idle-timeout"],
         maxRequestLine=options["max-request-line"],
         maxHeaderSize=options["max-header-size"],
+        maxTunnels=options["max-tunnels"],
+        maxTunnelsPerClient=options["max-tunnels-per-client"],
     )
+
+
+_INTERFACE = re.compile(r"(?:^|:)interface=((?:[^:\\]|\\.)*)")
+
+
+def listensBeyondLoopback(description: str) -> bool:
+    """
+    Whether a server endpoint string may accept connections from other
+    machines.
+
+    @param description: The endpoint string.
+    @return: C{False} for UNIX sockets and for TCP/TLS listeners bound to a
+        loopback interface; C{True} otherwise (all interfaces, a public
+        address, or a kind this cannot tell, such as C{systemd:}).
+    """
+    kind = description.partition(":")[0].lower()
+    if kind == "unix":
+        return False
+    match = _INTERFACE.search(description)
+    if match is None:
+        return True
+    interface = re.sub(r"\\(.)", r"\1", match.group(1))
+    if interface.lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return True
+
+
+OPEN_PROXY_WARNING = (
+    "*** OPEN PROXY *** {listen} accepts connections from other machines, and "
+    "neither --auth nor --allow-from is set: anyone who can reach it can "
+    "tunnel through this proxy. Add --auth htpasswd:PATH or --allow-from CIDR."
+)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -143,7 +326,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = globalReactor
     factory = makeFactory(options, reactor)
     service = MultiService()
+    guarded = factory.portal is not None or _restrictsClients(factory.policy)
     for description in options["listen"]:
+        if not guarded and listensBeyondLoopback(description):
+            _log.warn(OPEN_PROXY_WARNING, listen=description)
         endpoint = serverFromString(reactor, description)
         listener = StreamServerEndpointService(endpoint, factory)
         # Fail start-up loudly if a listener cannot bind, instead of logging
@@ -151,3 +337,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         listener._raiseSynchronously = True
         listener.setServiceParent(service)
     return service
+
+
+def _restrictsClients(policy: ITunnelPolicy) -> bool:
+    inner = getattr(policy, "policy", policy)
+    return bool(getattr(inner, "allowFrom", ()))

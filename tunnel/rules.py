@@ -1,0 +1,136 @@
+"""
+A policy whose rules also come from a file that is re-read when it changes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy, parseRules
+
+__all__ = ["RulesFilePolicy"]
+
+
+@implementer(ITunnelPolicy)
+class RulesFilePolicy:
+    """
+    A L{TunnelPolicy} built from command-line rules plus the rules in a
+    file.
+
+    The file is looked at again at most once every C{checkInterval} seconds,
+    when a client connects; if it changed it is re-read.  A file that no
+    longer parses keeps the last good rules, and the reason is logged.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        clock: IReactorTime,
+        ports: Sequence[str] = (),
+        allowFrom: Sequence[str] = (),
+        allowTo: Sequence[str] = (),
+        denyTo: Sequence[str] = (),
+        checkInterval: float = 1.0,
+    ) -> None:
+        """
+        @param path: The rules file.
+        @param clock: Tells the time, to pace the checks for changes.
+        @param ports: C{--allow-port} values from the command line.
+        @param allowFrom: C{--allow-from} values.
+        @param allowTo: C{--allow-to} values.
+        @param denyTo: C{--deny-to} values.
+        @param checkInterval: The least time between two looks at the file.
+        @raise ValueError: If the file cannot be read or parsed at start-up.
+        """
+        self._path = path
+        self._clock = clock
+        self._base = {
+            "allow-port": list(ports),
+            "allow-from": list(allowFrom),
+            "allow-to": list(allowTo),
+            "deny-to": list(denyTo),
+        }
+        self._checkInterval = checkInterval
+        self._checkedAt = clock.seconds()
+        self._stamp = self._fileStamp()
+        self.policy = self._load()
+
+    def _fileStamp(self) -> tuple[int, int, int] | None:
+        try:
+            status = os.stat(self._path)
+        except OSError:
+            return None
+        return (status.st_mtime_ns, status.st_size, status.st_ino)
+
+    def _load(self) -> TunnelPolicy:
+        try:
+            with open(self._path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self._path}: {e}") from None
+        rules = parseRules(text, self._path)
+        return TunnelPolicy.fromStrings(
+            ports=self._base["allow-port"] + rules["allow-port"],
+            allowFrom=self._base["allow-from"] + rules["allow-from"],
+            allowTo=self._base["allow-to"] + rules["allow-to"],
+            denyTo=self._base["deny-to"] + rules["deny-to"],
+        )
+
+    def _refresh(self) -> TunnelPolicy:
+        now = self._clock.seconds()
+        if now - self._checkedAt < self._checkInterval:
+            return self.policy
+        self._checkedAt = now
+        stamp = self._fileStamp()
+        if stamp == self._stamp:
+            return self.policy
+        self._stamp = stamp
+        try:
+            self.policy = self._load()
+        except ValueError as e:
+            self._log.error(
+                "Keeping the previous rules: {error}", error=str(e), path=self._path
+            )
+        else:
+            self._log.info("Reloaded the rules from {path}", path=self._path)
+        return self.policy
+
+    def checkClient(self, client: IPAddress | None) -> Denial | None:
+        """
+        See L{ITunnelPolicy.checkClient}; also looks for a changed file.
+        """
+        return self._refresh().checkClient(client)
+
+    def checkTarget(
+        self, avatar: str | None, client: IPAddress | None, host: str, port: int
+    ) -> Denial | None:
+        """
+        See L{ITunnelPolicy.checkTarget}.
+        """
+        return self.policy.checkTarget(avatar, client, host, port)
+
+    def checkAddress(
+        self,
+        avatar: str | None,
+        client: IPAddress | None,
+        host: str,
+        port: int,
+        address: IPAddress,
+    ) -> bool:
+        """
+        See L{ITunnelPolicy.checkAddress}.
+        """
+        return self.policy.checkAddress(avatar, client, host, port, address)
+
+    def addressDenial(self, host: str, port: int) -> Denial:
+        """
+        See L{ITunnelPolicy.addressDenial}.
+        """
+        return self.policy.addressDenial(host, port)
