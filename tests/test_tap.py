@@ -4,13 +4,29 @@ Tests for L{tunnel.tap}: the command line and the service it makes.
 
 from __future__ import annotations
 
+import ipaddress
+import os
+
+import bcrypt
 from twisted.application.service import IServiceCollection
-from twisted.internet.testing import MemoryReactorClock
+from twisted.cred.credentials import UsernamePassword
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from tunnel.auth import IProxyUser, ProxyUser
+from tunnel.htpasswd import HtpasswdChecker
+from tunnel.rules import RulesFilePolicy
 from tunnel.server import ConnectProxyFactory
-from tunnel.tap import DEFAULT_LISTEN, Options, makeFactory, makeService
+from tunnel.tap import (
+    DEFAULT_LISTEN,
+    Options,
+    listensBeyondLoopback,
+    makeFactory,
+    makeService,
+)
 
 
 def parse(*argv: str) -> Options:
@@ -148,3 +164,274 @@ class MakeServiceTests(SynchronousTestCase):
 
         service = makeService(parse(), RefusingReactor())
         self.assertRaises(CannotListenError, service.startService)
+
+
+class SecurityOptionsTests(SynchronousTestCase):
+    """
+    C{--auth}, the destination rules, C{--rules} and the limits.
+    """
+
+    def test_secureDefaults(self) -> None:
+        """
+        Without options: no authentication, port 443 only, private
+        destinations refused, no limits.
+        """
+        factory = makeFactory(parse(), MemoryReactorClock())
+        self.assertIsNone(factory.portal)
+        policy = factory.policy
+        self.assertIsNotNone(policy.checkTarget(None, None, "h", 22))
+        self.assertFalse(
+            policy.checkAddress(None, None, "h", 443, ipaddress.ip_address("10.0.0.1"))
+        )
+        self.assertIsNone(factory.maxTunnels)
+
+    def test_rules(self) -> None:
+        """
+        C{--allow-port}, C{--allow-to}, C{--deny-to} and C{--allow-from}
+        reach the policy.
+        """
+        factory = makeFactory(
+            parse(
+                "--allow-port",
+                "22",
+                "--allow-to",
+                "10.0.0.0/8",
+                "--deny-to",
+                "10.9.9.9",
+                "--allow-from",
+                "192.0.2.0/24",
+            ),
+            MemoryReactorClock(),
+        )
+        policy = factory.policy
+        ip = ipaddress.ip_address
+        self.assertIsNone(policy.checkTarget(None, None, "h", 22))
+        self.assertTrue(policy.checkAddress(None, None, "h", 22, ip("10.1.1.1")))
+        self.assertFalse(policy.checkAddress(None, None, "h", 22, ip("10.9.9.9")))
+        self.assertIsNotNone(policy.checkClient(ip("198.51.100.1")))
+
+    def test_badRules(self) -> None:
+        """
+        Rules that do not parse are usage errors naming the option.
+        """
+        for argv in [
+            ("--allow-port", "http"),
+            ("--allow-to", "bad name"),
+            ("--deny-to", "1.2.3.4/99"),
+            ("--allow-from", "somewhere"),
+        ]:
+            e = self.assertRaises(UsageError, parse, *argv)
+            self.assertIn(argv[0], str(e))
+
+    def test_auth(self) -> None:
+        """
+        C{--auth memory:...} makes a portal that accepts those users, and
+        C{--realm} names the realm.
+        """
+        factory = makeFactory(
+            parse("--auth", "memory:alice:pw", "--realm", "Corp"), MemoryReactorClock()
+        )
+        assert factory.portal is not None
+        self.assertEqual(factory.realm, "Corp")
+        login = factory.portal.login(
+            UsernamePassword(b"alice", b"pw"), None, IProxyUser
+        )
+        self.assertEqual(self.successResultOf(login)[1], ProxyUser("alice"))
+
+    def test_htpasswdAuth(self) -> None:
+        """
+        C{--auth htpasswd:PATH} is available as a strcred plugin; a file in
+        another format is refused at start-up with the line and the reason.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"alice:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(4)) + b"\n")
+        options = parse("--auth", "htpasswd:" + path)
+        [checker] = options["credCheckers"]
+        self.assertIsInstance(checker, HtpasswdChecker)
+        with open(path, "wb") as f:
+            f.write(b"alice:$apr1$x$y\n")
+        e = self.assertRaises(UsageError, parse, "--auth", "htpasswd:" + path)
+        self.assertIn(f"{path}:1: ", str(e))
+
+    def test_badAuth(self) -> None:
+        """
+        Unknown checker types and checkers that cannot check passwords are
+        usage errors.
+        """
+        self.assertRaises(UsageError, parse, "--auth", "nonsense:x")
+        self.assertRaises(UsageError, parse, "--auth", "sshkey")
+
+    def test_limits(self) -> None:
+        """
+        C{--max-tunnels} and C{--max-tunnels-per-client} reach the factory.
+        """
+        factory = makeFactory(
+            parse("--max-tunnels", "100", "--max-tunnels-per-client", "5"),
+            MemoryReactorClock(),
+        )
+        self.assertEqual((factory.maxTunnels, factory.maxTunnelsPerClient), (100, 5))
+
+    def test_rulesFile(self) -> None:
+        """
+        C{--rules PATH} adds the file's rules to the options'; a broken file
+        is refused at start-up.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("# ssh too\nallow-port 22\n\nallow-to 10.0.0.0/8  # lab\n")
+        factory = makeFactory(
+            parse("--rules", path, "--allow-port", "80"), MemoryReactorClock()
+        )
+        self.assertIsInstance(factory.policy, RulesFilePolicy)
+        for port in [22, 80, 443]:
+            self.assertIsNone(factory.policy.checkTarget(None, None, "h", port))
+        with open(path, "w") as f:
+            f.write("allow-port\n")
+        e = self.assertRaises(UsageError, parse, "--rules", path)
+        self.assertIn(f"{path}:1: ", str(e))
+        self.assertRaises(UsageError, parse, "--rules", path + ".missing")
+
+
+class OpenProxyWarningTests(SynchronousTestCase):
+    """
+    The start-up warning for an open proxy.
+    """
+
+    def warnings(self, *argv: str) -> list[str]:
+        """
+        The warnings logged while making the service for C{argv}.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        makeService(parse(*argv), MemoryReactorClock())
+        return [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+
+    def test_loopbackOnly(self) -> None:
+        """
+        Listening on loopback or a UNIX socket warns of nothing.
+        """
+        self.assertEqual(self.warnings(), [])
+        self.assertEqual(
+            self.warnings(
+                "--listen",
+                "tcp6:8080:interface=\\:\\:1",
+                "--listen",
+                "unix:/tmp/x.sock",
+                "--listen",
+                "tcp:1:interface=localhost",
+            ),
+            [],
+        )
+
+    def test_open(self) -> None:
+        """
+        Listening beyond loopback with neither C{--auth} nor C{--allow-from}
+        logs a prominent warning naming the listener.
+        """
+        [warning] = self.warnings("--listen", "tcp:3128")
+        self.assertIn("*** OPEN PROXY *** tcp:3128", warning)
+        self.assertIn("--allow-from", warning)
+
+    def test_guarded(self) -> None:
+        """
+        C{--auth} or C{--allow-from} silences the warning.
+        """
+        self.assertEqual(
+            self.warnings("--listen", "tcp:3128", "--auth", "memory:a:b"), []
+        )
+        self.assertEqual(
+            self.warnings("--listen", "tcp:3128", "--allow-from", "10.0.0.0/8"), []
+        )
+
+    def test_listensBeyondLoopback(self) -> None:
+        """
+        L{listensBeyondLoopback} tells loopback and UNIX listeners from the
+        rest, including kinds it cannot see into.
+        """
+        for description, beyond in [
+            ("tcp:80", True),
+            ("tcp:80:interface=0.0.0.0", True),
+            ("tcp:80:interface=192.0.2.1", True),
+            ("tcp:80:interface=127.0.0.1", False),
+            ("tcp:80:interface=127.9.9.9:backlog=5", False),
+            ("tcp6:80:interface=\\:\\:1", False),
+            ("tcp6:80:interface=\\:\\:", True),
+            ("ssl:443:privateKey=k.pem:interface=127.0.0.1", False),
+            ("unix:/run/p.sock", False),
+            ("systemd:domain=INET:index=0", True),
+            ("tcp:80:interface=eth0", True),
+        ]:
+            self.assertEqual(listensBeyondLoopback(description), beyond, description)
+
+
+class RulesFilePolicyTests(SynchronousTestCase):
+    """
+    Tests for L{RulesFilePolicy}.
+    """
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.write("allow-port 22\n")
+        self.clock = Clock()
+        self.policy = RulesFilePolicy(self.path, self.clock, ports=["80"])
+
+    def write(self, text: str) -> None:
+        """
+        Replace the rules file, making sure its stamp changes.
+        """
+        with open(self.path, "w") as f:
+            f.write(text)
+        stamp = os.stat(self.path).st_mtime_ns + 10**9
+        os.utime(self.path, ns=(stamp, stamp))
+
+    def ports(self) -> list[int]:
+        """
+        Which of some ports the policy allows now (after a client connects,
+        which is when the file is looked at).
+        """
+        self.policy.checkClient(None)
+        return [
+            port
+            for port in [22, 80, 443, 8080]
+            if self.policy.checkTarget(None, None, "h", port) is None
+        ]
+
+    def test_reload(self) -> None:
+        """
+        A changed file is re-read, at most once a second.
+        """
+        self.assertEqual(self.ports(), [22, 80, 443])
+        self.write("allow-port 8080\n")
+        self.assertEqual(self.ports(), [22, 80, 443])
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [80, 443, 8080])
+
+    def test_brokenKeepsRules(self) -> None:
+        """
+        A file that no longer parses keeps the last good rules, and says why
+        in the log.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.write("allow-port 22\nallow-port 0\n")
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [22, 80, 443])
+        [error] = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertIn(f"{self.path}:2: ", formatEvent(error))
+
+    def test_delegates(self) -> None:
+        """
+        Address checks and denials come from the current rules.
+        """
+        ip = ipaddress.ip_address("10.0.0.1")
+        self.assertFalse(self.policy.checkAddress(None, None, "h", 22, ip))
+        self.write("allow-to 10.0.0.0/8\n")
+        self.clock.advance(1)
+        self.policy.checkClient(None)
+        self.assertTrue(self.policy.checkAddress(None, None, "h", 22, ip))
+        self.assertEqual(self.policy.addressDenial("h", 1).status, 403)

@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.strcred import AuthOptionMixin, UnsupportedInterfaces, makeChecker
 from twisted.internet.endpoints import serverFromString
@@ -63,6 +64,10 @@ _REPEATED = {
     "deny-to": parseTargetRule,
     "allow-from": lambda text: ipaddress.ip_network(text, strict=False),
 }
+
+
+def _utf8(text: str | bytes) -> bytes:
+    return text.encode("utf-8") if isinstance(text, str) else text
 
 
 class Options(usage.Options, AuthOptionMixin):
@@ -211,6 +216,12 @@ class Options(usage.Options, AuthOptionMixin):
             # Unknown types and other mistakes get strcred's own messages.
             AuthOptionMixin.opt_auth(self, description)
             return
+        if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+            # Twisted's memory: plugin stores str users, but credentials
+            # carry bytes (as every other checker expects); store bytes.
+            checker.users = {
+                _utf8(name): _utf8(password) for name, password in checker.users.items()
+            }
         try:
             self.addChecker(checker)
         except UnsupportedInterfaces as e:
