@@ -22,7 +22,11 @@ from twisted.internet.error import (
     ConnectionRefusedError,
     DNSLookupError,
 )
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import (
     EventLoggingObserver,
@@ -45,6 +49,7 @@ ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 HEAD = b"CONNECT target.example:443 HTTP/1.1\r\nHost: target.example:443\r\n\r\n"
 
 
+@implementer(IHalfCloseableDescriptor)
 class HalfCloseTransport(StringTransport):
     """
     A L{StringTransport} that also records half-closes, as a TCP transport
@@ -572,6 +577,22 @@ class TunnelTests(ProxyTestMixin, SynchronousTestCase):
         self.closeBoth(target)
         [event] = self.tunnelEvents()
         self.assertEqual(event["ended"], "target-eof")
+
+    def test_targetFinNoHalfCloseClient(self) -> None:
+        """
+        A FIN from the target towards a client transport that cannot
+        half-close (TLS) closes the client once its data is flushed.
+        """
+        self.proxy.dataReceived(HEAD)
+        tlsLike = StringTransport()
+        self.proxy.transport = tlsLike
+        self.proxy._client = tlsLike  # type: ignore[assignment]
+        target, _transport = self.reachTarget()
+        target.dataReceived(b"last")
+        target.readConnectionLost()
+        self.assertEqual(tlsLike.value(), ESTABLISHED + b"last")
+        self.assertTrue(tlsLike.disconnecting)
+        self.assertIsNone(tlsLike.producer)
 
     def test_targetReset(self) -> None:
         """

@@ -16,14 +16,37 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHalfCloseableDescriptor,
     IHalfCloseableProtocol,
     IReactorTime,
 )
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["Relay", "RelayResult", "StreamTransport", "TargetProtocol"]
+__all__ = [
+    "Relay",
+    "RelayResult",
+    "StreamTransport",
+    "TargetProtocol",
+    "canHalfClose",
+]
+
+
+def canHalfClose(transport: object) -> bool:
+    """
+    Whether C{transport} can send a FIN while it keeps reading.
+
+    Only the reactor's own socket transports (TCP, UNIX) can; wrappers such
+    as TLS pass attribute lookups through to the socket beneath them, so
+    asking them for C{loseWriteConnection} is no answer.
+
+    @param transport: A connected transport.
+    """
+    return IHalfCloseableDescriptor.providedBy(transport) and not isinstance(
+        transport, ProtocolWrapper
+    )
 
 
 class StreamTransport(TypingProtocol):
@@ -180,14 +203,20 @@ class Relay:
             self._firstEnd = how
         if self._closing is not None:
             return
-        if self._clientReading or self._targetReading:
+        if not (self._clientReading or self._targetReading):
+            self._close(self._firstEnd, abort=False)
+        elif canHalfClose(towards):
             # A transport with a producer still registered waits for that
             # producer before it half-closes; nothing more comes from the
             # finished side anyway.
             self._unregister(towards)
             towards.loseWriteConnection()
         else:
-            self._close(self._firstEnd, abort=False)
+            # TLS and other wrapped transports cannot send a FIN alone (and
+            # their loseWriteConnection would reach the raw socket under
+            # the TLS layer): close that side once its data is flushed.
+            self._unregister(towards)
+            towards.loseConnection()
 
     def clientLost(self, reason: Failure = connectionDone) -> None:
         """
