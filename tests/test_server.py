@@ -64,6 +64,16 @@ class HalfCloseTransport(StringTransport):
         """
         self.writeClosed = True
 
+    def readConnectionLost(self, reason: Failure) -> None:
+        """
+        Part of L{IHalfCloseableDescriptor}; the tests call the protocol.
+        """
+
+    def writeConnectionLost(self, reason: Failure) -> None:
+        """
+        Part of L{IHalfCloseableDescriptor}; the tests call the protocol.
+        """
+
 
 @implementer(IStreamClientEndpoint)
 class RecordingEndpoint:
