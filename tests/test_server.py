@@ -750,6 +750,17 @@ class HelperTests(SynchronousTestCase):
         factory = ConnectProxyFactory(reactor=MemoryReactorClock())
         self.assertIsInstance(factory.connector, HostnameConnector)
 
+    def test_alpn(self) -> None:
+        """
+        The factory offers C{http/1.1} for ALPN, so that a TLS listener does
+        not abort the handshake of clients that send ALPN.
+        """
+        from twisted.internet.interfaces import IProtocolNegotiationFactory
+
+        factory = ConnectProxyFactory(reactor=MemoryReactorClock())
+        self.assertTrue(IProtocolNegotiationFactory.providedBy(factory))
+        self.assertEqual(factory.acceptableProtocols(), [b"http/1.1"])
+
     def test_protocolClass(self) -> None:
         """
         The factory builds L{ConnectProxy} instances that know their factory.

@@ -17,7 +17,12 @@ from twisted.internet.error import (
     DNSLookupError,
 )
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IHalfCloseableProtocol,
+    IProtocolNegotiationFactory,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -489,6 +494,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._client.abortConnection()
 
 
+@implementer(IProtocolNegotiationFactory)
 class ConnectProxyFactory(Factory):
     """
     Builds a L{ConnectProxy} for each client connection.
@@ -577,6 +583,16 @@ class ConnectProxyFactory(Factory):
         self.connections: set[ConnectProxy] = set()
         self._open = 0
         self._openPerClient: dict[str, int] = {}
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        Offer C{http/1.1} in ALPN.
+
+        Behind an C{ssl:} listener, a factory that offers no protocol makes
+        Twisted abort the handshake of any client that sends ALPN (curl's
+        C{--proxy https://} does), so name the one this proxy speaks.
+        """
+        return [b"http/1.1"]
 
     def admit(self, client: str) -> RequestRejected | None:
         """
