@@ -160,6 +160,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
     _user: str | None = None
     _admitted = False
     _connectedTo = "-"
+    _refusal: str | None = None
+    _connectStartedAt: float | None = None
+    _establishedAt: float | None = None
 
     def connectionMade(self) -> None:
         """
@@ -185,6 +188,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             denial = factory.policy.checkClient(self._clientIP)
             if denial is not None:
                 refusal = RequestRejected(denial.status, denial.detail)
+                self._refusal = denial.reason
         if refusal is not None:
             self._reject(refusal)
             return
@@ -298,6 +302,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._reject(RequestRejected(500, "Credentials could not be checked."))
 
     def _challenge(self, why: str) -> None:
+        self._refusal = "auth"
         self._log.warn(
             "Authentication failed for {user} from {client}: {why}",
             user=self._user or "-",
@@ -317,7 +322,15 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._user, self._clientIP, request.host, request.port
         )
         if denial is not None:
+            self._refusal = denial.reason
             self._reject(RequestRejected(denial.status, denial.detail))
+            return
+        if self.factory.draining:
+            self._reject(
+                RequestRejected(
+                    503, "The proxy is shutting down.", [(b"Retry-After", b"1")]
+                )
+            )
             return
         self._connect(request)
 
@@ -347,6 +360,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._reject(RequestRejected(502, "The proxy could not reach the target."))
             return
         self._connecting = connecting
+        self._connectStartedAt = factory.clock.seconds()
         connecting.addTimeout(factory.connectTimeout, factory.clock)
         connecting.addCallbacks(self._targetConnected, self._targetFailed)
 
@@ -354,6 +368,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._connecting = None
         self._connectedTo = formatAddress(target.transport.getPeer())  # type: ignore[union-attr]
         self._status = 200
+        self._establishedAt = self.factory.clock.seconds()
+        self.factory.relaying += 1
         self._reading = "tunnel"
         self._client.write(_ESTABLISHED)
         relay = Relay(
@@ -381,6 +397,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             denial = self.factory.policy.addressDenial(
                 self._request.host, self._request.port
             )
+            self._refusal = denial.reason
             self._reject(RequestRejected(denial.status, denial.detail))
             return
         if reason.check(DeferredTimeoutError, ConnectTimeoutError):
@@ -436,7 +453,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         """
         The client connection is closed.
         """
-        self.factory.connections.discard(self)
+        self.factory._connectionGone(self)
         if self._admitted:
             self._admitted = False
             self.factory.tunnelClosed(self._clientKey)
@@ -455,6 +472,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._end(None, "client-left")
 
     def _relayEnded(self, result: RelayResult) -> None:
+        self.factory.relaying -= 1
         self._end(200, result.ended, result.bytesUp, result.bytesDown)
 
     def _target(self) -> str:
@@ -470,9 +488,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
             return
         self._ended = ended
         self._status = status
+        now = self.factory.clock.seconds()
+        established = self._establishedAt
+        connectStarted = self._connectStartedAt
         self._log.info(
             "{client} {user} CONNECT {target} {status} up={bytesUp} "
             "down={bytesDown} {duration:.3f}s {ended}",
+            tunnelEvent=True,
             client=self._peer,
             user=self._user or "-",
             target=self._target(),
@@ -480,9 +502,26 @@ class ConnectProxy(Protocol, TimeoutMixin):
             status=status if status is not None else "-",
             bytesUp=bytesUp,
             bytesDown=bytesDown,
-            duration=self.factory.clock.seconds() - self._startedAt,
+            duration=now - self._startedAt,
+            handshake=(established if established is not None else now)
+            - self._startedAt,
+            connect=established - connectStarted
+            if established is not None and connectStarted is not None
+            else None,
+            refusal=self._refusal,
             ended=ended,
         )
+
+    def closeIfIdle(self) -> None:
+        """
+        Close this connection if it has not sent a byte yet: during a drain,
+        a connection that has not started a request never will.
+        """
+        if self._reading == "head" and not self._buffer:
+            self._reading = "done"
+            self.setTimeout(None)
+            self._client.loseConnection()
+            self._end(None, "shutdown")
 
     def abortTunnel(self) -> None:
         """
@@ -512,6 +551,7 @@ class ConnectProxyFactory(Factory):
     """
 
     protocol = ConnectProxy  # type: ignore[assignment]
+    _log = Logger(namespace="tunnel")
 
     def __init__(
         self,
@@ -581,6 +621,9 @@ class ConnectProxyFactory(Factory):
         self.maxTunnelsPerClient = maxTunnelsPerClient
         self.damper = damper if damper is not None else FailureDamper(self.clock)
         self.connections: set[ConnectProxy] = set()
+        self.relaying = 0
+        self.draining = False
+        self._drained: list[Deferred[None]] = []
         self._open = 0
         self._openPerClient: dict[str, int] = {}
 
@@ -616,6 +659,55 @@ class ConnectProxyFactory(Factory):
                 [(b"Retry-After", b"1")],
             )
         return None
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Let open connections finish, then close what remains.
+
+        Requests whose head completes from now on get a 503.  After
+        C{timeout} seconds every connection still open is aborted.
+
+        @param timeout: Seconds to wait before aborting.
+        @return: A Deferred that fires when every connection is closed.
+        """
+        self.draining = True
+        done: Deferred[None] = Deferred()
+        if not self.connections:
+            done.callback(None)
+            return done
+        self._drained.append(done)
+        self._log.info(
+            "Draining: waiting up to {timeout}s for {count} open connections",
+            timeout=timeout,
+            count=len(self.connections),
+        )
+        for connection in list(self.connections):
+            connection.closeIfIdle()
+
+        def abortRemaining() -> None:
+            self._log.info(
+                "Drain timeout: aborting {count} connections",
+                count=len(self.connections),
+            )
+            for connection in list(self.connections):
+                connection.abortTunnel()
+
+        deadline = self.clock.callLater(timeout, abortRemaining)
+
+        def finished(result: None) -> None:
+            if deadline.active():
+                deadline.cancel()
+            self._log.info("Drained: every connection is closed")
+
+        done.addCallback(finished)
+        return done
+
+    def _connectionGone(self, connection: ConnectProxy) -> None:
+        self.connections.discard(connection)
+        if self._drained and not self.connections:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
 
     def tunnelOpened(self, client: str) -> None:
         """
