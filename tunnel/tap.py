@@ -15,11 +15,19 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.strcred import AuthOptionMixin, UnsupportedInterfaces, makeChecker
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.web.server import Site
 
+from .accesslog import AccessLogObserver
 from .auth import portalFromCheckers
 from .htpasswd import HtpasswdError
+from .metrics import (
+    MetricsUnavailable,
+    ProxyMetrics,
+    metricsResource,
+    requirePrometheus,
+)
 from .policy import (
     ITunnelPolicy,
     TunnelPolicy,
@@ -29,6 +37,7 @@ from .policy import (
 )
 from .rules import RulesFilePolicy
 from .server import ConnectProxyFactory
+from .service import ProxyService
 
 __all__ = ["Options", "makeService"]
 
@@ -150,6 +159,33 @@ class Options(usage.Options, AuthOptionMixin):
             "The most connections at once from one client address (429 beyond).",
             _number(int, 1),
         ],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "On shutdown, seconds open tunnels get to finish before they are closed.",
+            _number(float, 0),
+        ],
+        [
+            "access-log",
+            None,
+            None,
+            "Write one line per finished connection to this file (- for "
+            "standard output); reopened on SIGUSR1.",
+        ],
+        [
+            "access-log-format",
+            None,
+            "text",
+            "text or json.",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics on this server endpoint, "
+            "e.g. tcp:9100:interface=127.0.0.1 (needs tunnel[metrics]).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -241,6 +277,13 @@ class Options(usage.Options, AuthOptionMixin):
                     parseRules(f.read(), self["rules"])
             except (OSError, UnicodeDecodeError, ValueError) as e:
                 raise usage.UsageError(f"--rules: {e}") from None
+        if self["access-log-format"] not in ("text", "json"):
+            raise usage.UsageError("--access-log-format must be text or json")
+        if self["metrics"] is not None:
+            try:
+                requirePrometheus()
+            except MetricsUnavailable as e:
+                raise usage.UsageError(str(e)) from None
         if self["max-request-line"] > self["max-header-size"]:
             raise usage.UsageError("--max-request-line cannot exceed --max-header-size")
 
@@ -336,18 +379,34 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = globalReactor
     factory = makeFactory(options, reactor)
-    service = MultiService()
+    observers: list[ILogObserver] = []
+    if options["access-log"] is not None:
+        observers.append(
+            AccessLogObserver(options["access-log"], options["access-log-format"])
+        )
+    service = ProxyService(
+        factory, options["drain-timeout"], observers=observers, reactor=reactor
+    )
+    if options["metrics"] is not None:
+        metrics = ProxyMetrics([factory])
+        observers.append(metrics)
+        _listen(reactor, options["metrics"], Site(metricsResource(metrics)), service)
     guarded = factory.portal is not None or _restrictsClients(factory.policy)
     for description in options["listen"]:
         if not guarded and listensBeyondLoopback(description):
             _log.warn(OPEN_PROXY_WARNING, listen=description)
-        endpoint = serverFromString(reactor, description)
-        listener = StreamServerEndpointService(endpoint, factory)
-        # Fail start-up loudly if a listener cannot bind, instead of logging
-        # the error and running with fewer listeners than configured.
-        listener._raiseSynchronously = True
-        listener.setServiceParent(service)
+        _listen(reactor, description, factory, service)
     return service
+
+
+def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
+    listener = StreamServerEndpointService(
+        serverFromString(reactor, description), factory
+    )
+    # Fail start-up loudly if a listener cannot bind, instead of logging the
+    # error and running with fewer listeners than configured.
+    listener._raiseSynchronously = True
+    listener.setServiceParent(parent)
 
 
 def _restrictsClients(policy: ITunnelPolicy) -> bool:

@@ -1,0 +1,143 @@
+"""
+The access log: one line per finished connection, as text or JSON.
+
+The proxy emits one C{twisted.logger} event per client connection (marked
+C{tunnelEvent}); L{AccessLogObserver} is an ordinary log observer that
+writes those events, and only those, to a file of their own.  twistd's own
+log options are untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import IO, Any
+
+from twisted.logger import ILogObserver, LogEvent
+from zope.interface import implementer
+
+__all__ = [
+    "ACCESS_FIELDS",
+    "AccessLogObserver",
+    "accessRecord",
+    "formatAccessJSON",
+    "formatAccessText",
+]
+
+#: The fields of a record, in the order of the text format.
+ACCESS_FIELDS = (
+    "time",
+    "client",
+    "user",
+    "target",
+    "connected",
+    "status",
+    "bytes_up",
+    "bytes_down",
+    "handshake_ms",
+    "duration_ms",
+    "ended",
+)
+
+
+def _utc(timestamp: float) -> str:
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp))
+    return f"{whole}.{int(timestamp * 1000) % 1000:03d}Z"
+
+
+def accessRecord(event: LogEvent) -> dict[str, Any]:
+    """
+    The access-log record of a tunnel event.
+
+    @param event: A log event with C{tunnelEvent} set.
+    @return: The fields of L{ACCESS_FIELDS}.
+    """
+    return {
+        "time": _utc(event.get("log_time") or time.time()),
+        "client": event["client"],
+        "user": event["user"],
+        "target": event["target"],
+        "connected": event["connectedTo"],
+        "status": event["status"],
+        "bytes_up": event["bytesUp"],
+        "bytes_down": event["bytesDown"],
+        "handshake_ms": round(event["handshake"] * 1000, 1),
+        "duration_ms": round(event["duration"] * 1000, 1),
+        "ended": event["ended"],
+    }
+
+
+def formatAccessText(event: LogEvent) -> str:
+    """
+    One space-separated line of the L{ACCESS_FIELDS}, C{-} for empty ones.
+
+    Every field is free of spaces: client, user and target come from parsed
+    addresses and user names, and user names with spaces are written with
+    C{%20}.
+    """
+    record = accessRecord(event)
+    record["user"] = str(record["user"]).replace("%", "%25").replace(" ", "%20")
+    return " ".join(str(record[name]) for name in ACCESS_FIELDS)
+
+
+def formatAccessJSON(event: LogEvent) -> str:
+    """
+    One JSON object of the L{ACCESS_FIELDS}; C{status} is C{null} when no
+    answer was sent.
+    """
+    record = accessRecord(event)
+    if record["status"] == "-":
+        record["status"] = None
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+
+
+_FORMATS = {"text": formatAccessText, "json": formatAccessJSON}
+
+
+@implementer(ILogObserver)
+class AccessLogObserver:
+    """
+    Writes tunnel events to an access log file, one line each.
+    """
+
+    def __init__(self, path: str, format: str = "text") -> None:
+        """
+        @param path: The file to append to, or C{-} for standard output.
+        @param format: C{text} or C{json}.
+        @raise ValueError: For another format.
+        @raise OSError: If the file cannot be opened.
+        """
+        if format not in _FORMATS:
+            raise ValueError(f"access log format must be text or json, not {format!r}")
+        self._path = path
+        self._format = _FORMATS[format]
+        self._file: IO[str] = self._open()
+
+    def _open(self) -> IO[str]:
+        if self._path == "-":
+            return sys.stdout
+        return open(self._path, "a", encoding="utf-8", buffering=1)
+
+    def __call__(self, event: LogEvent) -> None:
+        """
+        Write C{event} if it is a tunnel event.
+        """
+        if event.get("tunnelEvent"):
+            self._file.write(self._format(event) + "\n")
+
+    def reopen(self) -> None:
+        """
+        Close and open the file again, for logrotate (SIGUSR1).
+        """
+        if self._path == "-":
+            return
+        old, self._file = self._file, self._open()
+        old.close()
+
+    def close(self) -> None:
+        """
+        Close the file.
+        """
+        if self._path != "-":
+            self._file.close()

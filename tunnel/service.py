@@ -1,0 +1,103 @@
+"""
+The proxy as an application service: listeners, observers, graceful drain.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
+
+from .accesslog import AccessLogObserver
+from .server import ConnectProxyFactory
+
+__all__ = ["ProxyService"]
+
+
+class ProxyService(MultiService):
+    """
+    Runs the proxy's listeners (its child services) and, on stop, drains.
+
+    Stopping first stops every listener, so no new connection is accepted,
+    then lets open connections finish for up to C{drainTimeout} seconds,
+    then aborts what remains; the Deferred of L{stopService} fires when
+    every connection is closed.
+
+    @ivar factory: The proxy factory behind the listeners.
+    """
+
+    _log = Logger(namespace="tunnel")
+
+    def __init__(
+        self,
+        factory: ConnectProxyFactory,
+        drainTimeout: float = 30,
+        observers: list[ILogObserver] | None = None,
+        reactor: Any = None,
+    ) -> None:
+        """
+        @param factory: The proxy factory.
+        @param drainTimeout: Seconds open connections get to finish when the
+            service stops.
+        @param observers: Log observers to add while running (the access
+            log, the metrics); an L{AccessLogObserver} is reopened on
+            SIGUSR1.
+        @param reactor: Runs the SIGUSR1 reopen on the reactor thread.
+        """
+        super().__init__()
+        self.factory = factory
+        self.drainTimeout = drainTimeout
+        self.observers = list(observers or [])
+        self._reactor = reactor
+        self._previousUSR1: Any = None
+
+    def startService(self) -> None:
+        """
+        Add the observers, then start the listeners.
+        """
+        for observer in self.observers:
+            globalLogPublisher.addObserver(observer)
+        if self._reactor is not None and any(
+            isinstance(o, AccessLogObserver) for o in self.observers
+        ):
+            self._previousUSR1 = signal.signal(signal.SIGUSR1, self._onUSR1)
+        super().startService()
+
+    def _onUSR1(self, signum: int, frame: Any) -> None:
+        # Signal handlers may run at any point; do the work on the reactor.
+        self._reactor.callFromThread(self.reopenLogs)
+        previous = self._previousUSR1
+        if callable(previous):
+            # Chain to twistd's own handler, which rotates its log file.
+            previous(signum, frame)
+
+    def reopenLogs(self) -> None:
+        """
+        Reopen the access log files (what logrotate's SIGUSR1 asks for).
+        """
+        for observer in self.observers:
+            if isinstance(observer, AccessLogObserver):
+                observer.reopen()
+        self._log.info("Reopened the access log")
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop accepting at once, drain, then remove the observers.
+        """
+        stopped: Deferred[Any] = super().stopService()
+        stopped.addCallback(lambda _: self.factory.drain(self.drainTimeout))
+
+        def cleanUp(result: object) -> object:
+            if self._previousUSR1 is not None:
+                signal.signal(signal.SIGUSR1, self._previousUSR1)
+                self._previousUSR1 = None
+            for observer in self.observers:
+                globalLogPublisher.removeObserver(observer)
+                if isinstance(observer, AccessLogObserver):
+                    observer.close()
+            return result
+
+        return stopped.addBoth(cleanUp)
