@@ -38,6 +38,7 @@ def requirePrometheus() -> Any:
     """
     try:
         import prometheus_client
+        import prometheus_client.metrics_core
     except ImportError:
         raise MetricsUnavailable(
             "--metrics needs the prometheus_client package: "
@@ -74,7 +75,7 @@ class _FactoryCollector:
         self._factories = factories
 
     def collect(self) -> Iterator[Any]:
-        gauge = self._prometheus.core.GaugeMetricFamily
+        gauge = self._prometheus.metrics_core.GaugeMetricFamily
         relaying = sum(f.relaying for f in self._factories)
         connections = sum(len(f.connections) for f in self._factories)
         yield gauge("tunnel_open", "Tunnels established and open now.", value=relaying)

@@ -384,12 +384,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         observers.append(
             AccessLogObserver(options["access-log"], options["access-log-format"])
         )
-    service = ProxyService(
-        factory, options["drain-timeout"], observers=observers, reactor=reactor
-    )
+    metrics = None
     if options["metrics"] is not None:
         metrics = ProxyMetrics([factory])
         observers.append(metrics)
+    service = ProxyService(
+        factory, options["drain-timeout"], observers=observers, reactor=reactor
+    )
+    if metrics is not None:
         _listen(reactor, options["metrics"], Site(metricsResource(metrics)), service)
     guarded = factory.portal is not None or _restrictsClients(factory.policy)
     for description in options["listen"]:
