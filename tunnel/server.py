@@ -161,6 +161,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     _admitted = False
     _connectedTo = "-"
     _refusal: str | None = None
+    _clientGone = False
     _connectStartedAt: float | None = None
     _establishedAt: float | None = None
 
@@ -453,7 +454,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         """
         The client connection is closed.
         """
-        self.factory._connectionGone(self)
+        self._clientGone = True
         if self._admitted:
             self._admitted = False
             self.factory.tunnelClosed(self._clientKey)
@@ -461,6 +462,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._relay.clientLost(reason)
         else:
             self._abandon()
+        self._forgetIfDone()
+
+    def _forgetIfDone(self) -> None:
+        # The factory counts a connection as open until it is closed and has
+        # logged its event, so a drain ends only when both have happened.
+        if self._clientGone and self._ended is not None:
+            self.factory._connectionGone(self)
 
     def _abandon(self) -> None:
         self.setTimeout(None)
@@ -511,6 +519,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             refusal=self._refusal,
             ended=ended,
         )
+        self._forgetIfDone()
 
     def closeIfIdle(self) -> None:
         """

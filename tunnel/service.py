@@ -27,6 +27,8 @@ class ProxyService(MultiService):
     every connection is closed.
 
     @ivar factory: The proxy factory behind the listeners.
+    @ivar listenersStopped: Once L{stopService} was called, a Deferred that
+        fires when no listener accepts connections any more.
     """
 
     _log = Logger(namespace="tunnel")
@@ -88,7 +90,13 @@ class ProxyService(MultiService):
         Stop accepting at once, drain, then remove the observers.
         """
         stopped: Deferred[Any] = super().stopService()
-        stopped.addCallback(lambda _: self.factory.drain(self.drainTimeout))
+        self.listenersStopped: Deferred[None] = Deferred()
+
+        def drain(result: object) -> Deferred[None]:
+            self.listenersStopped.callback(None)
+            return self.factory.drain(self.drainTimeout)
+
+        stopped.addCallback(drain)
 
         def cleanUp(result: object) -> object:
             if self._previousUSR1 is not None:

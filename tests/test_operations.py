@@ -1,0 +1,449 @@
+"""
+Tests for running the proxy in production: the access log, the metrics, the
+service and its graceful drain.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import signal
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, readBody
+from twisted.web.server import Site
+
+from tests.test_server import ProxyTestMixin
+from tunnel.accesslog import (
+    ACCESS_FIELDS,
+    AccessLogObserver,
+    formatAccessJSON,
+    formatAccessText,
+)
+from tunnel.metrics import MetricsUnavailable, ProxyMetrics, metricsResource
+from tunnel.server import ConnectProxyFactory
+from tunnel.service import ProxyService
+from tunnel.tap import Options
+
+EVENT: dict[str, Any] = {
+    "tunnelEvent": True,
+    "log_time": 1795000000.25,
+    "client": "192.0.2.7:40000",
+    "user": "alice",
+    "target": "example.com:443",
+    "connectedTo": "93.184.216.34:443",
+    "status": 200,
+    "bytesUp": 517,
+    "bytesDown": 5123,
+    "handshake": 0.0123,
+    "duration": 2.5,
+    "connect": 0.01,
+    "refusal": None,
+    "ended": "client-eof",
+}
+
+
+class AccessLogFormatTests(SynchronousTestCase):
+    """
+    The two access log formats.
+    """
+
+    def test_text(self) -> None:
+        """
+        The text format is one line of the documented fields in order.
+        """
+        self.assertEqual(
+            formatAccessText(EVENT),
+            "2026-11-18T11:06:40.250Z 192.0.2.7:40000 alice example.com:443 "
+            "93.184.216.34:443 200 517 5123 12.3 2500.0 client-eof",
+        )
+
+    def test_textSpaces(self) -> None:
+        """
+        A user name with a space cannot break the line into more fields.
+        """
+        line = formatAccessText({**EVENT, "user": "a b%"})
+        self.assertEqual(len(line.split(" ")), len(ACCESS_FIELDS))
+        self.assertIn(" a%20b%25 ", line)
+
+    def test_json(self) -> None:
+        """
+        The JSON format is one object with the same fields; a connection
+        that got no answer has a null status.
+        """
+        record = json.loads(formatAccessJSON(EVENT))
+        self.assertEqual(list(record), list(ACCESS_FIELDS))
+        self.assertEqual(record["status"], 200)
+        self.assertEqual(record["handshake_ms"], 12.3)
+        left = json.loads(formatAccessJSON({**EVENT, "status": "-"}))
+        self.assertIsNone(left["status"])
+
+
+class AccessLogObserverTests(SynchronousTestCase):
+    """
+    Tests for L{AccessLogObserver}.
+    """
+
+    def test_writesTunnelEventsOnly(self) -> None:
+        """
+        Only tunnel events are written, one line each.
+        """
+        path = self.mktemp()
+        observer = AccessLogObserver(path, "json")
+        observer({"log_format": "something else"})
+        observer(EVENT)
+        observer.close()
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(json.loads(lines[0])["user"], "alice")
+
+    def test_reopen(self) -> None:
+        """
+        After logrotate moves the file, C{reopen} starts a new one.
+        """
+        path = self.mktemp()
+        observer = AccessLogObserver(path)
+        observer(EVENT)
+        os.rename(path, path + ".1")
+        observer(EVENT)
+        observer.reopen()
+        observer(EVENT)
+        observer.close()
+        with open(path + ".1") as f:
+            self.assertEqual(len(f.read().splitlines()), 2)
+        with open(path) as f:
+            self.assertEqual(len(f.read().splitlines()), 1)
+
+    def test_stdout(self) -> None:
+        """
+        C{-} writes to standard output, which reopen and close leave alone.
+        """
+        observer = AccessLogObserver("-")
+        observer.reopen()
+        observer.close()
+
+    def test_badFormat(self) -> None:
+        """
+        Only text and json are formats.
+        """
+        self.assertRaises(ValueError, AccessLogObserver, self.mktemp(), "xml")
+        options = Options()
+        self.assertRaises(
+            UsageError, options.parseOptions, ["--access-log-format", "xml"]
+        )
+
+
+class MetricsTests(SynchronousTestCase):
+    """
+    Tests for L{ProxyMetrics}.
+    """
+
+    def sample(self, metrics: ProxyMetrics, name: str, **labels: str) -> float:
+        """
+        Read one sample from the metrics' registry.
+        """
+        value = metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else float(value)
+
+    def test_counts(self) -> None:
+        """
+        Tunnel events move the counters and histograms; refusals are counted
+        by kind; other events are ignored.
+        """
+        metrics = ProxyMetrics()
+        metrics(EVENT)
+        metrics({**EVENT, "status": 407, "refusal": "auth", "connect": None})
+        metrics({**EVENT, "status": 403, "refusal": "port", "connect": None})
+        metrics({"log_format": "not a tunnel"})
+        self.assertEqual(
+            self.sample(
+                metrics, "tunnel_connections_total", status="200", ended="client-eof"
+            ),
+            1,
+        )
+        self.assertEqual(
+            self.sample(metrics, "tunnel_bytes_total", direction="up"), 517 * 3
+        )
+        self.assertEqual(self.sample(metrics, "tunnel_auth_failures_total"), 1)
+        self.assertEqual(
+            self.sample(metrics, "tunnel_policy_denials_total", rule="port"), 1
+        )
+        self.assertEqual(self.sample(metrics, "tunnel_connect_seconds_count"), 1)
+        self.assertEqual(self.sample(metrics, "tunnel_duration_seconds_count"), 1)
+
+    def test_gauges(self) -> None:
+        """
+        The gauges read the factories' open connections when scraped.
+        """
+        clock = MemoryReactorClock()
+        factory = ConnectProxyFactory(reactor=clock)
+        metrics = ProxyMetrics([factory])
+        proxy = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert proxy is not None
+        from tests.test_server import HalfCloseTransport
+
+        proxy.makeConnection(HalfCloseTransport())
+        self.assertEqual(self.sample(metrics, "tunnel_handshakes_in_progress"), 1)
+        self.assertEqual(self.sample(metrics, "tunnel_open"), 0)
+        factory.relaying = 1
+        self.assertEqual(self.sample(metrics, "tunnel_open"), 1)
+        self.assertEqual(self.sample(metrics, "tunnel_handshakes_in_progress"), 0)
+
+    def test_unavailable(self) -> None:
+        """
+        Without prometheus_client, L{ProxyMetrics} and C{--metrics} fail
+        with a message that says what to install.
+        """
+        realImport = builtins.__import__
+
+        def noPrometheus(name: str, *args: Any, **kwargs: Any) -> Any:
+            if name.startswith("prometheus_client"):
+                raise ImportError(name)
+            return realImport(name, *args, **kwargs)
+
+        self.patch(builtins, "__import__", noPrometheus)
+        e = self.assertRaises(MetricsUnavailable, ProxyMetrics)
+        self.assertIn("tunnel[metrics]", str(e))
+        options = Options()
+        e2 = self.assertRaises(
+            UsageError, options.parseOptions, ["--metrics", "tcp:9100"]
+        )
+        self.assertIn("tunnel[metrics]", str(e2))
+
+
+class DrainTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    L{ConnectProxyFactory.drain} on a fake clock.
+    """
+
+    def test_nothingOpen(self) -> None:
+        """
+        With nothing open, the drain is done at once.
+        """
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(self.factory.drain(30))
+
+    def test_tunnelsFinish(self) -> None:
+        """
+        Open tunnels may finish; connections that have sent nothing are
+        closed at once; the drain is done when the last one closes.
+        """
+        target, transport = self.establish()
+        idle, idleClient = self.connectClient()
+        done = self.factory.drain(30)
+        self.assertTrue(idleClient.disconnecting)
+        idle.connectionLost(Failure(ConnectionDone()))
+        self.assertNoResult(done)
+        self.proxy.dataReceived(b"still flowing")
+        self.assertEqual(transport.value(), b"still flowing")
+        self.proxy.readConnectionLost()
+        target.readConnectionLost()
+        self.closeBoth(target)
+        self.successResultOf(done)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_newRequestsRefused(self) -> None:
+        """
+        A request whose head completes during the drain gets a 503.
+        """
+        self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
+        self.factory.drain(30)
+        self.proxy.dataReceived(b"\r\n")
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 503 "))
+
+    def test_timeout(self) -> None:
+        """
+        After the drain timeout, what remains is aborted, and the drain is
+        done when those connections are gone.
+        """
+        target, transport = self.establish()
+        done = self.factory.drain(30)
+        self.clock.advance(29)
+        self.assertFalse(self.client.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(self.client.disconnected)
+        self.assertTrue(transport.disconnected)
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        target.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(done)
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["ended"], "shutdown")
+
+
+class _Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+class _Client(Protocol):
+    """
+    Collects what it receives; fires C{gotReply} on the first bytes after
+    the 200, and C{lost} when the connection ends.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: Deferred[None] = Deferred()
+        self.gotData: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if not self.gotData.called:
+            self.gotData.callback(self.received)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(None)
+
+
+class ServiceTests(TestCase):
+    """
+    L{ProxyService} over real loopback sockets.
+    """
+
+    @inlineCallbacks
+    def test_drainRealSockets(self) -> Any:
+        """
+        Stopping the service stops accepting at once, lets an open tunnel
+        keep working until it ends, and fires when it has; the access log
+        and the metrics saw the tunnel.
+        """
+        from tests.fakes import FakeResolver
+        from tunnel import HostnameConnector
+        from tunnel.policy import TunnelPolicy
+
+        echoPort = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(_Echo)
+        )
+        self.addCleanup(echoPort.stopListening)
+        factory = ConnectProxyFactory(
+            HostnameConnector(reactor, resolver=FakeResolver()),
+            reactor=reactor,
+            policy=TunnelPolicy.fromStrings(ports=["any"], allowTo=["127.0.0.0/8"]),
+        )
+        logPath = self.mktemp()
+        metrics = ProxyMetrics([factory])
+        service = ProxyService(
+            factory,
+            drainTimeout=30,
+            observers=[AccessLogObserver(logPath, "json"), metrics],
+            reactor=reactor,
+        )
+        from twisted.application.internet import StreamServerEndpointService
+
+        listener = StreamServerEndpointService(
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory
+        )
+        listener.setServiceParent(service)
+        metricsListener = StreamServerEndpointService(
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+            Site(metricsResource(metrics)),
+        )
+        metricsListener.setServiceParent(service)
+        service.startService()
+        proxyPort = (yield _portOf(listener)).getHost().port
+        metricsPort = (yield _portOf(metricsListener)).getHost().port
+
+        client = _Client()
+        yield TCP4ClientEndpoint(reactor, "127.0.0.1", proxyPort).connect(
+            _OneProtocol(client)
+        )
+        target = b"127.0.0.1:%d" % (echoPort.getHost().port,)
+        client.transport.write(  # type: ignore[union-attr]
+            b"CONNECT " + target + b" HTTP/1.1\r\n\r\nping"
+        )
+        yield client.gotData
+        while b"ping" not in client.received:
+            more: Deferred[bytes] = Deferred()
+            client.gotData = more
+            yield more
+
+        body = yield _scrape(metricsPort)
+        self.assertIn(b"tunnel_open 1.0", body)
+
+        stopped = service.stopService()
+        yield service.listenersStopped
+        # The listener is closed: a new connection is refused.
+        from twisted.internet.error import ConnectionRefusedError
+
+        yield self.assertFailure(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", proxyPort).connect(
+                Factory.forProtocol(Protocol)
+            ),
+            ConnectionRefusedError,
+        )
+        self.assertNoResult(stopped)
+        client.received = b""
+        client.gotData = Deferred()
+        client.transport.write(b"pong")  # type: ignore[union-attr]
+        self.assertEqual((yield client.gotData), b"pong")
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        yield client.lost
+        yield stopped
+        with open(logPath) as f:
+            [line] = f.read().splitlines()
+        record = json.loads(line)
+        self.assertEqual((record["status"], record["target"]), (200, target.decode()))
+        self.assertEqual(record["bytes_up"], 8)
+
+    def test_usr1Reopens(self) -> Deferred[None]:
+        """
+        SIGUSR1 reopens the access log (for logrotate), and the previous
+        handler (twistd's own log rotation) still runs.
+        """
+        calls: list[int] = []
+        previous = signal.signal(signal.SIGUSR1, lambda s, f: calls.append(s))
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        path = self.mktemp()
+        observer = AccessLogObserver(path)
+        clock = MemoryReactorClock()
+        clock.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
+        service = ProxyService(
+            ConnectProxyFactory(reactor=clock), observers=[observer], reactor=clock
+        )
+        service.startService()
+        os.rename(path, path + ".1")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        self.assertTrue(os.path.exists(path))
+        self.assertEqual(calls, [signal.SIGUSR1])
+        return service.stopService()
+
+
+class _OneProtocol(Factory):
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self._protocol
+
+
+def _portOf(service: Any) -> Deferred[Any]:
+    """
+    The listening port of a C{StreamServerEndpointService}, without taking
+    it from the service (which needs it to stop listening).
+    """
+    port: Deferred[Any] = Deferred()
+
+    def passOn(listening: Any) -> Any:
+        port.callback(listening)
+        return listening
+
+    service._waitingForPort.addCallback(passOn)
+    return port
+
+
+def _scrape(port: int) -> Deferred[bytes]:
+    agent = Agent(reactor)
+    d = agent.request(b"GET", b"http://127.0.0.1:%d/metrics" % (port,))
+    return d.addCallback(readBody)
