@@ -1021,3 +1021,83 @@ class LimitTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(otherClient.value(), b"")
         self.proxy.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.factory._openPerClient, {"192.0.2.99": 1})
+
+
+class ProxyProtocolTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    Connections that start with a PROXY protocol header.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        # Replace the connection the mixin made with one that expects a
+        # PROXY header.
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.events._events.clear()
+        self.factory.proxyProtocol = True
+        self.factory.maxTunnelsPerClient = 1
+        self.proxy, self.client = self.connectClient()
+
+    def test_sourceIsTheClient(self) -> None:
+        """
+        The header's source address is the client's in the log event and
+        for the limits; the request after it is served.
+        """
+        self.proxy.dataReceived(b"PROXY TCP4 198.51.100.9 192.0.2.1 5555 3128\r\n")
+        self.proxy.dataReceived(HEAD)
+        self.assertEqual(self.connector.targets, [("target.example", 443)])
+        self.assertEqual(self.factory._openPerClient, {"198.51.100.9": 1})
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["client"], "198.51.100.9:5555")
+
+    def test_headerAndRequestTogether(self) -> None:
+        """
+        The header and the request may arrive in one piece, and the header
+        may arrive in pieces.
+        """
+        data = b"PROXY TCP6 2001:db8::9 2001:db8::1 5555 3128\r\n" + HEAD
+        self.proxy.dataReceived(data[:10])
+        self.proxy.dataReceived(data[10:])
+        self.assertEqual(self.connector.targets, [("target.example", 443)])
+
+    def test_allowFromUsesSource(self) -> None:
+        """
+        C{--allow-from} judges the header's source, not the balancer.
+        """
+        self.factory.policy = TunnelPolicy.fromStrings(allowFrom=["203.0.113.0/24"])
+        self.proxy.dataReceived(b"PROXY TCP4 198.51.100.9 192.0.2.1 5555 3128\r\n")
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 403 "))
+        proxy, client = self.connectClient()
+        proxy.dataReceived(b"PROXY TCP4 203.0.113.9 192.0.2.1 5555 3128\r\n")
+        self.assertEqual(client.value(), b"")
+
+    def test_missingHeader(self) -> None:
+        """
+        A connection that does not start with a valid header gets a 400 and
+        is closed.
+        """
+        self.proxy.dataReceived(HEAD)
+        response = self.client.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 400 "), response)
+        self.assertIn(b"PROXY protocol", response)
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.connector.targets, [])
+
+    def test_localHeader(self) -> None:
+        """
+        A v2 LOCAL header (a balancer's health check) counts as the
+        balancer's own connection.
+        """
+        local = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00, 0x00, 0x00])
+        self.proxy.dataReceived(local + HEAD)
+        self.assertEqual(self.connector.targets, [("target.example", 443)])
+        self.assertEqual(self.factory._openPerClient, {"192.0.2.7": 1})
+
+    def test_headerTimeout(self) -> None:
+        """
+        The header timeout covers the PROXY header too.
+        """
+        self.proxy.dataReceived(b"PROXY TCP4 ")
+        self.clock.advance(10)
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 408 "))

@@ -39,6 +39,7 @@ from .auth import (
 from .connector import AddressDenied, HostnameConnector
 from .interfaces import ITargetConnector
 from .policy import IPAddress, ITunnelPolicy, TunnelPolicy
+from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
 from .relay import Relay, RelayResult, StreamTransport, TargetProtocol
 from .request import ConnectRequest, RequestRejected, findHeadEnd, parseConnectHead
 
@@ -178,12 +179,30 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._early: list[bytes] = []
         self._earlyBytes = 0
         self._clientFinished = False
-        self._reading = "head"
-        peer = self._client.getPeer()
+        factory.connections.add(self)
+        self.setTimeout(factory.headerTimeout)
+        if factory.proxyProtocol:
+            # The client's address comes in the PROXY header; admission
+            # waits for it.
+            self._reading = "proxy"
+            self._identify(self._client.getPeer())
+        else:
+            self._reading = "head"
+            self._admit(self._client.getPeer())
+
+    def _identify(self, peer: IAddress | None) -> None:
         self._peer = formatAddress(peer)
         self._clientIP = _ipOf(peer)
         self._clientKey = str(self._clientIP) if self._clientIP else self._peer
-        factory.connections.add(self)
+
+    def _admit(self, peer: IAddress | None) -> bool:
+        """
+        Apply the limits and C{--allow-from} to the client at C{peer}.
+
+        @return: Whether the client was admitted (if not, it was answered).
+        """
+        factory = self.factory
+        self._identify(peer)
         refusal = factory.admit(self._clientKey)
         if refusal is None:
             denial = factory.policy.checkClient(self._clientIP)
@@ -192,10 +211,32 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 self._refusal = denial.reason
         if refusal is not None:
             self._reject(refusal)
-            return
+            return False
         self._admitted = True
         factory.tunnelOpened(self._clientKey)
-        self.setTimeout(factory.headerTimeout)
+        return True
+
+    def _proxyHeaderData(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        try:
+            header = parseProxyHeader(buffer)
+        except InvalidProxyHeader as e:
+            self._reject(
+                RequestRejected(400, f"A valid PROXY protocol header is required: {e}")
+            )
+            return
+        if header is None:
+            self._buffer = buffer
+            return
+        self._buffer = b""
+        self._reading = "head"
+        # A LOCAL header (a health check) names no client: it is the
+        # balancer itself.
+        source = header.source or self._client.getPeer()
+        if self._admit(source):
+            rest = buffer[header.consumed :]
+            if rest:
+                self._headData(rest)
 
     # Reading the head.
 
@@ -208,6 +249,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
             relay.clientData(data)
         elif self._reading == "head":
             self._headData(data)
+        elif self._reading == "proxy":
+            self._proxyHeaderData(data)
         elif self._reading == "early":
             self._early.append(data)
             self._earlyBytes += len(data)
@@ -580,6 +623,7 @@ class ConnectProxyFactory(Factory):
         maxTunnels: int | None = None,
         maxTunnelsPerClient: int | None = None,
         damper: FailureDamper | None = None,
+        proxyProtocol: bool = False,
     ) -> None:
         """
         @param connector: Chooses how targets are reached; by default a
@@ -607,6 +651,10 @@ class ConnectProxyFactory(Factory):
             a 429.
         @param damper: Refuses clients after repeated failed logins; by
             default 10 failures a minute.
+        @param proxyProtocol: Whether every connection starts with a PROXY
+            protocol (v1 or v2) header from a load balancer, whose source
+            address is then the client's for the policy, the limits and the
+            logs.  Connections without a valid header get a 400.
         """
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -629,6 +677,7 @@ class ConnectProxyFactory(Factory):
         self.maxTunnels = maxTunnels
         self.maxTunnelsPerClient = maxTunnelsPerClient
         self.damper = damper if damper is not None else FailureDamper(self.clock)
+        self.proxyProtocol = proxyProtocol
         self.connections: set[ConnectProxy] = set()
         self.relaying = 0
         self.draining = False

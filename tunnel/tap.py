@@ -95,6 +95,16 @@ class Options(usage.Options, AuthOptionMixin):
     )
     supportedInterfaces = (IUsernamePassword,)
 
+    optFlags = [
+        [
+            "proxy-protocol",
+            None,
+            "Every connection starts with a PROXY protocol v1/v2 header (from "
+            "a load balancer); its source address is the client's. Connections "
+            "without one are refused.",
+        ],
+    ]
+
     optParameters = [
         [
             "header-timeout",
@@ -328,6 +338,7 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
         maxHeaderSize=options["max-header-size"],
         maxTunnels=options["max-tunnels"],
         maxTunnelsPerClient=options["max-tunnels-per-client"],
+        proxyProtocol=bool(options["proxy-protocol"]),
     )
 
 
