@@ -595,6 +595,7 @@ class LoopbackTestCase(TestCase):
 
     def setUp(self) -> None:
         self._open: list[Closable] = []
+        self._factories: list[ConnectProxyFactory] = []
         self._proxyClients = 0
         self.proxyEvents: list[LogEvent] = []
         self._eventWaiters: list[tuple[int, Deferred[list[LogEvent]]]] = []
@@ -638,6 +639,9 @@ class LoopbackTestCase(TestCase):
                 connection.transport.abortConnection()
         yield gatherResults([connection.lost.wait() for connection in self._open])
         yield self.proxyEnded(self._proxyClients)
+        # A refused connection logs its event when it answers, then lingers
+        # until the client closes; wait for those sockets too.
+        yield gatherResults([factory.drain(10) for factory in self._factories])
 
     def listen(
         self, factory: Any, interface: str = "127.0.0.1", tls: Any = None
@@ -670,6 +674,7 @@ class LoopbackTestCase(TestCase):
         if connector is None:
             connector = HostnameConnector(reactor, resolver=resolver)
         factory = ConnectProxyFactory(connector, reactor=reactor, policy=LOOPBACK)
+        self._factories.append(factory)
         return RunningProxy(self.listen(factory), factory, resolver)
 
     def serve(

@@ -1,10 +1,13 @@
 """
-Loopback tests for the listener options: the PROXY protocol keeps half-close.
+Loopback tests for the listener options (the PROXY protocol keeps
+half-close) and for how the proxy closes after an error.
 """
 
 from __future__ import annotations
 
+from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.protocol import ServerFactory
 
 from tests.test_integration import (
     ESTABLISHED,
@@ -12,6 +15,7 @@ from tests.test_integration import (
     Peer,
     Yielding,
     connectHead,
+    streamChunk,
 )
 
 
@@ -66,3 +70,27 @@ class ProxyProtocolLoopbackTests(LoopbackTestCase):
         head = yield self.requestTunnel(proxy.port, "127.0.0.1:1", client)
         self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
         yield client.lost.wait()
+
+
+class RefusalTests(LoopbackTestCase):
+    """
+    How the proxy closes after an error answer.
+    """
+
+    @inlineCallbacks
+    def test_refusalWithUnreadEarlyData(self) -> Yielding[None]:
+        """
+        A refused request whose early data the proxy has not read is closed
+        cleanly (FIN, not a reset), so the answer cannot be destroyed by a
+        reset before the client reads it (RFC 9112 section 9.6).
+        """
+        proxy = self.startProxy()
+        closed = reactor.listenTCP(0, ServerFactory(), interface="127.0.0.1")
+        port = closed.getHost().port  # type: ignore[attr-defined]
+        yield closed.stopListening()  # type: ignore[misc]
+        early = b"".join(streamChunk(b"e", i, 65536) for i in range(64))
+        client = Peer()
+        head = yield self.requestTunnel(proxy.port, f"127.0.0.1:{port}", client, early)
+        self.assertTrue(head.startswith(b"HTTP/1.1 502 "), head)
+        yield client.lost.wait()
+        self.assertClosedCleanly(client)

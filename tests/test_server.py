@@ -43,7 +43,13 @@ from tunnel.auth import FailureDamper, portalFromCheckers
 from tunnel.connector import AddressDenied
 from tunnel.policy import TunnelPolicy
 from tunnel.relay import TargetProtocol
-from tunnel.server import ConnectProxy, errorResponse, formatAddress
+from tunnel.server import (
+    LINGER_BYTES,
+    LINGER_SECONDS,
+    ConnectProxy,
+    errorResponse,
+    formatAddress,
+)
 
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 HEAD = b"CONNECT target.example:443 HTTP/1.1\r\nHost: target.example:443\r\n\r\n"
@@ -141,6 +147,18 @@ class ProxyTestMixin:
     Build a proxy on a fake clock with a recording connector.
     """
 
+    def assertAnswered(self, client: HalfCloseTransport) -> None:
+        """
+        Assert that the proxy ended its side of C{client} after answering:
+        it sent FIN and reads only to drop what still comes (RFC 9112
+        section 9.6), then closes within L{LINGER_SECONDS}.
+        """
+        assert isinstance(self, SynchronousTestCase)
+        self.assertTrue(client.writeClosed)
+        self.assertFalse(client.disconnecting)
+        self.clock.advance(LINGER_SECONDS)
+        self.assertTrue(client.disconnecting)
+
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.connector = RecordingConnector()
@@ -217,7 +235,7 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertIn(b"\r\nConnection: close", head)
         self.assertIn(b"\r\nContent-Type: text/plain; charset=utf-8", head)
         self.assertIn(b"\r\nContent-Length: %d" % (len(body),), head)
-        self.assertTrue(self.client.disconnecting)
+        self.assertAnswered(self.client)
         [event] = self.tunnelEvents()
         self.assertEqual((event["status"], event["ended"]), (status, ended))
         return response
@@ -273,6 +291,56 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(HEAD)
         self.assertEqual(self.client.value().count(b"HTTP/1.1 "), 1)
         self.assertEqual(self.connector.targets, [])
+
+    def test_lingerDropsInput(self) -> None:
+        """
+        After an error the proxy keeps reading and dropping what the client
+        sends, up to a bound, so closing does not reset the connection and
+        destroy the answer; the client's FIN ends it at once.
+        """
+        self.proxy.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        response = self.client.value()
+        self.proxy.dataReceived(b"x" * 1000)
+        self.assertEqual(self.client.value(), response)
+        self.assertFalse(self.client.disconnecting)
+        self.proxy.readConnectionLost()
+        self.assertTrue(self.client.disconnecting)
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lingerBounded(self) -> None:
+        """
+        A client that keeps sending after an error is closed once it has
+        sent more than L{LINGER_BYTES}.
+        """
+        self.proxy.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        chunk = b"x" * 65536
+        for _ in range(LINGER_BYTES // len(chunk)):
+            self.proxy.dataReceived(chunk)
+        self.assertFalse(self.client.disconnecting)
+        self.proxy.dataReceived(b"x")
+        self.assertTrue(self.client.disconnecting)
+
+    def test_lingerResumesPausedClient(self) -> None:
+        """
+        A client paused for sending too much early data is read again after
+        an error, so that its input is drained.
+        """
+        self.proxy.dataReceived(HEAD + b"x" * 200)
+        self.assertEqual(self.client.producerState, "paused")
+        self.connector.endpoint.attempts[0][1].errback(ConnectionRefusedError())
+        self.assertEqual(self.client.producerState, "producing")
+
+    def test_noLingerWithoutHalfClose(self) -> None:
+        """
+        A transport that cannot half-close (TLS) is closed right after the
+        answer.
+        """
+        tlsLike = StringTransport()
+        self.proxy.transport = tlsLike
+        self.proxy._client = tlsLike  # type: ignore[assignment]
+        self.proxy.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertTrue(tlsLike.disconnecting)
 
     def test_requestLineTooLong(self) -> None:
         """
@@ -823,7 +891,7 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
             response,
         )
         self.assertIn(b"\r\nConnection: close\r\n", response)
-        self.assertTrue(self.client.disconnecting)
+        self.assertAnswered(self.client)
         self.assertEqual(self.connector.targets, [])
 
     def test_noCredentials(self) -> None:
@@ -939,7 +1007,7 @@ class PolicyTests(ProxyTestMixin, SynchronousTestCase):
         response = client.value()
         self.assertTrue(response.startswith(b"HTTP/1.1 403 "), response)
         self.assertIn(phrase, response)
-        self.assertTrue(client.disconnecting)
+        self.assertAnswered(client)
 
     def test_port(self) -> None:
         """
@@ -1081,7 +1149,7 @@ class ProxyProtocolTests(ProxyTestMixin, SynchronousTestCase):
         response = self.client.value()
         self.assertTrue(response.startswith(b"HTTP/1.1 400 "), response)
         self.assertIn(b"PROXY protocol", response)
-        self.assertTrue(self.client.disconnecting)
+        self.assertAnswered(self.client)
         self.assertEqual(self.connector.targets, [])
 
     def test_localHeader(self) -> None:

@@ -19,6 +19,7 @@ from twisted.internet.error import (
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHalfCloseableProtocol,
     IProtocolNegotiationFactory,
     IReactorTime,
@@ -40,12 +41,17 @@ from .connector import AddressDenied, HostnameConnector
 from .interfaces import ITargetConnector
 from .policy import IPAddress, ITunnelPolicy, TunnelPolicy
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
-from .relay import Relay, RelayResult, StreamTransport, TargetProtocol
+from .relay import Relay, RelayResult, StreamTransport, TargetProtocol, canHalfClose
 from .request import ConnectRequest, RequestRejected, findHeadEnd, parseConnectHead
 
 __all__ = ["ConnectProxy", "ConnectProxyFactory", "formatAddress"]
 
 _ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+
+#: After an error answer, how long and how much the proxy keeps reading (and
+#: dropping) what the client still sends, before it closes.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 << 20
 
 _REASONS = {
     400: "Bad Request",
@@ -163,6 +169,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
     _connectedTo = "-"
     _refusal: str | None = None
     _clientGone = False
+    _lingering: IDelayedCall | None = None
+    _lingerBytes = 0
     _connectStartedAt: float | None = None
     _establishedAt: float | None = None
 
@@ -251,6 +259,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._headData(data)
         elif self._reading == "proxy":
             self._proxyHeaderData(data)
+        elif self._lingering is not None:
+            self._linger(data)
         elif self._reading == "early":
             self._early.append(data)
             self._earlyBytes += len(data)
@@ -469,8 +479,25 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._client.write(
             errorResponse(rejected.status, rejected.detail, rejected.headers)
         )
-        self._client.loseConnection()
+        if canHalfClose(self._client):
+            # Closing a socket with unread input makes the kernel send a
+            # reset, which can destroy the response before the client reads
+            # it (RFC 9112 section 9.6).  So send FIN, then read and drop
+            # what the client still sends, bounded in bytes and time.
+            self._client.loseWriteConnection()
+            self._lingering = self.factory.clock.callLater(
+                LINGER_SECONDS, self._client.loseConnection
+            )
+            if self._earlyBytes > self.factory.maxEarlyData:
+                self._client.resumeProducing()
+        else:
+            self._client.loseConnection()
         self._end(rejected.status, ended)
+
+    def _linger(self, data: bytes) -> None:
+        self._lingerBytes += len(data)
+        if self._lingerBytes > LINGER_BYTES:
+            self._client.loseConnection()
 
     def readConnectionLost(self) -> None:
         """
@@ -498,6 +525,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
         The client connection is closed.
         """
         self._clientGone = True
+        if self._lingering is not None and self._lingering.active():
+            self._lingering.cancel()
         if self._admitted:
             self._admitted = False
             self.factory.tunnelClosed(self._clientKey)
