@@ -23,6 +23,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IProtocolNegotiationFactory,
     IReactorTime,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -99,6 +100,15 @@ def _ipOf(address: IAddress | None) -> IPAddress | None:
         return ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return None
+
+
+def _noDelay(transport: object) -> None:
+    """
+    Turn off Nagle's algorithm on a TCP transport: a relay must pass small
+    writes on at once, or every request/response exchange waits for an ACK.
+    """
+    if ITCPTransport.providedBy(transport):
+        transport.setTcpNoDelay(True)
 
 
 def errorResponse(
@@ -188,6 +198,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._earlyBytes = 0
         self._clientFinished = False
         factory.connections.add(self)
+        _noDelay(self.transport)
         self.setTimeout(factory.headerTimeout)
         if factory.proxyProtocol:
             # The client's address comes in the PROXY header; admission
@@ -421,6 +432,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def _targetConnected(self, target: TargetProtocol) -> None:
         self._connecting = None
         self._connectedTo = formatAddress(target.transport.getPeer())  # type: ignore[union-attr]
+        _noDelay(target.transport)
         self._status = 200
         self._establishedAt = self.factory.clock.seconds()
         self.factory.relaying += 1
