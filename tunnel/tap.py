@@ -5,15 +5,18 @@ The twistd face of the proxy: command-line options and the service they make.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.strcred import AuthOptionMixin, UnsupportedInterfaces, makeChecker
+from twisted.internet.defer import DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -38,6 +41,7 @@ from .policy import (
 from .rules import RulesFilePolicy
 from .server import ConnectProxyFactory
 from .service import ProxyService
+from .workers import WorkerSupervisor, inheritedPorts, workerArguments
 
 __all__ = ["Options", "makeService"]
 
@@ -170,6 +174,14 @@ class Options(usage.Options, AuthOptionMixin):
             _number(int, 1),
         ],
         [
+            "workers",
+            None,
+            1,
+            "Run this many reactor processes sharing the listening sockets "
+            "(TCP and UNIX listeners), supervised by the main process.",
+            _number(int, 1, 64),
+        ],
+        [
             "drain-timeout",
             None,
             30.0,
@@ -202,6 +214,24 @@ class Options(usage.Options, AuthOptionMixin):
         super().__init__()
         for name in _REPEATED:
             self[name] = []
+        self["inherit-fd"] = []
+        self.argv: list[str] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse, keeping the arguments so that C{--workers} can pass them on.
+        """
+        if options is None:
+            options = sys.argv[1:]
+        self.argv = list(options)
+        super().parseOptions(options)
+
+    def opt_inherit_fd(self, value: str) -> None:
+        """
+        Internal (used by --workers): adopt the inherited listening socket
+        FD:FAMILY.
+        """
+        self["inherit-fd"].append(value)
 
     def _repeated(self, name: str, value: str) -> None:
         check = _REPEATED[name]
@@ -279,8 +309,13 @@ class Options(usage.Options, AuthOptionMixin):
         """
         Fill in the default listener and check the limits fit together.
         """
-        if not self["listen"]:
+        if not self["listen"] and not self["inherit-fd"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["workers"] > 1 and self["metrics"] is not None:
+            raise usage.UsageError(
+                "--metrics cannot be combined with --workers yet: each worker "
+                "would count only its own tunnels"
+            )
         if self["rules"] is not None:
             try:
                 with open(self["rules"], encoding="utf-8") as f:
@@ -389,6 +424,35 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    if options["workers"] > 1:
+        for description in options["listen"]:
+            _warnIfOpen(options, description)
+        return WorkerSupervisor(
+            reactor,
+            options["listen"],
+            workerArguments(options.argv),
+            options["workers"],
+            stopTimeout=options["drain-timeout"] + 5,
+        )
+    return makeWorkerService(options, reactor)
+
+
+def _warnIfOpen(options: Options, description: str) -> None:
+    guarded = bool(options.get("credCheckers")) or bool(options["allow-from"])
+    if not guarded and options["rules"] is None and listensBeyondLoopback(description):
+        _log.warn(OPEN_PROXY_WARNING, listen=description)
+
+
+def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
+    """
+    Make the service of one proxy process: its listeners (or the listening
+    sockets it inherited from a C{--workers} supervisor), access log,
+    metrics and drain.
+
+    @param options: Parsed L{Options}.
+    @param reactor: The reactor.
+    @return: The service.
+    """
     factory = makeFactory(options, reactor)
     observers: list[ILogObserver] = []
     if options["access-log"] is not None:
@@ -409,7 +473,34 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         if not guarded and listensBeyondLoopback(description):
             _log.warn(OPEN_PROXY_WARNING, listen=description)
         _listen(reactor, description, factory, service)
+    if options["inherit-fd"]:
+        _InheritedPorts(
+            reactor, inheritedPorts(options["inherit-fd"]), factory
+        ).setServiceParent(service)
     return service
+
+
+class _InheritedPorts(Service):
+    """
+    Listening sockets inherited from the C{--workers} supervisor, adopted on
+    start and closed on stop.
+    """
+
+    def __init__(self, reactor: Any, fds: list[tuple[int, Any]], factory: Any) -> None:
+        self._reactor = reactor
+        self._fds = fds
+        self._factory = factory
+        self._ports: list[Any] = []
+
+    def startService(self) -> None:
+        super().startService()
+        for fd, family in self._fds:
+            self._ports.append(self._reactor.adoptStreamPort(fd, family, self._factory))
+            os.close(fd)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return DeferredList([maybeDeferred(port.stopListening) for port in self._ports])
 
 
 def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
