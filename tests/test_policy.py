@@ -295,7 +295,13 @@ class DestinationRuleTests(SynchronousTestCase):
         """
         denial = DEFAULT.addressDenial("h.example", 443)
         self.assertEqual((denial.status, denial.reason), (403, "address"))
-        self.assertIn("--allow-to", denial.detail)
+        self.assertIn("resolves only to", denial.detail)
+        self.assertIn("--allow-to h.example", denial.detail)
+        literal = DEFAULT.addressDenial("10.0.0.1", 443)
+        self.assertEqual(
+            literal.detail,
+            "10.0.0.1 is in a range this proxy may not reach (see --allow-to 10.0.0.1).",
+        )
 
     def test_parseTargetRule(self) -> None:
         """

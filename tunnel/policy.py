@@ -442,12 +442,17 @@ class TunnelPolicy:
         """
         Name the option that would open the destination.
         """
-        return Denial(
-            403,
-            f"{host} resolves only to addresses this proxy may not reach "
-            f"(see --allow-to).",
-            "address",
-        )
+        if parseAddress(host) is not None:
+            detail = (
+                f"{host} is in a range this proxy may not reach "
+                f"(see --allow-to {host})."
+            )
+        else:
+            detail = (
+                f"{host} resolves only to addresses this proxy may not reach "
+                f"(see --allow-to {host})."
+            )
+        return Denial(403, detail, "address")
 
 
 RULE_KINDS = ("allow-port", "allow-from", "allow-to", "deny-to")
