@@ -300,7 +300,8 @@ class DestinationRuleTests(SynchronousTestCase):
         literal = DEFAULT.addressDenial("10.0.0.1", 443)
         self.assertEqual(
             literal.detail,
-            "10.0.0.1 is in a range this proxy may not reach (see --allow-to 10.0.0.1).",
+            "10.0.0.1 is in a range this proxy may not reach "
+            "(see --allow-to 10.0.0.1).",
         )
 
     def test_parseTargetRule(self) -> None:
