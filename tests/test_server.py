@@ -50,6 +50,7 @@ from tunnel.server import (
     errorResponse,
     formatAddress,
 )
+from tunnel.upstream import UpstreamProtocolError, UpstreamRefused
 
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 HEAD = b"CONNECT target.example:443 HTTP/1.1\r\nHost: target.example:443\r\n\r\n"
@@ -425,6 +426,27 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(HEAD)
         self.connector.endpoint.attempts[0][1].errback(DNSLookupError("nope"))
         self.assertIn(b"resolve", self.assertRejected(502, "target-failed"))
+
+    def test_parentRefused(self) -> None:
+        """
+        A parent proxy's refusal gets the client a 502 naming the parent's
+        answer, and the parent's status is in the log event.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(
+            UpstreamRefused(403, "Forbidden")
+        )
+        self.assertIn(b"403 Forbidden", self.assertRejected(502, "target-failed"))
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["parentStatus"], 403)
+
+    def test_parentFailed(self) -> None:
+        """
+        A parent proxy that answers nonsense gets the client a 502.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(UpstreamProtocolError())
+        self.assertRejected(502, "target-failed")
 
     def test_otherConnectError(self) -> None:
         """

@@ -27,6 +27,7 @@ from tunnel.tap import (
     makeFactory,
     makeService,
 )
+from tunnel.upstream import UpstreamConnector
 
 
 def parse(*argv: str) -> Options:
@@ -435,3 +436,32 @@ class RulesFilePolicyTests(SynchronousTestCase):
         self.policy.checkClient(None)
         self.assertTrue(self.policy.checkAddress(None, None, "h", 22, ip))
         self.assertEqual(self.policy.addressDenial("h", 1).status, 403)
+
+
+class UpstreamOptionsTests(SynchronousTestCase):
+    """
+    C{--upstream} and C{--upstream-ca}.
+    """
+
+    def test_upstream(self) -> None:
+        """
+        C{--upstream URL} sends every tunnel through a parent proxy.
+        """
+        factory = makeFactory(
+            parse("--upstream", "http://alice:pw@127.0.0.1:3128"), MemoryReactorClock()
+        )
+        self.assertIsInstance(factory.connector, UpstreamConnector)
+        assert isinstance(factory.connector, UpstreamConnector)
+        self.assertEqual(factory.connector.upstream.port, 3128)
+
+    def test_badUpstream(self) -> None:
+        """
+        A URL that is not http(s)://host:port, C{--upstream-ca} alone, and a
+        CA file that cannot be read are usage errors.
+        """
+        self.assertRaises(UsageError, parse, "--upstream", "socks5://h:1")
+        self.assertRaises(UsageError, parse, "--upstream-ca", "ca.pem")
+        options = parse(
+            "--upstream", "https://parent.example:443", "--upstream-ca", "/nonexistent"
+        )
+        self.assertRaises(UsageError, makeFactory, options, MemoryReactorClock())

@@ -44,6 +44,7 @@ from .policy import IPAddress, ITunnelPolicy, TunnelPolicy
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
 from .relay import Relay, RelayResult, StreamTransport, TargetProtocol, canHalfClose
 from .request import ConnectRequest, RequestRejected, findHeadEnd, parseConnectHead
+from .upstream import UpstreamProtocolError, UpstreamRefused
 
 __all__ = ["ConnectProxy", "ConnectProxyFactory", "formatAddress"]
 
@@ -178,6 +179,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     _admitted = False
     _connectedTo = "-"
     _refusal: str | None = None
+    _parentStatus: int | None = None
     _clientGone = False
     _lingering: IDelayedCall | None = None
     _lingerBytes = 0
@@ -466,7 +468,26 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._refusal = denial.reason
             self._reject(RequestRejected(denial.status, denial.detail))
             return
-        if reason.check(DeferredTimeoutError, ConnectTimeoutError):
+        if reason.check(UpstreamRefused):
+            refused = cast(UpstreamRefused, reason.value)
+            self._parentStatus = refused.status
+            self._log.info(
+                "Parent proxy refused {target}: {status} {reason}",
+                target=self._target(),
+                status=refused.status,
+                reason=refused.reason,
+            )
+            rejected = RequestRejected(
+                502, f"The parent proxy refused: {refused.status} {refused.reason}"
+            )
+        elif reason.check(UpstreamProtocolError):
+            self._log.info(
+                "Parent proxy failed for {target}: {why}",
+                target=self._target(),
+                why=str(reason.value),
+            )
+            rejected = RequestRejected(502, "The parent proxy failed.")
+        elif reason.check(DeferredTimeoutError, ConnectTimeoutError):
             rejected = RequestRejected(504, "Connecting to the target timed out.")
         elif reason.check(DNSLookupError):
             rejected = RequestRejected(502, "The target host name does not resolve.")
@@ -601,6 +622,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             if established is not None and connectStarted is not None
             else None,
             refusal=self._refusal,
+            parentStatus=self._parentStatus,
             ended=ended,
         )
         self._forgetIfDone()

@@ -41,6 +41,7 @@ from .policy import (
 from .rules import RulesFilePolicy
 from .server import ConnectProxyFactory
 from .service import ProxyService
+from .upstream import UpstreamConnector, parseUpstreamURL
 from .workers import WorkerSupervisor, inheritedPorts, workerArguments
 
 __all__ = ["Options", "makeService"]
@@ -180,6 +181,20 @@ class Options(usage.Options, AuthOptionMixin):
             "Run this many reactor processes sharing the listening sockets "
             "(TCP and UNIX listeners), supervised by the main process.",
             _number(int, 1, 64),
+        ],
+        [
+            "upstream",
+            None,
+            None,
+            "Send every tunnel through this parent CONNECT proxy: "
+            "http://[user:password@]host:port or https://... (TLS, verified).",
+        ],
+        [
+            "upstream-ca",
+            None,
+            None,
+            "A PEM file of CA certificates to verify an https:// parent with "
+            "(default: the system's trust store).",
         ],
         [
             "drain-timeout",
@@ -322,6 +337,13 @@ class Options(usage.Options, AuthOptionMixin):
                     parseRules(f.read(), self["rules"])
             except (OSError, UnicodeDecodeError, ValueError) as e:
                 raise usage.UsageError(f"--rules: {e}") from None
+        if self["upstream"] is not None:
+            try:
+                self["upstream"] = parseUpstreamURL(self["upstream"])
+            except ValueError as e:
+                raise usage.UsageError(f"--upstream: {e}") from None
+        elif self["upstream-ca"] is not None:
+            raise usage.UsageError("--upstream-ca needs --upstream")
         if self["access-log-format"] not in ("text", "json"):
             raise usage.UsageError("--access-log-format must be text or json")
         if self["metrics"] is not None:
@@ -361,7 +383,23 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     @return: The factory.
     """
     checkers = options.get("credCheckers", [])
+    connector = None
+    if options["upstream"] is not None:
+        try:
+            connector = UpstreamConnector(
+                reactor,
+                options["upstream"],
+                caCertificate=options["upstream-ca"],
+                timeout=options["connect-timeout"],
+            )
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--upstream-ca: {e}") from None
+        _log.info(
+            "Tunnels go through the parent proxy {parent}",
+            parent=connector.upstream.displayURL,
+        )
     return ConnectProxyFactory(
+        connector,
         reactor=reactor,
         policy=makePolicy(options, reactor),
         portal=portalFromCheckers(checkers) if checkers else None,

@@ -1,0 +1,821 @@
+"""
+Reaching targets through a parent HTTP proxy, with C{CONNECT}.
+
+L{UpstreamEndpoint} is an ordinary L{IStreamClientEndpoint}: it connects to
+the parent proxy (over TCP, or TLS for an C{https://} parent), asks it for a
+tunnel to the target, and hands the connection to the caller's protocol once
+the parent has answered 2xx.  Any Twisted client can use it::
+
+    from twisted.internet.endpoints import connectProtocol
+    from tunnel.upstream import UpstreamEndpoint, parseUpstreamURL
+
+    parent = parseUpstreamURL("http://alice:secret@proxy.example:3128")
+    endpoint = UpstreamEndpoint(reactor, parent, "example.com", 443)
+    connectProtocol(endpoint, MyProtocol())
+
+L{UpstreamConnector} is the L{ITargetConnector} that makes a
+L{tunnel.ConnectProxyFactory} chain to a parent proxy.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from attrs import field, frozen
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.address import HostnameAddress
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError, NoProtocol, TimeoutError
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHostnameResolver,
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import (
+    Certificate,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .connector import AddressDenied, AllowAddress, _ResolvingReactor
+from .interfaces import ITargetConnector
+from .request import RequestRejected, findHeadEnd, parseAuthority
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "MAX_RESPONSE_HEAD",
+    "UpstreamConnector",
+    "UpstreamEndpoint",
+    "UpstreamProtocolError",
+    "UpstreamProxy",
+    "UpstreamRefused",
+    "parseUpstreamURL",
+    "upstreamTLSOptions",
+]
+
+DEFAULT_PORTS = {"http": 3128, "https": 443}
+"""
+The parent's port when its URL names none: Squid's 3128 for C{http://},
+443 for C{https://}.
+"""
+
+MAX_RESPONSE_HEAD = 65536
+"""
+The most bytes read from the parent before its final response head must
+have ended (interim 1xx heads included).
+"""
+
+# A DNS name or an IPv4 literal, as in tunnel.request.
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?: (.*))?\Z", re.DOTALL)
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def _authority(host: str, port: int) -> str:
+    """
+    C{host:port}, with an IPv6 literal in brackets.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@frozen
+class UpstreamProxy:
+    """
+    A parent HTTP proxy, as named by an C{http://} or C{https://} URL.
+
+    Build one with L{parseUpstreamURL}, which checks every part; the
+    constructor checks only the scheme.
+
+    @ivar scheme: C{"http"} (plain TCP to the parent) or C{"https"} (TLS to
+        the parent, its certificate verified).
+    @ivar host: The parent's DNS name or IP literal (IPv6 without brackets).
+    @ivar port: The parent's port.
+    @ivar username: The user name for C{Proxy-Authorization: Basic}, or
+        L{None} to send no credentials.
+    @ivar password: The password that goes with C{username}.  Left out of
+        C{repr} so that logging the object never shows it.
+    """
+
+    scheme: str = field()
+    host: str
+    port: int
+    username: str | None = None
+    password: str = field(default="", repr=False)
+
+    @scheme.validator
+    def _checkScheme(self, attribute: object, value: str) -> None:
+        if value not in DEFAULT_PORTS:
+            raise ValueError(f"the scheme must be http or https, not {value!r}")
+
+    @property
+    def tls(self) -> bool:
+        """
+        Whether the connection to the parent uses TLS.
+        """
+        return self.scheme == "https"
+
+    @property
+    def authority(self) -> str:
+        """
+        The parent as C{host:port} (an IPv6 literal in brackets).
+        """
+        return _authority(self.host, self.port)
+
+    @property
+    def displayURL(self) -> str:
+        """
+        The parent's URL without the password, fit for logs.
+        """
+        user = "" if self.username is None else quote(self.username, safe="") + "@"
+        return f"{self.scheme}://{user}{self.authority}"
+
+    @property
+    def proxyAuthorization(self) -> bytes | None:
+        """
+        The C{Proxy-Authorization} field value to send, or L{None}: C{Basic}
+        with the user name and password in UTF-8 (RFC 7617).
+        """
+        if self.username is None:
+            return None
+        userPass = f"{self.username}:{self.password}".encode()
+        return b"Basic " + base64.b64encode(userPass)
+
+
+def _decodeUserInfo(text: str, what: str) -> str:
+    try:
+        decoded = unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"the {what} in the upstream URL is not valid UTF-8 once percent-decoded"
+        ) from None
+    if _CONTROL.search(decoded):
+        raise ValueError(f"the {what} in the upstream URL holds a control character")
+    return decoded
+
+
+def parseUpstreamURL(url: str) -> UpstreamProxy:
+    """
+    Parse the URL of a parent proxy: C{http://[user:password@]host[:port]}
+    or C{https://[user:password@]host[:port]}.
+
+    The scheme and the host are case-insensitive; the host is a DNS name,
+    an IPv4 literal or a bracketed IPv6 literal (no zone).  Without a port,
+    C{http} means 3128 (Squid's) and C{https} 443 (see L{DEFAULT_PORTS}).
+    The user name and password are percent-decoded and must be UTF-8;
+    C{user@host} means an empty password.  A single trailing C{/} is
+    allowed; any other path, a query or a fragment is not.
+
+    Error messages never repeat the URL, which may hold a password.
+
+    @param url: The URL.
+    @return: The parent proxy.
+    @raise ValueError: If C{url} is anything else.
+    """
+    if _URL_FORBIDDEN.search(url):
+        raise ValueError("the upstream URL holds whitespace or a control character")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"the upstream URL is malformed: {e}") from None
+    if parts.scheme not in DEFAULT_PORTS or not url.lower().startswith(
+        parts.scheme + "://"
+    ):
+        raise ValueError(
+            "the upstream URL must start with http:// or https://, "
+            "as in http://proxy.example:3128"
+        )
+    if parts.path not in ("", "/") or "?" in url or "#" in url:
+        raise ValueError(
+            "the upstream URL must name only the proxy: no path, query or fragment"
+        )
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError("the upstream URL names no host")
+    if ":" in host:
+        if "%" in host:
+            raise ValueError("IPv6 zone identifiers are not supported")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("the upstream URL's IPv6 address is not valid") from None
+    elif not _HOSTNAME.match(host):
+        raise ValueError(
+            "the upstream URL's host is not a valid DNS name or IP address "
+            "(write international names in their xn-- form)"
+        )
+    if port is None:
+        port = DEFAULT_PORTS[parts.scheme]
+    elif not 1 <= port <= 65535:
+        raise ValueError("the upstream URL's port must be in 1-65535")
+    username: str | None = None
+    password = ""
+    userInfo, at, _ = parts.netloc.rpartition("@")
+    if at:
+        rawUser, _, rawPassword = userInfo.partition(":")
+        username = _decodeUserInfo(rawUser, "user name")
+        password = _decodeUserInfo(rawPassword, "password")
+        if ":" in username:
+            raise ValueError(
+                "the user name in the upstream URL must not hold a colon (RFC 7617)"
+            )
+    return UpstreamProxy(parts.scheme, host, port, username, password)
+
+
+def _loadTrustRoot(path: str) -> Any:
+    """
+    Trust the certificates in a PEM file, and only those.
+    """
+    with open(path, "rb") as pemFile:
+        pem = pemFile.read()
+    blocks = _PEM_CERTIFICATE.findall(pem)
+    if not blocks:
+        raise ValueError(f"{path} holds no PEM certificate")
+    try:
+        certificates = [Certificate.loadPEM(block) for block in blocks]
+    except Exception as e:
+        raise ValueError(
+            f"{path} holds a certificate that cannot be read: {e}"
+        ) from None
+    return trustRootFromCertificates(certificates)
+
+
+def upstreamTLSOptions(
+    upstream: UpstreamProxy, caCertificate: str | None = None
+) -> IOpenSSLClientConnectionCreator:
+    """
+    Build the TLS options for an C{https://} parent: its certificate must be
+    valid for its host name (or IP address), checked with service_identity,
+    and ALPN offers C{http/1.1}.
+
+    Build them once and pass them as C{tlsOptions} to the endpoints of one
+    parent, as L{UpstreamConnector} does: the CA file is read once, and the
+    TLS context is shared.
+
+    @param upstream: The parent proxy.
+    @param caCertificate: The path of a PEM file; if given, the parent's
+        certificate must chain to one of the certificates in it (and to
+        nothing else).  By default the platform's trust store is used.
+    @return: The client connection creator.
+    @raise OSError: If the file cannot be read.
+    @raise ValueError: If it holds no readable PEM certificate.
+    """
+    trustRoot = (
+        platformTrust() if caCertificate is None else _loadTrustRoot(caCertificate)
+    )
+    return optionsForClientTLS(
+        upstream.host, trustRoot=trustRoot, acceptableProtocols=[b"http/1.1"]
+    )
+
+
+class UpstreamRefused(ConnectError):
+    """
+    The parent proxy answered the C{CONNECT} request with a status other
+    than 2xx.
+
+    @ivar status: The parent's status code (403, 407, 502, ...).
+    @ivar reason: The parent's reason phrase (control characters replaced).
+    """
+
+    MESSAGE = "The parent proxy refused the tunnel"
+
+    def __init__(self, status: int, reason: str) -> None:
+        """
+        @param status: The parent's status code.
+        @param reason: The parent's reason phrase.
+        """
+        super().__init__(string=f"{status} {reason}".rstrip())
+        self.status = status
+        self.reason = reason
+
+
+class UpstreamProtocolError(ConnectError):
+    """
+    The parent proxy gave no usable answer: its response head was malformed
+    or too large, or the connection ended (or TLS with it failed) before a
+    complete answer.
+    """
+
+    MESSAGE = "The parent proxy did not answer properly"
+
+
+def _parseStatusLine(head: bytes) -> tuple[int, str]:
+    """
+    The status code and reason phrase of a response head.
+
+    @raise UpstreamProtocolError: If the status line is not HTTP/1.x.
+    """
+    line = head.split(b"\n", 1)[0].removesuffix(b"\r")
+    match = _STATUS_LINE.match(line)
+    if match is None or not 100 <= int(match.group(1)) <= 599:
+        shown = _CONTROL.sub("?", line[:80].decode("latin-1"))
+        raise UpstreamProtocolError(string=f"not an HTTP/1.x status line: {shown!r}")
+    reason = (match.group(2) or b"").decode("latin-1")
+    return int(match.group(1)), _CONTROL.sub("?", reason).strip()
+
+
+def _timedOut(attempt: _Attempt) -> Any:
+    """
+    Make the C{onTimeoutCancel} of an attempt: a cancellation because of
+    the timeout becomes L{twisted.internet.error.TimeoutError}.
+    """
+
+    def convert(result: object, timeout: float) -> object:
+        if isinstance(result, Failure) and result.check(CancelledError):
+            if attempt.stage == "connecting":
+                why = f"could not reach the parent proxy within {timeout:g} s"
+            else:
+                why = f"the parent proxy did not answer within {timeout:g} s"
+            return Failure(TimeoutError(string=why))
+        return result
+
+    return convert
+
+
+class _Attempt:
+    """
+    One call to L{UpstreamEndpoint.connect}: from reaching the parent until
+    its answer.
+
+    @ivar result: What C{connect} returned.
+    @ivar stage: C{"connecting"} to the parent, then C{"answer"} (request
+        sent, waiting for the response head).
+    @ivar finished: Whether C{result} has fired, or was cancelled.
+    """
+
+    def __init__(
+        self, factory: IProtocolFactory, target: HostnameAddress, request: bytes
+    ) -> None:
+        self.factory = factory
+        self.target = target
+        self.request = request
+        self.result: Deferred[IProtocol] = Deferred(self._cancel)
+        self.connecting: Deferred[Any] | None = None
+        self.handshake: _Handshake | None = None
+        self.stage = "connecting"
+        self.finished = False
+
+    def _cancel(self, result: Deferred[IProtocol]) -> None:
+        self.finished = True
+        if self.handshake is not None:
+            self.handshake.abort()
+        elif self.connecting is not None:
+            connecting, self.connecting = self.connecting, None
+            connecting.cancel()
+        self.factory.doStop()
+
+    def connected(self, handshake: _Handshake) -> None:
+        """
+        The parent accepted the connection: send the request.
+        """
+        # Not finished: cancelling the attempt would have fired (cancelled)
+        # the connecting Deferred.
+        self.connecting = None
+        self.stage = "answer"
+        self.handshake = handshake
+        handshake.start()
+
+    def connectFailed(self, reason: Failure) -> None:
+        """
+        The parent could not be reached.
+        """
+        self.connecting = None
+        self.fail(reason)
+
+    def succeed(self, protocol: IProtocol) -> None:
+        """
+        The tunnel is established and C{protocol} connected to it.
+        """
+        self.finished = True
+        self.result.callback(protocol)
+
+    def fail(self, reason: Failure) -> None:
+        """
+        No tunnel, for this reason (ignored if the attempt is over already).
+        """
+        if not self.finished:
+            self.finished = True
+            self.factory.doStop()
+            self.result.errback(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class _Handshake(Protocol):
+    """
+    The protocol on the connection to the parent: sends the C{CONNECT}
+    request, reads the answer, then connects the caller's protocol to the
+    same transport and forwards every event to it, half-close included.
+    """
+
+    transport: ITCPTransport
+
+    def __init__(self, attempt: _Attempt) -> None:
+        self._attempt = attempt
+        self._started = False
+        self._buffer = b""
+        self._interim = 0
+        self._wrapped: IProtocol | None = None
+        self._failure: Failure | None = None
+
+    def connectionMade(self) -> None:
+        """
+        Close a connection that arrives after its attempt was given up (from
+        an endpoint whose attempts cannot really be cancelled).
+        """
+        if self._attempt.finished:
+            self.abort()
+
+    def start(self) -> None:
+        """
+        Send the request (this connection won the attempt).
+        """
+        self._started = True
+        self.transport.write(self._attempt.request)
+        if self._buffer:
+            self._readHead(b"", searchFrom=0)
+
+    def abort(self) -> None:
+        """
+        Drop the connection to the parent.
+        """
+        self.transport.abortConnection()
+
+    def _giveUp(self, error: Exception) -> None:
+        """
+        Close the connection; the attempt fails with C{error} once it is
+        closed, so that no socket outlives the failure.
+        """
+        if self._failure is None:
+            self._failure = Failure(error)
+            self._buffer = b""
+            self.abort()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Read the answer, or pass the tunnel's bytes on.
+        """
+        if self._wrapped is not None:
+            self._wrapped.dataReceived(data)
+        elif self._failure is None and not self._attempt.finished:
+            self._readHead(data)
+
+    def _readHead(self, data: bytes, searchFrom: int | None = None) -> None:
+        if searchFrom is None:
+            # Only the end of what was searched before can begin the empty
+            # line.
+            searchFrom = max(0, len(self._buffer) - 3)
+        buffer = self._buffer + data
+        while True:
+            found = findHeadEnd(buffer, searchFrom) if self._started else None
+            if found is None:
+                # The empty line that ends the head takes up to 2 bytes.
+                if self._interim + len(buffer) > MAX_RESPONSE_HEAD + 2:
+                    self._tooLarge()
+                else:
+                    self._buffer = buffer
+                return
+            headLength, consumed = found
+            if self._interim + headLength > MAX_RESPONSE_HEAD:
+                self._tooLarge()
+                return
+            head, buffer = buffer[:headLength], buffer[consumed:]
+            try:
+                status, reason = _parseStatusLine(head)
+            except UpstreamProtocolError as e:
+                self._giveUp(e)
+                return
+            if status < 200 and status != 101:
+                # An interim response (100 Continue, 103 Early Hints): the
+                # final one follows.
+                self._interim += consumed
+                searchFrom = 0
+                continue
+            if status < 200 or status >= 300:
+                self._giveUp(UpstreamRefused(status, reason))
+            else:
+                self._established(buffer)
+            return
+
+    def _tooLarge(self) -> None:
+        self._giveUp(
+            UpstreamProtocolError(
+                string=f"its response head exceeds {MAX_RESPONSE_HEAD} bytes"
+            )
+        )
+
+    def _established(self, rest: bytes) -> None:
+        """
+        A 2xx: connect the caller's protocol to the transport, fire the
+        attempt's Deferred, then deliver what followed the head.
+        """
+        self._buffer = b""
+        attempt = self._attempt
+        try:
+            wrapped = attempt.factory.buildProtocol(attempt.target)
+            if wrapped is None:
+                raise NoProtocol()
+        except Exception as e:
+            self._giveUp(e)
+            return
+        self._wrapped = wrapped
+        wrapped.makeConnection(self.transport)
+        attempt.succeed(wrapped)
+        # A transport that is closing reads no more (as TCP's stops reading
+        # at loseConnection).
+        if rest and not getattr(self.transport, "disconnecting", False):
+            wrapped.dataReceived(rest)
+
+    def readConnectionLost(self) -> None:
+        """
+        The parent sent FIN: pass it on, or, before any answer, give up.
+
+        A wrapped protocol that cannot half-close gets what TCP would give
+        it: the connection is closed.
+        """
+        wrapped = self._wrapped
+        if wrapped is None:
+            self._giveUp(
+                UpstreamProtocolError(
+                    string="it closed the connection before answering"
+                )
+            )
+            return
+        halfCloseable = IHalfCloseableProtocol(wrapped, None)
+        if halfCloseable is not None:
+            halfCloseable.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our FIN went out: tell the wrapped protocol, if it wants to know.
+        """
+        halfCloseable = IHalfCloseableProtocol(self._wrapped, None)
+        if halfCloseable is not None:
+            halfCloseable.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Pass the end of the connection on, or fail the attempt.
+        """
+        if self._wrapped is not None:
+            self._wrapped.connectionLost(reason)
+            self._attempt.factory.doStop()
+            return
+        failure = self._failure
+        if failure is None:
+            if reason.check(SSL.Error, VerificationError):
+                why = f"TLS with it failed: {reason.getErrorMessage()}"
+            else:
+                ended = type(reason.value).__name__
+                why = f"the connection ended before it answered ({ended})"
+            failure = Failure(UpstreamProtocolError(string=why))
+        self._attempt.fail(failure)
+
+
+class _HandshakeFactory(Factory):
+    """
+    Builds the L{_Handshake} of one attempt.
+    """
+
+    noisy = False
+
+    def __init__(self, attempt: _Attempt) -> None:
+        self._attempt = attempt
+
+    def buildProtocol(self, addr: object) -> _Handshake:
+        """
+        Build a handshake protocol for the attempt.
+        """
+        return _Handshake(self._attempt)
+
+
+@implementer(IStreamClientEndpoint)
+class UpstreamEndpoint:
+    """
+    Reach C{host:port} through a parent HTTP proxy with C{CONNECT}.
+
+    C{connect} reaches the parent with L{HostnameEndpoint} (Happy Eyeballs;
+    wrapped in TLS for an C{https://} parent) and sends::
+
+        CONNECT host:port HTTP/1.1
+        Host: host:port
+        Proxy-Authorization: Basic ...     (if the URL has credentials)
+
+    then reads the parent's response head (at most L{MAX_RESPONSE_HEAD}
+    bytes; interim 1xx responses are skipped).  On a 2xx the caller's
+    factory builds the protocol (with a L{HostnameAddress} of the target),
+    which is connected to the very transport to the parent, so flow control
+    (C{registerProducer}, C{pauseProducing}) works as on any connection;
+    C{transport.getPeer()} is the parent's address.  Its C{connectionMade}
+    runs, the Deferred fires, then it receives whatever the parent sent
+    after its head.  Every later event is passed on, half-close included
+    (C{readConnectionLost} and C{writeConnectionLost}, to a protocol that
+    provides L{IHalfCloseableProtocol}; one that does not is closed on the
+    parent's FIN, as TCP would close it).
+
+    The Deferred fails with:
+      - L{UpstreamRefused} (a L{ConnectError}) when the parent answers
+        anything but 2xx; its C{status} and C{reason} say what;
+      - L{UpstreamProtocolError} (a L{ConnectError}) when the answer is
+        malformed or too large, or the connection ends (or TLS fails)
+        before it;
+      - L{twisted.internet.error.TimeoutError} when the parent was not
+        reached, or did not answer, within C{timeout};
+      - the L{ConnectError} of L{HostnameEndpoint} when the parent cannot be
+        reached (its name does not resolve, it refuses the connection...).
+    On each of these the connection to the parent is already closed.  The
+    Deferred can be cancelled at any time before it fires: the connection
+    attempt is cancelled or the connection aborted.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        upstream: UpstreamProxy,
+        host: str,
+        port: int,
+        *,
+        tlsOptions: IOpenSSLClientConnectionCreator | None = None,
+        caCertificate: str | None = None,
+        timeout: float = 30,
+        resolver: IHostnameResolver | None = None,
+        bindAddress: tuple[str, int] | None = None,
+    ) -> None:
+        """
+        @param reactor: The reactor to connect with, and whose clock times
+            the attempt.
+        @param upstream: The parent proxy (see L{parseUpstreamURL}).
+        @param host: The target host: a DNS name (resolved by the parent),
+            an IPv4 literal, or an IPv6 literal without brackets.
+        @param port: The target port.
+        @param tlsOptions: For an C{https://} parent, how to do TLS with it;
+            by default L{upstreamTLSOptions}C{(upstream, caCertificate)}.
+        @param caCertificate: For an C{https://} parent, the path of a PEM
+            file of the certificates to trust (instead of the platform's).
+        @param timeout: Seconds allowed to reach the parent and get its
+            answer, all told.
+        @param resolver: Resolves the parent's name; by default the
+            reactor's own C{nameResolver}.
+        @param bindAddress: The local address to connect from, if any.
+        @raise ValueError: If C{host:port} is not a valid target, or TLS
+            options are given for an C{http://} parent.
+        @raise OSError: If C{caCertificate} cannot be read.
+        """
+        authority = _authority(host, port)
+        try:
+            parseAuthority(authority.encode("ascii"))
+        except (UnicodeEncodeError, RequestRejected) as e:
+            raise ValueError(f"not a valid target: {authority!r} ({e})") from None
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            reactor if resolver is None else _ResolvingReactor(reactor, resolver),
+            upstream.host,
+            upstream.port,
+            timeout=timeout,
+            bindAddress=bindAddress,
+        )
+        if upstream.tls:
+            if tlsOptions is None:
+                tlsOptions = upstreamTLSOptions(upstream, caCertificate)
+            endpoint = wrapClientTLS(tlsOptions, endpoint)
+        elif tlsOptions is not None or caCertificate is not None:
+            raise ValueError("TLS options need an https:// parent proxy")
+        self._reactor = reactor
+        self._parent = endpoint
+        self._timeout = timeout
+        self._target = HostnameAddress(host.encode("ascii"), port)
+        lines = [b"CONNECT %s HTTP/1.1" % (authority.encode("ascii"),)]
+        lines.append(b"Host: %s" % (authority.encode("ascii"),))
+        credentials = upstream.proxyAuthorization
+        if credentials is not None:
+            lines.append(b"Proxy-Authorization: " + credentials)
+        self._request = b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        """
+        Reach the target through the parent.
+
+        @param protocolFactory: Builds the protocol for the tunnel.
+        @return: A Deferred that fires with that protocol, connected, once
+            the parent answered 2xx (see the class docstring for failures).
+        """
+        attempt = _Attempt(protocolFactory, self._target, self._request)
+        protocolFactory.doStart()
+        attempt.result.addTimeout(self._timeout, self._reactor, _timedOut(attempt))
+        connecting = self._parent.connect(_HandshakeFactory(attempt))
+        attempt.connecting = connecting
+        connecting.addCallbacks(attempt.connected, attempt.connectFailed)
+        return attempt.result
+
+
+@implementer(IStreamClientEndpoint)
+class _Refused:
+    """
+    An endpoint that fails at once with L{AddressDenied}.
+    """
+
+    def __init__(self, host: str) -> None:
+        self._host = host
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        """
+        Fail.
+        """
+        return fail(AddressDenied(string=f"{self._host} is not an allowed address"))
+
+
+@implementer(ITargetConnector)
+class UpstreamConnector:
+    """
+    Reach every target through one parent HTTP proxy: the proxy becomes a
+    child of that parent.
+
+    The parent resolves target names, so the destination policy's address
+    rules (C{allowAddress}) cannot apply to names; the port and name rules
+    still do, checked before any connection.  A target given as an IP
+    literal needs no resolving, and is checked against C{allowAddress}
+    here: a denied one fails with L{AddressDenied} without contacting the
+    parent.
+
+    @ivar upstream: The parent proxy (its C{displayURL} is fit for logs).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        upstream: UpstreamProxy,
+        *,
+        tlsOptions: IOpenSSLClientConnectionCreator | None = None,
+        caCertificate: str | None = None,
+        timeout: float = 30,
+        resolver: IHostnameResolver | None = None,
+        bindAddress: tuple[str, int] | None = None,
+    ) -> None:
+        """
+        Takes the arguments of L{UpstreamEndpoint} but the target's.  For an
+        C{https://} parent the TLS options are built here, once (a bad
+        C{caCertificate} fails here, not at the first tunnel).
+
+        @raise ValueError: If TLS options are given for an C{http://}
+            parent, or C{caCertificate} holds no readable certificate.
+        @raise OSError: If C{caCertificate} cannot be read.
+        """
+        if upstream.tls:
+            if tlsOptions is None:
+                tlsOptions = upstreamTLSOptions(upstream, caCertificate)
+        elif tlsOptions is not None or caCertificate is not None:
+            raise ValueError("TLS options need an https:// parent proxy")
+        self.upstream = upstream
+        self._reactor = reactor
+        self._tlsOptions = tlsOptions
+        self._timeout = timeout
+        self._resolver = resolver
+        self._bindAddress = bindAddress
+
+    def endpointForTarget(
+        self, host: str, port: int, allowAddress: AllowAddress | None = None
+    ) -> IStreamClientEndpoint:
+        """
+        Give the endpoint that reaches C{host:port} through the parent.
+
+        @param allowAddress: Applied to a target given as an IP literal;
+            names are resolved by the parent, and not checked here.
+        @return: An L{UpstreamEndpoint}, or an endpoint that fails with
+            L{AddressDenied} for a denied IP literal.
+        """
+        if allowAddress is not None:
+            try:
+                literal = ipaddress.ip_address(host)
+            except ValueError:
+                pass
+            else:
+                if not allowAddress(literal):
+                    return _Refused(host)
+        return UpstreamEndpoint(
+            self._reactor,
+            self.upstream,
+            host,
+            port,
+            tlsOptions=self._tlsOptions,
+            timeout=self._timeout,
+            resolver=self._resolver,
+            bindAddress=self._bindAddress,
+        )
