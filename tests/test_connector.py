@@ -138,6 +138,23 @@ class VettingTests(SynchronousTestCase):
         self.assertEqual(reactor.tcpClients, [])
         self.failureResultOf(d, AddressDenied)
 
+    def test_allowedLiteral(self) -> None:
+        """
+        An allowed address literal is connected to directly, without asking
+        the resolver.
+        """
+        reactor = MemoryReactorClock()
+        resolver = FakeResolver()
+        connector = HostnameConnector(reactor, resolver=resolver, timeout=5)
+        for host in ["93.184.216.34", "2606:2800:220:1::1"]:
+            endpoint = connector.endpointForTarget(host, 443, lambda address: True)
+            endpoint.connect(Factory.forProtocol(Protocol))
+        self.assertEqual(
+            [(h, p, t) for h, p, _, t, _ in reactor.tcpClients],
+            [("93.184.216.34", 443, 5), ("2606:2800:220:1::1", 443, 5)],
+        )
+        self.assertEqual(resolver.queries, [])
+
     def test_noAddresses(self) -> None:
         """
         A name with no addresses at all is a lookup failure (502), not a

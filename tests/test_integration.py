@@ -792,7 +792,8 @@ class TunnelTests(LoopbackTestCase):
         [event] = yield self.proxyEnded(1)
         self.assertEnded(event, authority, 200, "client-eof")
         self.assertEqual((event["bytesUp"], event["bytesDown"]), (23, 23))
-        self.assertEqual(proxy.resolver.queries, ["127.0.0.1"])
+        # An address literal is connected to directly, without a lookup.
+        self.assertEqual(proxy.resolver.queries, [])
 
     @inlineCallbacks
     def test_echoThroughTunnelIPv6(self) -> Yielding[None]:

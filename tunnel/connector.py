@@ -9,8 +9,12 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import (
     IAddress,
@@ -171,6 +175,22 @@ class _VettedEndpoint:
         return self._endpoint.connect(protocolFactory).addErrback(denied)
 
 
+@implementer(IStreamClientEndpoint)
+class _DeniedEndpoint:
+    """
+    The endpoint of a target address the policy refuses: it never connects.
+    """
+
+    def __init__(self, host: str) -> None:
+        self._host = host
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        """
+        Fail with L{AddressDenied}.
+        """
+        return fail(AddressDenied(string=f"{self._host} is not allowed"))
+
+
 @implementer(ITargetConnector)
 class HostnameConnector:
     """
@@ -205,6 +225,26 @@ class HostnameConnector:
         Give an endpoint for C{host:port} that connects only to addresses
         C{allowAddress} allows (all of them if it is L{None}).
         """
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            # An address needs no lookup: vet it now and connect directly,
+            # sparing the resolver's thread and HostnameEndpoint's
+            # machinery on every handshake.
+            if allowAddress is not None and not allowAddress(literal):
+                return _DeniedEndpoint(host)
+            endpointType = (
+                TCP4ClientEndpoint if literal.version == 4 else TCP6ClientEndpoint
+            )
+            return endpointType(
+                self._reactor,
+                str(literal),
+                port,
+                timeout=self._timeout,
+                bindAddress=self._bindAddress,
+            )
         resolver = self._resolver or self._reactor.nameResolver
         return _VettedEndpoint(
             self._reactor,
