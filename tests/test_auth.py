@@ -167,15 +167,32 @@ class FailureDamperTests(SynchronousTestCase):
         clock.advance(0.5)
         self.assertIsNone(damper.retryAfter("a"))
 
-    def test_success(self) -> None:
+    def test_successForgivesNothing(self) -> None:
         """
-        A success forgets the failures.
+        A successful login does not forgive the address's failures: one
+        valid account must not buy unlimited guesses at other users.
         """
-        damper = FailureDamper(Clock(), maxFailures=1)
+        damper = FailureDamper(Clock(), maxFailures=2)
+        damper.failed("a")
+        damper.checking("a")
+        damper.checked("a", succeeded=True)
         damper.failed("a")
         self.assertIsNotNone(damper.retryAfter("a"))
-        damper.succeeded("a")
-        self.assertIsNone(damper.retryAfter("a"))
+
+    def test_checksInFlight(self) -> None:
+        """
+        Checks still running count against the limit, so guesses sent all
+        at once are refused too; each failed check is then recorded.
+        """
+        damper = FailureDamper(Clock(), maxFailures=3, window=60)
+        for _ in range(3):
+            self.assertIsNone(damper.retryAfter("a"))
+            damper.checking("a")
+        self.assertEqual(damper.retryAfter("a"), 1)
+        for _ in range(3):
+            damper.checked("a", succeeded=False)
+        self.assertEqual(damper.retryAfter("a"), 60)
+        self.assertEqual(damper._checking, {})
 
     def test_bounded(self) -> None:
         """

@@ -301,7 +301,7 @@ class DestinationRuleTests(SynchronousTestCase):
         self.assertEqual(
             literal.detail,
             "10.0.0.1 is in a range this proxy may not reach "
-            "(see --allow-to 10.0.0.1).",
+            "(see --allow-to 10.0.0.1, unless a --deny-to rule covers it).",
         )
 
     def test_parseTargetRule(self) -> None:

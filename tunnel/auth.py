@@ -120,6 +120,11 @@ class FailureDamper:
     Count authentication failures per client address, and refuse a client
     for a while after too many, so that the proxy is no password oracle.
 
+    Checks still in flight count as failures until they succeed, so that
+    many guesses sent at once cannot slip past the limit; a success does not
+    forgive earlier failures (one valid account must not buy unlimited
+    guesses at others).
+
     Memory is bounded: at most C{maxClients} addresses are remembered; the
     oldest is forgotten first.
     """
@@ -144,6 +149,7 @@ class FailureDamper:
         self._maxClients = maxClients
         # address -> (time of the first failure in the window, count)
         self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._checking: dict[str, int] = {}
 
     def _current(self, client: str) -> tuple[float, int] | None:
         entry = self._failures.get(client)
@@ -160,9 +166,37 @@ class FailureDamper:
         @return: Seconds until it may try again, or L{None} if it may now.
         """
         entry = self._current(client)
-        if entry is None or entry[1] < self._maxFailures:
+        failures = (entry[1] if entry is not None else 0) + self._checking.get(
+            client, 0
+        )
+        if failures < self._maxFailures:
             return None
+        if entry is None:
+            # Refused for checks in flight alone: they end within seconds.
+            return 1
         return max(1, int(entry[0] + self._window - self._clock.seconds() + 0.999))
+
+    def checking(self, client: str) -> None:
+        """
+        Note that a check of C{client}'s credentials started; it counts as a
+        failure until L{checked} is called.
+        """
+        self._checking[client] = self._checking.get(client, 0) + 1
+
+    def checked(self, client: str, succeeded: bool) -> None:
+        """
+        Note that a check started with L{checking} ended.
+
+        @param succeeded: Whether the credentials were valid; if not, the
+            failure is recorded.
+        """
+        left = self._checking[client] - 1
+        if left:
+            self._checking[client] = left
+        else:
+            del self._checking[client]
+        if not succeeded:
+            self.failed(client)
 
     def failed(self, client: str) -> None:
         """
@@ -175,9 +209,3 @@ class FailureDamper:
         self._failures.move_to_end(client)
         while len(self._failures) > self._maxClients:
             self._failures.popitem(last=False)
-
-    def succeeded(self, client: str) -> None:
-        """
-        Forget C{client}'s failures.
-        """
-        self._failures.pop(client, None)

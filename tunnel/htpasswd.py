@@ -26,9 +26,17 @@ from zope.interface import implementer
 __all__ = ["HtpasswdChecker", "HtpasswdError", "parseHtpasswd"]
 
 _BCRYPT_PREFIXES = (b"$2y$", b"$2b$", b"$2a$")
-# Checked for unknown users too, so that a missing user costs the same time
-# as a wrong password.
-_DUMMY_HASH = bcrypt.hashpw(b"tunnel-dummy-password", bcrypt.gensalt(4))
+
+
+def _dummyHash(entries: dict[bytes, bytes]) -> bytes:
+    """
+    A hash to check unknown users against, as costly as the file's most
+    costly entry, so that a missing user takes as long as a wrong password
+    and timing does not tell which user names exist.
+    """
+    costs = [int(hashed[4:6]) for hashed in entries.values() if hashed[4:6].isdigit()]
+    cost = min(max(costs, default=10), 31)
+    return bcrypt.hashpw(b"tunnel-dummy-password", bcrypt.gensalt(max(cost, 4)))
 
 
 class HtpasswdError(ValueError):
@@ -113,6 +121,7 @@ class HtpasswdChecker:
         self._cache: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
         self._stamp = _fileStamp(path)
         self._entries = self._load()
+        self._dummy = _dummyHash(self._entries)
 
     def _load(self) -> dict[bytes, bytes]:
         try:
@@ -137,6 +146,7 @@ class HtpasswdChecker:
             )
             return
         self._cache.clear()
+        self._dummy = _dummyHash(self._entries)
         self._log.info(
             "Reloaded {count} users from {path}",
             count=len(self._entries),
@@ -169,7 +179,7 @@ class HtpasswdChecker:
             self._reactor.getThreadPool(),
             bcrypt.checkpw,
             password,
-            hashed if hashed is not None else _DUMMY_HASH,
+            hashed if hashed is not None else self._dummy,
         )
 
         def checked(valid: bool) -> bytes:

@@ -442,15 +442,14 @@ class TunnelPolicy:
         """
         Name the option that would open the destination.
         """
+        # The policy may have refused by default or by a --deny-to rule;
+        # name both, since --deny-to wins.
+        hint = f"see --allow-to {host}, unless a --deny-to rule covers it"
         if parseAddress(host) is not None:
-            detail = (
-                f"{host} is in a range this proxy may not reach "
-                f"(see --allow-to {host})."
-            )
+            detail = f"{host} is in a range this proxy may not reach ({hint})."
         else:
             detail = (
-                f"{host} resolves only to addresses this proxy may not reach "
-                f"(see --allow-to {host})."
+                f"{host} resolves only to addresses this proxy may not reach ({hint})."
             )
         return Denial(403, detail, "address")
 

@@ -347,20 +347,24 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._challenge("no valid Basic credentials")
             return
         self._user = credentials.username.decode("utf-8")
+        factory.damper.checking(self._clientKey)
         login = portal.login(credentials, None, IProxyUser)
         login.addCallbacks(self._authenticated, self._authenticationFailed)
 
     def _authenticated(self, result: tuple[Any, ProxyUser, Any]) -> None:
+        self.factory.damper.checked(self._clientKey, succeeded=True)
         if self._reading == "done":
             return
         self._user = result[1].name
-        self.factory.damper.succeeded(self._clientKey)
         assert self._request is not None
         self._authorize(self._request)
 
     def _authenticationFailed(self, reason: Failure) -> None:
+        self.factory.damper.checked(
+            self._clientKey,
+            succeeded=reason.check(UnauthorizedLogin, UnhandledCredentials) is None,
+        )
         if reason.check(UnauthorizedLogin, UnhandledCredentials):
-            self.factory.damper.failed(self._clientKey)
             if self._reading != "done":
                 self._challenge("wrong user name or password")
             return
