@@ -1006,6 +1006,27 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(self.client.value(), b"")
         self.assertEqual(self.connector.targets, [])
 
+    def test_slowChecker(self) -> None:
+        """
+        Credentials that are not checked within the connect timeout get a
+        503 with Retry-After, and the late answer is ignored.
+        """
+        pending: Deferred[Any] = Deferred()
+
+        @implementer(ICredentialsChecker)
+        class SlowChecker:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[Any]:
+                return pending
+
+        self.factory.portal = portalFromCheckers([SlowChecker()])
+        self.proxy.dataReceived(basicHead(b"alice:s3:cret"))
+        self.clock.advance(15)
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 503 "))
+        pending.callback(b"alice")
+        self.assertEqual(self.connector.targets, [])
+
     def test_brokenChecker(self) -> None:
         """
         A checker that fails unexpectedly gets the client a 500, and the
