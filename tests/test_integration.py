@@ -673,7 +673,10 @@ class LoopbackTestCase(TestCase):
         resolver = FakeResolver(hostMap)
         if connector is None:
             connector = HostnameConnector(reactor, resolver=resolver)
-        factory = ConnectProxyFactory(connector, reactor=reactor, policy=LOOPBACK)
+        # The plain relay; tests/test_splice.py runs these tests spliced.
+        factory = ConnectProxyFactory(
+            connector, reactor=reactor, policy=LOOPBACK, splice=False
+        )
         self._factories.append(factory)
         return RunningProxy(self.listen(factory), factory, resolver)
 

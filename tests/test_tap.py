@@ -263,6 +263,17 @@ class SecurityOptionsTests(SynchronousTestCase):
         self.assertRaises(UsageError, parse, "--auth", "nonsense:x")
         self.assertRaises(UsageError, parse, "--auth", "sshkey")
 
+    def test_splice(self) -> None:
+        """
+        Splicing is on wherever the system has it, and C{--no-splice} turns
+        it off.
+        """
+        from tunnel.splice import spliceAvailable
+
+        reactor = MemoryReactorClock()
+        self.assertEqual(makeFactory(parse(), reactor).splice, spliceAvailable())
+        self.assertFalse(makeFactory(parse("--no-splice"), reactor).splice)
+
     def test_limits(self) -> None:
         """
         C{--max-tunnels} and C{--max-tunnels-per-client} reach the factory.

@@ -43,6 +43,7 @@ from .policy import IPAddress, ITunnelPolicy, TunnelPolicy
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
 from .relay import Relay, RelayResult, StreamTransport, TargetProtocol, canHalfClose
 from .request import ConnectRequest, RequestRejected, findHeadEnd, parseConnectHead
+from .splice import SpliceRelay, canSplice, spliceAvailable
 from .upstream import UpstreamProtocolError, UpstreamRefused
 
 __all__ = ["ConnectProxy", "ConnectProxyFactory", "formatAddress"]
@@ -168,7 +169,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     factory: ConnectProxyFactory
     _log = Logger(namespace="tunnel")
 
-    _relay: Relay | None = None
+    _relay: Relay | SpliceRelay | None = None
     _request: ConnectRequest | None = None
     _connecting: Deferred[Any] | None = None
     _status: int | None = None
@@ -457,20 +458,37 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._establishedAt = self.factory.clock.seconds()
         self.factory.relaying += 1
         self._reading = "tunnel"
-        self._client.write(_ESTABLISHED)
-        relay = Relay(
-            self._client,
-            cast(StreamTransport, target.transport),
-            self.factory.clock,
-            self.factory.idleTimeout,
-            self._relayEnded,
-        )
+        factory = self.factory
+        targetTransport = cast(StreamTransport, target.transport)
+        relay: Relay | SpliceRelay
+        if factory.splice and canSplice(self._client) and canSplice(targetTransport):
+            # Zero-copy: the 200 goes through the client-bound pipe too.
+            relay = SpliceRelay(
+                self._client,
+                targetTransport,
+                factory.clock,
+                factory.idleTimeout,
+                self._relayEnded,
+                factory.reactor,
+            )
+        else:
+            self._client.write(_ESTABLISHED)
+            relay = Relay(
+                self._client,
+                targetTransport,
+                factory.clock,
+                factory.idleTimeout,
+                self._relayEnded,
+            )
         self._relay = relay
-        target.attach(relay)
+        target.attach(cast(Relay, relay))
         early, self._early = b"".join(self._early), []
-        if self._earlyBytes > self.factory.maxEarlyData:
+        if self._earlyBytes > factory.maxEarlyData:
             self._client.resumeProducing()
-        relay.start(early, self._clientFinished)
+        if isinstance(relay, SpliceRelay):
+            relay.start(early, self._clientFinished, greeting=_ESTABLISHED)
+        else:
+            relay.start(early, self._clientFinished)
 
     def _targetFailed(self, reason: Failure) -> None:
         self._connecting = None
@@ -713,6 +731,7 @@ class ConnectProxyFactory(Factory):
         maxTunnelsPerClient: int | None = None,
         damper: FailureDamper | None = None,
         proxyProtocol: bool = False,
+        splice: bool | None = None,
     ) -> None:
         """
         @param connector: Chooses how targets are reached; by default a
@@ -744,6 +763,10 @@ class ConnectProxyFactory(Factory):
             protocol (v1 or v2) header from a load balancer, whose source
             address is then the client's for the policy, the limits and the
             logs.  Connections without a valid header get a 400.
+        @param splice: Whether tunnels between two plain TCP connections
+            move their bytes with C{splice(2)} (a L{SpliceRelay}) instead of
+            through Python (a L{Relay}); by default, wherever the system
+            can (L{spliceAvailable}).
         """
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -767,6 +790,7 @@ class ConnectProxyFactory(Factory):
         self.maxTunnelsPerClient = maxTunnelsPerClient
         self.damper = damper if damper is not None else FailureDamper(self.clock)
         self.proxyProtocol = proxyProtocol
+        self.splice = spliceAvailable() if splice is None else splice
         self.connections: set[ConnectProxy] = set()
         self.relaying = 0
         self.draining = False

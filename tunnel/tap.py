@@ -102,6 +102,12 @@ class Options(usage.Options, AuthOptionMixin):
 
     optFlags = [
         [
+            "no-splice",
+            None,
+            "Relay every tunnel through Python instead of moving the bytes "
+            "of plain TCP tunnels kernel-to-kernel with splice(2).",
+        ],
+        [
             "proxy-protocol",
             None,
             "Every connection starts with a PROXY protocol v1/v2 header (from "
@@ -412,6 +418,7 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
         maxTunnels=options["max-tunnels"],
         maxTunnelsPerClient=options["max-tunnels-per-client"],
         proxyProtocol=bool(options["proxy-protocol"]),
+        splice=False if options["no-splice"] else None,
     )
 
 

@@ -1,0 +1,786 @@
+"""
+Zero-copy relaying for tunnels whose two connections are plain TCP.
+
+A L{SpliceRelay} does what a L{tunnel.relay.Relay} does (flow control,
+half-close, idle timeout, byte counts, one L{RelayResult}) and takes the same
+calls, but it moves the bytes from socket to socket inside the kernel with
+C{splice(2)}, through a pipe, without ever copying them into Python objects.
+
+How it works:
+
+  - While it relays, the two Twisted transports neither read nor write.
+    Each socket is registered with the reactor through one L{SpliceEnd}
+    instead: epoll allows one registration per descriptor, so the same
+    object is the reader and the writer of its socket.
+
+  - Each direction moves bytes from its source socket into a pipe and from
+    the pipe into its destination socket.  It reads from the source only
+    when the pipe is empty; while the destination cannot take what is in
+    the pipe, it stops reading the source and waits for the destination to
+    become writable.  So a direction holds at most one pipe's worth of bytes
+    (L{PIPE_SIZE}), in the kernel, and a stalled reader stalls the sender
+    through TCP's own flow control.
+
+  - Pipes are borrowed from a L{PipePool} only while bytes are in flight: an
+    idle tunnel holds no pipe, only its two sockets.
+
+  - An end of file from one side becomes C{shutdown(SHUT_WR)} on the other
+    socket once that direction's pipe is drained, while the other direction
+    keeps flowing.  The transport's own C{loseWriteConnection} cannot be used
+    for this: it registers the transport with the reactor as a writer, which
+    on epoll would replace the L{SpliceEnd} registered for the same
+    descriptor.
+
+  - When both directions are finished, the L{SpliceEnd}s are taken off the
+    reactor and both transports are closed with C{loseConnection}; an error
+    on either socket, L{SpliceRelay.abort} or the idle timeout takes them off
+    and aborts both transports.  Either way Twisted's own C{connectionLost}
+    path runs, closes the sockets and reaches L{SpliceRelay.clientLost} and
+    L{SpliceRelay.targetLost}; once both have been called, C{onEnd} gets the
+    L{RelayResult}.
+
+Use it only for two transports that L{canSplice} accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, cast
+
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorFDSet,
+    IReactorTime,
+    IReadWriteDescriptor,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .relay import RelayResult, StreamTransport
+
+__all__ = [
+    "PIPE_SIZE",
+    "POOL_MAX_IDLE",
+    "Pipe",
+    "PipePool",
+    "SpliceEnd",
+    "SpliceRelay",
+    "canSplice",
+    "defaultPool",
+    "spliceAvailable",
+]
+
+#: The capacity asked for each pipe: the most bytes one direction of one
+#: tunnel holds in the proxy.
+PIPE_SIZE = 1 << 20
+
+#: How many empty pipes the default pool keeps for reuse.
+POOL_MAX_IDLE = 64
+
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+# The most steps one call moves a direction forward before it lets the
+# reactor run (a step moves bytes or ends the call; many steps happen only
+# when much data arrived through Python and the pipes are small).
+_ROUNDS = 64
+
+
+def spliceAvailable() -> bool:
+    """
+    Whether this system can splice: Linux, with C{os.splice} and
+    C{os.pipe2}.
+    """
+    return (
+        sys.platform.startswith("linux")
+        and hasattr(os, "splice")
+        and hasattr(os, "pipe2")
+    )
+
+
+def canSplice(transport: object) -> bool:
+    """
+    Whether a L{SpliceRelay} can take over C{transport}.
+
+    Only the reactor's own plain TCP transports (L{tcp.Server} and
+    L{tcp.Client}) on an IPv4 or IPv6 stream socket qualify, while they are
+    connected, not closing and not running TLS.  Wrapped transports (TLS,
+    other L{twisted.protocols.policies.ProtocolWrapper}s) and UNIX sockets
+    do not.
+
+    @param transport: A connected transport.
+    """
+    if not spliceAvailable() or not isinstance(transport, (tcp.Server, tcp.Client)):
+        return False
+    t = cast(Any, transport)
+    sock = getattr(t, "socket", None)
+    return bool(
+        isinstance(sock, socket.socket)
+        and sock.family in (socket.AF_INET, socket.AF_INET6)
+        and sock.type == socket.SOCK_STREAM
+        and t.connected
+        and not t.disconnecting
+        and not getattr(t, "TLS", False)
+        and not getattr(t, "_writeDisconnecting", False)
+        and not getattr(t, "_writeDisconnected", False)
+    )
+
+
+class Pipe:
+    """
+    A non-blocking pipe.
+
+    @ivar readFD: The descriptor bytes come out of.
+    @ivar writeFD: The descriptor bytes go into.
+    @ivar size: Its capacity in bytes.
+    """
+
+    __slots__ = ("readFD", "size", "writeFD")
+
+    def __init__(self, readFD: int, writeFD: int, size: int) -> None:
+        """
+        @param readFD: The read end.
+        @param writeFD: The write end.
+        @param size: The capacity.
+        """
+        self.readFD = readFD
+        self.writeFD = writeFD
+        self.size = size
+
+    def close(self) -> None:
+        """
+        Close both ends.
+        """
+        os.close(self.readFD)
+        os.close(self.writeFD)
+
+
+class PipePool:
+    """
+    Lends pipes to the directions of tunnels that have bytes in flight.
+
+    A pipe comes back empty and is kept for the next borrower, up to
+    C{maxIdle} of them; beyond that, and when it comes back with bytes in it,
+    it is closed.  So the pool holds at most C{2 * maxIdle} descriptors
+    while no bytes move, and each direction of a tunnel holds one pipe only
+    while it has bytes in flight.
+
+    @ivar pipeSize: The capacity asked for each new pipe (the kernel may
+        give less, see L{Pipe.size}).
+    @ivar maxIdle: How many empty pipes are kept.
+    @ivar opened: How many pipes of this pool are open now, lent or idle.
+    """
+
+    def __init__(self, pipeSize: int = PIPE_SIZE, maxIdle: int = POOL_MAX_IDLE) -> None:
+        """
+        @param pipeSize: The capacity to ask for each pipe.
+        @param maxIdle: How many empty pipes to keep.
+        """
+        self.pipeSize = pipeSize
+        self.maxIdle = maxIdle
+        self.opened = 0
+        self._idle: list[Pipe] = []
+
+    @property
+    def idle(self) -> int:
+        """
+        How many empty pipes wait to be lent.
+        """
+        return len(self._idle)
+
+    @property
+    def lent(self) -> int:
+        """
+        How many pipes are lent now.
+        """
+        return self.opened - len(self._idle)
+
+    def acquire(self) -> Pipe:
+        """
+        Lend a pipe: an idle one, or a new one.
+
+        @return: An empty pipe; give it back with L{release}.
+        @raise OSError: A new pipe could not be made (out of descriptors).
+        """
+        if self._idle:
+            return self._idle.pop()
+        import fcntl
+
+        readFD, writeFD = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Beyond /proc/sys/fs/pipe-max-size or the user's pipe quota, keep
+        # the size the kernel gave.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(writeFD, fcntl.F_SETPIPE_SZ, self.pipeSize)
+        size = fcntl.fcntl(writeFD, fcntl.F_GETPIPE_SZ)
+        self.opened += 1
+        return Pipe(readFD, writeFD, size)
+
+    def release(self, pipe: Pipe, empty: bool) -> None:
+        """
+        Take a lent pipe back.
+
+        @param pipe: A pipe from L{acquire}.
+        @param empty: Whether it holds no byte; a pipe with bytes in it is
+            closed, never lent again.
+        """
+        if empty and len(self._idle) < self.maxIdle:
+            self._idle.append(pipe)
+        else:
+            self.opened -= 1
+            pipe.close()
+
+    def clear(self) -> None:
+        """
+        Close every idle pipe.
+        """
+        idle, self._idle = self._idle, []
+        for pipe in idle:
+            self.opened -= 1
+            pipe.close()
+
+
+#: The pool every L{SpliceRelay} uses unless given another.
+defaultPool = PipePool()
+
+
+@implementer(IReadWriteDescriptor)
+class SpliceEnd:
+    """
+    One socket of a L{SpliceRelay}, as the reactor sees it: the one reader
+    and writer registered for that socket's descriptor while the relay runs.
+
+    @ivar side: C{"client"} or C{"target"}.
+    @ivar transport: The Twisted transport that owns the socket.
+    @ivar fd: The socket's descriptor.
+    @ivar reading: Whether it is registered as a reader.
+    @ivar writing: Whether it is registered as a writer.
+    @ivar attached: Whether the relay still drives the socket; once not, it
+        is never registered again.
+    """
+
+    def __init__(
+        self,
+        relay: SpliceRelay,
+        side: str,
+        transport: StreamTransport,
+        reactor: IReactorFDSet,
+    ) -> None:
+        """
+        @param relay: The relay this socket belongs to.
+        @param side: C{"client"} or C{"target"}.
+        @param transport: A transport that L{canSplice} accepts.
+        @param reactor: The reactor that runs C{transport}.
+        """
+        self._relay = relay
+        self.side = side
+        self.transport = transport
+        self._socket: socket.socket = cast(Any, transport).socket
+        self.fd = self._socket.fileno()
+        self._reactor = reactor
+        self.reading = False
+        self.writing = False
+        self.attached = True
+
+    def fileno(self) -> int:
+        """
+        The socket's descriptor, or -1 once the transport closed it (the
+        reactor then finds this object by identity, never by a descriptor
+        number that may have been reused).
+        """
+        return self._socket.fileno()
+
+    def logPrefix(self) -> str:
+        """
+        Log as the relay.
+        """
+        return "SpliceRelay"
+
+    def setReading(self, on: bool) -> None:
+        """
+        Register or unregister as the socket's reader.
+
+        @param on: Whether to be registered.
+        """
+        if on and not self.attached:
+            return
+        if on != self.reading:
+            self.reading = on
+            if on:
+                self._reactor.addReader(self)
+            else:
+                self._reactor.removeReader(self)
+
+    def setWriting(self, on: bool) -> None:
+        """
+        Register or unregister as the socket's writer.
+
+        @param on: Whether to be registered.
+        """
+        if on and not self.attached:
+            return
+        if on != self.writing:
+            self.writing = on
+            if on:
+                self._reactor.addWriter(self)
+            else:
+                self._reactor.removeWriter(self)
+
+    def shutdownWrite(self) -> None:
+        """
+        Send FIN: shut down the socket's sending side.
+
+        @raise OSError: The connection is gone.
+        """
+        self._socket.shutdown(socket.SHUT_WR)
+
+    def doRead(self) -> None:
+        """
+        The socket is readable: move the direction it is the source of.
+        """
+        if self.attached:
+            self._relay._readable(self)
+
+    def doWrite(self) -> None:
+        """
+        The socket is writable: move the direction it is the destination
+        of.
+        """
+        if self.attached:
+            self._relay._writable(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The reactor gave up on the socket (a hang-up or error it saw, or an
+        exception in L{doRead} or L{doWrite}) and unregistered it: the tunnel
+        is reset.
+
+        @param reason: Why.
+        """
+        self.reading = self.writing = False
+        if self.attached:
+            self._relay._endFailed(self)
+
+
+class _Flow:
+    """
+    One direction of a tunnel.
+
+    @ivar src: Where its bytes come from.
+    @ivar dst: Where they go.
+    @ivar pipe: The pipe borrowed while bytes are in flight.
+    @ivar inPipe: Bytes in the pipe.
+    @ivar spill: Bytes that Twisted read (or was given to write) before the
+        relay started, waiting for room in the pipe.
+    @ivar moved: Bytes that entered this direction.
+    @ivar eof: Whether the source sent FIN.
+    @ivar done: Whether the FIN was passed on to the destination.
+    """
+
+    __slots__ = ("done", "dst", "eof", "inPipe", "moved", "pipe", "spill", "src")
+
+    def __init__(self, src: SpliceEnd, dst: SpliceEnd) -> None:
+        self.src = src
+        self.dst = dst
+        self.pipe: Pipe | None = None
+        self.inPipe = 0
+        self.spill = bytearray()
+        self.moved = 0
+        self.eof = False
+        self.done = False
+
+
+def _takeUnwritten(transport: Any) -> bytes:
+    """
+    Take the bytes a Twisted transport holds but has not written yet (see
+    C{twisted.internet.abstract.FileDescriptor}), leaving its buffer empty.
+    """
+    pending = bytes(transport.dataBuffer[transport.offset :]) + b"".join(
+        transport._tempDataBuffer
+    )
+    transport.dataBuffer = b""
+    transport.offset = 0
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    return pending
+
+
+class SpliceRelay:
+    """
+    Moves bytes between a client and a target TCP connection with
+    C{splice(2)}: the same calls, callback and results as
+    L{tunnel.relay.Relay}, without copying the bytes into Python.
+
+    The client protocol and the L{tunnel.relay.TargetProtocol} feed their
+    events into the C{client*} and C{target*} methods, as for a C{Relay}.
+    Once started the transports do not read, so the data and end-of-file
+    calls only happen before L{start} (Twisted may have read bytes before
+    the switch); they are honoured, in order, at any time.
+
+    @ivar clientEnd: The L{SpliceEnd} of the client's socket.
+    @ivar targetEnd: The L{SpliceEnd} of the target's socket.
+    """
+
+    _log = Logger(namespace="tunnel")
+
+    def __init__(
+        self,
+        client: StreamTransport,
+        target: StreamTransport,
+        clock: IReactorTime,
+        idleTimeout: float | None,
+        onEnd: Callable[[RelayResult], None],
+        reactor: IReactorFDSet,
+        pool: PipePool | None = None,
+    ) -> None:
+        """
+        @param client: The transport connected to the client; L{canSplice}
+            must accept it.
+        @param target: The transport connected to the target; likewise.
+        @param clock: Schedules the idle timeout.
+        @param idleTimeout: Seconds without a byte in either direction after
+            which both connections are aborted; L{None} or C{0} disables it.
+        @param onEnd: Called once with the L{RelayResult} when both
+            connections are closed.
+        @param reactor: The reactor that runs both transports.
+        @param pool: Lends the pipes; by default L{defaultPool}.
+        """
+        self._client = client
+        self._target = target
+        self._clock = clock
+        self._idleTimeout = idleTimeout or 0.0
+        self._onEnd: Callable[[RelayResult], None] | None = onEnd
+        self._pool = pool if pool is not None else defaultPool
+        self.clientEnd = SpliceEnd(self, "client", client, reactor)
+        self.targetEnd = SpliceEnd(self, "target", target, reactor)
+        self._up = _Flow(self.clientEnd, self.targetEnd)
+        self._down = _Flow(self.targetEnd, self.clientEnd)
+        self._started = False
+        self._clientOpen = True
+        self._targetOpen = True
+        self._firstEnd: str | None = None
+        self._closing: str | None = None
+        self._idleCall: IDelayedCall | None = None
+        self._lastActivity = 0.0
+
+    @property
+    def bytesUp(self) -> int:
+        """
+        Bytes from the client to the target so far, early data included
+        (counted as they enter the proxy, as L{tunnel.relay.Relay} does).
+        """
+        return self._up.moved
+
+    @property
+    def bytesDown(self) -> int:
+        """
+        Bytes from the target to the client so far (the greeting excluded).
+        """
+        return self._down.moved
+
+    def pipeBytes(self) -> tuple[int, int]:
+        """
+        @return: The bytes in flight in the kernel now: in the upstream and
+            in the downstream pipe.
+        """
+        return self._up.inPipe, self._down.inPipe
+
+    def pythonBytes(self) -> tuple[int, int]:
+        """
+        @return: The bytes this relay holds in Python now, upstream and
+            downstream: only what Twisted had read or was given to write
+            before the relay started, until it fits in the pipes.
+        """
+        return len(self._up.spill), len(self._down.spill)
+
+    def start(
+        self,
+        earlyData: bytes = b"",
+        clientFinished: bool = False,
+        greeting: bytes = b"",
+    ) -> None:
+        """
+        Take both sockets over from Twisted and start relaying.
+
+        @param earlyData: Bytes the client sent before the tunnel was
+            established; they reach the target first.
+        @param clientFinished: Whether the client already half-closed its
+            side before the tunnel was established.
+        @param greeting: Bytes for the client before anything from the
+            target (the C{200} response); not counted in L{bytesDown}.
+        """
+        if self._started or self._closing is not None:
+            return
+        self._started = True
+        client, target = cast(Any, self._client), cast(Any, self._target)
+        for transport in (client, target):
+            transport.stopReading()
+            transport.stopWriting()
+        # What Twisted was asked to write goes first, then what this relay
+        # was given before it started.
+        self._down.spill[:0] = _takeUnwritten(client) + greeting
+        self._up.spill[:0] = _takeUnwritten(target) + earlyData
+        self._up.moved += len(earlyData)
+        if self._idleTimeout:
+            self._lastActivity = self._clock.seconds()
+            self._idleCall = self._clock.callLater(self._idleTimeout, self._idle)
+        if clientFinished:
+            self.clientFinished()
+        self._pump(self._up)
+        self._pump(self._down)
+
+    def clientData(self, data: bytes) -> None:
+        """
+        Bytes from the client that Twisted read (before the relay started).
+
+        @param data: The bytes.
+        """
+        self._given(self._up, data)
+
+    def targetData(self, data: bytes) -> None:
+        """
+        Bytes from the target that Twisted read (before the relay started).
+
+        @param data: The bytes.
+        """
+        self._given(self._down, data)
+
+    def _given(self, flow: _Flow, data: bytes) -> None:
+        if self._closing is not None or flow.eof:
+            return
+        flow.spill += data
+        flow.moved += len(data)
+        if self._started:
+            self._pump(flow)
+            self._active()
+
+    def clientFinished(self) -> None:
+        """
+        The client sent FIN: pass it on to the target once the bytes before
+        it are delivered.
+        """
+        self._finished(self._up)
+
+    def targetFinished(self) -> None:
+        """
+        The target sent FIN: pass it on to the client once the bytes before
+        it are delivered.
+        """
+        self._finished(self._down)
+
+    def _finished(self, flow: _Flow) -> None:
+        if self._closing is not None or flow.eof:
+            return
+        self._sawEOF(flow)
+        if self._started:
+            self._pump(flow)
+
+    def _sawEOF(self, flow: _Flow) -> None:
+        flow.eof = True
+        flow.src.setReading(False)
+        if self._firstEnd is None:
+            self._firstEnd = f"{flow.src.side}-eof"
+
+    def clientLost(self, reason: Failure = connectionDone) -> None:
+        """
+        The client transport is closed.
+
+        @param reason: Why.
+        """
+        self._clientOpen = False
+        self._sideLost("client", reason)
+
+    def targetLost(self, reason: Failure = connectionDone) -> None:
+        """
+        The target transport is closed.
+
+        @param reason: Why.
+        """
+        self._targetOpen = False
+        self._sideLost("target", reason)
+
+    def _sideLost(self, side: str, reason: Failure) -> None:
+        if self._closing is None:
+            # Closed by something other than this relay: its socket may be
+            # closed already, so let go of both at once.
+            clean = reason.check(ConnectionDone) is not None
+            self._close(
+                (self._firstEnd or f"{side}-eof") if clean else f"{side}-reset",
+                abort=not clean,
+            )
+        self._reportIfDone()
+
+    def abort(self, why: str = "shutdown") -> None:
+        """
+        End the tunnel at once, resetting both connections.
+
+        @param why: How the tunnel ended, for the L{RelayResult}, unless it
+            was already ending for another reason.
+        """
+        self._close(self._closing or why, abort=True)
+
+    # Moving bytes.
+
+    def _readable(self, end: SpliceEnd) -> None:
+        self._pump(self._up if end is self.clientEnd else self._down, readable=True)
+
+    def _writable(self, end: SpliceEnd) -> None:
+        self._pump(self._down if end is self.clientEnd else self._up)
+
+    def _endFailed(self, end: SpliceEnd) -> None:
+        self._close(f"{end.side}-reset", abort=True)
+
+    def _pump(self, flow: _Flow, readable: bool = False) -> None:
+        if self._closing is None and not flow.done and self._move(flow, readable):
+            self._active()
+
+    def _active(self) -> None:
+        if self._idleCall is not None:
+            self._lastActivity = self._clock.seconds()
+
+    def _move(self, flow: _Flow, readable: bool) -> bool:
+        """
+        Move one direction as far as it can go now: drain its pipe into the
+        destination, refill the pipe from Python-held bytes, and, if
+        C{readable}, splice one read from the source.  Leaves the source
+        registered for reading only while the pipe is empty, and the
+        destination registered for writing only while bytes wait for it.
+
+        @return: Whether any byte moved.
+        """
+        src, dst = flow.src, flow.dst
+        moved = False
+        for _ in range(_ROUNDS):
+            if flow.inPipe:
+                try:
+                    n = os.splice(
+                        cast(Pipe, flow.pipe).readFD, dst.fd, flow.inPipe, flags=_FLAGS
+                    )
+                except BlockingIOError:
+                    # The destination is full: read no more until it drains.
+                    src.setReading(False)
+                    dst.setWriting(True)
+                    return moved
+                except OSError:
+                    self._close(f"{dst.side}-reset", abort=True)
+                    return moved
+                flow.inPipe -= n
+                moved = True
+                continue
+            if flow.spill:
+                spillInto = self._borrow(flow)
+                if spillInto is None:
+                    return moved
+                n = os.write(spillInto.writeFD, flow.spill)
+                del flow.spill[:n]
+                flow.inPipe += n
+                continue
+            # Nothing in flight.
+            dst.setWriting(False)
+            if flow.pipe is not None:
+                self._pool.release(flow.pipe, True)
+                flow.pipe = None
+            if flow.eof:
+                self._finish(flow)
+                return moved
+            if not readable:
+                src.setReading(True)
+                return moved
+            readable = False
+            pipe = self._borrow(flow)
+            if pipe is None:
+                return moved
+            try:
+                n = os.splice(src.fd, pipe.writeFD, pipe.size, flags=_FLAGS)
+            except BlockingIOError:
+                continue
+            except OSError:
+                self._close(f"{src.side}-reset", abort=True)
+                return moved
+            if n:
+                flow.inPipe += n
+                flow.moved += n
+                moved = True
+            else:
+                self._sawEOF(flow)
+        # Many small steps: go on when the reactor has run.
+        dst.setWriting(True)
+        return moved
+
+    def _borrow(self, flow: _Flow) -> Pipe | None:
+        if flow.pipe is None:
+            try:
+                flow.pipe = self._pool.acquire()
+            except OSError:
+                self._log.failure("No pipe for a spliced tunnel")
+                self._close(self._closing or "shutdown", abort=True)
+                return None
+        return flow.pipe
+
+    def _finish(self, flow: _Flow) -> None:
+        """
+        The source sent FIN and every byte before it was delivered: send FIN
+        to the destination, and close both connections if the other
+        direction is finished too.
+        """
+        flow.done = True
+        try:
+            flow.dst.shutdownWrite()
+        except OSError:
+            self._close(f"{flow.dst.side}-reset", abort=True)
+            return
+        if self._up.done and self._down.done:
+            self._close(self._firstEnd, abort=False)
+
+    # Ending.
+
+    def _idle(self) -> None:
+        self._idleCall = None
+        remaining = self._lastActivity + self._idleTimeout - self._clock.seconds()
+        if remaining > 0:
+            self._idleCall = self._clock.callLater(remaining, self._idle)
+        else:
+            self.abort("idle-timeout")
+
+    def _close(self, how: str | None, abort: bool) -> None:
+        self._closing = how or "-"
+        if self._idleCall is not None:
+            self._idleCall.cancel()
+            self._idleCall = None
+        self._detach()
+        for transport, isOpen in (
+            (self._client, self._clientOpen),
+            (self._target, self._targetOpen),
+        ):
+            if isOpen:
+                if abort:
+                    transport.abortConnection()
+                else:
+                    transport.loseConnection()
+
+    def _detach(self) -> None:
+        """
+        Take both sockets off the reactor and give the pipes back: from now
+        on the sockets belong to their transports again.
+        """
+        for end in (self.clientEnd, self.targetEnd):
+            end.setReading(False)
+            end.setWriting(False)
+            end.attached = False
+        for flow in (self._up, self._down):
+            if flow.pipe is not None:
+                self._pool.release(flow.pipe, flow.inPipe == 0)
+                flow.pipe = None
+            flow.inPipe = 0
+            flow.spill.clear()
+
+    def _reportIfDone(self) -> None:
+        if not (self._clientOpen or self._targetOpen) and self._onEnd is not None:
+            onEnd, self._onEnd = self._onEnd, None
+            onEnd(RelayResult(self.bytesUp, self.bytesDown, self._closing or "-"))
