@@ -100,6 +100,15 @@ class OptionsTests(SynchronousTestCase):
         ]:
             self.assertRaises(UsageError, parse, *argv)
 
+    def test_badListen(self) -> None:
+        """
+        An endpoint string that does not parse is a usage error that says
+        how to escape colons, not a traceback.
+        """
+        e = self.assertRaises(UsageError, parse, "--listen", "tcp6:80:interface=::1")
+        self.assertIn("\\:", str(e))
+        self.assertRaises(UsageError, parse, "--listen", "nonsense:1")
+
     def test_requestLineWithinHead(self) -> None:
         """
         The request line limit cannot exceed the head limit.

@@ -844,11 +844,12 @@ class ConnectProxyFactory(Factory):
         self.draining = True
         done: Deferred[None] = Deferred()
         if not self.connections:
+            self._log.info("Drained: no connection was open")
             done.callback(None)
             return done
         self._drained.append(done)
         self._log.info(
-            "Draining: waiting up to {timeout}s for {count} open connections",
+            "Draining: waiting up to {timeout}s for {count} open connection(s)",
             timeout=timeout,
             count=len(self.connections),
         )
@@ -857,7 +858,7 @@ class ConnectProxyFactory(Factory):
 
         def abortRemaining() -> None:
             self._log.info(
-                "Drain timeout: aborting {count} connections",
+                "Drain timeout: aborting {count} connection(s)",
                 count=len(self.connections),
             )
             for connection in list(self.connections):

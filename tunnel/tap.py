@@ -121,42 +121,42 @@ class Options(usage.Options, AuthOptionMixin):
             "header-timeout",
             None,
             10.0,
-            "Seconds a client has to send its request head (408 after).",
+            "Seconds a client has to send its request head (408 after)",
             _number(float, 0.001),
         ],
         [
             "connect-timeout",
             None,
             15.0,
-            "Seconds allowed to reach the target (504 after).",
+            "Seconds allowed to reach the target (504 after)",
             _number(float, 0.001),
         ],
         [
             "idle-timeout",
             None,
             600.0,
-            "Seconds without traffic after which a tunnel is closed; 0 disables.",
+            "Seconds without traffic after which a tunnel is closed; 0 disables",
             _number(float, 0),
         ],
         [
             "max-request-line",
             None,
             8192,
-            "Longest request line in bytes (414 beyond).",
+            "Longest request line in bytes (414 beyond)",
             _number(int, 64, 1 << 20),
         ],
         [
             "max-header-size",
             None,
             65536,
-            "Largest request head in bytes (431 beyond).",
+            "Largest request head in bytes (431 beyond)",
             _number(int, 256, 1 << 24),
         ],
         [
             "realm",
             None,
             "tunnel",
-            "The realm named in the Proxy-Authenticate challenge.",
+            "The realm named in the Proxy-Authenticate challenge",
         ],
         [
             "rules",
@@ -164,20 +164,20 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             "A file of rules, one a line (allow-port 22, allow-to 10.0.0.0/8, "
             "deny-to *.example, allow-from 192.0.2.0/24; # comments), added "
-            "to the options and re-read when it changes.",
+            "to the options and re-read when it changes",
         ],
         [
             "max-tunnels",
             None,
             None,
-            "The most connections at once, handshakes included (503 beyond).",
+            "The most connections at once, handshakes included (503 beyond)",
             _number(int, 1),
         ],
         [
             "max-tunnels-per-client",
             None,
             None,
-            "The most connections at once from one client address (429 beyond).",
+            "The most connections at once from one client address (429 beyond)",
             _number(int, 1),
         ],
         [
@@ -185,7 +185,7 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             1,
             "Run this many reactor processes sharing the listening sockets "
-            "(TCP and UNIX listeners), supervised by the main process.",
+            "(TCP and UNIX listeners), supervised by the main process",
             _number(int, 1, 64),
         ],
         [
@@ -193,20 +193,20 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             None,
             "Send every tunnel through this parent CONNECT proxy: "
-            "http://[user:password@]host:port or https://... (TLS, verified).",
+            "http://[user:password@]host:port or https://... (TLS, verified)",
         ],
         [
             "upstream-ca",
             None,
             None,
             "A PEM file of CA certificates to verify an https:// parent with "
-            "(default: the system's trust store).",
+            "(default: the system's trust store)",
         ],
         [
             "drain-timeout",
             None,
             30.0,
-            "On shutdown, seconds open tunnels get to finish before they are closed.",
+            "On shutdown, seconds open tunnels get to finish before they are closed",
             _number(float, 0),
         ],
         [
@@ -214,20 +214,20 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             None,
             "Write one line per finished connection to this file (- for "
-            "standard output); reopened on SIGUSR1.",
+            "standard output); reopened on SIGUSR1",
         ],
         [
             "access-log-format",
             None,
             "text",
-            "text or json.",
+            "text or json",
         ],
         [
             "metrics",
             None,
             None,
             "Serve Prometheus metrics at /metrics on this server endpoint, "
-            "e.g. tcp:9100:interface=127.0.0.1 (needs tunnel[metrics]).",
+            "e.g. tcp:9100:interface=127.0.0.1 (needs tunnel[metrics])",
         ],
     ]
 
@@ -332,6 +332,19 @@ class Options(usage.Options, AuthOptionMixin):
         """
         if not self["listen"] and not self["inherit-fd"]:
             self["listen"] = [DEFAULT_LISTEN]
+        from twisted.internet import reactor
+
+        for description in self["listen"]:
+            try:
+                # Builds the endpoint without listening: a check of the
+                # string, so that a mistake is a usage error, not a traceback.
+                serverFromString(reactor, description)
+            except Exception as e:
+                raise usage.UsageError(
+                    f"--listen {description}: {type(e).__name__}: {e} (in endpoint "
+                    "strings, colons inside a value are written \\:, as in "
+                    "tcp6:8080:interface=\\:\\:1)"
+                ) from None
         if self["workers"] > 1 and self["metrics"] is not None:
             raise usage.UsageError(
                 "--metrics cannot be combined with --workers yet: each worker "
@@ -359,6 +372,14 @@ class Options(usage.Options, AuthOptionMixin):
                 raise usage.UsageError(str(e)) from None
         if self["max-request-line"] > self["max-header-size"]:
             raise usage.UsageError("--max-request-line cannot exceed --max-header-size")
+
+
+# twisted.python.usage prints an option method's docstring as it is, line
+# breaks and indentation included; fold each into one line for --help.
+for _name in dir(Options):
+    _method = getattr(Options, _name)
+    if _name.startswith("opt_") and getattr(_method, "__doc__", None):
+        _method.__doc__ = " ".join(_method.__doc__.split())
 
 
 def makePolicy(options: Options, clock: Any) -> ITunnelPolicy:

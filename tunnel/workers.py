@@ -64,6 +64,12 @@ class _NoConnections(Factory):
 
     noisy = False
 
+    def logPrefix(self) -> str:
+        """
+        Name the port in the log for what it is.
+        """
+        return "Shared listening socket"
+
 
 def _listenNow(reactor: Any, description: str) -> IListeningPort:
     """
