@@ -298,6 +298,15 @@ class HtpasswdCheckerTests(SynchronousTestCase):
             self.assertTrue(getattr(result, "check", lambda e: None)(UnauthorizedLogin))
         self.assertEqual(self.reactor.pool.calls, 2)
 
+    def test_longPassword(self) -> None:
+        """
+        Passwords longer than bcrypt's 72 bytes are checked on their first
+        72 bytes, as Apache's htpasswd hashed them, instead of failing.
+        """
+        password = b"p" * 80
+        self.write(bcryptLine(b"long", password[:72]))
+        self.assertEqual(self.check(b"long", password), b"long")
+
     def test_cache(self) -> None:
         """
         A repeated successful check is answered from the bounded cache,

@@ -71,11 +71,15 @@ class AccessLogFormatTests(SynchronousTestCase):
 
     def test_textSpaces(self) -> None:
         """
-        A user name with a space cannot break the line into more fields.
+        A user name with spaces or control characters (a name the client
+        claimed) can neither split the line nor start a forged record.
         """
         line = formatAccessText({**EVENT, "user": "a b%"})
         self.assertEqual(len(line.split(" ")), len(ACCESS_FIELDS))
         self.assertIn(" a%20b%25 ", line)
+        forged = formatAccessText({**EVENT, "user": "x\n2026 10.9.9.9\tbob\ré"})
+        self.assertNotIn("\n", forged)
+        self.assertIn(" x%0A2026%2010.9.9.9%09bob%0D%C3%A9 ", forged)
 
     def test_json(self) -> None:
         """

@@ -171,11 +171,31 @@ class ParseConnectHeadTests(SynchronousTestCase):
             b"::1:443",
             b"\xc3\xa9.example:443",
             b"a.example.:443." + b"x",
+            b"a..b:443",
+            b"." + b"a:443",
+            b"a" * 64 + b".example:443",
+            b"127.1:443",
+            b"2130706433:443",
+            b"0x7f.0.0.1:443",
+            b"0251.0376.0251.0376:443",
+            b"example.0x10:443",
+            b"1.2.3.04:443",
         ]:
             rejected = self.assertRaises(
                 RequestRejected, parse, b"CONNECT " + target + b" HTTP/1.1"
             )
             self.assertEqual(rejected.status, 400, target)
+
+    def test_numericSpellings(self) -> None:
+        """
+        Standard dotted-quad IPv4 literals and names with a numeric label
+        that is not the last are accepted.
+        """
+        self.assertEqual(parseAuthority(b"127.0.0.1:443"), ("127.0.0.1", 443))
+        self.assertEqual(parseAuthority(b"1.example:443"), ("1.example", 443))
+        self.assertEqual(
+            parseAuthority(b"a" * 63 + b".example:443"), ("a" * 63 + ".example", 443)
+        )
 
     def test_portBounds(self) -> None:
         """
@@ -239,7 +259,7 @@ class ParseConnectHeadTests(SynchronousTestCase):
         """
         A request line longer than the limit gets 414.
         """
-        line = b"CONNECT " + b"a" * 100 + b".example:443 HTTP/1.1"
+        line = b"CONNECT " + b"a" * 50 + b"." + b"a" * 49 + b".example:443 HTTP/1.1"
         rejected = self.assertRaises(
             RequestRejected, parse, line, maxRequestLine=len(line) - 1
         )

@@ -342,6 +342,12 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy._client = tlsLike  # type: ignore[assignment]
         self.proxy.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
         self.assertTrue(tlsLike.disconnecting)
+        self.assertFalse(tlsLike.disconnected)
+        # A TLS client that never finishes its handshake never receives the
+        # answer, so the close never completes: it is aborted after the
+        # linger time.
+        self.clock.advance(LINGER_SECONDS)
+        self.assertTrue(tlsLike.disconnected)
 
     def test_requestLineTooLong(self) -> None:
         """
@@ -730,6 +736,22 @@ class TunnelTests(ProxyTestMixin, SynchronousTestCase):
         [event] = self.tunnelEvents()
         self.assertEqual(event["ended"], "client-eof")
 
+    def test_gracefulCloseDeadline(self) -> None:
+        """
+        A tunnel closing gracefully whose peer never takes the buffered
+        bytes is aborted after the idle timeout, so it cannot linger forever.
+        """
+        target, transport = self.establish()
+        self.proxy.readConnectionLost()
+        target.readConnectionLost()
+        self.assertTrue(self.client.disconnecting)
+        self.assertFalse(self.client.disconnected)
+        self.clock.advance(600)
+        self.assertTrue(self.client.disconnected)
+        self.assertTrue(transport.disconnected)
+        self.closeBoth(target)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_idleTimeout(self) -> None:
         """
         A tunnel with no traffic for the idle timeout is closed; traffic in
@@ -1036,6 +1058,8 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(basicHead(b"alice:s3:cret"))
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        # It counts as a failed login: errors must not be free guesses.
+        self.assertEqual(self.factory.damper._failures["192.0.2.7"][1], 1)
 
 
 class PolicyTests(ProxyTestMixin, SynchronousTestCase):
@@ -1204,6 +1228,31 @@ class ProxyProtocolTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(local + HEAD)
         self.assertEqual(self.connector.targets, [("target.example", 443)])
         self.assertEqual(self.factory._openPerClient, {"192.0.2.7": 1})
+
+    def test_waitingForHeaderCounts(self) -> None:
+        """
+        Connections still waiting for their PROXY header count against the
+        proxy-wide limit, so silent connections cannot pile up.
+        """
+        self.factory.maxTunnels = 2
+        second, _secondClient = self.connectClient()
+        _third, thirdClient = self.connectClient()
+        self.assertTrue(thirdClient.value().startswith(b"HTTP/1.1 503 "))
+        self.assertEqual(self.factory.awaitingHeader, 2)
+        second.connectionLost(Failure(ConnectionDone()))
+        self.proxy.dataReceived(b"PROXY TCP4 198.51.100.9 192.0.2.1 5555 3128\r\n")
+        self.assertEqual(self.factory.awaitingHeader, 0)
+        self.assertEqual(self.factory._open, 1)
+
+    def test_ipv6ClientsByNetwork(self) -> None:
+        """
+        IPv6 clients are counted (limits, failed logins) by their /64.
+        """
+        self.proxy.dataReceived(b"PROXY TCP6 2001:db8:1:2::9 2001:db8::1 5555 3128\r\n")
+        proxy, client = self.connectClient()
+        proxy.dataReceived(b"PROXY TCP6 2001:db8:1:2::77 2001:db8::1 5555 3128\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 429 "))
+        self.assertEqual(self.factory._openPerClient, {"2001:db8:1:2::/64": 1})
 
     def test_headerTimeout(self) -> None:
         """

@@ -49,6 +49,11 @@ class WorkerArgumentsTests(SynchronousTestCase):
             ),
             ["--allow-port", "22", "--auth", "memory:a:b"],
         )
+        # getopt accepts unambiguous prefixes; they are the same options.
+        self.assertEqual(
+            workerArguments(["--work", "2", "--lis=tcp:1", "--allow-port", "22"]),
+            ["--allow-port", "22"],
+        )
 
     def test_inheritedPorts(self) -> None:
         """
@@ -74,6 +79,13 @@ class WorkerArgumentsTests(SynchronousTestCase):
             Options().parseOptions,
             ["--workers", "2", "--metrics", "tcp:9100"],
         )
+        # A worker adopting a TLS listener's socket would serve it in clear.
+        e = self.assertRaises(
+            UsageError,
+            Options().parseOptions,
+            ["--workers", "2", "--listen", "ssl:8443:privateKey=k.pem"],
+        )
+        self.assertIn("without TLS", str(e))
 
 
 class _Client(Protocol):

@@ -72,13 +72,27 @@ def formatAccessText(event: LogEvent) -> str:
     """
     One space-separated line of the L{ACCESS_FIELDS}, C{-} for empty ones.
 
-    Every field is free of spaces: client, user and target come from parsed
-    addresses and user names, and user names with spaces are written with
-    C{%20}.
+    Every field is free of spaces and control characters: C{%}, spaces and
+    anything outside visible ASCII are percent-encoded (C{%20}, C{%0A}).
     """
     record = accessRecord(event)
-    record["user"] = str(record["user"]).replace("%", "%25").replace(" ", "%20")
-    return " ".join(str(record[name]) for name in ACCESS_FIELDS)
+    return " ".join(_escape(str(record[name])) for name in ACCESS_FIELDS)
+
+
+def _escape(text: str) -> str:
+    """
+    Percent-encode C{%}, spaces and anything outside visible ASCII, so a
+    field (a user name a client claimed, say) can neither split a record
+    nor start a forged one.
+    """
+    if all("!" <= character <= "~" and character != "%" for character in text):
+        return text
+    return "".join(
+        character
+        if "!" <= character <= "~" and character != "%"
+        else "".join(f"%{byte:02X}" for byte in character.encode("utf-8"))
+        for character in text
+    )
 
 
 def formatAccessJSON(event: LogEvent) -> str:

@@ -35,7 +35,8 @@ def _dummyHash(entries: dict[bytes, bytes]) -> bytes:
     and timing does not tell which user names exist.
     """
     costs = [int(hashed[4:6]) for hashed in entries.values() if hashed[4:6].isdigit()]
-    cost = min(max(costs, default=10), 31)
+    # Capped: this runs on the reactor thread, at start-up and on reload.
+    cost = min(max(costs, default=10), 13)
     return bcrypt.hashpw(b"tunnel-dummy-password", bcrypt.gensalt(max(cost, 4)))
 
 
@@ -164,7 +165,9 @@ class HtpasswdChecker:
         """
         self._reloadIfChanged()
         username: bytes = credentials.username
-        password: bytes = credentials.password
+        # bcrypt reads only the first 72 bytes (Apache's htpasswd truncated
+        # longer passwords when hashing); the bcrypt package refuses more.
+        password: bytes = credentials.password[:72]
         hashed = self._entries.get(username)
         key = (
             username,

@@ -34,6 +34,10 @@ __all__ = [
 ]
 
 
+#: How long a graceful close may take when no idle timeout is set.
+CLOSE_GRACE_SECONDS = 60.0
+
+
 def canHalfClose(transport: object) -> bool:
     """
     Whether C{transport} can send a FIN while it keeps reading.
@@ -136,6 +140,7 @@ class Relay:
         self._firstEnd: str | None = None
         self._closing: str | None = None
         self._idleCall: IDelayedCall | None = None
+        self._closeDeadline: IDelayedCall | None = None
         # The transports that have the other one registered as producer.
         self._consuming: list[StreamTransport] = []
 
@@ -265,6 +270,12 @@ class Relay:
         if self._idleCall is not None:
             self._idleCall.cancel()
             self._idleCall = None
+        if not abort and self._closeDeadline is None:
+            # A graceful close waits for the peers to take what is buffered;
+            # a peer that never reads must not keep the tunnel forever.
+            self._closeDeadline = self._clock.callLater(
+                self._idleTimeout or CLOSE_GRACE_SECONDS, self.abort
+            )
         for transport, isOpen in (
             (self._client, self._clientOpen),
             (self._target, self._targetOpen),
@@ -283,6 +294,8 @@ class Relay:
 
     def _reportIfDone(self) -> None:
         if not (self._clientOpen or self._targetOpen) and self._onEnd is not None:
+            if self._closeDeadline is not None and self._closeDeadline.active():
+                self._closeDeadline.cancel()
             onEnd, self._onEnd = self._onEnd, None
             onEnd(RelayResult(self.bytesUp, self.bytesDown, self._closing or "-"))
 

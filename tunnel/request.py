@@ -153,11 +153,36 @@ def parseAuthority(target: bytes) -> tuple[str, int]:
         host, colon, portText = text.rpartition(":")
         if not colon:
             raise RequestRejected(400, "The request target must be host:port.")
-        if not _HOSTNAME.match(host):
+        if not _HOSTNAME.match(host) or not all(
+            0 < len(label) <= 63 for label in host.rstrip(".").split(".")
+        ):
             raise RequestRejected(400, "The target host name is not valid.")
+        if _looksNumeric(host):
+            # A name whose last label is a number is an IPv4 address in one
+            # of the spellings inet_aton accepts (127.1, 2130706433,
+            # 0x7f.0.0.1): refuse all but the standard one, which the
+            # address policy checks, rather than let a resolver (perhaps a
+            # parent proxy's) read it as an address unseen.
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise RequestRejected(
+                    400, "IPv4 addresses must be written as four decimal numbers."
+                ) from None
     if not _PORT.match(portText) or not 1 <= int(portText) <= 65535:
         raise RequestRejected(400, "The target port must be a number in 1-65535.")
     return host, int(portText)
+
+
+_NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]*)\Z")
+
+
+def _looksNumeric(host: str) -> bool:
+    """
+    Whether C{host}'s last label is a decimal or hexadecimal number, which
+    no DNS name has and which makes C{inet_aton} read it as an address.
+    """
+    return _NUMERIC_LABEL.match(host.rstrip(".").rpartition(".")[2]) is not None
 
 
 def _parseRequestLine(line: bytes) -> tuple[tuple[int, int], bytes]:

@@ -10,6 +10,7 @@ from typing import Any, cast
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import (
     ConnectError,
     ConnectionRefusedError,
@@ -103,6 +104,20 @@ def _ipOf(address: IAddress | None) -> IPAddress | None:
         return None
 
 
+def _clientKey(ip: IPAddress) -> str:
+    """
+    The key a client's limits and failed logins are counted under: its IPv4
+    address, or its IPv6 /64 (one host usually holds a whole /64, so a
+    per-address count would be no limit at all).
+    """
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def _noDelay(transport: object) -> None:
     """
     Turn off Nagle's algorithm on a TCP transport: a relay must pass small
@@ -181,6 +196,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     _refusal: str | None = None
     _parentStatus: int | None = None
     _timedOut = False
+    _awaitingHeader = False
     _clientGone = False
     _lingering: IDelayedCall | None = None
     _lingerBytes = 0
@@ -204,18 +220,25 @@ class ConnectProxy(Protocol, TimeoutMixin):
         _noDelay(self.transport)
         self.setTimeout(factory.headerTimeout)
         if factory.proxyProtocol:
-            # The client's address comes in the PROXY header; admission
-            # waits for it.
+            # The client's address comes in the PROXY header; admission by
+            # address waits for it, but the connection counts against the
+            # proxy-wide limit at once, so silent connections cannot pile up.
             self._reading = "proxy"
             self._identify(self._client.getPeer())
+            full = factory.admit(None)
+            if full is not None:
+                self._reject(full)
+                return
+            factory.awaitingHeader += 1
+            self._awaitingHeader = True
         else:
             self._reading = "head"
             self._admit(self._client.getPeer())
 
     def _identify(self, peer: IAddress | None) -> None:
         self._peer = formatAddress(peer)
-        self._clientIP = _ipOf(peer)
-        self._clientKey = str(self._clientIP) if self._clientIP else self._peer
+        self._clientIP = ip = _ipOf(peer)
+        self._clientKey = _clientKey(ip) if ip is not None else self._peer
 
     def _admit(self, peer: IAddress | None) -> bool:
         """
@@ -238,6 +261,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
         factory.tunnelOpened(self._clientKey)
         return True
 
+    def _stopAwaitingHeader(self) -> None:
+        if self._awaitingHeader:
+            self._awaitingHeader = False
+            self.factory.awaitingHeader -= 1
+
     def _proxyHeaderData(self, data: bytes) -> None:
         buffer = self._buffer + data
         try:
@@ -252,6 +280,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             return
         self._buffer = b""
         self._reading = "head"
+        self._stopAwaitingHeader()
         # A LOCAL header (a health check) names no client: it is the
         # balancer itself.
         source = header.source or self._client.getPeer()
@@ -375,10 +404,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._authorize(self._request)
 
     def _authenticationFailed(self, reason: Failure) -> None:
-        self.factory.damper.checked(
-            self._clientKey,
-            succeeded=reason.check(UnauthorizedLogin, UnhandledCredentials) is None,
-        )
+        self.factory.damper.checked(self._clientKey, succeeded=False)
         if reason.check(UnauthorizedLogin, UnhandledCredentials):
             if self._reading != "done":
                 self._challenge("wrong user name or password")
@@ -523,7 +549,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 why=str(reason.value),
             )
             rejected = RequestRejected(502, "The parent proxy failed.")
-        elif self._timedOut or reason.check(ConnectTimeoutError):
+        elif self._timedOut or reason.check(ConnectTimeoutError, DeferredTimeoutError):
             rejected = RequestRejected(504, "Connecting to the target timed out.")
         elif reason.check(DNSLookupError):
             rejected = RequestRejected(502, "The target host name does not resolve.")
@@ -554,13 +580,16 @@ class ConnectProxy(Protocol, TimeoutMixin):
             # it (RFC 9112 section 9.6).  So send FIN, then read and drop
             # what the client still sends, bounded in bytes and time.
             self._client.loseWriteConnection()
-            self._lingering = self.factory.clock.callLater(
-                LINGER_SECONDS, self._client.loseConnection
-            )
             if self._earlyBytes > self.factory.maxEarlyData:
                 self._client.resumeProducing()
         else:
             self._client.loseConnection()
+        # Whatever the transport (a TLS client may never finish its
+        # handshake, so the answer never flushes), the connection is gone
+        # after the linger time.
+        self._lingering = self.factory.clock.callLater(
+            LINGER_SECONDS, self._client.abortConnection
+        )
         self._end(rejected.status, ended)
 
     def _linger(self, data: bytes) -> None:
@@ -594,6 +623,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         The client connection is closed.
         """
         self._clientGone = True
+        self._stopAwaitingHeader()
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
         if self._admitted:
@@ -676,7 +706,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         Close this connection if it has not sent a byte yet: during a drain,
         a connection that has not started a request never will.
         """
-        if self._reading == "head" and not self._buffer:
+        if self._reading in ("head", "proxy") and not self._buffer:
             self._reading = "done"
             self.setTimeout(None)
             self._client.loseConnection()
@@ -793,6 +823,7 @@ class ConnectProxyFactory(Factory):
         self.splice = spliceAvailable() if splice is None else splice
         self.connections: set[ConnectProxy] = set()
         self.relaying = 0
+        self.awaitingHeader = 0
         self.draining = False
         self._drained: list[Deferred[None]] = []
         self._open = 0
@@ -808,7 +839,7 @@ class ConnectProxyFactory(Factory):
         """
         return [b"http/1.1"]
 
-    def admit(self, client: str) -> RequestRejected | None:
+    def admit(self, client: str | None) -> RequestRejected | None:
         """
         Apply the connection limits to a new client connection.
 
@@ -816,12 +847,16 @@ class ConnectProxyFactory(Factory):
         @return: L{None} to admit it, or the refusal: 503 when the proxy is
             full, 429 when this client holds its share.
         """
-        if self.maxTunnels is not None and self._open >= self.maxTunnels:
+        if (
+            self.maxTunnels is not None
+            and self._open + self.awaitingHeader >= self.maxTunnels
+        ):
             return RequestRejected(
                 503, "The proxy is at capacity.", [(b"Retry-After", b"1")]
             )
         if (
-            self.maxTunnelsPerClient is not None
+            client is not None
+            and self.maxTunnelsPerClient is not None
             and self._openPerClient.get(client, 0) >= self.maxTunnelsPerClient
         ):
             return RequestRejected(

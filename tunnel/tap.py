@@ -42,7 +42,12 @@ from .rules import RulesFilePolicy
 from .server import ConnectProxyFactory
 from .service import ProxyService
 from .upstream import UpstreamConnector, parseUpstreamURL
-from .workers import WorkerSupervisor, inheritedPorts, workerArguments
+from .workers import (
+    SHAREABLE_KINDS,
+    WorkerSupervisor,
+    inheritedPorts,
+    workerArguments,
+)
 
 __all__ = ["Options", "makeService"]
 
@@ -332,6 +337,13 @@ class Options(usage.Options, AuthOptionMixin):
         """
         if not self["listen"] and not self["inherit-fd"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["workers"] > 1:
+            for description in self["listen"]:
+                if description.partition(":")[0].lower() not in SHAREABLE_KINDS:
+                    raise usage.UsageError(
+                        f"--workers shares only tcp:, tcp6: and unix: listeners, "
+                        f"not {description} (a worker would serve it without TLS)"
+                    )
         from twisted.internet import reactor
 
         for description in self["listen"]:

@@ -48,7 +48,8 @@ def workerArguments(argv: list[str]) -> list[str]:
             skip = False
             continue
         name, equals, _ = argument.partition("=")
-        if name in _MAIN_ONLY:
+        # getopt accepts any unambiguous prefix of a long option (--work 2).
+        if len(name) > 3 and any(option.startswith(name) for option in _MAIN_ONLY):
             skip = not equals
             continue
         if argument in _MAIN_ONLY_FLAGS:
@@ -71,10 +72,18 @@ class _NoConnections(Factory):
         return "Shared listening socket"
 
 
+SHAREABLE_KINDS = ("tcp", "tcp6", "unix")
+
+
 def _listenNow(reactor: Any, description: str) -> IListeningPort:
     """
     Bind a listener synchronously (TCP and UNIX endpoints listen at once).
+
+    @raise ValueError: For other kinds: a worker adopting the socket of an
+        C{ssl:} listener would serve it without TLS.
     """
+    if description.partition(":")[0].lower() not in SHAREABLE_KINDS:
+        raise ValueError(f"{description}: only tcp, tcp6 and unix listeners are shared")
     results: list[Any] = []
     serverFromString(reactor, description).listen(_NoConnections()).addBoth(
         results.append
