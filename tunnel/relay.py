@@ -109,6 +109,26 @@ class Relay:
     @ivar bytesDown: Bytes written to the client so far.
     """
 
+    # Thousands of tunnels stay open at once: no per-instance dict.
+    __slots__ = (
+        "_client",
+        "_clientOpen",
+        "_clientReading",
+        "_clock",
+        "_closeDeadline",
+        "_closing",
+        "_consuming",
+        "_firstEnd",
+        "_idleCall",
+        "_idleTimeout",
+        "_onEnd",
+        "_target",
+        "_targetOpen",
+        "_targetReading",
+        "bytesDown",
+        "bytesUp",
+    )
+
     def __init__(
         self,
         client: StreamTransport,

@@ -265,6 +265,18 @@ class SpliceEnd:
         is never registered again.
     """
 
+    __slots__ = (
+        "_reactor",
+        "_relay",
+        "_socket",
+        "attached",
+        "fd",
+        "reading",
+        "side",
+        "transport",
+        "writing",
+    )
+
     def __init__(
         self,
         relay: SpliceRelay,
@@ -426,6 +438,27 @@ class SpliceRelay:
     @ivar clientEnd: The L{SpliceEnd} of the client's socket.
     @ivar targetEnd: The L{SpliceEnd} of the target's socket.
     """
+
+    # Thousands of tunnels stay open at once: no per-instance dict.
+    __slots__ = (
+        "_client",
+        "_clientOpen",
+        "_clock",
+        "_closing",
+        "_down",
+        "_firstEnd",
+        "_idleCall",
+        "_idleTimeout",
+        "_lastActivity",
+        "_onEnd",
+        "_pool",
+        "_started",
+        "_target",
+        "_targetOpen",
+        "_up",
+        "clientEnd",
+        "targetEnd",
+    )
 
     _log = Logger(namespace="tunnel")
 
