@@ -10,7 +10,6 @@ pay for each tunnel.  The file is re-read when it changes.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from typing import Any
 
@@ -22,6 +21,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from .filestamp import fileStamp
 
 __all__ = ["HtpasswdChecker", "HtpasswdError", "parseHtpasswd"]
 
@@ -80,14 +81,6 @@ def parseHtpasswd(content: bytes, path: str = "<htpasswd>") -> dict[bytes, bytes
     return entries
 
 
-def _fileStamp(path: str) -> tuple[int, int, int] | None:
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return (status.st_mtime_ns, status.st_size, status.st_ino)
-
-
 @implementer(ICredentialsChecker)
 class HtpasswdChecker:
     """
@@ -120,7 +113,7 @@ class HtpasswdChecker:
         self._path = path
         self._cacheSize = cacheSize
         self._cache: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
-        self._stamp = _fileStamp(path)
+        self._stamp = fileStamp(path)
         self._entries = self._load()
         self._dummy = _dummyHash(self._entries)
 
@@ -133,7 +126,7 @@ class HtpasswdChecker:
         return parseHtpasswd(content, self._path)
 
     def _reloadIfChanged(self) -> None:
-        stamp = _fileStamp(self._path)
+        stamp = fileStamp(self._path)
         if stamp == self._stamp:
             return
         self._stamp = stamp

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from attrs import field, frozen
 
 __all__ = [
+    "HOSTNAME",
     "ConnectRequest",
     "RequestRejected",
     "findHeadEnd",
@@ -33,10 +34,10 @@ _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
 # Field values may hold visible characters, spaces, tabs and obs-text; any
 # other control character (NUL, CR, LF, DEL, ...) is an attack or a bug.
 _BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-# A DNS name (or an IPv4 literal, which uses the same characters).  RFC 3986
-# also admits percent-encoding and sub-delims in a reg-name; no resolver
-# accepts those, so they are refused here rather than passed along.
-_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?\Z")
+#: A DNS name (or an IPv4 literal, which uses the same characters).  RFC 3986
+#: also admits percent-encoding and sub-delims in a reg-name; no resolver
+#: accepts those, so they are refused rather than passed along.
+HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?\Z")
 _PORT = re.compile(r"[0-9]{1,5}\Z")
 
 
@@ -153,7 +154,7 @@ def parseAuthority(target: bytes) -> tuple[str, int]:
         host, colon, portText = text.rpartition(":")
         if not colon:
             raise RequestRejected(400, "The request target must be host:port.")
-        if not _HOSTNAME.match(host) or not all(
+        if not HOSTNAME.match(host) or not all(
             0 < len(label) <= 63 for label in host.rstrip(".").split(".")
         ):
             raise RequestRejected(400, "The target host name is not valid.")

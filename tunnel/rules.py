@@ -4,13 +4,13 @@ A policy whose rules also come from a file that is re-read when it changes.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .filestamp import fileStamp
 from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy, parseRules
 
 __all__ = ["RulesFilePolicy"]
@@ -59,15 +59,8 @@ class RulesFilePolicy:
         }
         self._checkInterval = checkInterval
         self._checkedAt = clock.seconds()
-        self._stamp = self._fileStamp()
+        self._stamp = fileStamp(self._path)
         self.policy = self._load()
-
-    def _fileStamp(self) -> tuple[int, int, int] | None:
-        try:
-            status = os.stat(self._path)
-        except OSError:
-            return None
-        return (status.st_mtime_ns, status.st_size, status.st_ino)
 
     def _load(self) -> TunnelPolicy:
         try:
@@ -88,7 +81,7 @@ class RulesFilePolicy:
         if now - self._checkedAt < self._checkInterval:
             return self.policy
         self._checkedAt = now
-        stamp = self._fileStamp()
+        stamp = fileStamp(self._path)
         if stamp == self._stamp:
             return self.policy
         self._stamp = stamp

@@ -53,7 +53,7 @@ from zope.interface import implementer
 
 from .connector import AddressDenied, AllowAddress, _ResolvingReactor
 from .interfaces import ITargetConnector
-from .request import RequestRejected, findHeadEnd, parseAuthority
+from .request import HOSTNAME, RequestRejected, findHeadEnd, parseAuthority
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -80,7 +80,6 @@ have ended (interim 1xx heads included).
 """
 
 # A DNS name or an IPv4 literal, as in tunnel.request.
-_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?: (.*))?\Z", re.DOTALL)
@@ -217,7 +216,7 @@ def parseUpstreamURL(url: str) -> UpstreamProxy:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError("the upstream URL's IPv6 address is not valid") from None
-    elif not _HOSTNAME.match(host):
+    elif not HOSTNAME.match(host):
         raise ValueError(
             "the upstream URL's host is not a valid DNS name or IP address "
             "(write international names in their xn-- form)"
