@@ -1231,6 +1231,7 @@ class TrackedProxy(ConnectProxy):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.lost = Event()
         self.ended = Event()
 

@@ -184,24 +184,56 @@ class ConnectProxy(Protocol, TimeoutMixin):
     factory: ConnectProxyFactory
     _log = Logger(namespace="tunnel")
 
-    _relay: Relay | SpliceRelay | None = None
-    _request: ConnectRequest | None = None
-    _connecting: Deferred[Any] | None = None
-    _status: int | None = None
-    _ended: str | None = None
+    # Thousands of tunnels stay open at once: this protocol's own state lives
+    # in slots, not in its instance dict (which keeps what Twisted sets).
+    __slots__ = (
+        "_admitted",
+        "_awaitingHeader",
+        "_buffer",
+        "_client",
+        "_clientFinished",
+        "_clientGone",
+        "_clientIP",
+        "_clientKey",
+        "_connectStartedAt",
+        "_connectedTo",
+        "_connecting",
+        "_early",
+        "_earlyBytes",
+        "_ended",
+        "_establishedAt",
+        "_lingerBytes",
+        "_lingering",
+        "_parentStatus",
+        "_peer",
+        "_reading",
+        "_refusal",
+        "_relay",
+        "_request",
+        "_startedAt",
+        "_status",
+        "_timedOut",
+        "_user",
+    )
 
-    _user: str | None = None
-    _admitted = False
-    _connectedTo = "-"
-    _refusal: str | None = None
-    _parentStatus: int | None = None
-    _timedOut = False
-    _awaitingHeader = False
-    _clientGone = False
-    _lingering: IDelayedCall | None = None
-    _lingerBytes = 0
-    _connectStartedAt: float | None = None
-    _establishedAt: float | None = None
+    def __init__(self) -> None:
+        self._relay: Relay | SpliceRelay | None = None
+        self._request: ConnectRequest | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._status: int | None = None
+        self._ended: str | None = None
+        self._user: str | None = None
+        self._admitted = False
+        self._connectedTo = "-"
+        self._refusal: str | None = None
+        self._parentStatus: int | None = None
+        self._timedOut = False
+        self._awaitingHeader = False
+        self._clientGone = False
+        self._lingering: IDelayedCall | None = None
+        self._lingerBytes = 0
+        self._connectStartedAt: float | None = None
+        self._establishedAt: float | None = None
 
     def connectionMade(self) -> None:
         """

@@ -413,6 +413,10 @@ def _takeUnwritten(transport: Any) -> bytes:
     Take the bytes a Twisted transport holds but has not written yet (see
     C{twisted.internet.abstract.FileDescriptor}), leaving its buffer empty.
     """
+    if not transport._tempDataBuffer and len(transport.dataBuffer) <= transport.offset:
+        # Nothing held: leave the transport's attributes alone (assigning
+        # them would grow its instance dict, for every tunnel).
+        return b""
     pending = bytes(transport.dataBuffer[transport.offset :]) + b"".join(
         transport._tempDataBuffer
     )
