@@ -262,7 +262,7 @@ class DrainTests(ProxyTestMixin, SynchronousTestCase):
         """
         A request whose head completes during the drain gets a 503.
         """
-        self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
+        self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\nHost: h\r\n")
         self.factory.drain(30)
         self.proxy.dataReceived(b"\r\n")
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 503 "))
@@ -365,7 +365,7 @@ class ServiceTests(TestCase):
         )
         target = b"127.0.0.1:%d" % (echoPort.getHost().port,)
         client.transport.write(  # type: ignore[union-attr]
-            b"CONNECT " + target + b" HTTP/1.1\r\n\r\nping"
+            b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\nping"
         )
         yield client.gotData
         while b"ping" not in client.received:

@@ -22,8 +22,11 @@ PARSER_STATUSES = {400, 405, 414, 431, 505}
 
 def parse(head: bytes, **kwargs: int) -> ConnectRequest:
     """
-    Parse C{head} plus the line ending that ends its last line.
+    Parse C{head} plus the line ending that ends its last line, adding the
+    C{Host} field HTTP/1.1 requires when the head has none.
     """
+    if b"HTTP/1.1" in head and b"\nhost:" not in head.lower():
+        head += b"\r\nHost: h"
     return parseConnectHead(head + b"\r\n", **kwargs)
 
 
@@ -50,6 +53,18 @@ class ParseConnectHeadTests(SynchronousTestCase):
         self.assertEqual(request.version, (1, 1))
         self.assertEqual(request.header(b"host"), b"example.com:443")
         self.assertEqual(request.authority, "example.com:443")
+
+    def test_hostRequired(self) -> None:
+        """
+        An HTTP/1.1 request without C{Host} gets 400 (RFC 9112 section
+        3.2); HTTP/1.0 requests need none.
+        """
+        rejected = self.assertRaises(
+            RequestRejected, parseConnectHead, b"CONNECT a.example:443 HTTP/1.1\r\n"
+        )
+        self.assertEqual(rejected.status, 400)
+        self.assertIn("Host", rejected.detail)
+        parseConnectHead(b"CONNECT a.example:443 HTTP/1.0\r\n")
 
     def test_http10(self) -> None:
         """
@@ -90,7 +105,7 @@ class ParseConnectHeadTests(SynchronousTestCase):
             b"CONNECT a.example:1 HTTP/1.1\r\nPROXY-Authorization: \t x y \t"
         )
         self.assertEqual(request.header(b"proxy-authorization"), b"x y")
-        self.assertIsNone(request.header(b"host"))
+        self.assertIsNone(request.header(b"x-absent"))
 
     def test_zeroContentLength(self) -> None:
         """
@@ -270,7 +285,7 @@ class ParseConnectHeadTests(SynchronousTestCase):
         """
         More header fields than the limit gets 431.
         """
-        head = b"CONNECT a.example:443 HTTP/1.1" + b"\r\nX: y" * 3
+        head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: h" + b"\r\nX: y" * 2
         rejected = self.assertRaises(RequestRejected, parse, head, maxFields=2)
         self.assertEqual(rejected.status, 431)
         parse(head, maxFields=3)

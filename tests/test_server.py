@@ -265,7 +265,7 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         """
         A malformed request line gets 400.
         """
-        self.proxy.dataReceived(b"CONNECT nope HTTP/1.1\r\n\r\n")
+        self.proxy.dataReceived(b"CONNECT nope HTTP/1.1\r\nHost: h\r\n\r\n")
         self.assertRejected(400)
         self.assertEqual(self.connector.targets, [])
 
@@ -893,7 +893,15 @@ def basicHead(
     field = b""
     if credentials is not None:
         field = b"Proxy-Authorization: Basic " + base64.b64encode(credentials) + b"\r\n"
-    return b"CONNECT " + target + b" HTTP/1.1\r\n" + field + b"\r\n"
+    return (
+        b"CONNECT "
+        + target
+        + b" HTTP/1.1\r\nHost: "
+        + target
+        + b"\r\n"
+        + field
+        + b"\r\n"
+    )
 
 
 @implementer(ICredentialsChecker)
@@ -950,7 +958,8 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         A malformed Proxy-Authorization value is a 407, never a 5xx.
         """
         self.proxy.dataReceived(
-            b"CONNECT a.example:443 HTTP/1.1\r\nProxy-Authorization: Basic %%%\r\n\r\n"
+            b"CONNECT a.example:443 HTTP/1.1\r\nHost: h\r\n"
+            b"Proxy-Authorization: Basic %%%\r\n\r\n"
         )
         self.assertChallenged()
 
@@ -1081,7 +1090,9 @@ class PolicyTests(ProxyTestMixin, SynchronousTestCase):
         A port that is not allowed gets a 403 naming C{--allow-port}, with
         no connection attempt.
         """
-        self.proxy.dataReceived(b"CONNECT target.example:22 HTTP/1.1\r\n\r\n")
+        self.proxy.dataReceived(
+            b"CONNECT target.example:22 HTTP/1.1\r\nHost: h\r\n\r\n"
+        )
         self.assertForbidden(self.client, b"--allow-port 22")
         self.assertEqual(self.connector.targets, [])
 

@@ -143,7 +143,7 @@ class SupervisorTests(TestCase):
         client = _Client()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
         client.transport.write(  # type: ignore[union-attr]
-            b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % (targetPort,)
+            b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: h\r\n\r\n" % (targetPort,)
         )
         answer = yield client.answer
         client.transport.loseConnection()  # type: ignore[union-attr]

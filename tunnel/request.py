@@ -232,11 +232,14 @@ def _parseFieldLine(line: bytes) -> tuple[bytes, bytes]:
     return name.lower(), value.strip(b" \t")
 
 
-def _checkFraming(headers: Sequence[tuple[bytes, bytes]]) -> None:
+def _checkFraming(
+    headers: Sequence[tuple[bytes, bytes]], version: tuple[int, int]
+) -> None:
     """
     Refuse header fields that make no sense on a CONNECT request.
 
-    @raise RequestRejected: 400 for a repeated Host, any Transfer-Encoding, or
+    @raise RequestRejected: 400 for a missing (HTTP/1.1) or repeated Host,
+        any Transfer-Encoding, or
         a Content-Length other than 0 (a CONNECT request has no content, and
         a proxy that believed otherwise could be made to read tunnel bytes as
         a body).
@@ -251,6 +254,11 @@ def _checkFraming(headers: Sequence[tuple[bytes, bytes]]) -> None:
             name == b"content-length" and (not value.isdigit() or int(value) != 0)
         ):
             raise RequestRejected(400, "A CONNECT request has no content.")
+    if hosts == 0 and version == (1, 1):
+        # RFC 9112 section 3.2: a server MUST answer 400 to an HTTP/1.1
+        # request without Host.  HTTP/1.0 clients (Python's http.client
+        # before 3.12, for one) need not send it.
+        raise RequestRejected(400, "An HTTP/1.1 request needs a Host header field.")
 
 
 def parseConnectHead(
@@ -290,6 +298,6 @@ def parseConnectHead(
     if len(lines) - 1 > maxFields:
         raise RequestRejected(431, "Too many header fields.")
     headers = tuple(_parseFieldLine(line) for line in lines[1:])
-    _checkFraming(headers)
+    _checkFraming(headers, version)
     host, port = parseAuthority(target)
     return ConnectRequest(host=host, port=port, version=version, headers=headers)
