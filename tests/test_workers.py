@@ -55,6 +55,27 @@ class WorkerArgumentsTests(SynchronousTestCase):
             ["--allow-port", "22"],
         )
 
+    def test_openProxyWarning(self) -> None:
+        """
+        The supervisor warns of an open proxy as a single process would: a
+        rules file without C{allow-from} does not silence it.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        rules = self.mktemp()
+        with open(rules, "w") as f:
+            f.write("allow-port 22\n")
+        options = Options()
+        options.parseOptions(["--workers", "2", "--listen", "tcp:0", "--rules", rules])
+        makeService(options, reactor)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+
     def test_inheritedPorts(self) -> None:
         """
         C{FD:FAMILY} values parse to descriptors and address families.

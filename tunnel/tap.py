@@ -504,7 +504,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = globalReactor
     if options["workers"] > 1:
         for description in options["listen"]:
-            _warnIfOpen(options, description)
+            _warnIfOpen(options, description, reactor)
         return WorkerSupervisor(
             reactor,
             options["listen"],
@@ -515,9 +515,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     return makeWorkerService(options, reactor)
 
 
-def _warnIfOpen(options: Options, description: str) -> None:
-    guarded = bool(options.get("credCheckers")) or bool(options["allow-from"])
-    if not guarded and options["rules"] is None and listensBeyondLoopback(description):
+def _warnIfOpen(options: Options, description: str, reactor: Any) -> None:
+    guarded = bool(options.get("credCheckers")) or _restrictsClients(
+        makePolicy(options, reactor)
+    )
+    if not guarded and listensBeyondLoopback(description):
         _log.warn(OPEN_PROXY_WARNING, listen=description)
 
 
