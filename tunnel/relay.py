@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 __all__ = [
     "Relay",
+    "RelayEvents",
     "RelayResult",
     "StreamTransport",
     "TargetProtocol",
@@ -69,6 +70,27 @@ class StreamTransport(TypingProtocol):
     def loseWriteConnection(self) -> None: ...
     def abortConnection(self) -> None: ...
     def getPeer(self) -> IAddress: ...
+
+
+class RelayEvents(TypingProtocol):
+    """
+    What the two protocols of a tunnel tell its relay, whichever relay it is
+    (L{Relay}, or L{tunnel.splice.SpliceRelay} for plain TCP on both sides).
+    """
+
+    def start(
+        self,
+        earlyData: bytes = b"",
+        clientFinished: bool = False,
+        greeting: bytes = b"",
+    ) -> None: ...
+    def clientData(self, data: bytes) -> None: ...
+    def targetData(self, data: bytes) -> None: ...
+    def clientFinished(self) -> None: ...
+    def targetFinished(self) -> None: ...
+    def clientLost(self, reason: Failure = ...) -> None: ...
+    def targetLost(self, reason: Failure = ...) -> None: ...
+    def abort(self, why: str = ...) -> None: ...
 
 
 @frozen
@@ -164,7 +186,12 @@ class Relay:
         # The transports that have the other one registered as producer.
         self._consuming: list[StreamTransport] = []
 
-    def start(self, earlyData: bytes = b"", clientFinished: bool = False) -> None:
+    def start(
+        self,
+        earlyData: bytes = b"",
+        clientFinished: bool = False,
+        greeting: bytes = b"",
+    ) -> None:
         """
         Start relaying.
 
@@ -172,7 +199,11 @@ class Relay:
             established; they reach the target first.
         @param clientFinished: Whether the client already half-closed its
             side before the tunnel was established.
+        @param greeting: Bytes for the client before anything from the
+            target (the C{200} response); not counted in L{bytesDown}.
         """
+        if greeting:
+            self._client.write(greeting)
         self._target.registerProducer(self._client, True)
         self._client.registerProducer(self._target, True)
         self._consuming = [self._client, self._target]
@@ -329,14 +360,14 @@ class TargetProtocol(Protocol):
     event to the relay.
     """
 
-    relay: Relay | None = None
+    relay: RelayEvents | None = None
 
     def __init__(self) -> None:
         self._pending: list[bytes] = []
         self._finishedEarly = False
         self._lostEarly: Failure | None = None
 
-    def attach(self, relay: Relay) -> None:
+    def attach(self, relay: RelayEvents) -> None:
         """
         Hand this connection's events to C{relay}.
 

@@ -42,7 +42,14 @@ from .connector import AddressDenied, HostnameConnector
 from .interfaces import ITargetConnector
 from .policy import IPAddress, ITunnelPolicy, TunnelPolicy
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
-from .relay import Relay, RelayResult, StreamTransport, TargetProtocol, canHalfClose
+from .relay import (
+    Relay,
+    RelayEvents,
+    RelayResult,
+    StreamTransport,
+    TargetProtocol,
+    canHalfClose,
+)
 from .request import ConnectRequest, RequestRejected, findHeadEnd, parseConnectHead
 from .splice import SpliceRelay, canSplice, spliceAvailable
 from .upstream import UpstreamProtocolError, UpstreamRefused
@@ -217,7 +224,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     )
 
     def __init__(self) -> None:
-        self._relay: Relay | SpliceRelay | None = None
+        self._relay: RelayEvents | None = None
         self._request: ConnectRequest | None = None
         self._connecting: Deferred[Any] | None = None
         self._status: int | None = None
@@ -518,7 +525,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._reading = "tunnel"
         factory = self.factory
         targetTransport = cast(StreamTransport, target.transport)
-        relay: Relay | SpliceRelay
+        relay: RelayEvents
         if factory.splice and canSplice(self._client) and canSplice(targetTransport):
             # Zero-copy: the 200 goes through the client-bound pipe too.
             relay = SpliceRelay(
@@ -530,7 +537,6 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 factory.reactor,
             )
         else:
-            self._client.write(_ESTABLISHED)
             relay = Relay(
                 self._client,
                 targetTransport,
@@ -539,14 +545,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 self._relayEnded,
             )
         self._relay = relay
-        target.attach(cast(Relay, relay))
         early, self._early = b"".join(self._early), []
         if self._earlyBytes > factory.maxEarlyData:
             self._client.resumeProducing()
-        if isinstance(relay, SpliceRelay):
-            relay.start(early, self._clientFinished, greeting=_ESTABLISHED)
-        else:
-            relay.start(early, self._clientFinished)
+        relay.start(early, self._clientFinished, greeting=_ESTABLISHED)
+        # Anything the target already sent follows the 200.
+        target.attach(relay)
 
     def _targetFailed(self, reason: Failure) -> None:
         self._connecting = None

@@ -503,8 +503,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = globalReactor
     if options["workers"] > 1:
-        for description in options["listen"]:
-            _warnIfOpen(options, description, reactor)
+        _warnIfOpen(
+            options["listen"],
+            bool(options.get("credCheckers")),
+            makePolicy(options, reactor),
+        )
         return WorkerSupervisor(
             reactor,
             options["listen"],
@@ -515,12 +518,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     return makeWorkerService(options, reactor)
 
 
-def _warnIfOpen(options: Options, description: str, reactor: Any) -> None:
-    guarded = bool(options.get("credCheckers")) or _restrictsClients(
-        makePolicy(options, reactor)
-    )
-    if not guarded and listensBeyondLoopback(description):
-        _log.warn(OPEN_PROXY_WARNING, listen=description)
+def _warnIfOpen(listen: list[str], authenticated: bool, policy: ITunnelPolicy) -> None:
+    """
+    Log L{OPEN_PROXY_WARNING} for each listener that other machines can
+    reach, unless clients must authenticate or come from C{--allow-from}.
+    """
+    if authenticated or _restrictsClients(policy):
+        return
+    for description in listen:
+        if listensBeyondLoopback(description):
+            _log.warn(OPEN_PROXY_WARNING, listen=description)
 
 
 def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
@@ -548,10 +555,8 @@ def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
     )
     if metrics is not None:
         _listen(reactor, options["metrics"], Site(metricsResource(metrics)), service)
-    guarded = factory.portal is not None or _restrictsClients(factory.policy)
+    _warnIfOpen(options["listen"], factory.portal is not None, factory.policy)
     for description in options["listen"]:
-        if not guarded and listensBeyondLoopback(description):
-            _log.warn(OPEN_PROXY_WARNING, listen=description)
         _listen(reactor, description, factory, service)
     if options["inherit-fd"]:
         _InheritedPorts(
@@ -594,5 +599,6 @@ def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) 
 
 
 def _restrictsClients(policy: ITunnelPolicy) -> bool:
+    # A RulesFilePolicy holds its current TunnelPolicy as .policy.
     inner = getattr(policy, "policy", policy)
     return bool(getattr(inner, "allowFrom", ()))
