@@ -86,7 +86,9 @@ OURS = (
 )
 OURS_NOTE = (
     "this repository (twistd connect-proxy), policy opened to loopback and any"
-    " port, otherwise defaults"
+    " port, no line per connection in the twistd log (--no-tunnel-log, as Squid"
+    " runs with access_log none and tinyproxy with LogLevel Warning here),"
+    " otherwise defaults"
 )
 BUILTIN = {
     "direct": {
@@ -205,25 +207,34 @@ BUILTIN = {
         "kind": "connect",
         "group": "ours",
         "port": 18025,
-        "needs": ["self:twistd"],
-        "cmd": OURS,
+        "needs": ["self:twistd", "flag:--no-tunnel-log"],
+        "cmd": OURS + " --no-tunnel-log",
         "note": OURS_NOTE,
     },
     "ours-w2": {
         "kind": "connect",
         "group": "ours",
         "port": 18026,
-        "needs": ["self:twistd", "flag:--workers"],
-        "cmd": OURS + " --workers 2",
+        "needs": ["self:twistd", "flag:--workers", "flag:--no-tunnel-log"],
+        "cmd": OURS + " --no-tunnel-log --workers 2",
         "note": OURS_NOTE + "; --workers 2",
     },
     "ours-nosplice": {
         "kind": "connect",
         "group": "ours",
         "port": 18027,
-        "needs": ["self:twistd", "flag:--no-splice"],
-        "cmd": OURS + " --no-splice",
+        "needs": ["self:twistd", "flag:--no-splice", "flag:--no-tunnel-log"],
+        "cmd": OURS + " --no-tunnel-log --no-splice",
         "note": OURS_NOTE + "; --no-splice",
+    },
+    "ours-logged": {
+        "kind": "connect",
+        "group": "ours",
+        "port": 18028,
+        "needs": ["self:twistd"],
+        "cmd": OURS,
+        "note": "this repository as `ours`, but with its default line per"
+        " connection in the twistd log (to the bench's log file)",
     },
 }
 DEFAULT_PROXIES = ["direct", "ours", "squid", "tinyproxy", "proxypy", "twisted"]
@@ -1456,7 +1467,14 @@ def versions(procs):
                 " print(sys.version.split()[0], twisted.__version__)",
             ],
             "",
-            {"twisted", "twisted-splice", "ours", "ours-w2", "ours-nosplice"},
+            {
+                "twisted",
+                "twisted-splice",
+                "ours",
+                "ours-w2",
+                "ours-nosplice",
+                "ours-logged",
+            },
         ),
         "tunnel": (
             [
@@ -1466,7 +1484,7 @@ def versions(procs):
                 " print(m.version('tunnel'), tunnel.__file__)",
             ],
             "",
-            {"ours", "ours-w2", "ours-nosplice"},
+            {"ours", "ours-w2", "ours-nosplice", "ours-logged"},
         ),
     }
     return {

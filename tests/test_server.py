@@ -33,7 +33,7 @@ from twisted.internet.testing import (
     MemoryReactorClock,
     StringTransport,
 )
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -823,6 +823,46 @@ class TunnelTests(ProxyTestMixin, SynchronousTestCase):
         self.connector.endpoint.attempts[0][1].callback(target)
         self.assertEqual(self.client.value(), ESTABLISHED + b"early")
         self.assertTrue(self.client.disconnected)
+
+    def test_tunnelObservers(self) -> None:
+        """
+        The factory's C{tunnelObservers} get the event that ends each
+        connection, with the fields and the C{log_*} keys of a log event;
+        with C{logTunnels} off it goes to them and not to the global log.
+        """
+        seen: list[dict[str, Any]] = []
+        self.factory.tunnelObservers.append(seen.append)
+        self.factory.logTunnels = False
+        target, _transport = self.establish()
+        target.dataReceived(b"hello")
+        self.closeBoth(target)
+        self.assertEqual(self.tunnelEvents(), [])
+        [event] = seen
+        self.assertEqual(
+            (event["status"], event["bytesDown"], event["tunnelEvent"]),
+            (200, 5, True),
+        )
+        self.assertEqual(event["log_format"], "{line}")
+        self.assertIn("CONNECT target.example:443 200", formatEvent(event))
+        self.assertIsInstance(event["log_time"], float)
+
+    def test_failingTunnelObserver(self) -> None:
+        """
+        A tunnel observer that raises is logged and does not stop the
+        others nor the connection's close.
+        """
+
+        def broken(event: object) -> None:
+            raise RuntimeError("observer bug")
+
+        seen: list[dict[str, Any]] = []
+        self.factory.tunnelObservers.extend([broken, seen.append])
+        target, _transport = self.establish()
+        self.closeBoth(target)
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(len(self.tunnelEvents()), 1)
+        [_failure] = self.flushLoggedErrors(RuntimeError)
+        self.assertNotIn(self.proxy, self.factory.connections)
 
 
 class HelperTests(SynchronousTestCase):

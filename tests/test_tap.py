@@ -283,6 +283,15 @@ class SecurityOptionsTests(SynchronousTestCase):
         self.assertEqual(makeFactory(parse(), reactor).splice, spliceAvailable())
         self.assertFalse(makeFactory(parse("--no-splice"), reactor).splice)
 
+    def test_noTunnelLog(self) -> None:
+        """
+        Each connection's line goes to the twistd log unless
+        C{--no-tunnel-log} says otherwise.
+        """
+        reactor = MemoryReactorClock()
+        self.assertTrue(makeFactory(parse(), reactor).logTunnels)
+        self.assertFalse(makeFactory(parse("--no-tunnel-log"), reactor).logTunnels)
+
     def test_limits(self) -> None:
         """
         C{--max-tunnels} and C{--max-tunnels-per-client} reach the factory.

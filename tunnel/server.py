@@ -5,6 +5,8 @@ The CONNECT handshake: the protocol that talks to a client, and its factory.
 from __future__ import annotations
 
 import ipaddress
+import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -26,7 +28,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.logger import LogEvent, Logger, LogLevel
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -713,28 +715,46 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # The line is built here, once, with an f-string: the logger's own
         # formatting of nine fields costs more than the rest of a handshake's
         # bookkeeping.  The fields stay in the event for observers.
-        self._log.info(
-            "{line}",
-            line=f"{self._peer} {user} CONNECT {target} {shownStatus} "
+        fields = {
+            "line": f"{self._peer} {user} CONNECT {target} {shownStatus} "
             f"up={bytesUp} down={bytesDown} {duration:.3f}s {ended}",
-            tunnelEvent=True,
-            client=self._peer,
-            user=user,
-            target=target,
-            connectedTo=self._connectedTo,
-            status=shownStatus,
-            bytesUp=bytesUp,
-            bytesDown=bytesDown,
-            duration=duration,
-            handshake=(established if established is not None else now)
+            "tunnelEvent": True,
+            "client": self._peer,
+            "user": user,
+            "target": target,
+            "connectedTo": self._connectedTo,
+            "status": shownStatus,
+            "bytesUp": bytesUp,
+            "bytesDown": bytesDown,
+            "duration": duration,
+            "handshake": (established if established is not None else now)
             - self._startedAt,
-            connect=established - connectStarted
+            "connect": established - connectStarted
             if established is not None and connectStarted is not None
             else None,
-            refusal=self._refusal,
-            parentStatus=self._parentStatus,
-            ended=ended,
-        )
+            "refusal": self._refusal,
+            "parentStatus": self._parentStatus,
+            "ended": ended,
+        }
+        factory = self.factory
+        if factory.logTunnels:
+            self._log.info("{line}", **fields)
+        if factory.tunnelObservers:
+            fields.update(
+                log_logger=self._log,
+                log_level=LogLevel.info,
+                log_namespace=self._log.namespace,
+                log_source=self,
+                log_format="{line}",
+                log_time=time.time(),
+            )
+            for observer in tuple(factory.tunnelObservers):
+                try:
+                    observer(fields)
+                except Exception:
+                    self._log.failure(
+                        "Tunnel observer {observer!r} failed", observer=observer
+                    )
         self._forgetIfDone()
 
     def closeIfIdle(self) -> None:
@@ -773,6 +793,10 @@ class ConnectProxyFactory(Factory):
             ConnectProxyFactory(reactor=reactor))
 
     @ivar connections: The client connections open now.
+    @ivar tunnelObservers: Log observers given the event that ends each
+        client connection (marked C{tunnelEvent}) directly, whether or not
+        it also goes to the global log (C{logTunnels}): the access log and
+        the metrics.
     """
 
     protocol = ConnectProxy  # type: ignore[assignment]
@@ -798,6 +822,7 @@ class ConnectProxyFactory(Factory):
         damper: FailureDamper | None = None,
         proxyProtocol: bool = False,
         splice: bool | None = None,
+        logTunnels: bool = True,
     ) -> None:
         """
         @param connector: Chooses how targets are reached; by default a
@@ -833,6 +858,9 @@ class ConnectProxyFactory(Factory):
             move their bytes with C{splice(2)} (a L{SpliceRelay}) instead of
             through Python (a L{Relay}); by default, wherever the system
             can (L{spliceAvailable}).
+        @param logTunnels: Whether the event that ends each client
+            connection goes to the global log (twistd's log file).  The
+            L{tunnelObservers} get it either way.
         """
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -857,6 +885,8 @@ class ConnectProxyFactory(Factory):
         self.damper = damper if damper is not None else FailureDamper(self.clock)
         self.proxyProtocol = proxyProtocol
         self.splice = spliceAvailable() if splice is None else splice
+        self.logTunnels = logTunnels
+        self.tunnelObservers: list[Callable[[LogEvent], object]] = []
         self.connections: set[ConnectProxy] = set()
         self.relaying = 0
         self.awaitingHeader = 0

@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger
 
 from .accesslog import AccessLogObserver
 from .server import ConnectProxyFactory
@@ -44,9 +44,9 @@ class ProxyService(MultiService):
         @param factory: The proxy factory.
         @param drainTimeout: Seconds open connections get to finish when the
             service stops.
-        @param observers: Log observers to add while running (the access
-            log, the metrics); an L{AccessLogObserver} is reopened on
-            SIGUSR1.
+        @param observers: Observers of the tunnel events, added to the
+            factory's C{tunnelObservers} while running (the access log, the
+            metrics); an L{AccessLogObserver} is reopened on SIGUSR1.
         @param reactor: Runs the SIGUSR1 reopen on the reactor thread.
         """
         super().__init__()
@@ -60,8 +60,7 @@ class ProxyService(MultiService):
         """
         Add the observers, then start the listeners.
         """
-        for observer in self.observers:
-            globalLogPublisher.addObserver(observer)
+        self.factory.tunnelObservers.extend(self.observers)
         if self._reactor is not None and any(
             isinstance(o, AccessLogObserver) for o in self.observers
         ):
@@ -103,7 +102,7 @@ class ProxyService(MultiService):
                 signal.signal(signal.SIGUSR1, self._previousUSR1)
                 self._previousUSR1 = None
             for observer in self.observers:
-                globalLogPublisher.removeObserver(observer)
+                self.factory.tunnelObservers.remove(observer)
                 if isinstance(observer, AccessLogObserver):
                     observer.close()
             return result

@@ -113,6 +113,12 @@ class Options(usage.Options, AuthOptionMixin):
             "of plain TCP tunnels kernel-to-kernel with splice(2).",
         ],
         [
+            "no-tunnel-log",
+            None,
+            "Write no line per connection to the twistd log (--access-log and "
+            "--metrics still see every connection; errors are still logged).",
+        ],
+        [
             "proxy-protocol",
             None,
             "Every connection starts with a PROXY protocol v1/v2 header (from "
@@ -452,6 +458,7 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
         maxTunnelsPerClient=options["max-tunnels-per-client"],
         proxyProtocol=bool(options["proxy-protocol"]),
         splice=False if options["no-splice"] else None,
+        logTunnels=not options["no-tunnel-log"],
     )
 
 
