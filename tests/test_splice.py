@@ -864,6 +864,7 @@ class SpliceRelayTests(TestCase):
         target.tcp.loseConnection()
         result = yield ended.wait()
         self.assertEqual(result, RelayResult(10, 5, "client-eof"))
+        yield client.eof.wait()
         self.assertEqual(client.received, b"reply")
 
     @inlineCallbacks

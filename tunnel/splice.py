@@ -773,7 +773,7 @@ class SpliceRelay:
             self._close(f"{flow.dst.side}-reset", abort=True)
             return
         if self._up.done and self._down.done:
-            self._close(self._firstEnd, abort=False)
+            self._close(self._firstEnd, abort=False, finished=True)
 
     # Ending.
 
@@ -785,7 +785,7 @@ class SpliceRelay:
         else:
             self.abort("idle-timeout")
 
-    def _close(self, how: str | None, abort: bool) -> None:
+    def _close(self, how: str | None, abort: bool, finished: bool = False) -> None:
         self._closing = how or "-"
         if self._idleCall is not None:
             self._idleCall.cancel()
@@ -795,11 +795,19 @@ class SpliceRelay:
             (self._client, self._clientOpen),
             (self._target, self._targetOpen),
         ):
-            if isOpen:
-                if abort:
-                    transport.abortConnection()
-                else:
-                    transport.loseConnection()
+            if not isOpen:
+                continue
+            if finished:
+                # Both FINs are passed on and the transports hold no byte:
+                # close the sockets now.  loseConnection would register each
+                # one for writing only to find its empty buffer empty on the
+                # next turn of the reactor (two epoll calls and a wake-up
+                # per socket, on every short tunnel).
+                cast(Any, transport).connectionLost(connectionDone)
+            elif abort:
+                transport.abortConnection()
+            else:
+                transport.loseConnection()
 
     def _detach(self) -> None:
         """
