@@ -590,7 +590,7 @@ class EarlyDataTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(HEAD + b"secret")
         self.connector.endpoint.attempts[0][1].errback(ConnectionRefusedError())
         self.assertNotIn(b"secret", self.client.value())
-        self.assertEqual(self.proxy._early, [])
+        self.assertIsNone(self.proxy._early)
 
     def test_earlyDataBounded(self) -> None:
         """
