@@ -772,6 +772,27 @@ class TunnelTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(event["ended"], "idle-timeout")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_oneIdleTimer(self) -> None:
+        """
+        The factory's tunnels share one idle timer, which still ends each
+        quiet tunnel on its own time.
+        """
+        _target, transport = self.establish()
+        self.clock.advance(300)
+        proxy, _client = self.connectClient()
+        proxy.dataReceived(HEAD)
+        _otherTarget, otherTransport = self.reachTarget(1)
+        watch = self.factory.idleWatch()
+        assert watch is not None
+        self.assertEqual(len(watch), 2)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(300)
+        self.assertTrue(transport.disconnected)
+        self.assertFalse(otherTransport.disconnected)
+        self.clock.advance(300)
+        self.assertTrue(otherTransport.disconnected)
+        self.assertEqual(len(watch), 0)
+
     def test_idleTimeoutDisabled(self) -> None:
         """
         An idle timeout of 0 leaves quiet tunnels open.

@@ -25,6 +25,8 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .idle import IdleWatch
+
 __all__ = [
     "Relay",
     "RelayEvents",
@@ -129,6 +131,8 @@ class Relay:
 
     @ivar bytesUp: Bytes written to the target so far.
     @ivar bytesDown: Bytes written to the client so far.
+    @ivar lastActivity: When a byte last moved, once started with an idle
+        timeout.
     """
 
     # Thousands of tunnels stay open at once: no per-instance dict.
@@ -141,14 +145,15 @@ class Relay:
         "_closing",
         "_consuming",
         "_firstEnd",
-        "_idleCall",
         "_idleTimeout",
+        "_idleWatch",
         "_onEnd",
         "_target",
         "_targetOpen",
         "_targetReading",
         "bytesDown",
         "bytesUp",
+        "lastActivity",
     )
 
     def __init__(
@@ -158,6 +163,7 @@ class Relay:
         clock: IReactorTime,
         idleTimeout: float | None,
         onEnd: Callable[[RelayResult], None],
+        idleWatch: IdleWatch | None = None,
     ) -> None:
         """
         @param client: The transport connected to the client.
@@ -167,6 +173,9 @@ class Relay:
             which both connections are aborted; L{None} or C{0} disables it.
         @param onEnd: Called once with the L{RelayResult} when both
             connections are closed.
+        @param idleWatch: The watch, shared with other tunnels, that applies
+            the idle timeout (its C{timeout} must be C{idleTimeout}); by
+            default the relay has one of its own.
         """
         self._client = client
         self._target = target
@@ -181,7 +190,8 @@ class Relay:
         self._targetOpen = True
         self._firstEnd: str | None = None
         self._closing: str | None = None
-        self._idleCall: IDelayedCall | None = None
+        self._idleWatch = idleWatch
+        self.lastActivity = 0.0
         self._closeDeadline: IDelayedCall | None = None
         # The transports that have the other one registered as producer.
         self._consuming: list[StreamTransport] = []
@@ -212,7 +222,10 @@ class Relay:
             # write pauses the client as any other would.
             self.clientData(earlyData)
         if self._idleTimeout:
-            self._idleCall = self._clock.callLater(self._idleTimeout, self._idle)
+            if self._idleWatch is None:
+                self._idleWatch = IdleWatch(self._clock, self._idleTimeout)
+            self.lastActivity = self._clock.seconds()
+            self._idleWatch.watch(self)
         if clientFinished:
             self.clientFinished()
 
@@ -224,8 +237,8 @@ class Relay:
         """
         self.bytesUp += len(data)
         self._target.write(data)
-        if self._idleCall is not None:
-            self._idleCall.reset(self._idleTimeout)
+        if self._idleWatch is not None:
+            self.lastActivity = self._clock.seconds()
 
     def targetData(self, data: bytes) -> None:
         """
@@ -235,8 +248,8 @@ class Relay:
         """
         self.bytesDown += len(data)
         self._client.write(data)
-        if self._idleCall is not None:
-            self._idleCall.reset(self._idleTimeout)
+        if self._idleWatch is not None:
+            self.lastActivity = self._clock.seconds()
 
     def clientFinished(self) -> None:
         """
@@ -303,8 +316,10 @@ class Relay:
             self._close(self._firstEnd if clean else f"{side}-reset", not clean)
         self._reportIfDone()
 
-    def _idle(self) -> None:
-        self._idleCall = None
+    def idleTimedOut(self) -> None:
+        """
+        No byte moved for the idle timeout: reset both connections.
+        """
         self.abort("idle-timeout")
 
     def abort(self, why: str = "shutdown") -> None:
@@ -318,9 +333,8 @@ class Relay:
 
     def _close(self, how: str | None, abort: bool) -> None:
         self._closing = how
-        if self._idleCall is not None:
-            self._idleCall.cancel()
-            self._idleCall = None
+        if self._idleWatch is not None:
+            self._idleWatch.unwatch(self)
         if not abort and self._closeDeadline is None:
             # A graceful close waits for the peers to take what is buffered;
             # a peer that never reads must not keep the tunnel forever.

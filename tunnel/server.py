@@ -41,6 +41,7 @@ from .auth import (
     parseBasicCredentials,
 )
 from .connector import AddressDenied, HostnameConnector
+from .idle import IdleWatch
 from .interfaces import ITargetConnector
 from .policy import IPAddress, ITunnelPolicy, TunnelPolicy
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
@@ -552,6 +553,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 factory.idleTimeout,
                 self._relayEnded,
                 factory.reactor,
+                idleWatch=factory.idleWatch(),
             )
         else:
             relay = Relay(
@@ -560,6 +562,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 factory.clock,
                 factory.idleTimeout,
                 self._relayEnded,
+                idleWatch=factory.idleWatch(),
             )
         self._relay = relay
         early = b"".join(self._early) if self._early else b""
@@ -913,6 +916,23 @@ class ConnectProxyFactory(Factory):
         self._drained: list[Deferred[None]] = []
         self._open = 0
         self._openPerClient: dict[str, int] = {}
+        self._idleWatch: IdleWatch | None = None
+
+    def idleWatch(self) -> IdleWatch | None:
+        """
+        The watch that applies the idle timeout to this factory's tunnels:
+        one timer for all of them.
+
+        @return: The watch for the current C{idleTimeout}, or L{None} if
+            there is none.
+        """
+        timeout = self.idleTimeout
+        if not timeout:
+            return None
+        watch = self._idleWatch
+        if watch is None or watch.timeout != timeout:
+            watch = self._idleWatch = IdleWatch(self.clock, timeout)
+        return watch
 
     def acceptableProtocols(self) -> list[bytes]:
         """

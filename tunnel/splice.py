@@ -54,7 +54,6 @@ from typing import Any, cast
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
-    IDelayedCall,
     IReactorFDSet,
     IReactorTime,
     IReadWriteDescriptor,
@@ -64,6 +63,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .idle import IdleWatch
 from .relay import RelayResult, StreamTransport
 
 __all__ = [
@@ -443,6 +443,8 @@ class SpliceRelay:
 
     @ivar clientEnd: The L{SpliceEnd} of the client's socket.
     @ivar targetEnd: The L{SpliceEnd} of the target's socket.
+    @ivar lastActivity: When a byte last moved, once started with an idle
+        timeout.
     """
 
     # Thousands of tunnels stay open at once: no per-instance dict.
@@ -453,9 +455,8 @@ class SpliceRelay:
         "_closing",
         "_down",
         "_firstEnd",
-        "_idleCall",
         "_idleTimeout",
-        "_lastActivity",
+        "_idleWatch",
         "_onEnd",
         "_pool",
         "_started",
@@ -463,6 +464,7 @@ class SpliceRelay:
         "_targetOpen",
         "_up",
         "clientEnd",
+        "lastActivity",
         "targetEnd",
     )
 
@@ -477,6 +479,7 @@ class SpliceRelay:
         onEnd: Callable[[RelayResult], None],
         reactor: IReactorFDSet,
         pool: PipePool | None = None,
+        idleWatch: IdleWatch | None = None,
     ) -> None:
         """
         @param client: The transport connected to the client; L{canSplice}
@@ -489,6 +492,9 @@ class SpliceRelay:
             connections are closed.
         @param reactor: The reactor that runs both transports.
         @param pool: Lends the pipes; by default L{defaultPool}.
+        @param idleWatch: The watch, shared with other tunnels, that applies
+            the idle timeout (its C{timeout} must be C{idleTimeout}); by
+            default the relay has one of its own.
         """
         self._client = client
         self._target = target
@@ -505,8 +511,8 @@ class SpliceRelay:
         self._targetOpen = True
         self._firstEnd: str | None = None
         self._closing: str | None = None
-        self._idleCall: IDelayedCall | None = None
-        self._lastActivity = 0.0
+        self._idleWatch = idleWatch
+        self.lastActivity = 0.0
 
     @property
     def bytesUp(self) -> int:
@@ -567,8 +573,10 @@ class SpliceRelay:
         self._up.spill = _takeUnwritten(target) + earlyData + self._up.spill
         self._up.moved += len(earlyData)
         if self._idleTimeout:
-            self._lastActivity = self._clock.seconds()
-            self._idleCall = self._clock.callLater(self._idleTimeout, self._idle)
+            if self._idleWatch is None:
+                self._idleWatch = IdleWatch(self._clock, self._idleTimeout)
+            self.lastActivity = self._clock.seconds()
+            self._idleWatch.watch(self)
         if clientFinished:
             self.clientFinished()
         self._pump(self._up)
@@ -680,8 +688,8 @@ class SpliceRelay:
             self._active()
 
     def _active(self) -> None:
-        if self._idleCall is not None:
-            self._lastActivity = self._clock.seconds()
+        if self._idleWatch is not None:
+            self.lastActivity = self._clock.seconds()
 
     def _move(self, flow: _Flow, readable: bool) -> bool:
         """
@@ -779,19 +787,16 @@ class SpliceRelay:
 
     # Ending.
 
-    def _idle(self) -> None:
-        self._idleCall = None
-        remaining = self._lastActivity + self._idleTimeout - self._clock.seconds()
-        if remaining > 0:
-            self._idleCall = self._clock.callLater(remaining, self._idle)
-        else:
-            self.abort("idle-timeout")
+    def idleTimedOut(self) -> None:
+        """
+        No byte moved for the idle timeout: reset both connections.
+        """
+        self.abort("idle-timeout")
 
     def _close(self, how: str | None, abort: bool, finished: bool = False) -> None:
         self._closing = how or "-"
-        if self._idleCall is not None:
-            self._idleCall.cancel()
-            self._idleCall = None
+        if self._idleWatch is not None:
+            self._idleWatch.unwatch(self)
         self._detach()
         for transport, isOpen in (
             (self._client, self._clientOpen),

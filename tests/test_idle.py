@@ -1,0 +1,143 @@
+"""
+Tests for L{tunnel.idle}.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tunnel.idle import IdleWatch
+
+
+class FakeTunnel:
+    """
+    A watched tunnel that records its timeout.
+    """
+
+    def __init__(self, clock: Clock, watch: IdleWatch | None = None) -> None:
+        self.clock = clock
+        self.lastActivity = clock.seconds()
+        self.timedOut: list[float] = []
+        self.watch = watch
+
+    def active(self) -> None:
+        """
+        A byte moved now.
+        """
+        self.lastActivity = self.clock.seconds()
+
+    def idleTimedOut(self) -> None:
+        self.timedOut.append(self.clock.seconds())
+        if self.watch is not None:
+            # A tunnel unwatches itself as it ends.
+            self.watch.unwatch(self)
+
+
+class IdleWatchTests(SynchronousTestCase):
+    """
+    L{IdleWatch} ends quiet tunnels with one timer.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.watch = IdleWatch(self.clock, 10)
+
+    def test_timesOutAfterLastActivity(self) -> None:
+        """
+        A tunnel ends exactly C{timeout} seconds after its last byte, and
+        activity postpones that.
+        """
+        tunnel = FakeTunnel(self.clock, self.watch)
+        self.watch.watch(tunnel)
+        self.clock.pump([0.5] * 8)
+        tunnel.active()
+        self.clock.pump([0.5] * 19)
+        self.assertEqual(tunnel.timedOut, [])
+        self.clock.advance(0.5)
+        self.assertEqual(tunnel.timedOut, [14])
+        self.assertEqual(len(self.watch), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_oneTimerForAll(self) -> None:
+        """
+        However many tunnels are watched, one timer is pending; each ends on
+        its own time.
+        """
+        tunnels = []
+        for _ in range(5):
+            tunnel = FakeTunnel(self.clock, self.watch)
+            self.watch.watch(tunnel)
+            tunnels.append(tunnel)
+            self.clock.advance(2)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.pump([1] * 20)
+        self.assertEqual([t.timedOut for t in tunnels], [[10], [12], [14], [16], [18]])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_unwatchLastCancels(self) -> None:
+        """
+        Unwatching the last tunnel cancels the timer; unwatching a tunnel
+        that is not watched does nothing.
+        """
+        first, second = FakeTunnel(self.clock), FakeTunnel(self.clock)
+        self.watch.watch(first)
+        self.watch.watch(second)
+        self.watch.unwatch(first)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.watch.unwatch(second)
+        self.watch.unwatch(second)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(20)
+        self.assertEqual((first.timedOut, second.timedOut), ([], []))
+
+    def test_tunnelThatStaysWatched(self) -> None:
+        """
+        A tunnel is forgotten once it timed out even if it does not unwatch
+        itself: it is told once.
+        """
+        tunnel = FakeTunnel(self.clock)
+        self.watch.watch(tunnel)
+        self.clock.pump([1] * 30)
+        self.assertEqual(tunnel.timedOut, [10])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_granularity(self) -> None:
+        """
+        Tunnels that keep moving bytes just before their time make the
+        watch look at most once per granularity.
+        """
+        watch = IdleWatch(self.clock, 10, granularity=2)
+        tunnels = [FakeTunnel(self.clock, watch) for _ in range(3)]
+        for tunnel in tunnels:
+            watch.watch(tunnel)
+        looks = 0
+        for _ in range(100):
+            self.clock.advance(0.5)
+            for tunnel in tunnels:
+                tunnel.active()
+            [call] = self.clock.getDelayedCalls()
+            self.assertGreaterEqual(call.getTime() - self.clock.seconds(), 0)
+            looks += call.getTime() <= self.clock.seconds() + 0.5
+        # 50 seconds of activity: a look every 10 seconds at first, then
+        # none closer together than 2 seconds.
+        self.assertLessEqual(looks, 25)
+        self.assertEqual([t.timedOut for t in tunnels], [[], [], []])
+
+    def test_granularityDelaysAtMost(self) -> None:
+        """
+        A tunnel that goes quiet while the watch looks on a coarse schedule
+        ends no later than C{granularity} after its time.
+        """
+        watch = IdleWatch(self.clock, 10, granularity=2)
+        early = FakeTunnel(self.clock, watch)
+        watch.watch(early)
+        self.clock.pump([0.5] * 19)
+        late = FakeTunnel(self.clock, watch)
+        watch.watch(late)
+        self.clock.advance(0.5)
+        self.assertEqual(early.timedOut, [10])
+        self.clock.pump([0.25] * 48)
+        [when] = late.timedOut
+        self.assertGreaterEqual(when, 19.5)
+        self.assertLessEqual(when, 21.5)
