@@ -6,11 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.error import DNSLookupError
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionRefusedError,
+    DNSLookupError,
+    NoProtocol,
+    UserError,
+)
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from tests.fakes import FakeResolver
 from tunnel import HostnameConnector, ITargetConnector
@@ -162,3 +172,136 @@ class VettingTests(SynchronousTestCase):
         """
         _reactor, d = self.connect({}, "nowhere.test")
         self.failureResultOf(d, DNSLookupError)
+
+
+@implementer(IHalfCloseableProtocol)
+class _Recorder(Protocol):
+    """
+    A half-closeable protocol that records its events.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def connectionMade(self) -> None:
+        self.events.append("made")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.events.append(data)
+
+    def readConnectionLost(self) -> None:
+        self.events.append("read-lost")
+
+    def writeConnectionLost(self) -> None:
+        self.events.append("write-lost")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.events.append(reason.type)
+
+
+class AddressEndpointTests(SynchronousTestCase):
+    """
+    The endpoint for address literals connects with C{connectTCP} and keeps
+    only a small announcing protocol per connection.
+    """
+
+    def connect(
+        self, protocol: Protocol | None
+    ) -> tuple[MemoryReactorClock, Deferred[Any]]:
+        """
+        Start connecting to 192.0.2.1:443 with a factory that builds
+        C{protocol}.
+        """
+        reactor = MemoryReactorClock()
+        connector = HostnameConnector(reactor, timeout=7, bindAddress=("::1", 0))
+        endpoint = connector.endpointForTarget("192.0.2.1", 443)
+        factory = Factory()
+        factory.buildProtocol = lambda addr: protocol  # type: ignore[method-assign]
+        d = endpoint.connect(factory)
+        return reactor, d
+
+    def test_connected(self) -> None:
+        """
+        The Deferred fires with the built protocol once it is connected, and
+        every event of the transport reaches it, half-closes included.
+        """
+        protocol = _Recorder()
+        reactor, d = self.connect(protocol)
+        [(host, port, factory, timeout, bind)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout, bind), ("192.0.2.1", 443, 7, ("::1", 0)))
+        announcing: Any = factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 443))
+        self.assertNoResult(d)
+        self.assertTrue(IHalfCloseableProtocol.providedBy(announcing))
+        transport = StringTransport()
+        announcing.makeConnection(transport)
+        self.assertIs(self.successResultOf(d), protocol)
+        self.assertIs(protocol.transport, transport)
+        announcing.dataReceived(b"hello")
+        announcing.readConnectionLost()
+        announcing.writeConnectionLost()
+        announcing.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(
+            protocol.events,
+            ["made", b"hello", "read-lost", "write-lost", ConnectionDone],
+        )
+        self.assertEqual(announcing.logPrefix(), "_Recorder")
+
+    def test_plainProtocol(self) -> None:
+        """
+        A protocol that does not take half-closes is not announced as one
+        (the transport then reports a FIN as a lost connection).
+        """
+        protocol = Protocol()
+        reactor, d = self.connect(protocol)
+        [(_, _, factory, _, _)] = reactor.tcpClients
+        announcing: Any = factory.buildProtocol(None)
+        self.assertFalse(IHalfCloseableProtocol.providedBy(announcing))
+        announcing.makeConnection(StringTransport())
+        self.assertIs(self.successResultOf(d), protocol)
+
+    def test_failed(self) -> None:
+        """
+        A failed attempt fails the Deferred with its reason.
+        """
+        reactor, d = self.connect(Protocol())
+        [(_, _, factory, _, _)] = reactor.tcpClients
+        [connector] = reactor.connectors
+        factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+        self.failureResultOf(d, ConnectionRefusedError)
+
+    def test_noProtocol(self) -> None:
+        """
+        A factory that builds no protocol fails the Deferred, and no
+        protocol is given to the transport.
+        """
+        reactor, d = self.connect(None)
+        [(_, _, factory, _, _)] = reactor.tcpClients
+        self.assertIsNone(factory.buildProtocol(None))
+        self.failureResultOf(d, NoProtocol)
+
+    def test_cancel(self) -> None:
+        """
+        Cancelling stops the attempt; the failure the connector then
+        reports changes nothing.
+        """
+        reactor, d = self.connect(Protocol())
+        [(_, _, factory, _, _)] = reactor.tcpClients
+        [connector] = reactor.connectors
+        d.cancel()
+        self.assertTrue(connector.stoppedConnecting)
+        self.failureResultOf(d, CancelledError)
+        factory.clientConnectionFailed(connector, Failure(UserError()))
+
+    def test_connectTCPFails(self) -> None:
+        """
+        A C{connectTCP} that raises fails the Deferred.
+        """
+        reactor = MemoryReactorClock()
+
+        def broken(*args: object) -> None:
+            raise OSError("no sockets left")
+
+        reactor.connectTCP = broken  # type: ignore[method-assign]
+        connector = HostnameConnector(reactor)
+        d = connector.endpointForTarget("192.0.2.1", 443).connect(Factory())
+        self.failureResultOf(d, OSError)

@@ -10,20 +10,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
-from twisted.internet.error import ConnectError
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectError, NoProtocol
 from twisted.internet.interfaces import (
     IAddress,
+    IConnector,
+    IHalfCloseableProtocol,
     IHostnameResolver,
     IHostResolution,
+    IProtocol,
     IProtocolFactory,
     IReactorPluggableNameResolver,
     IResolutionReceiver,
     IStreamClientEndpoint,
+    ITransport,
 )
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -39,6 +39,152 @@ class AddressDenied(ConnectError):
     """
     The target's name resolved, but the policy allows none of its addresses.
     """
+
+
+@implementer(IProtocol)
+class _Announcing:
+    """
+    The protocol a target connection made by L{_AddressEndpoint} runs: it
+    passes every event to the real protocol and, once that one is
+    connected, fires the endpoint's Deferred with it.
+    """
+
+    __slots__ = ("_connected", "_protocol")
+
+    def __init__(self, protocol: IProtocol, connected: Deferred[Any]) -> None:
+        self._protocol = protocol
+        self._connected: Deferred[Any] | None = connected
+
+    def makeConnection(self, transport: ITransport) -> None:
+        self._protocol.makeConnection(transport)
+        connected, self._connected = self._connected, None
+        if connected is not None:
+            connected.callback(self._protocol)
+
+    def connectionMade(self) -> None:
+        # makeConnection tells the real protocol; nothing to do here.
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        self._protocol.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._protocol.connectionLost(reason)
+
+    def logPrefix(self) -> str:
+        logPrefix = getattr(self._protocol, "logPrefix", None)
+        return logPrefix() if logPrefix is not None else "-"
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfCloseableAnnouncing(_Announcing):
+    """
+    L{_Announcing} for a protocol that takes half-closes.
+    """
+
+    __slots__ = ()
+
+    def readConnectionLost(self) -> None:
+        self._protocol.readConnectionLost()  # type: ignore[attr-defined]
+
+    def writeConnectionLost(self) -> None:
+        self._protocol.writeConnectionLost()  # type: ignore[attr-defined]
+
+
+@implementer(IProtocolFactory)
+class _AnnouncingFactory:
+    """
+    The client factory of one L{_AddressEndpoint} connection attempt.
+    """
+
+    __slots__ = ("_connector", "_factory", "connected")
+
+    def __init__(self, factory: IProtocolFactory) -> None:
+        self._factory: IProtocolFactory | None = factory
+        self._connector: IConnector | None = None
+        self.connected: Deferred[Any] = Deferred(self._cancel)
+
+    def _cancel(self, connected: Deferred[Any]) -> None:
+        if self._connector is not None:
+            self._connector.stopConnecting()
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+    def startedConnecting(self, connector: IConnector) -> None:
+        self._connector = connector
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        factory, self._factory, self._connector = self._factory, None, None
+        try:
+            assert factory is not None
+            protocol = factory.buildProtocol(addr)
+            if protocol is None:
+                raise NoProtocol()
+        except BaseException:
+            self.connected.errback()
+            return None
+        announcing = (
+            _HalfCloseableAnnouncing
+            if IHalfCloseableProtocol.providedBy(protocol)
+            else _Announcing
+        )
+        return announcing(protocol, self.connected)
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self._factory = self._connector = None
+        if not self.connected.called:
+            self.connected.errback(reason)
+
+    def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
+        pass
+
+
+@implementer(IStreamClientEndpoint)
+class _AddressEndpoint:
+    """
+    Connects to one IP address with C{connectTCP}.
+
+    Written by hand rather than taken from C{TCP4ClientEndpoint}: a tunnel
+    keeps its target connection open for as long as it lasts, thousands at
+    once, and the endpoint's wrapping factory, wrapping protocol and fired
+    Deferred stay alive with each (about 600 bytes a tunnel).  Here only a
+    small announcing protocol stays, and the factory lets go of the rest
+    once connected.
+    """
+
+    __slots__ = ("_bindAddress", "_host", "_port", "_reactor", "_timeout")
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        timeout: float,
+        bindAddress: tuple[str, int] | None,
+    ) -> None:
+        self._reactor = reactor
+        self._host = host
+        self._port = port
+        self._timeout = timeout
+        self._bindAddress = bindAddress
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        """
+        Connect, and fire with the protocol C{protocolFactory} built once it
+        is connected.
+        """
+        factory = _AnnouncingFactory(protocolFactory)
+        try:
+            self._reactor.connectTCP(
+                self._host, self._port, factory, self._timeout, self._bindAddress
+            )
+        except Exception:
+            return fail()
+        return factory.connected
 
 
 @implementer(IReactorPluggableNameResolver)
@@ -235,15 +381,8 @@ class HostnameConnector:
             # machinery on every handshake.
             if allowAddress is not None and not allowAddress(literal):
                 return _DeniedEndpoint(host)
-            endpointType = (
-                TCP4ClientEndpoint if literal.version == 4 else TCP6ClientEndpoint
-            )
-            return endpointType(
-                self._reactor,
-                str(literal),
-                port,
-                timeout=self._timeout,
-                bindAddress=self._bindAddress,
+            return _AddressEndpoint(
+                self._reactor, str(literal), port, self._timeout, self._bindAddress
             )
         resolver = self._resolver or self._reactor.nameResolver
         return _VettedEndpoint(
