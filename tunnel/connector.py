@@ -102,7 +102,7 @@ class _AnnouncingFactory:
     def __init__(self, factory: IProtocolFactory) -> None:
         self._factory: IProtocolFactory | None = factory
         self._connector: IConnector | None = None
-        self.connected: Deferred[Any] = Deferred(self._cancel)
+        self.connected: Deferred[Any] | None = Deferred(self._cancel)
 
     def _cancel(self, connected: Deferred[Any]) -> None:
         if self._connector is not None:
@@ -125,6 +125,7 @@ class _AnnouncingFactory:
             if protocol is None:
                 raise NoProtocol()
         except BaseException:
+            assert self.connected is not None
             self.connected.errback()
             return None
         announcing = (
@@ -132,11 +133,15 @@ class _AnnouncingFactory:
             if IHalfCloseableProtocol.providedBy(protocol)
             else _Announcing
         )
-        return announcing(protocol, self.connected)
+        # The connector keeps this factory as long as the connection lasts:
+        # from now on the protocol fires the Deferred.
+        connected, self.connected = self.connected, None
+        assert connected is not None
+        return announcing(protocol, connected)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self._factory = self._connector = None
-        if not self.connected.called:
+        if self.connected is not None and not self.connected.called:
             self.connected.errback(reason)
 
     def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
@@ -178,13 +183,15 @@ class _AddressEndpoint:
         is connected.
         """
         factory = _AnnouncingFactory(protocolFactory)
+        connected = factory.connected
+        assert connected is not None
         try:
             self._reactor.connectTCP(
                 self._host, self._port, factory, self._timeout, self._bindAddress
             )
         except Exception:
             return fail()
-        return factory.connected
+        return connected
 
 
 @implementer(IReactorPluggableNameResolver)

@@ -374,10 +374,14 @@ class TargetProtocol(Protocol):
     event to the relay.
     """
 
-    relay: RelayEvents | None = None
-
     def __init__(self) -> None:
-        self._pending: list[bytes] = []
+        # Every attribute is set here, Twisted's first and always in this
+        # order: instances of one class then share their dict's keys
+        # (CPython's key-sharing dicts), which matters at one per tunnel.
+        self.connected = 0
+        self.transport = None
+        self.relay: RelayEvents | None = None
+        self._pending: list[bytes] | None = None
         self._finishedEarly = False
         self._lostEarly: Failure | None = None
 
@@ -388,9 +392,9 @@ class TargetProtocol(Protocol):
         @param relay: The relay this connection now belongs to.
         """
         self.relay = relay
-        for data in self._pending:
+        pending, self._pending = self._pending, None
+        for data in pending or ():
             relay.targetData(data)
-        del self._pending[:]
         if self._finishedEarly:
             relay.targetFinished()
         if self._lostEarly is not None:
@@ -402,6 +406,8 @@ class TargetProtocol(Protocol):
         """
         if self.relay is not None:
             self.relay.targetData(data)
+        elif self._pending is None:
+            self._pending = [data]
         else:
             self._pending.append(data)
 

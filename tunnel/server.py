@@ -570,6 +570,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # handshake alone needed.
         self._early = None
         self._request = None
+        self._clientIP = None
         if self._earlyBytes > factory.maxEarlyData:
             self._client.resumeProducing()
         relay.start(early, self._clientFinished, greeting=_ESTABLISHED)
