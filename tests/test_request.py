@@ -4,6 +4,8 @@ Tests for L{tunnel.request}: the pure CONNECT head parser.
 
 from __future__ import annotations
 
+import ipaddress
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -309,6 +311,34 @@ class ParseConnectHeadTests(SynchronousTestCase):
             self.assertIn(rejected.status, PARSER_STATUSES)
         else:
             self.assertTrue(1 <= request.port <= 65535)
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        st.lists(
+            st.sampled_from(["0", "00", "1", "09", "10", "199", "249", "255", "256"]),
+            min_size=3,
+            max_size=5,
+        )
+    )
+    def test_numericHostsAsIPv4Address(self, labels: list[str]) -> None:
+        """
+        A host of numbers is accepted exactly when L{ipaddress.IPv4Address}
+        reads it as an address: the standard dotted quad only.
+        """
+        host = ".".join(labels)
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            expected = False
+        else:
+            expected = True
+        try:
+            parseAuthority(host.encode() + b":443")
+        except RequestRejected:
+            accepted = False
+        else:
+            accepted = True
+        self.assertEqual(accepted, expected, host)
 
     @settings(max_examples=300, deadline=None)
     @given(

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .interfaces import ITargetConnector
+from .policy import parseAddress
 
 __all__ = ["AddressDenied", "HostnameConnector"]
 
@@ -378,18 +379,19 @@ class HostnameConnector:
         Give an endpoint for C{host:port} that connects only to addresses
         C{allowAddress} allows (all of them if it is L{None}).
         """
-        try:
-            literal = ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
+        literal = parseAddress(host)
+        if literal is not None:
             # An address needs no lookup: vet it now and connect directly,
             # sparing the resolver's thread and HostnameEndpoint's
             # machinery on every handshake.
             if allowAddress is not None and not allowAddress(literal):
                 return _DeniedEndpoint(host)
             return _AddressEndpoint(
-                self._reactor, str(literal), port, self._timeout, self._bindAddress
+                self._reactor,
+                host if literal.version == 4 else str(literal),
+                port,
+                self._timeout,
+                self._bindAddress,
             )
         resolver = self._resolver or self._reactor.nameResolver
         return _VettedEndpoint(

@@ -17,6 +17,7 @@ private address, or an odd spelling of one, cannot get through.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -89,9 +90,14 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 
+@functools.lru_cache(maxsize=4096)
 def parseAddress(text: str) -> IPAddress | None:
     """
     Parse a canonical IP address literal.
+
+    Every handshake parses its client's and its target's address, and the
+    same ones come back again and again: the answers are cached (a bounded
+    cache: addresses are immutable values).
 
     Only the standard dotted-quad and IPv6 forms are addresses here; the
     odd spellings C{inet_aton} accepts (C{127.1}, C{2130706433},

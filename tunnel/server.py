@@ -43,7 +43,7 @@ from .auth import (
 from .connector import AddressDenied, HostnameConnector
 from .idle import IdleWatch
 from .interfaces import ITargetConnector
-from .policy import IPAddress, ITunnelPolicy, TunnelPolicy
+from .policy import IPAddress, ITunnelPolicy, TunnelPolicy, parseAddress
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
 from .relay import (
     Relay,
@@ -108,10 +108,7 @@ def _ipOf(address: IAddress | None) -> IPAddress | None:
     host = getattr(address, "host", None)
     if not isinstance(host, str):
         return None
-    try:
-        return ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return None
+    return parseAddress(host.partition("%")[0])
 
 
 def _clientKey(ip: IPAddress) -> str:
