@@ -161,6 +161,17 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(len(factories), 1)
         self.assertIsInstance(factories.pop(), ConnectProxyFactory)
 
+    def test_freezeOnceRunning(self) -> None:
+        """
+        Once the reactor runs, the objects made at start-up are frozen out
+        of the cyclic garbage collector's work (C{gc.freeze}).
+        """
+        import gc
+
+        reactor = MemoryReactorClock()
+        makeService(parse(), reactor)
+        self.assertIn((gc.freeze, (), {}), reactor.whenRunningHooks)
+
     def test_bindFailureIsFatal(self) -> None:
         """
         A listener that cannot bind makes start-up fail instead of running

@@ -4,6 +4,7 @@ The twistd face of the proxy: command-line options and the service they make.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import re
@@ -548,6 +549,10 @@ def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
     @return: The service.
     """
     factory = makeFactory(options, reactor)
+    # Everything made while starting (modules, options, the factory) lives
+    # as long as the process: keep it out of the cyclic collector's way, or
+    # each full collection walks it again and stalls handshakes (the p99).
+    reactor.callWhenRunning(gc.freeze)
     observers: list[ILogObserver] = []
     if options["access-log"] is not None:
         observers.append(
