@@ -776,7 +776,10 @@ class SpliceRelayTests(TestCase):
         target still sends; the target's FIN then reaches the client, and
         the tunnel closes both connections cleanly, C{"client-eof"}.
         """
-        client, target, _, ended = yield self.relayed()
+        client, target = Peer(closeOnEOF=False), Peer(closeOnEOF=False)
+        sides = yield self.connectPair(client, target)
+        relay, ended = self.relayBetween(*sides)
+        relay.start()
         client.tcp.write(b"request")
         client.tcp.loseWriteConnection()
         yield target.eof.wait()
@@ -789,6 +792,12 @@ class SpliceRelayTests(TestCase):
         self.assertEqual(result, RelayResult(7, 18, "client-eof"))
         yield client.eof.wait()
         self.assertEqual(client.received, b"response after EOF")
+        # The proxy's sockets were closed in order, not aborted: Twisted
+        # aborts with SO_LINGER 0, a reset that could drop bytes the kernel
+        # has not sent yet.
+        for side in sides:
+            assert side.lostReason is not None
+            self.assertIsInstance(side.lostReason.value, ConnectionDone)
 
     @inlineCallbacks
     def test_whatTwistedHeldGoesFirst(self) -> Yielding[None]:

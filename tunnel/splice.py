@@ -52,7 +52,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet import tcp
-from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IReactorFDSet,
     IReactorTime,
@@ -84,9 +84,6 @@ PIPE_SIZE = 1 << 20
 
 #: How many empty pipes the default pool keeps for reuse.
 POOL_MAX_IDLE = 64
-
-# How both transports are closed once both FINs went through (see _close).
-_BOTH_FINISHED = Failure(ConnectionAborted())
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
@@ -812,12 +809,10 @@ class SpliceRelay:
                 # close the sockets now.  loseConnection would register each
                 # one for writing only to find its empty buffer empty on the
                 # next turn of the reactor (two epoll calls and a wake-up
-                # per socket, on every short tunnel).  With ConnectionAborted
-                # as the reason Twisted closes without its shutdown(2) first,
-                # which after two FINs only fails with ENOTCONN; the protocols
-                # pass the reason to this relay, which is closing and so
-                # ignores it.
-                cast(Any, transport).connectionLost(_BOTH_FINISHED)
+                # per socket, on every short tunnel).  The reason must be a
+                # clean one: with ConnectionAborted Twisted would close with
+                # SO_LINGER 0, a reset that drops bytes not yet sent.
+                cast(Any, transport).connectionLost(connectionDone)
             elif abort:
                 transport.abortConnection()
             else:
