@@ -725,6 +725,10 @@ class ConnectProxy(Protocol, TimeoutMixin):
             return
         self._ended = ended
         self._status = status
+        factory = self.factory
+        if not (factory.logTunnels or factory.tunnelObservers):
+            self._forgetIfDone()
+            return
         now = self.factory.clock.seconds()
         established = self._establishedAt
         connectStarted = self._connectStartedAt
@@ -756,7 +760,6 @@ class ConnectProxy(Protocol, TimeoutMixin):
             "parentStatus": self._parentStatus,
             "ended": ended,
         }
-        factory = self.factory
         if factory.logTunnels:
             self._log.info("{line}", **fields)
         if factory.tunnelObservers:

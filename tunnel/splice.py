@@ -105,11 +105,14 @@ def spliceAvailable() -> bool:
     )
 
 
+_SPLICE_AVAILABLE = spliceAvailable()
+
+
 def canSplice(transport: object) -> bool:
     """
     Whether a L{SpliceRelay} can take over C{transport}.
 
-    Only the reactor's own plain TCP transports (L{tcp.Server} and
+    Only the reactor's own plain TCP transports (exactly L{tcp.Server} and
     L{tcp.Client}) on an IPv4 or IPv6 stream socket qualify, while they are
     connected, not closing and not running TLS.  Wrapped transports (TLS,
     other L{twisted.protocols.policies.ProtocolWrapper}s) and UNIX sockets
@@ -117,14 +120,14 @@ def canSplice(transport: object) -> bool:
 
     @param transport: A connected transport.
     """
-    if not spliceAvailable() or not isinstance(transport, (tcp.Server, tcp.Client)):
+    # Exactly these two classes (not subclasses such as unix.Server) only
+    # ever hold IPv4 and IPv6 stream sockets: the socket's family and type
+    # need not be asked (each an enum conversion, twice a handshake).
+    if not _SPLICE_AVAILABLE or type(transport) not in (tcp.Server, tcp.Client):
         return False
     t = cast(Any, transport)
-    sock = getattr(t, "socket", None)
     return bool(
-        isinstance(sock, socket.socket)
-        and sock.family in (socket.AF_INET, socket.AF_INET6)
-        and sock.type == socket.SOCK_STREAM
+        isinstance(getattr(t, "socket", None), socket.socket)
         and t.connected
         and not t.disconnecting
         and not getattr(t, "TLS", False)
