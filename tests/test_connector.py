@@ -287,10 +287,54 @@ class AddressEndpointTests(SynchronousTestCase):
         reactor, d = self.connect(Protocol())
         [(_, _, factory, _, _)] = reactor.tcpClients
         [connector] = reactor.connectors
+        stopConnecting = connector.stopConnecting
+
+        def stopAndReport() -> None:
+            # As a real connector does: the failure is reported at once.
+            stopConnecting()
+            factory.clientConnectionFailed(connector, Failure(UserError()))
+
+        connector.stopConnecting = stopAndReport
         d.cancel()
         self.assertTrue(connector.stoppedConnecting)
         self.failureResultOf(d, CancelledError)
-        factory.clientConnectionFailed(connector, Failure(UserError()))
+
+    def test_factoryStartedAndStopped(self) -> None:
+        """
+        The given factory is started when the attempt starts and stopped
+        when the connection (or the attempt) ends, as with Twisted's own
+        endpoints.
+        """
+        calls: list[str] = []
+
+        class Counting(Factory):
+            protocol = Protocol
+
+            def doStart(self) -> None:
+                calls.append("start")
+
+            def doStop(self) -> None:
+                calls.append("stop")
+
+        for fail in (False, True):
+            del calls[:]
+            reactor = MemoryReactorClock()
+            endpoint = HostnameConnector(reactor).endpointForTarget("192.0.2.1", 443)
+            d = endpoint.connect(Counting())
+            [(_, _, factory, _, _)] = reactor.tcpClients
+            [connector] = reactor.connectors
+            factory.doStart()
+            self.assertEqual(calls, ["start"])
+            if fail:
+                factory.clientConnectionFailed(connector, Failure(UserError()))
+                self.failureResultOf(d, UserError)
+            else:
+                protocol: Any = factory.buildProtocol(None)
+                protocol.makeConnection(StringTransport())
+                self.successResultOf(d)
+                factory.clientConnectionLost(connector, Failure(ConnectionDone()))
+            factory.doStop()
+            self.assertEqual(calls, ["start", "stop"])
 
     def test_connectTCPFails(self) -> None:
         """

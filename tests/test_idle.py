@@ -56,7 +56,7 @@ class IdleWatchTests(SynchronousTestCase):
         self.assertEqual(tunnel.timedOut, [])
         self.clock.advance(0.5)
         self.assertEqual(tunnel.timedOut, [14])
-        self.assertEqual(len(self.watch), 0)
+        self.assertEqual(self.watch.watching, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_oneTimerForAll(self) -> None:
@@ -141,3 +141,24 @@ class IdleWatchTests(SynchronousTestCase):
         [when] = late.timedOut
         self.assertGreaterEqual(when, 19.5)
         self.assertLessEqual(when, 21.5)
+
+    def test_failingTunnel(self) -> None:
+        """
+        A tunnel whose ending raises is logged, and the others still end on
+        their own time.
+        """
+
+        class Broken(FakeTunnel):
+            def idleTimedOut(self) -> None:
+                raise RuntimeError("cannot end")
+
+        broken = Broken(self.clock)
+        self.watch.watch(broken)
+        self.clock.pump([1] * 5)
+        other = FakeTunnel(self.clock, self.watch)
+        self.watch.watch(other)
+        self.clock.pump([1] * 5)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.watch.watching, 1)
+        self.clock.pump([1] * 10)
+        self.assertEqual(other.timedOut, [15])

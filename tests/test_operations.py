@@ -227,6 +227,27 @@ class MetricsTests(SynchronousTestCase):
         self.assertIn(".[metrics]", str(e2))
 
 
+class ServiceObserverTests(SynchronousTestCase):
+    """
+    L{ProxyService} hands its observers to the factory while it runs.
+    """
+
+    def test_observersWhileRunning(self) -> None:
+        """
+        The observers are the factory's tunnel observers from start to stop;
+        stopping a second time finds them gone and does not fail.
+        """
+        factory = ConnectProxyFactory(reactor=MemoryReactorClock())
+        observer = AccessLogObserver(self.mktemp())
+        service = ProxyService(factory, observers=[observer])
+        service.startService()
+        self.assertEqual(factory.tunnelObservers, [observer])
+        self.successResultOf(service.stopService())
+        self.assertEqual(factory.tunnelObservers, [])
+        self.successResultOf(service.stopService())
+        self.assertEqual(factory.tunnelObservers, [])
+
+
 class DrainTests(ProxyTestMixin, SynchronousTestCase):
     """
     L{ConnectProxyFactory.drain} on a fake clock.

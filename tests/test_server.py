@@ -13,10 +13,11 @@ from twisted.cred.checkers import (
     InMemoryUsernamePasswordDatabaseDontUse,
 )
 from twisted.cred.credentials import IUsernamePassword
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import HostnameAddress, IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import (
     ConnectError,
+    ConnectingCancelledError,
     ConnectionDone,
     ConnectionLost,
     ConnectionRefusedError,
@@ -91,6 +92,9 @@ class RecordingEndpoint:
     def __init__(self) -> None:
         self.attempts: list[tuple[IProtocolFactory, Deferred[Any]]] = []
         self.cancelled = 0
+        #: What a cancelled attempt fails with (by default the Deferred's
+        #: own CancelledError).
+        self.cancelWith: Exception | None = None
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         """
@@ -99,6 +103,8 @@ class RecordingEndpoint:
 
         def cancel(d: Deferred[Any]) -> None:
             self.cancelled += 1
+            if self.cancelWith is not None:
+                d.errback(self.cancelWith)
 
         d: Deferred[Any] = Deferred(cancel)
         self.attempts.append((protocolFactory, d))
@@ -506,6 +512,21 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual((event["status"], event["ended"]), ("-", "client-left"))
         self.assertEqual(self.factory.connections, set())
 
+    def test_clientLeavesWhileConnectingToName(self) -> None:
+        """
+        An attempt that fails with C{ConnectingCancelledError} when
+        cancelled (as C{HostnameEndpoint}'s does) is also a client that
+        left, not a failure to log.
+        """
+        self.connector.endpoint.cancelWith = ConnectingCancelledError(
+            HostnameAddress(b"target.example", 443)
+        )
+        self.proxy.dataReceived(HEAD)
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        [event] = self.tunnelEvents()
+        self.assertEqual((event["status"], event["ended"]), ("-", "client-left"))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_clientFinWhileConnecting(self) -> None:
         """
         A client that sends FIN (and nothing else) after its head while the
@@ -784,14 +805,14 @@ class TunnelTests(ProxyTestMixin, SynchronousTestCase):
         _otherTarget, otherTransport = self.reachTarget(1)
         watch = self.factory.idleWatch()
         assert watch is not None
-        self.assertEqual(len(watch), 2)
+        self.assertEqual(watch.watching, 2)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
         self.clock.advance(300)
         self.assertTrue(transport.disconnected)
         self.assertFalse(otherTransport.disconnected)
         self.clock.advance(300)
         self.assertTrue(otherTransport.disconnected)
-        self.assertEqual(len(watch), 0)
+        self.assertEqual(watch.watching, 0)
 
     def test_idleTimeoutDisabled(self) -> None:
         """

@@ -9,7 +9,7 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, NoProtocol
 from twisted.internet.interfaces import (
@@ -18,6 +18,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHostnameResolver,
     IHostResolution,
+    ILoggingContext,
     IProtocol,
     IProtocolFactory,
     IReactorPluggableNameResolver,
@@ -42,7 +43,7 @@ class AddressDenied(ConnectError):
     """
 
 
-@implementer(IProtocol)
+@implementer(IProtocol, ILoggingContext)
 class _Announcing:
     """
     The protocol a target connection made by L{_AddressEndpoint} runs: it
@@ -106,28 +107,37 @@ class _AnnouncingFactory:
         self.connected: Deferred[Any] | None = Deferred(self._cancel)
 
     def _cancel(self, connected: Deferred[Any]) -> None:
-        if self._connector is not None:
-            self._connector.stopConnecting()
+        # Fail first: stopConnecting reports a UserError to
+        # clientConnectionFailed at once, which must not be the reason.
+        self.connected = None
+        connected.errback(CancelledError())
+        connector, self._connector = self._connector, None
+        if connector is not None:
+            connector.stopConnecting()
 
     def doStart(self) -> None:
-        pass
+        if self._factory is not None:
+            self._factory.doStart()
 
     def doStop(self) -> None:
-        pass
+        factory, self._factory = self._factory, None
+        if factory is not None:
+            factory.doStop()
 
     def startedConnecting(self, connector: IConnector) -> None:
         self._connector = connector
 
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
-        factory, self._factory, self._connector = self._factory, None, None
+        self._connector = None
         try:
-            assert factory is not None
-            protocol = factory.buildProtocol(addr)
+            assert self._factory is not None
+            protocol = self._factory.buildProtocol(addr)
             if protocol is None:
                 raise NoProtocol()
         except BaseException:
-            assert self.connected is not None
-            self.connected.errback()
+            connected, self.connected = self.connected, None
+            assert connected is not None
+            connected.errback()
             return None
         announcing = (
             _HalfCloseableAnnouncing
@@ -141,9 +151,12 @@ class _AnnouncingFactory:
         return announcing(protocol, connected)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        self._factory = self._connector = None
-        if self.connected is not None and not self.connected.called:
-            self.connected.errback(reason)
+        self._connector = None
+        # Let go of the Deferred before it fires: it holds this factory in
+        # its canceller.
+        connected, self.connected = self.connected, None
+        if connected is not None and not connected.called:
+            connected.errback(reason)
 
     def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
         pass
@@ -157,9 +170,11 @@ class _AddressEndpoint:
     Written by hand rather than taken from C{TCP4ClientEndpoint}: a tunnel
     keeps its target connection open for as long as it lasts, thousands at
     once, and the endpoint's wrapping factory, wrapping protocol and fired
-    Deferred stay alive with each (about 600 bytes a tunnel).  Here only a
-    small announcing protocol stays, and the factory lets go of the rest
-    once connected.
+    Deferred stay alive with each (about 600 bytes a tunnel).  Here a small
+    announcing protocol stays, and the factory keeps only the given factory
+    (for its C{doStop}).  It serves plain TCP: it passes on the protocol
+    events of L{IProtocol}, L{IHalfCloseableProtocol} and
+    L{ILoggingContext}, not those of TLS or descriptor passing.
     """
 
     __slots__ = ("_bindAddress", "_host", "_port", "_reactor", "_timeout")

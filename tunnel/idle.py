@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 __all__ = ["IdleWatch", "Watched"]
 
@@ -47,6 +48,8 @@ class IdleWatch:
     @ivar timeout: Seconds without a byte after which a tunnel ends.
     """
 
+    _log = Logger(namespace="tunnel")
+
     def __init__(
         self, clock: IReactorTime, timeout: float, granularity: float = 1.0
     ) -> None:
@@ -64,9 +67,10 @@ class IdleWatch:
         self._watched: dict[Watched, None] = {}
         self._call: IDelayedCall | None = None
 
-    def __len__(self) -> int:
+    @property
+    def watching(self) -> int:
         """
-        @return: How many tunnels are watched.
+        How many tunnels are watched.
         """
         return len(self._watched)
 
@@ -101,10 +105,17 @@ class IdleWatch:
         now = self._clock.seconds()
         timeout = self.timeout
         expired = [t for t in self._watched if now - t.lastActivity >= timeout]
-        for tunnel in expired:
-            # Forget it first: ending it may unwatch it, or not.
-            self._watched.pop(tunnel, None)
-            tunnel.idleTimedOut()
-        if self._watched and self._call is None:
-            oldest = min(t.lastActivity for t in self._watched)
-            self._schedule(max(oldest + timeout, now + self._granularity))
+        try:
+            for tunnel in expired:
+                # Forget it first: ending it may unwatch it, or not.
+                self._watched.pop(tunnel, None)
+                try:
+                    tunnel.idleTimedOut()
+                except Exception:
+                    # One tunnel's failure must not leave the others
+                    # without their timeout.
+                    self._log.failure("Ending an idle tunnel failed")
+        finally:
+            if self._watched and self._call is None:
+                oldest = min(t.lastActivity for t in self._watched)
+                self._schedule(max(oldest + timeout, now + self._granularity))

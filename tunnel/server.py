@@ -15,6 +15,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import (
     ConnectError,
+    ConnectingCancelledError,
     ConnectionRefusedError,
     DNSLookupError,
 )
@@ -23,6 +24,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
+    IProtocolFactory,
     IProtocolNegotiationFactory,
     IReactorTime,
     ITCPTransport,
@@ -156,18 +158,30 @@ def errorResponse(
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-class _TargetFactory(Factory):
+@implementer(IProtocolFactory)
+class _TargetFactory:
     """
     Hands the one L{TargetProtocol} of a tunnel to an endpoint.
 
-    Like C{connectProtocol}'s factory, but quiet: a factory that logs its
-    start and stop would log twice per tunnel.
+    Like C{connectProtocol}'s factory, but quiet (a factory that logs its
+    start and stop would log twice per tunnel) and small: an endpoint may
+    keep it for as long as the tunnel lasts.
     """
 
-    noisy = False
+    __slots__ = ("_target",)
 
     def __init__(self, target: TargetProtocol) -> None:
         self._target = target
+
+    def doStart(self) -> None:
+        """
+        Nothing to start.
+        """
+
+    def doStop(self) -> None:
+        """
+        Nothing to stop.
+        """
 
     def buildProtocol(self, addr: IAddress | None) -> TargetProtocol:
         """
@@ -576,8 +590,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
     def _targetFailed(self, reason: Failure) -> None:
         self._connecting = None
-        if reason.check(CancelledError) and not self._timedOut:
-            # The client left and the attempt was cancelled on its behalf.
+        if (
+            reason.check(CancelledError, ConnectingCancelledError)
+            and not self._timedOut
+        ):
+            # The client left and the attempt was cancelled on its behalf
+            # (HostnameEndpoint reports that as ConnectingCancelledError).
             self._end(None, "client-left")
             return
         if reason.check(AddressDenied):

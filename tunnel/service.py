@@ -4,6 +4,7 @@ The proxy as an application service: listeners, observers, graceful drain.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from typing import Any
 
@@ -102,7 +103,9 @@ class ProxyService(MultiService):
                 signal.signal(signal.SIGUSR1, self._previousUSR1)
                 self._previousUSR1 = None
             for observer in self.observers:
-                self.factory.tunnelObservers.remove(observer)
+                # Stopping twice finds it gone already.
+                with contextlib.suppress(ValueError):
+                    self.factory.tunnelObservers.remove(observer)
                 if isinstance(observer, AccessLogObserver):
                     observer.close()
             return result
