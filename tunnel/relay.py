@@ -30,6 +30,7 @@ from .idle import IdleWatch
 __all__ = [
     "Relay",
     "RelayEvents",
+    "RelayLifecycle",
     "RelayResult",
     "StreamTransport",
     "TargetProtocol",
@@ -114,23 +115,15 @@ class RelayResult:
     ended: str
 
 
-class Relay:
+class RelayLifecycle:
     """
-    Moves bytes between a client transport and a target transport.
+    What both relays (L{Relay} and L{tunnel.splice.SpliceRelay}) keep the
+    same way: which connections are still open, how the tunnel ends, the
+    idle timeout, and the one L{RelayResult}.
 
-    Each transport is registered as the streaming producer of the other, so
-    when one side stops reading, the proxy stops reading from the other side:
-    the bytes buffered in the proxy stay bounded whatever the peers do.
+    A subclass moves the bytes, calls L{_watchIdle} when it starts and
+    L{_active} when bytes move, and closes the transports in L{_close}.
 
-    A FIN from one side becomes a half-close towards the other; the relay
-    ends when both directions are finished, or at once when either side is
-    lost or the idle timeout passes.
-
-    The client protocol and the L{TargetProtocol} feed their events into the
-    C{client*} and C{target*} methods.
-
-    @ivar bytesUp: Bytes written to the target so far.
-    @ivar bytesDown: Bytes written to the client so far.
     @ivar lastActivity: When a byte last moved, once started with an idle
         timeout.
     """
@@ -139,20 +132,14 @@ class Relay:
     __slots__ = (
         "_client",
         "_clientOpen",
-        "_clientReading",
         "_clock",
-        "_closeDeadline",
         "_closing",
-        "_consuming",
         "_firstEnd",
         "_idleTimeout",
         "_idleWatch",
         "_onEnd",
         "_target",
         "_targetOpen",
-        "_targetReading",
-        "bytesDown",
-        "bytesUp",
         "lastActivity",
     )
 
@@ -182,19 +169,168 @@ class Relay:
         self._clock = clock
         self._idleTimeout = idleTimeout or 0.0
         self._onEnd: Callable[[RelayResult], None] | None = onEnd
-        self.bytesUp = 0
-        self.bytesDown = 0
-        self._clientReading = True
-        self._targetReading = True
         self._clientOpen = True
         self._targetOpen = True
         self._firstEnd: str | None = None
         self._closing: str | None = None
         self._idleWatch = idleWatch
         self.lastActivity = 0.0
+
+    @property
+    def bytesUp(self) -> int:
+        """
+        Bytes from the client to the target so far.
+        """
+        raise NotImplementedError
+
+    @property
+    def bytesDown(self) -> int:
+        """
+        Bytes from the target to the client so far.
+        """
+        raise NotImplementedError
+
+    def _watchIdle(self) -> None:
+        """
+        Start the idle timeout, if there is one.
+        """
+        if self._idleTimeout:
+            if self._idleWatch is None:
+                self._idleWatch = IdleWatch(self._clock, self._idleTimeout)
+            self.lastActivity = self._clock.seconds()
+            self._idleWatch.watch(self)
+
+    def _active(self) -> None:
+        """
+        Bytes moved: the idle timeout starts again.
+        """
+        if self._idleWatch is not None:
+            self.lastActivity = self._clock.seconds()
+
+    def _unwatchIdle(self) -> None:
+        if self._idleWatch is not None:
+            self._idleWatch.unwatch(self)
+
+    def clientLost(self, reason: Failure = connectionDone) -> None:
+        """
+        The client connection is gone.
+
+        @param reason: Why.
+        """
+        self._clientOpen = False
+        self._sideLost("client", reason)
+
+    def targetLost(self, reason: Failure = connectionDone) -> None:
+        """
+        The target connection is gone.
+
+        @param reason: Why.
+        """
+        self._targetOpen = False
+        self._sideLost("target", reason)
+
+    def _sideLost(self, side: str, reason: Failure) -> None:
+        if self._closing is None:
+            # Closed by something other than this relay.  A clean close is
+            # that side's FIN (a transport that cannot half-close, TLS for
+            # one, ends that way): let the other side flush and close.
+            # Anything else is a reset, passed on as one.
+            clean = reason.check(ConnectionDone) is not None
+            if clean:
+                self._firstEnd = self._firstEnd or f"{side}-eof"
+            self._close(self._firstEnd if clean else f"{side}-reset", not clean)
+        self._reportIfDone()
+
+    def idleTimedOut(self) -> None:
+        """
+        No byte moved for the idle timeout: reset both connections.
+        """
+        self.abort("idle-timeout")
+
+    def abort(self, why: str = "shutdown") -> None:
+        """
+        End the tunnel at once, resetting both connections.
+
+        @param why: How the tunnel ended, for the L{RelayResult}, unless it
+            was already ending for another reason.
+        """
+        self._close(self._closing or why, abort=True)
+
+    def _close(self, how: str | None, abort: bool) -> None:
+        """
+        Close both connections (reset them if C{abort}); the tunnel ended
+        C{how}.
+        """
+        raise NotImplementedError
+
+    def _reportIfDone(self) -> None:
+        if not (self._clientOpen or self._targetOpen) and self._onEnd is not None:
+            onEnd, self._onEnd = self._onEnd, None
+            onEnd(RelayResult(self.bytesUp, self.bytesDown, self._closing or "-"))
+
+
+class Relay(RelayLifecycle):
+    """
+    Moves bytes between a client transport and a target transport.
+
+    Each transport is registered as the streaming producer of the other, so
+    when one side stops reading, the proxy stops reading from the other side:
+    the bytes buffered in the proxy stay bounded whatever the peers do.
+
+    A FIN from one side becomes a half-close towards the other; the relay
+    ends when both directions are finished, or at once when either side is
+    lost or the idle timeout passes.
+
+    The client protocol and the L{TargetProtocol} feed their events into the
+    C{client*} and C{target*} methods.
+
+    @ivar lastActivity: When a byte last moved, once started with an idle
+        timeout.
+    """
+
+    __slots__ = (
+        "_clientReading",
+        "_closeDeadline",
+        "_consuming",
+        "_targetReading",
+        "_writtenDown",
+        "_writtenUp",
+    )
+
+    def __init__(
+        self,
+        client: StreamTransport,
+        target: StreamTransport,
+        clock: IReactorTime,
+        idleTimeout: float | None,
+        onEnd: Callable[[RelayResult], None],
+        idleWatch: IdleWatch | None = None,
+    ) -> None:
+        """
+        See L{RelayLifecycle.__init__}.
+        """
+        super().__init__(client, target, clock, idleTimeout, onEnd, idleWatch)
+        self._writtenUp = 0
+        self._writtenDown = 0
+        self._clientReading = True
+        self._targetReading = True
         self._closeDeadline: IDelayedCall | None = None
         # The transports that have the other one registered as producer.
         self._consuming: list[StreamTransport] = []
+
+    @property
+    def bytesUp(self) -> int:
+        """
+        Bytes written to the target so far.
+        """
+        return self._writtenUp
+
+    @property
+    def bytesDown(self) -> int:
+        """
+        Bytes written to the client so far.
+        """
+        return self._writtenDown
 
     def start(
         self,
@@ -221,11 +357,7 @@ class Relay:
             # Written after the producers are registered, so that a large
             # write pauses the client as any other would.
             self.clientData(earlyData)
-        if self._idleTimeout:
-            if self._idleWatch is None:
-                self._idleWatch = IdleWatch(self._clock, self._idleTimeout)
-            self.lastActivity = self._clock.seconds()
-            self._idleWatch.watch(self)
+        self._watchIdle()
         if clientFinished:
             self.clientFinished()
 
@@ -235,10 +367,9 @@ class Relay:
 
         @param data: The bytes.
         """
-        self.bytesUp += len(data)
+        self._writtenUp += len(data)
         self._target.write(data)
-        if self._idleWatch is not None:
-            self.lastActivity = self._clock.seconds()
+        self._active()
 
     def targetData(self, data: bytes) -> None:
         """
@@ -246,10 +377,9 @@ class Relay:
 
         @param data: The bytes.
         """
-        self.bytesDown += len(data)
+        self._writtenDown += len(data)
         self._client.write(data)
-        if self._idleWatch is not None:
-            self.lastActivity = self._clock.seconds()
+        self._active()
 
     def clientFinished(self) -> None:
         """
@@ -293,8 +423,8 @@ class Relay:
 
         @param reason: Why.
         """
-        self._clientOpen = self._clientReading = False
-        self._sideLost("client", reason)
+        self._clientReading = False
+        super().clientLost(reason)
 
     def targetLost(self, reason: Failure = connectionDone) -> None:
         """
@@ -302,39 +432,12 @@ class Relay:
 
         @param reason: Why.
         """
-        self._targetOpen = self._targetReading = False
-        self._sideLost("target", reason)
-
-    def _sideLost(self, side: str, reason: Failure) -> None:
-        if self._closing is None:
-            # A clean close on a transport that cannot half-close (TLS, for
-            # one) is that side's FIN: let the other side flush and close.
-            # Anything else is a reset, passed on as one.
-            clean = reason.check(ConnectionDone) is not None
-            if clean:
-                self._firstEnd = self._firstEnd or f"{side}-eof"
-            self._close(self._firstEnd if clean else f"{side}-reset", not clean)
-        self._reportIfDone()
-
-    def idleTimedOut(self) -> None:
-        """
-        No byte moved for the idle timeout: reset both connections.
-        """
-        self.abort("idle-timeout")
-
-    def abort(self, why: str = "shutdown") -> None:
-        """
-        End the tunnel at once, resetting both connections.
-
-        @param why: How the tunnel ended, for the L{RelayResult}, unless it
-            was already ending for another reason.
-        """
-        self._close(self._closing or why, abort=True)
+        self._targetReading = False
+        super().targetLost(reason)
 
     def _close(self, how: str | None, abort: bool) -> None:
         self._closing = how
-        if self._idleWatch is not None:
-            self._idleWatch.unwatch(self)
+        self._unwatchIdle()
         if not abort and self._closeDeadline is None:
             # A graceful close waits for the peers to take what is buffered;
             # a peer that never reads must not keep the tunnel forever.
@@ -358,11 +461,11 @@ class Relay:
             transport.unregisterProducer()
 
     def _reportIfDone(self) -> None:
-        if not (self._clientOpen or self._targetOpen) and self._onEnd is not None:
-            if self._closeDeadline is not None and self._closeDeadline.active():
-                self._closeDeadline.cancel()
-            onEnd, self._onEnd = self._onEnd, None
-            onEnd(RelayResult(self.bytesUp, self.bytesDown, self._closing or "-"))
+        if not (self._clientOpen or self._targetOpen):
+            deadline = self._closeDeadline
+            if deadline is not None and deadline.active():
+                deadline.cancel()
+        super()._reportIfDone()
 
 
 @implementer(IHalfCloseableProtocol)

@@ -52,7 +52,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet import tcp
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IReactorFDSet,
     IReactorTime,
@@ -64,7 +63,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .idle import IdleWatch
-from .relay import RelayResult, StreamTransport
+from .relay import RelayLifecycle, RelayResult, StreamTransport
 
 __all__ = [
     "PIPE_SIZE",
@@ -432,7 +431,7 @@ def _takeUnwritten(transport: Any) -> bytes:
     return pending
 
 
-class SpliceRelay:
+class SpliceRelay(RelayLifecycle):
     """
     Moves bytes between a client and a target TCP connection with
     C{splice(2)}: the same calls, callback and results as
@@ -450,24 +449,12 @@ class SpliceRelay:
         timeout.
     """
 
-    # Thousands of tunnels stay open at once: no per-instance dict.
     __slots__ = (
-        "_client",
-        "_clientOpen",
-        "_clock",
-        "_closing",
         "_down",
-        "_firstEnd",
-        "_idleTimeout",
-        "_idleWatch",
-        "_onEnd",
         "_pool",
         "_started",
-        "_target",
-        "_targetOpen",
         "_up",
         "clientEnd",
-        "lastActivity",
         "targetEnd",
     )
 
@@ -499,23 +486,13 @@ class SpliceRelay:
             the idle timeout (its C{timeout} must be C{idleTimeout}); by
             default the relay has one of its own.
         """
-        self._client = client
-        self._target = target
-        self._clock = clock
-        self._idleTimeout = idleTimeout or 0.0
-        self._onEnd: Callable[[RelayResult], None] | None = onEnd
+        super().__init__(client, target, clock, idleTimeout, onEnd, idleWatch)
         self._pool = pool if pool is not None else defaultPool
         self.clientEnd = SpliceEnd(self, "client", client, reactor)
         self.targetEnd = SpliceEnd(self, "target", target, reactor)
         self._up = _Flow(self.clientEnd, self.targetEnd)
         self._down = _Flow(self.targetEnd, self.clientEnd)
         self._started = False
-        self._clientOpen = True
-        self._targetOpen = True
-        self._firstEnd: str | None = None
-        self._closing: str | None = None
-        self._idleWatch = idleWatch
-        self.lastActivity = 0.0
 
     @property
     def bytesUp(self) -> int:
@@ -575,11 +552,7 @@ class SpliceRelay:
         self._down.spill = _takeUnwritten(client) + greeting + self._down.spill
         self._up.spill = _takeUnwritten(target) + earlyData + self._up.spill
         self._up.moved += len(earlyData)
-        if self._idleTimeout:
-            if self._idleWatch is None:
-                self._idleWatch = IdleWatch(self._clock, self._idleTimeout)
-            self.lastActivity = self._clock.seconds()
-            self._idleWatch.watch(self)
+        self._watchIdle()
         if clientFinished:
             self.clientFinished()
         self._pump(self._up)
@@ -637,44 +610,6 @@ class SpliceRelay:
         if self._firstEnd is None:
             self._firstEnd = f"{flow.src.side}-eof"
 
-    def clientLost(self, reason: Failure = connectionDone) -> None:
-        """
-        The client transport is closed.
-
-        @param reason: Why.
-        """
-        self._clientOpen = False
-        self._sideLost("client", reason)
-
-    def targetLost(self, reason: Failure = connectionDone) -> None:
-        """
-        The target transport is closed.
-
-        @param reason: Why.
-        """
-        self._targetOpen = False
-        self._sideLost("target", reason)
-
-    def _sideLost(self, side: str, reason: Failure) -> None:
-        if self._closing is None:
-            # Closed by something other than this relay: its socket may be
-            # closed already, so let go of both at once.
-            clean = reason.check(ConnectionDone) is not None
-            self._close(
-                (self._firstEnd or f"{side}-eof") if clean else f"{side}-reset",
-                abort=not clean,
-            )
-        self._reportIfDone()
-
-    def abort(self, why: str = "shutdown") -> None:
-        """
-        End the tunnel at once, resetting both connections.
-
-        @param why: How the tunnel ended, for the L{RelayResult}, unless it
-            was already ending for another reason.
-        """
-        self._close(self._closing or why, abort=True)
-
     # Moving bytes.
 
     def _readable(self, end: SpliceEnd) -> None:
@@ -689,10 +624,6 @@ class SpliceRelay:
     def _pump(self, flow: _Flow, readable: bool = False) -> None:
         if self._closing is None and not flow.done and self._move(flow, readable):
             self._active()
-
-    def _active(self) -> None:
-        if self._idleWatch is not None:
-            self.lastActivity = self._clock.seconds()
 
     def _move(self, flow: _Flow, readable: bool) -> bool:
         """
@@ -790,16 +721,9 @@ class SpliceRelay:
 
     # Ending.
 
-    def idleTimedOut(self) -> None:
-        """
-        No byte moved for the idle timeout: reset both connections.
-        """
-        self.abort("idle-timeout")
-
     def _close(self, how: str | None, abort: bool, finished: bool = False) -> None:
         self._closing = how or "-"
-        if self._idleWatch is not None:
-            self._idleWatch.unwatch(self)
+        self._unwatchIdle()
         self._detach()
         for transport, isOpen in (
             (self._client, self._clientOpen),
@@ -836,8 +760,3 @@ class SpliceRelay:
                 flow.pipe = None
             flow.inPipe = 0
             flow.spill = b""
-
-    def _reportIfDone(self) -> None:
-        if not (self._clientOpen or self._targetOpen) and self._onEnd is not None:
-            onEnd, self._onEnd = self._onEnd, None
-            onEnd(RelayResult(self.bytesUp, self.bytesDown, self._closing or "-"))
