@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
+from typing import Any
 
 from attrs import frozen
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -67,6 +68,11 @@ _V2_TCP4 = 0x11
 _V2_TCP6 = 0x21
 _V2_UNIX_STREAM = 0x31
 _V2_ADDRESS_BYTES = {_V2_UNSPEC: 0, _V2_TCP4: 12, _V2_TCP6: 36, _V2_UNIX_STREAM: 216}
+# How the addresses of a TCP header are laid out, read, and given to Twisted.
+_V2_ADDRESS_LAYOUTS: dict[int, tuple[str, Any, Any]] = {
+    _V2_TCP4: ("!4s4sHH", ipaddress.IPv4Address, IPv4Address),
+    _V2_TCP6: ("!16s16sHH", ipaddress.IPv6Address, IPv6Address),
+}
 
 _V1_FAMILIES = (b"TCP4", b"TCP6", b"UNKNOWN")
 # Spec section 2.1: ports are decimal in 0-65535, without leading zeroes.
@@ -270,24 +276,12 @@ def _parseV2(buffer: bytes) -> ProxyHeader | None:
     if command == _V2_LOCAL or familyProtocol in (_V2_UNSPEC, _V2_UNIX_STREAM):
         return ProxyHeader(None, None, total)
     # What follows the addresses is TLVs, which this proxy has no use for.
-    if familyProtocol == _V2_TCP4:
-        sourceBytes, destinationBytes, sourcePort, destinationPort = struct.unpack_from(
-            "!4s4sHH", buffer, _V2_FIXED_BYTES
-        )
-        return ProxyHeader(
-            IPv4Address("TCP", str(ipaddress.IPv4Address(sourceBytes)), sourcePort),
-            IPv4Address(
-                "TCP", str(ipaddress.IPv4Address(destinationBytes)), destinationPort
-            ),
-            total,
-        )
+    layout, parseIP, addressType = _V2_ADDRESS_LAYOUTS[familyProtocol]
     sourceBytes, destinationBytes, sourcePort, destinationPort = struct.unpack_from(
-        "!16s16sHH", buffer, _V2_FIXED_BYTES
+        layout, buffer, _V2_FIXED_BYTES
     )
     return ProxyHeader(
-        IPv6Address("TCP", str(ipaddress.IPv6Address(sourceBytes)), sourcePort),
-        IPv6Address(
-            "TCP", str(ipaddress.IPv6Address(destinationBytes)), destinationPort
-        ),
+        addressType("TCP", str(parseIP(sourceBytes)), sourcePort),
+        addressType("TCP", str(parseIP(destinationBytes)), destinationPort),
         total,
     )
