@@ -1,5 +1,6 @@
 """
-The seams an application plugs its own objects into.
+The seams an application plugs its own objects into, and the failures a
+target connector reports through them (the server answers each its own way).
 """
 
 from __future__ import annotations
@@ -7,10 +8,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import Interface
 
-__all__ = ["ITargetConnector"]
+__all__ = [
+    "AddressDenied",
+    "ITargetConnector",
+    "UpstreamProtocolError",
+    "UpstreamRefused",
+]
 
 
 class ITargetConnector(Interface):
@@ -36,7 +43,7 @@ class ITargetConnector(Interface):
         @param allowAddress: The destination policy for this tunnel.  A
             connector that resolves C{host} itself must connect only to
             resolved addresses for which this returns C{True}, and fail with
-            L{tunnel.connector.AddressDenied} if none is left.  A connector
+            L{AddressDenied} if none is left.  A connector
             that hands the name on (to a parent proxy, say) may ignore it;
             the policy's name and port rules still apply.
         @return: An L{IStreamClientEndpoint} whose C{connect} Deferred fires
@@ -45,3 +52,40 @@ class ITargetConnector(Interface):
             L{twisted.internet.defer.TimeoutError}) when it cannot be.  The
             proxy may cancel that Deferred.
         """
+
+
+class AddressDenied(ConnectError):
+    """
+    The target's name resolved, but the policy allows none of its addresses.
+    """
+
+
+class UpstreamRefused(ConnectError):
+    """
+    The parent proxy answered the C{CONNECT} request with a status other
+    than 2xx.
+
+    @ivar status: The parent's status code (403, 407, 502, ...).
+    @ivar reason: The parent's reason phrase (control characters replaced).
+    """
+
+    MESSAGE = "The parent proxy refused the tunnel"
+
+    def __init__(self, status: int, reason: str) -> None:
+        """
+        @param status: The parent's status code.
+        @param reason: The parent's reason phrase.
+        """
+        super().__init__(string=f"{status} {reason}".rstrip())
+        self.status = status
+        self.reason = reason
+
+
+class UpstreamProtocolError(ConnectError):
+    """
+    The parent proxy gave no usable answer: its response head was malformed
+    or too large, or the connection ended (or TLS with it failed) before a
+    complete answer.
+    """
+
+    MESSAGE = "The parent proxy did not answer properly"

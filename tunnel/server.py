@@ -42,9 +42,14 @@ from .auth import (
     challengeHeaders,
     parseBasicCredentials,
 )
-from .connector import AddressDenied, HostnameConnector
+from .connector import HostnameConnector
 from .idle import IdleWatch
-from .interfaces import ITargetConnector
+from .interfaces import (
+    AddressDenied,
+    ITargetConnector,
+    UpstreamProtocolError,
+    UpstreamRefused,
+)
 from .policy import IPAddress, ITunnelPolicy, TunnelPolicy, parseAddress
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
 from .relay import (
@@ -57,7 +62,6 @@ from .relay import (
 )
 from .request import ConnectRequest, RequestRejected, findHeadEnd, parseConnectHead
 from .splice import SpliceRelay, canSplice, spliceAvailable
-from .upstream import UpstreamProtocolError, UpstreamRefused
 
 __all__ = ["ConnectProxy", "ConnectProxyFactory", "formatAddress"]
 
