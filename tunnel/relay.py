@@ -283,9 +283,6 @@ class Relay(RelayLifecycle):
 
     The client protocol and the L{TargetProtocol} feed their events into the
     C{client*} and C{target*} methods.
-
-    @ivar lastActivity: When a byte last moved, once started with an idle
-        timeout.
     """
 
     __slots__ = (

@@ -445,8 +445,6 @@ class SpliceRelay(RelayLifecycle):
 
     @ivar clientEnd: The L{SpliceEnd} of the client's socket.
     @ivar targetEnd: The L{SpliceEnd} of the target's socket.
-    @ivar lastActivity: When a byte last moved, once started with an idle
-        timeout.
     """
 
     __slots__ = (
