@@ -29,13 +29,14 @@ from twisted.internet.defer import (
     inlineCallbacks,
 )
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 import tunnel.server
@@ -513,6 +514,10 @@ class SpliceRelayTests(TestCase):
     skip = skipUnlessSplice
     timeout = 30
 
+    #: Whether each L{SpliceEnd} takes over its transport's registration
+    #: with the reactor (see L{SpliceEnd.takeOver}).
+    takesOver = True
+
     def setUp(self) -> None:
         """
         Track connections; close them all at the end.
@@ -770,6 +775,45 @@ class SpliceRelayTests(TestCase):
         self.assertReset(target)
 
     @inlineCallbacks
+    def test_endsReplaceTransports(self) -> Yielding[None]:
+        """
+        Once the relay has started, the reactor calls the two L{SpliceEnd}s
+        for their sockets, and no longer the transports.
+        """
+        client, target = Peer(closeOnEOF=False), Peer(closeOnEOF=False)
+        clientSide, targetSide = yield self.connectPair(client, target)
+        relay, ended = self.relayBetween(clientSide, targetSide)
+        relay.start()
+        readers = reactor.getReaders()
+        self.assertIn(relay.clientEnd, readers)
+        self.assertIn(relay.targetEnd, readers)
+        self.assertNotIn(clientSide.transport, readers)
+        self.assertNotIn(targetSide.transport, readers)
+        relay.abort()
+        yield ended.wait()
+
+    @inlineCallbacks
+    def test_epollCallsAtStart(self) -> Yielding[None]:
+        """
+        On the epoll reactor, starting a relay tells the kernel nothing:
+        each L{SpliceEnd} takes over its transport's registration as it
+        stands (L{takesOver}).  Where it cannot, the transport unregisters
+        and the end registers, two C{epoll_ctl} calls per socket.
+        """
+        if type(reactor) is not EPollReactor:
+            raise SkipTest("the reactor is not the epoll reactor")
+        client, target = Peer(closeOnEOF=False), Peer(closeOnEOF=False)
+        clientSide, targetSide = yield self.connectPair(client, target)
+        relay, ended = self.relayBetween(clientSide, targetSide)
+        poller = CountingPoller(cast(Any, reactor)._poller)
+        self.patch(reactor, "_poller", poller)
+        relay.start()
+        expected = [] if self.takesOver else ["unregister", "register"] * 2
+        self.assertEqual(sorted(poller.changes), sorted(expected))
+        relay.abort()
+        yield ended.wait()
+
+    @inlineCallbacks
     def test_halfCloseBothWays(self) -> Yielding[None]:
         """
         The client's FIN reaches the target as a real end of file while the
@@ -877,11 +921,12 @@ class SpliceRelayTests(TestCase):
         self.assertEqual(client.received, b"reply")
 
     @inlineCallbacks
-    def test_spillThroughSmallPipes(self) -> Yielding[None]:
+    def test_spillLargerThanPipe(self) -> Yielding[None]:
         """
-        Early data and a greeting much larger than a pipe (one page) go
-        through it in many steps, intact and in order, and the bytes the
-        relay held in Python are gone once delivered.
+        Early data and a greeting a hundred times the size of a pipe (one
+        page), which the relay sends from Python straight to the sockets,
+        arrive intact and in order, and the bytes the relay held in Python
+        are gone once delivered.
         """
         self.pool = PipePool(SMALL_PIPE)
         client, target = Peer(), Peer()
@@ -911,6 +956,62 @@ class SpliceRelayTests(TestCase):
         self.assertEqual(result, RelayResult(0, 0, "target-reset"))
         yield client.lost.wait()
         self.assertReset(client)
+
+
+class CountingPoller:
+    """
+    Stands in for an L{EPollReactor}'s C{select.epoll} object: counts the
+    changes to what it watches (each one an C{epoll_ctl} call) and passes
+    everything on to the real one.
+
+    @ivar changes: The names of the calls made: C{"register"},
+        C{"modify"}, C{"unregister"}.
+    """
+
+    def __init__(self, poller: Any) -> None:
+        self._poller = poller
+        self.changes: list[str] = []
+
+    def register(self, fd: int, events: int) -> None:
+        """
+        Count, then register.
+        """
+        self.changes.append("register")
+        self._poller.register(fd, events)
+
+    def modify(self, fd: int, events: int) -> None:
+        """
+        Count, then modify.
+        """
+        self.changes.append("modify")
+        self._poller.modify(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        """
+        Count, then unregister.
+        """
+        self.changes.append("unregister")
+        self._poller.unregister(fd)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._poller, name)
+
+
+class SpliceRelaySelfRegisteringTests(SpliceRelayTests):
+    """
+    L{SpliceRelayTests} as on a reactor other than epoll, where each
+    L{SpliceEnd} cannot take over its transport's registration: the
+    transport stops reading and writing, and the end registers itself.
+    """
+
+    takesOver = False
+
+    def setUp(self) -> None:
+        """
+        Make L{SpliceEnd.takeOver} find no epoll reactor.
+        """
+        super().setUp()
+        self.patch(splice, "EPollReactor", None)
 
 
 class PipePoolTests(SynchronousTestCase):

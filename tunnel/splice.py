@@ -11,7 +11,10 @@ How it works:
   - While it relays, the two Twisted transports neither read nor write.
     Each socket is registered with the reactor through one L{SpliceEnd}
     instead: epoll allows one registration per descriptor, so the same
-    object is the reader and the writer of its socket.
+    object is the reader and the writer of its socket.  On the epoll
+    reactor the L{SpliceEnd} takes over the transport's registration as it
+    stands (see L{SpliceEnd.takeOver}), so starting a relay costs no system
+    call.
 
   - Each direction moves bytes from its source socket into a pipe and from
     the pipe into its destination socket.  It reads from the source only
@@ -31,8 +34,13 @@ How it works:
     on epoll would replace the L{SpliceEnd} registered for the same
     descriptor.
 
+  - Bytes that Twisted read, or was given to write, before the relay
+    started (the C{200}, early data) are sent straight to the destination
+    socket, ahead of anything spliced.
+
   - When both directions are finished, the L{SpliceEnd}s are taken off the
-    reactor and both transports are closed with C{loseConnection}; an error
+    reactor and both sockets are closed at once (the last FIN goes out with
+    the C{close}); an error
     on either socket, L{SpliceRelay.abort} or the idle timeout takes them off
     and aborts both transports.  Either way Twisted's own C{connectionLost}
     path runs, closes the sockets and reaches L{SpliceRelay.clientLost} and
@@ -65,6 +73,11 @@ from zope.interface import implementer
 from .idle import IdleWatch
 from .relay import RelayLifecycle, RelayResult, StreamTransport
 
+try:
+    from twisted.internet.epollreactor import EPollReactor
+except ImportError:  # pragma: no cover (no epoll: not Linux)
+    EPollReactor = None  # type: ignore[assignment,misc]
+
 __all__ = [
     "PIPE_SIZE",
     "POOL_MAX_IDLE",
@@ -88,7 +101,7 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
 # The most steps one call moves a direction forward before it lets the
 # reactor run (a step moves bytes or ends the call; many steps happen only
-# when much data arrived through Python and the pipes are small).
+# when a destination keeps taking small pieces).
 _ROUNDS = 64
 
 
@@ -346,6 +359,48 @@ class SpliceEnd:
             else:
                 self._reactor.removeWriter(self)
 
+    def takeOver(self) -> None:
+        """
+        Become the socket's reader and writer in place of its transport,
+        which from now on neither reads nor writes.
+
+        On the epoll reactor the transport's registration is kept as it
+        stands and only the reactor's record of whom to call for the
+        descriptor is pointed at this object.  The obvious way, the
+        transport's C{stopReading} and this object's C{addReader}, costs an
+        C{epoll_ctl} to unregister and another to register again, for each
+        socket of every tunnel, to end where it started.  That record
+        (C{_selectables}, with C{_reads} and C{_writes}, all keyed by
+        descriptor) is the reactor's private bookkeeping, so this is done
+        only for exactly L{EPollReactor} and only while the transport holds
+        the registration; on any other reactor, or otherwise, the transport
+        stops reading and writing and this object registers itself as it
+        needs to.
+        """
+        reactor: Any = self._reactor
+        transport: Any = self.transport
+        if (
+            type(reactor) is EPollReactor
+            and reactor._selectables.get(self.fd) is transport
+        ):
+            reactor._selectables[self.fd] = self
+            self.reading = self.fd in reactor._reads
+            self.writing = self.fd in reactor._writes
+        else:
+            transport.stopReading()
+            transport.stopWriting()
+
+    def send(self, data: bytes) -> int:
+        """
+        Send bytes from Python straight to the socket.
+
+        @param data: The bytes.
+        @return: How many the socket took.
+        @raise BlockingIOError: It takes none now.
+        @raise OSError: The connection is gone.
+        """
+        return self._socket.send(data)
+
     def shutdownWrite(self) -> None:
         """
         Send FIN: shut down the socket's sending side.
@@ -542,9 +597,8 @@ class SpliceRelay(RelayLifecycle):
             return
         self._started = True
         client, target = cast(Any, self._client), cast(Any, self._target)
-        for transport in (client, target):
-            transport.stopReading()
-            transport.stopWriting()
+        self.clientEnd.takeOver()
+        self.targetEnd.takeOver()
         # What Twisted was asked to write goes first, then what this relay
         # was given before it started.
         self._down.spill = _takeUnwritten(client) + greeting + self._down.spill
@@ -626,7 +680,7 @@ class SpliceRelay(RelayLifecycle):
     def _move(self, flow: _Flow, readable: bool) -> bool:
         """
         Move one direction as far as it can go now: drain its pipe into the
-        destination, refill the pipe from Python-held bytes, and, if
+        destination, then send it the bytes Python holds, and, if
         C{readable}, splice one read from the source.  Leaves the source
         registered for reading only while the pipe is empty, and the
         destination registered for writing only while bytes wait for it.
@@ -636,11 +690,20 @@ class SpliceRelay(RelayLifecycle):
         src, dst = flow.src, flow.dst
         moved = False
         for _ in range(_ROUNDS):
-            if flow.inPipe:
+            if flow.inPipe or flow.spill:
                 try:
-                    n = os.splice(
-                        cast(Pipe, flow.pipe).readFD, dst.fd, flow.inPipe, flags=_FLAGS
-                    )
+                    if flow.inPipe:
+                        flow.inPipe -= os.splice(
+                            cast(Pipe, flow.pipe).readFD,
+                            dst.fd,
+                            flow.inPipe,
+                            flags=_FLAGS,
+                        )
+                    else:
+                        # The pipe is empty: what Python holds goes straight
+                        # to the socket, one system call where the pipe
+                        # would take two.
+                        flow.spill = flow.spill[dst.send(flow.spill) :]
                 except BlockingIOError:
                     # The destination is full: read no more until it drains.
                     src.setReading(False)
@@ -649,16 +712,7 @@ class SpliceRelay(RelayLifecycle):
                 except OSError:
                     self._close(f"{dst.side}-reset", abort=True)
                     return moved
-                flow.inPipe -= n
                 moved = True
-                continue
-            if flow.spill:
-                spillInto = self._borrow(flow)
-                if spillInto is None:
-                    return moved
-                n = os.write(spillInto.writeFD, flow.spill)
-                flow.spill = flow.spill[n:]
-                flow.inPipe += n
                 continue
             # Nothing in flight.
             dst.setWriting(False)
@@ -709,13 +763,16 @@ class SpliceRelay(RelayLifecycle):
         direction is finished too.
         """
         flow.done = True
+        if self._up.done and self._down.done:
+            # The other direction read its end of file: nothing is left
+            # unread in this socket, so closing it sends the FIN that
+            # shutdown would.
+            self._close(self._firstEnd, abort=False, finished=True)
+            return
         try:
             flow.dst.shutdownWrite()
         except OSError:
             self._close(f"{flow.dst.side}-reset", abort=True)
-            return
-        if self._up.done and self._down.done:
-            self._close(self._firstEnd, abort=False, finished=True)
 
     # Ending.
 
@@ -736,8 +793,13 @@ class SpliceRelay(RelayLifecycle):
                 # next turn of the reactor (two epoll calls and a wake-up
                 # per socket, on every short tunnel).  The reason must be a
                 # clean one: with ConnectionAborted Twisted would close with
-                # SO_LINGER 0, a reset that drops bytes not yet sent.
-                cast(Any, transport).connectionLost(connectionDone)
+                # SO_LINGER 0, a reset that drops bytes not yet sent.  Nor
+                # need Twisted call shutdown(SHUT_RDWR) before close: both
+                # directions are finished, and the descriptor is
+                # close-on-exec, so close alone ends the connection.
+                closing = cast(Any, transport)
+                closing._shouldShutdown = False
+                closing.connectionLost(connectionDone)
             elif abort:
                 transport.abortConnection()
             else:
