@@ -60,6 +60,27 @@ class HostnameConnectorTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d)
 
+    def test_noTimeout(self) -> None:
+        """
+        With C{timeout=None} the connector schedules no timer of its own,
+        for an address or for a name: the caller bounds the attempt.
+        """
+        reactor = MemoryReactorClock()
+        resolver = FakeResolver({"target.test": ["192.0.2.1"]})
+        connector = HostnameConnector(reactor, resolver=resolver, timeout=None)
+        attempts = [
+            connector.endpointForTarget(host, 443).connect(
+                Factory.forProtocol(Protocol)
+            )
+            for host in ("192.0.2.2", "target.test")
+        ]
+        reactor.advance(1)
+        timeouts = [timeout for _, _, _, timeout, _ in reactor.tcpClients]
+        self.assertEqual(timeouts, [None, None])
+        for attempt in attempts:
+            attempt.cancel()
+            self.failureResultOf(attempt)
+
     def test_fixedResolver(self) -> None:
         """
         The resolving reactor wrapper refuses to have its resolver replaced.

@@ -944,6 +944,31 @@ class HelperTests(SynchronousTestCase):
         factory = ConnectProxyFactory(reactor=MemoryReactorClock())
         self.assertIsInstance(factory.connector, HostnameConnector)
 
+    def test_defaultConnectorBoundedByConnectTimeout(self) -> None:
+        """
+        The default connector keeps no timer of its own: the factory's
+        connect timeout alone ends an attempt that never completes, with a
+        504, and stops the attempt.
+        """
+        reactor = MemoryReactorClock()
+        factory = ConnectProxyFactory(
+            reactor=reactor,
+            connectTimeout=5,
+            policy=TunnelPolicy.fromStrings(allowTo=["192.0.2.0/24"]),
+        )
+        proxy = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        proxy.makeConnection(client)
+        proxy.dataReceived(
+            b"CONNECT 192.0.2.1:443 HTTP/1.1\r\nHost: 192.0.2.1:443\r\n\r\n"
+        )
+        [(host, port, _, timeout, _)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("192.0.2.1", 443, None))
+        [connector] = reactor.connectors
+        reactor.advance(5)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 504 "))
+        self.assertTrue(connector.stoppedConnecting)
+
     def test_alpn(self) -> None:
         """
         The factory offers C{http/1.1} for ALPN, so that a TLS listener does

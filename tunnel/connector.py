@@ -179,7 +179,7 @@ class _AddressEndpoint:
         reactor: Any,
         host: str,
         port: int,
-        timeout: float,
+        timeout: float | None,
         bindAddress: tuple[str, int] | None,
     ) -> None:
         self._reactor = reactor
@@ -313,7 +313,7 @@ class _VettedEndpoint:
         allow: AllowAddress,
         host: str,
         port: int,
-        timeout: float,
+        timeout: float | None,
         bindAddress: tuple[str, int] | None,
     ) -> None:
         self._vetting = _VettingResolver(resolver, allow)
@@ -366,7 +366,7 @@ class HostnameConnector:
         self,
         reactor: Any,
         resolver: IHostnameResolver | None = None,
-        timeout: float = 30,
+        timeout: float | None = 30,
         bindAddress: tuple[str, int] | None = None,
     ) -> None:
         """
@@ -374,7 +374,10 @@ class HostnameConnector:
         @param resolver: Resolves target names; by default the reactor's own
             C{nameResolver}.  Tests pass a fake one so that no real DNS
             query is ever sent.
-        @param timeout: Seconds allowed for each connection attempt.
+        @param timeout: Seconds allowed for each connection attempt, or
+            L{None} for no timer of the connector's own, when the caller
+            bounds the attempt itself (L{tunnel.ConnectProxy} does, with
+            its connect timeout).
         @param bindAddress: The local address to connect from, if any.
         """
         self._reactor = reactor

@@ -913,8 +913,13 @@ class ConnectProxyFactory(Factory):
             reactor = globalReactor
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
+        # The connect timeout below bounds reaching the target, so the
+        # default connector keeps no timer of its own: one less scheduled
+        # call to make and cancel on every handshake.
         self.connector: ITargetConnector = (
-            connector if connector is not None else HostnameConnector(reactor)
+            connector
+            if connector is not None
+            else HostnameConnector(reactor, timeout=None)
         )
         self.policy: ITunnelPolicy = policy if policy is not None else TunnelPolicy()
         self.portal = portal
