@@ -957,6 +957,7 @@ class HelperTests(SynchronousTestCase):
             policy=TunnelPolicy.fromStrings(allowTo=["192.0.2.0/24"]),
         )
         proxy = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        assert proxy is not None
         client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
         proxy.makeConnection(client)
         proxy.dataReceived(

@@ -321,7 +321,9 @@ class _VettedEndpoint:
             _ResolvingReactor(reactor, self._vetting),
             host,
             port,
-            timeout=timeout,
+            # Typed as a float, but passed on to connectTCP as it is, where
+            # None means no timer (test_noTimeout checks).
+            timeout=timeout,  # type: ignore[arg-type]
             bindAddress=bindAddress,
         )
         self._host = host
