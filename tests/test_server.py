@@ -576,6 +576,38 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
             "2.000s client-eof",
         )
 
+    def test_logLineOfRefusal(self) -> None:
+        """
+        The line of a refused request names the rule that refused it.
+        """
+        self.proxy.dataReceived(
+            b"CONNECT target.example:22 HTTP/1.1\r\nHost: target.example:22\r\n\r\n"
+        )
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        from twisted.logger import formatEvent
+
+        [event] = self.tunnelEvents()
+        self.assertEqual(
+            formatEvent(event),
+            "192.0.2.7:40000 - CONNECT target.example:22 403 up=0 down=0 "
+            "0.000s refused (port)",
+        )
+
+    def test_logLineWithoutConnect(self) -> None:
+        """
+        A request that is not a CONNECT logs C{-} for the method and the
+        target, not C{CONNECT}.
+        """
+        self.proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        from twisted.logger import formatEvent
+
+        [event] = self.tunnelEvents()
+        self.assertEqual(
+            formatEvent(event),
+            "192.0.2.7:40000 - - - 405 up=0 down=0 0.000s refused",
+        )
+
 
 class EarlyDataTests(ProxyTestMixin, SynchronousTestCase):
     """

@@ -758,12 +758,17 @@ class ConnectProxy(Protocol, TimeoutMixin):
         target = self._target()
         shownStatus = status if status is not None else "-"
         duration = now - self._startedAt
+        # CONNECT only once a CONNECT request was read: a 400 or 405 answered
+        # something else.  A refusal says which rule refused (port, address,
+        # name, client, auth), as the 403's body names the option.
+        method = "CONNECT" if target != "-" else "-"
+        why = f" ({self._refusal})" if self._refusal is not None else ""
         # The line is built here, once, with an f-string: the logger's own
         # formatting of nine fields costs more than the rest of a handshake's
         # bookkeeping.  The fields stay in the event for observers.
         fields = {
-            "line": f"{self._peer} {user} CONNECT {target} {shownStatus} "
-            f"up={bytesUp} down={bytesDown} {duration:.3f}s {ended}",
+            "line": f"{self._peer} {user} {method} {target} {shownStatus} "
+            f"up={bytesUp} down={bytesDown} {duration:.3f}s {ended}{why}",
             "tunnelEvent": True,
             "client": self._peer,
             "user": user,

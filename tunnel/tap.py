@@ -147,7 +147,7 @@ class Options(usage.Options, AuthOptionMixin):
             "idle-timeout",
             None,
             600.0,
-            "Seconds without traffic after which a tunnel is closed; 0 disables",
+            "Seconds without traffic after which a tunnel is reset; 0 disables",
             _number(float, 0),
         ],
         [
