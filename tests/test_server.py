@@ -1002,6 +1002,28 @@ class HelperTests(SynchronousTestCase):
         self.assertTrue(client.value().startswith(b"HTTP/1.1 504 "))
         self.assertTrue(connector.stoppedConnecting)
 
+    def test_defaultConnectorWithoutConnectTimeout(self) -> None:
+        """
+        Without a connect timeout the default connector bounds each attempt
+        itself, so that no attempt lasts forever.
+        """
+        reactor = MemoryReactorClock()
+        factory = ConnectProxyFactory(
+            reactor=reactor,
+            connectTimeout=None,
+            policy=TunnelPolicy.fromStrings(allowTo=["192.0.2.0/24"]),
+        )
+        proxy = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        assert proxy is not None
+        proxy.makeConnection(
+            HalfCloseTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        )
+        proxy.dataReceived(
+            b"CONNECT 192.0.2.1:443 HTTP/1.1\r\nHost: 192.0.2.1:443\r\n\r\n"
+        )
+        [(_, _, _, timeout, _)] = reactor.tcpClients
+        self.assertEqual(timeout, 30)
+
     def test_alpn(self) -> None:
         """
         The factory offers C{http/1.1} for ALPN, so that a TLS listener does

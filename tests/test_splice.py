@@ -844,6 +844,38 @@ class SpliceRelayTests(TestCase):
             self.assertIsInstance(side.lostReason.value, ConnectionDone)
 
     @inlineCallbacks
+    def test_finsWithForkedCopies(self) -> Yielding[None]:
+        """
+        Both FINs reach the peers while another process holds copies of
+        the proxy's sockets (a fork without exec, which a program embedding
+        the proxy may do): they go out with C{shutdown}, where C{close}
+        alone would send nothing until every copy is closed.
+        """
+        client, target, _, ended = yield self.relayed()
+        readFD, writeFD = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child only waits, then exits)
+            try:
+                # Until the parent closes its end: end of file.
+                os.close(writeFD)
+                os.read(readFD, 1)
+            finally:
+                os._exit(0)
+        os.close(readFD)
+
+        def releaseChild() -> None:
+            os.close(writeFD)
+            os.waitpid(pid, 0)
+
+        self.addCleanup(releaseChild)
+        client.tcp.loseWriteConnection()
+        yield target.eof.wait()
+        target.tcp.loseWriteConnection()
+        yield client.eof.wait()
+        result = yield ended.wait()
+        self.assertEqual(result, RelayResult(0, 0, "client-eof"))
+
+    @inlineCallbacks
     def test_whatTwistedHeldGoesFirst(self) -> Yielding[None]:
         """
         Bytes already written to the client's Twisted transport go out

@@ -862,7 +862,7 @@ class ConnectProxyFactory(Factory):
         portal: Portal | None = None,
         realm: str = "tunnel",
         headerTimeout: float = 10,
-        connectTimeout: float = 15,
+        connectTimeout: float | None = 15,
         idleTimeout: float | None = 600,
         maxRequestLine: int = 8192,
         maxHeaderSize: int = 65536,
@@ -887,7 +887,8 @@ class ConnectProxyFactory(Factory):
         @param headerTimeout: Seconds a client has to send its request head
             before it gets a 408.
         @param connectTimeout: Seconds allowed to reach the target before the
-            client gets a 504.
+            client gets a 504; L{None} leaves only the default connector's
+            own limit of 30 seconds per connection attempt.
         @param idleTimeout: Seconds without traffic in either direction after
             which a tunnel is closed; C{0} or L{None} disables it.
         @param maxRequestLine: The longest request line, in bytes (414).
@@ -918,13 +919,16 @@ class ConnectProxyFactory(Factory):
             reactor = globalReactor
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
-        # The connect timeout below bounds reaching the target, so the
-        # default connector keeps no timer of its own: one less scheduled
-        # call to make and cancel on every handshake.
+        # The connect timeout bounds reaching the target, so the default
+        # connector keeps no timer of its own (one less scheduled call to
+        # make and cancel on every handshake), unless there is no connect
+        # timeout: then the connector's bounds each attempt.
         self.connector: ITargetConnector = (
             connector
             if connector is not None
-            else HostnameConnector(reactor, timeout=None)
+            else HostnameConnector(
+                reactor, timeout=None if connectTimeout is not None else 30
+            )
         )
         self.policy: ITunnelPolicy = policy if policy is not None else TunnelPolicy()
         self.portal = portal

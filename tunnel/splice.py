@@ -39,8 +39,7 @@ How it works:
     socket, ahead of anything spliced.
 
   - When both directions are finished, the L{SpliceEnd}s are taken off the
-    reactor and both sockets are closed at once (the last FIN goes out with
-    the C{close}); an error
+    reactor and both sockets are closed at once; an error
     on either socket, L{SpliceRelay.abort} or the idle timeout takes them off
     and aborts both transports.  Either way Twisted's own C{connectionLost}
     path runs, closes the sockets and reaches L{SpliceRelay.clientLost} and
@@ -763,16 +762,15 @@ class SpliceRelay(RelayLifecycle):
         direction is finished too.
         """
         flow.done = True
-        if self._up.done and self._down.done:
-            # The other direction read its end of file: nothing is left
-            # unread in this socket, so closing it sends the FIN that
-            # shutdown would.
-            self._close(self._firstEnd, abort=False, finished=True)
-            return
+        # shutdown, not close alone, sends the FIN even while a forked
+        # process holds a copy of the descriptor.
         try:
             flow.dst.shutdownWrite()
         except OSError:
             self._close(f"{flow.dst.side}-reset", abort=True)
+            return
+        if self._up.done and self._down.done:
+            self._close(self._firstEnd, abort=False, finished=True)
 
     # Ending.
 
@@ -794,9 +792,8 @@ class SpliceRelay(RelayLifecycle):
                 # per socket, on every short tunnel).  The reason must be a
                 # clean one: with ConnectionAborted Twisted would close with
                 # SO_LINGER 0, a reset that drops bytes not yet sent.  Nor
-                # need Twisted call shutdown(SHUT_RDWR) before close: both
-                # directions are finished, and the descriptor is
-                # close-on-exec, so close alone ends the connection.
+                # need Twisted call shutdown(SHUT_RDWR) before close: each
+                # socket has sent its FIN and read the peer's already.
                 closing = cast(Any, transport)
                 closing._shouldShutdown = False
                 closing.connectionLost(connectionDone)
