@@ -560,7 +560,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         targetTransport = cast(StreamTransport, target.transport)
         relay: RelayEvents
         if factory.splice and canSplice(self._client) and canSplice(targetTransport):
-            # Zero-copy: the 200 goes through the client-bound pipe too.
+            # Zero-copy; the relay sends the 200 ahead of the target's bytes.
             relay = SpliceRelay(
                 self._client,
                 targetTransport,
@@ -615,7 +615,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._parentStatus = refused.status
             self._log.info(
                 "Parent proxy refused {target}: {status} {reason}",
-                target=self._target(),
+                target=self._targetName,
                 status=refused.status,
                 reason=refused.reason,
             )
@@ -625,7 +625,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         elif reason.check(UpstreamProtocolError):
             self._log.info(
                 "Parent proxy failed for {target}: {why}",
-                target=self._target(),
+                target=self._targetName,
                 why=str(reason.value),
             )
             rejected = RequestRejected(502, "The parent proxy failed.")
@@ -639,7 +639,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             rejected = RequestRejected(502, "The proxy could not reach the target.")
         else:
             self._log.failure(
-                "Unexpected failure reaching {target}", reason, target=self._target()
+                "Unexpected failure reaching {target}", reason, target=self._targetName
             )
             rejected = RequestRejected(502, "The proxy could not reach the target.")
         self._reject(rejected, "target-failed")
@@ -734,9 +734,6 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self.factory.relaying -= 1
         self._end(200, result.ended, result.bytesUp, result.bytesDown)
 
-    def _target(self) -> str:
-        return self._targetName
-
     def _end(
         self, status: int | None, ended: str, bytesUp: int = 0, bytesDown: int = 0
     ) -> None:
@@ -751,11 +748,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if not (factory.logTunnels or factory.tunnelObservers):
             self._forgetIfDone()
             return
-        now = self.factory.clock.seconds()
+        now = factory.clock.seconds()
         established = self._establishedAt
         connectStarted = self._connectStartedAt
         user = self._user or "-"
-        target = self._target()
+        target = self._targetName
         shownStatus = status if status is not None else "-"
         duration = now - self._startedAt
         # CONNECT only once a CONNECT request was read: a 400 or 405 answered

@@ -445,7 +445,7 @@ class _Flow:
     @ivar pipe: The pipe borrowed while bytes are in flight.
     @ivar inPipe: Bytes in the pipe.
     @ivar spill: Bytes that Twisted read (or was given to write) before the
-        relay started, waiting for room in the pipe.
+        relay started, waiting for the destination socket to take them.
     @ivar moved: Bytes that entered this direction.
     @ivar eof: Whether the source sent FIN.
     @ivar done: Whether the FIN was passed on to the destination.
@@ -572,7 +572,7 @@ class SpliceRelay(RelayLifecycle):
         """
         @return: The bytes this relay holds in Python now, upstream and
             downstream: only what Twisted had read or was given to write
-            before the relay started, until it fits in the pipes.
+            before the relay started, until the destination socket takes it.
         """
         return len(self._up.spill), len(self._down.spill)
 
