@@ -22,6 +22,7 @@ from tunnel.auth import (
     ProxyRealm,
     ProxyUser,
     challengeHeaders,
+    checkRealm,
     parseBasicCredentials,
     portalFromCheckers,
 )
@@ -83,6 +84,33 @@ class BasicCredentialsTests(SynchronousTestCase):
             basic(b"\xff\xfe:x"),
         ]:
             self.assertIsNone(parseBasicCredentials(value), value)
+
+    def test_controlCharacters(self) -> None:
+        """
+        Credentials holding a control character (C0, DEL or C1) are
+        malformed (RFC 7617 section 2): they get a 407, and the name never
+        reaches the log as a user name.
+        """
+        for text in [
+            "bob\nFORGED:pw",
+            "bob\r:pw",
+            "\x1b[2Jroot:pw",
+            "bob:pass\x00word",
+            "bob\x7f:pw",
+            "bob\x85:pw",
+        ]:
+            self.assertIsNone(parseBasicCredentials(basic(text.encode())), text)
+        self.assertIsNotNone(parseBasicCredentials(basic(b"with space:p w")))
+
+    def test_checkRealm(self) -> None:
+        """
+        A realm with a control character (other than tab) is refused, since
+        it would break the 407's header line; others pass unchanged.
+        """
+        for realm in ["corp\r\nX-Injected: 1", "a\nb", "bell\x07", "del\x7f"]:
+            self.assertRaises(ValueError, checkRealm, realm)
+        for realm in ["Corp", 'my "proxy"', "tab\there", "zoë"]:
+            self.assertEqual(checkRealm(realm), realm)
 
     def test_challenge(self) -> None:
         """
@@ -174,8 +202,8 @@ class FailureDamperTests(SynchronousTestCase):
         """
         damper = FailureDamper(Clock(), maxFailures=2)
         damper.failed("a")
-        damper.checking("a")
-        damper.checked("a", succeeded=True)
+        damper.checking("a", b"x")
+        damper.checked("a", b"x", succeeded=True)
         damper.failed("a")
         self.assertIsNotNone(damper.retryAfter("a"))
 
@@ -185,13 +213,31 @@ class FailureDamperTests(SynchronousTestCase):
         at once are refused too; each failed check is then recorded.
         """
         damper = FailureDamper(Clock(), maxFailures=3, window=60)
-        for _ in range(3):
+        for guess in [b"1", b"2", b"3"]:
             self.assertIsNone(damper.retryAfter("a"))
-            damper.checking("a")
+            damper.checking("a", guess)
         self.assertEqual(damper.retryAfter("a"), 1)
-        for _ in range(3):
-            damper.checked("a", succeeded=False)
+        for guess in [b"1", b"2", b"3"]:
+            damper.checked("a", guess, succeeded=False)
         self.assertEqual(damper.retryAfter("a"), 60)
+        self.assertEqual(damper._checking, {})
+
+    def test_sameCredentialsInFlightCountOnce(self) -> None:
+        """
+        Many checks of the same credentials in flight at once (a client
+        opening many tunnels with one password) count as one, so they do
+        not get the client refused; each failed one is still recorded.
+        """
+        damper = FailureDamper(Clock(), maxFailures=3, window=60)
+        for _ in range(16):
+            self.assertIsNone(damper.retryAfter("a"))
+            damper.checking("a", b"same")
+        damper.checking("a", b"other")
+        self.assertIsNone(damper.retryAfter("a"))
+        for _ in range(16):
+            damper.checked("a", b"same", succeeded=True)
+        damper.checked("a", b"other", succeeded=False)
+        self.assertIsNone(damper.retryAfter("a"))
         self.assertEqual(damper._checking, {})
 
     def test_bounded(self) -> None:
@@ -241,6 +287,27 @@ class ParseHtpasswdTests(SynchronousTestCase):
                 HtpasswdError, parseHtpasswd, b"# c\n" + line + b"\n", "users.htpasswd"
             )
             self.assertIn("users.htpasswd:2: ", str(e))
+
+    def test_brokenBcrypt(self) -> None:
+        """
+        An entry with a bcrypt prefix but not a whole bcrypt hash (cut
+        short, edited by hand, a cost outside 4-31) stops loading, rather
+        than failing each login of that user with a 500.
+        """
+        good = bcryptLine(b"carol", b"c").rstrip(b"\n").partition(b":")[2]
+        for hashed in [
+            b"$2b$04$" + b"!" * 53,
+            good[:-1],
+            good + b"x",
+            b"$2b$03$" + good[7:],
+            b"$2b$99$" + good[7:],
+            b"$2b$4$" + good[7:] + b"x",
+        ]:
+            e = self.assertRaises(
+                HtpasswdError, parseHtpasswd, b"carol:" + hashed + b"\n", "users"
+            )
+            self.assertIn("users:1: ", str(e))
+            self.assertIn("carol", str(e))
 
     def test_duplicate(self) -> None:
         """

@@ -186,6 +186,24 @@ class VettingTests(SynchronousTestCase):
         )
         self.assertEqual(resolver.queries, [])
 
+    def test_invalidName(self) -> None:
+        """
+        A name the request grammar admits but IDNA does not (C{a_b},
+        C{ab--c}, C{a-.b}) fails as a lookup failure (502 "does not
+        resolve"), not as an unexpected error, and nothing is asked of the
+        resolver.
+        """
+        for host in ["a_b", "_a.test", "ab--c.test", "a-.b"]:
+            reactor = MemoryReactorClock()
+            resolver = FakeResolver()
+            connector = HostnameConnector(reactor, resolver=resolver)
+            endpoint = connector.endpointForTarget(host, 443, lambda address: True)
+            failure = self.failureResultOf(
+                endpoint.connect(Factory.forProtocol(Protocol)), DNSLookupError
+            )
+            self.assertIn(host, str(failure.value))
+            self.assertEqual(resolver.queries, [])
+
     def test_noAddresses(self) -> None:
         """
         A name with no addresses at all is a lookup failure (502), not a

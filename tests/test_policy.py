@@ -19,6 +19,7 @@ from tunnel.policy import (
     TunnelPolicy,
     embeddedIPv4,
     isDeniedByDefault,
+    isUnspecified,
     parseAddress,
     parsePortRange,
     parseTargetRule,
@@ -289,6 +290,25 @@ class DestinationRuleTests(SynchronousTestCase):
         self.assertIn("--deny-to bad.example", denial.detail)
         self.assertIsNone(policy.checkTarget(None, None, "good.example", 443))
 
+    def test_unspecifiedNeverAllowed(self) -> None:
+        """
+        No rule opens the unspecified address (C{0.0.0.0/8}, C{::}, or
+        C{0.0.0.0} mapped into IPv6): Linux would connect it to the proxy's
+        own host, so allowing everything but loopback would open loopback.
+        """
+        policy = TunnelPolicy.fromStrings(
+            ports=["any"],
+            allowTo=["0.0.0.0/0", "::/0", "0.0.0.0"],
+            denyTo=["127.0.0.0/8", "::1"],
+        )
+        for address in ["0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0"]:
+            self.assertFalse(allowed(policy, address), address)
+            self.assertFalse(allowed(OPEN_POLICY, address), address)
+            self.assertTrue(isUnspecified(ipaddress.ip_address(address)), address)
+        for address in ["8.8.8.8", "::2", "::ffff:8.8.8.8", "2606:2800:220:1::1"]:
+            self.assertTrue(allowed(policy, address), address)
+            self.assertFalse(isUnspecified(ipaddress.ip_address(address)), address)
+
     def test_addressDenial(self) -> None:
         """
         When no address remains the client is told which option opens it.
@@ -319,6 +339,18 @@ class DestinationRuleTests(SynchronousTestCase):
         self.assertEqual((rule.name, rule.suffix), ("example.com", True))
         for text in ["", "*.", "a..b", "bad name", "a/b", "é.example", "-"]:
             self.assertRaises(ValueError, parseTargetRule, text)
+
+    def test_numericNameRules(self) -> None:
+        """
+        A rule that is neither an address nor a CIDR but ends in a number
+        (C{10.1}, C{010.0.0.1}, C{2130706433}, C{host.123}, C{0x7f}) is an
+        error: the request parser refuses such hosts, so as a name it could
+        never match, and a mistyped deny rule would silently do nothing.
+        """
+        for text in ["10.1", "010.0.0.1", "2130706433", "host.123", "a.0x7f", "*.10"]:
+            e = self.assertRaises(ValueError, parseTargetRule, text)
+            self.assertIn("four decimal numbers", str(e))
+        self.assertEqual(parseTargetRule("host.a123").name, "host.a123")
 
     def test_openPolicy(self) -> None:
         """

@@ -130,14 +130,54 @@ class ParseConnectHeadTests(SynchronousTestCase):
 
     def test_badVersions(self) -> None:
         """
-        A well-formed HTTP version other than 1.0 or 1.1 gets 505; a
-        malformed one gets 400.
+        A well-formed HTTP version of a major version other than 1 gets 505;
+        a malformed one gets 400.
         """
         self.assertRejected(b"CONNECT a.example:443 HTTP/2.0", 505)
         self.assertRejected(b"CONNECT a.example:443 HTTP/0.9", 505)
         self.assertRejected(b"CONNECT a.example:443 http/1.1", 400)
         self.assertRejected(b"CONNECT a.example:443 HTTP/1.10", 400)
         self.assertRejected(b"CONNECT a.example:443", 400)
+
+    def test_laterMinorVersion(self) -> None:
+        """
+        A later minor version of HTTP/1 is served as HTTP/1.1 (RFC 9110
+        section 2.5), so HTTP/1.1's rules, Host among them, apply to it.
+        """
+        request = parseConnectHead(b"CONNECT a.example:443 HTTP/1.2\r\nHost: a\r\n")
+        self.assertEqual(request.version, (1, 1))
+        self.assertEqual(
+            parseConnectHead(b"CONNECT a.example:443 HTTP/1.9\r\nHost: a\r\n").version,
+            (1, 1),
+        )
+        rejected = self.assertRaises(
+            RequestRejected, parseConnectHead, b"CONNECT a.example:443 HTTP/1.2\r\n"
+        )
+        self.assertEqual(rejected.status, 400)
+
+    def test_hostValue(self) -> None:
+        """
+        A Host field value that is not C{uri-host [":" port]} gets 400 (RFC
+        9112 section 3.2); any valid one is accepted, empty included, even
+        if it differs from the target.
+        """
+        for value in [b"a b@c", b"[::1", b"x/y?z", b"h:p:q", b"a@b", b"h:80:"]:
+            rejected = self.assertRaises(
+                RequestRejected,
+                parse,
+                b"CONNECT a.example:443 HTTP/1.1\r\nHost: " + value,
+            )
+            self.assertEqual(rejected.status, 400, value)
+            self.assertIn("Host", rejected.detail)
+        for value in [
+            b"",
+            b"a.example",
+            b"a.example:443",
+            b"a.example:",
+            b"[::1]:8",
+            b"x_y%41",
+        ]:
+            parse(b"CONNECT a.example:443 HTTP/1.1\r\nHost: " + value)
 
     def test_malformedRequestLines(self) -> None:
         """

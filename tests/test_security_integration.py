@@ -741,8 +741,9 @@ class ConcurrentGuessTests(SecurityTestCase):
         heads = [peer.expectResponseHead().addCallback(answered) for peer in attackers]
         for peer in attackers:
             yield self.connectFrom(proxy.port, peer)
-        for peer in attackers:
-            peer.tcp.write(authHead("127.0.0.1:9", USER, "guess"))
+        # Each a different guess: the same credentials in flight count once.
+        for number, peer in enumerate(attackers):
+            peer.tcp.write(authHead("127.0.0.1:9", USER, f"guess{number}"))
         responses = yield gatherResults(heads)
         statuses = [
             Answer(peer, head).status

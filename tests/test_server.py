@@ -370,6 +370,29 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertRejected(414)
         self.assertEqual(self.proxy._buffer, b"")
 
+    def test_requestLineTooLongBeforeHeadEnds(self) -> None:
+        """
+        A request line over the limit gets 414 as soon as its line ending
+        arrives, though the rest of the head has not: no waiting for the
+        header timeout (and a 408).
+        """
+        self.factory.maxRequestLine = 100
+        self.proxy.dataReceived(b"\r\nCONNECT " + b"a" * 200 + b":443 HTTP/1.1\r\n")
+        self.assertRejected(414)
+
+    def test_requestLineAtLimitBeforeHeadEnds(self) -> None:
+        """
+        A request line exactly at the limit, CRLF after it, waits for the
+        rest of the head.
+        """
+        line = b"CONNECT a.example:443 HTTP/1.1"
+        self.factory.maxRequestLine = len(line)
+        self.proxy.dataReceived(line + b"\r")
+        self.proxy.dataReceived(b"\nHost: a\r\n")
+        self.assertEqual(self.client.value(), b"")
+        self.proxy.dataReceived(b"\r\n")
+        self.assertEqual(self.connector.targets, [("a.example", 443)])
+
     def test_requestLineTooLongComplete(self) -> None:
         """
         A complete request line over the limit gets 414 too.
@@ -1141,6 +1164,28 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         for event in self.events:
             self.assertNotIn("wrong", formatEvent(event).replace("wrong user", ""))
             self.assertNotIn(base64.b64encode(b"alice:wrong").decode(), repr(event))
+
+    def test_userNameEscapedInLog(self) -> None:
+        """
+        The user name a client claims is escaped in the log lines (as in the
+        access log), so that it cannot shift the line's fields.
+        """
+        self.proxy.dataReceived(basicHead(b"mallory from 10.9.9.9:wrong"))
+        self.assertChallenged()
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        from twisted.logger import formatEvent
+
+        lines = [formatEvent(event) for event in self.events]
+        self.assertIn(
+            "Authentication failed for mallory%20from%2010.9.9.9 from "
+            "192.0.2.7:40000: wrong user name or password",
+            lines,
+        )
+        self.assertIn(
+            "192.0.2.7:40000 mallory%20from%2010.9.9.9 CONNECT target.example:443 "
+            "407 up=0 down=0 0.000s refused (auth)",
+            lines,
+        )
 
     def test_valid(self) -> None:
         """

@@ -259,6 +259,20 @@ class SecurityOptionsTests(SynchronousTestCase):
         )
         self.assertEqual(self.successResultOf(login)[1], ProxyUser("alice"))
 
+    def test_realmWithControlCharacters(self) -> None:
+        """
+        A C{--realm} that could split the 407 (CR, LF) is a usage error.
+        """
+        e = self.assertRaises(
+            UsageError,
+            parse,
+            "--auth",
+            "memory:a:b",
+            "--realm",
+            "corp\r\nX-Injected: 1",
+        )
+        self.assertIn("realm", str(e))
+
     def test_htpasswdAuth(self) -> None:
         """
         C{--auth htpasswd:PATH} is available as a strcred plugin; a file in

@@ -21,6 +21,7 @@ __all__ = [
     "ACCESS_FIELDS",
     "AccessLogObserver",
     "accessRecord",
+    "escapeField",
     "formatAccessJSON",
     "formatAccessText",
 ]
@@ -76,10 +77,10 @@ def formatAccessText(event: LogEvent) -> str:
     anything outside visible ASCII are percent-encoded (C{%20}, C{%0A}).
     """
     record = accessRecord(event)
-    return " ".join(_escape(str(record[name])) for name in ACCESS_FIELDS)
+    return " ".join(escapeField(str(record[name])) for name in ACCESS_FIELDS)
 
 
-def _escape(text: str) -> str:
+def escapeField(text: str) -> str:
     """
     Percent-encode C{%}, spaces and anything outside visible ASCII, so a
     field (a user name a client claimed, say) can neither split a record

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 from attrs import frozen
@@ -22,6 +24,7 @@ __all__ = [
     "ProxyRealm",
     "ProxyUser",
     "challengeHeaders",
+    "checkRealm",
     "parseBasicCredentials",
     "portalFromCheckers",
 ]
@@ -33,7 +36,8 @@ def parseBasicCredentials(value: bytes | None) -> UsernamePassword | None:
 
     @param value: The field value, or L{None} if the field is absent.
     @return: The credentials, or L{None} if there are none or they are
-        malformed (another scheme, bad base64, no colon, not UTF-8): all of
+        malformed (another scheme, bad base64, no colon, not UTF-8, control
+        characters): all of
         which get the client a 407, never a 5xx.
     """
     if value is None:
@@ -48,9 +52,30 @@ def parseBasicCredentials(value: bytes | None) -> UsernamePassword | None:
         return None
     # The user name cannot hold a colon; the password can.
     username, colon, password = text.partition(":")
-    if not colon:
+    if not colon or _CONTROL.search(text):
+        # RFC 7617 section 2: neither may hold a control character; a user
+        # name that did would reach the operator's log and terminal.
         return None
     return UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
+
+
+# C0 and C1 control characters and DEL (Unicode category Cc).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def checkRealm(realm: str) -> str:
+    """
+    Check that C{realm} can be sent in a quoted-string (RFC 9110 section
+    5.6.4): no control character but tab, so that no realm can break the
+    line of the 407 it is sent in.
+
+    @param realm: The protection realm.
+    @return: C{realm}.
+    @raise ValueError: If it holds a control character.
+    """
+    if _CONTROL.search(realm.replace("\t", "")):
+        raise ValueError(f"the realm must not hold control characters: {realm!r}")
+    return realm
 
 
 def challengeHeaders(realm: str) -> tuple[tuple[bytes, bytes], ...]:
@@ -121,9 +146,11 @@ class FailureDamper:
     for a while after too many, so that the proxy is no password oracle.
 
     Checks still in flight count as failures until they succeed, so that
-    many guesses sent at once cannot slip past the limit; a success does not
-    forgive earlier failures (one valid account must not buy unlimited
-    guesses at others).
+    many guesses sent at once cannot slip past the limit; identical
+    credentials in flight count once, so a client that opens many tunnels
+    at once with the same valid password is not taken for a guesser.  A
+    success does not forgive earlier failures (one valid account must not
+    buy unlimited guesses at others).
 
     Memory is bounded: at most C{maxClients} addresses are remembered; the
     oldest is forgotten first.
@@ -149,7 +176,8 @@ class FailureDamper:
         self._maxClients = maxClients
         # address -> (time of the first failure in the window, count)
         self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
-        self._checking: dict[str, int] = {}
+        # address -> {attempt: how many checks of it are in flight}
+        self._checking: dict[str, dict[Hashable, int]] = {}
 
     def _current(self, client: str) -> tuple[float, int] | None:
         entry = self._failures.get(client)
@@ -166,8 +194,8 @@ class FailureDamper:
         @return: Seconds until it may try again, or L{None} if it may now.
         """
         entry = self._current(client)
-        failures = (entry[1] if entry is not None else 0) + self._checking.get(
-            client, 0
+        failures = (entry[1] if entry is not None else 0) + len(
+            self._checking.get(client, ())
         )
         if failures < self._maxFailures:
             return None
@@ -176,25 +204,35 @@ class FailureDamper:
             return 1
         return max(1, int(entry[0] + self._window - self._clock.seconds() + 0.999))
 
-    def checking(self, client: str) -> None:
+    def checking(self, client: str, attempt: Hashable) -> None:
         """
         Note that a check of C{client}'s credentials started; it counts as a
         failure until L{checked} is called.
-        """
-        self._checking[client] = self._checking.get(client, 0) + 1
 
-    def checked(self, client: str, succeeded: bool) -> None:
+        @param client: The client address.
+        @param attempt: Names the credentials checked (a digest of them):
+            checks of the same credentials in flight at once count as one.
+        """
+        attempts = self._checking.setdefault(client, {})
+        attempts[attempt] = attempts.get(attempt, 0) + 1
+
+    def checked(self, client: str, attempt: Hashable, succeeded: bool) -> None:
         """
         Note that a check started with L{checking} ended.
 
+        @param client: The client address.
+        @param attempt: What was given to L{checking}.
         @param succeeded: Whether the credentials were valid; if not, the
             failure is recorded.
         """
-        left = self._checking[client] - 1
+        attempts = self._checking[client]
+        left = attempts[attempt] - 1
         if left:
-            self._checking[client] = left
+            attempts[attempt] = left
         else:
-            del self._checking[client]
+            del attempts[attempt]
+            if not attempts:
+                del self._checking[client]
         if not succeeded:
             self.failed(client)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import NoProtocol
+from twisted.internet.error import DNSLookupError, NoProtocol
 from twisted.internet.interfaces import (
     IAddress,
     IConnector,
@@ -336,6 +336,11 @@ class _VettedEndpoint:
         def denied(reason: Failure) -> Failure:
             if self._vetting.deniedAll():
                 raise AddressDenied(string=f"no allowed address for {self._host}")
+            if reason.check(ValueError):
+                # HostnameEndpoint refuses, before any lookup, a name that
+                # is not valid IDNA (a_b, ab--c, a-.b): no lookup of it can
+                # succeed, which is what the client is told.
+                raise DNSLookupError(f"{self._host} is not a valid host name")
             return reason
 
         return self._endpoint.connect(protocolFactory).addErrback(denied)

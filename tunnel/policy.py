@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 
 from attrs import field, frozen
@@ -34,6 +35,7 @@ __all__ = [
     "TunnelPolicy",
     "embeddedIPv4",
     "isDeniedByDefault",
+    "isUnspecified",
     "parseAddress",
     "parsePortRange",
     "parseRules",
@@ -85,6 +87,19 @@ DEFAULT_DENIED_NETWORKS: tuple[IPNetwork, ...] = tuple(
         "ff00::/8",  # multicast
     ]
 )
+
+# Never a destination, whatever the rules say: the unspecified address is
+# only ever a source (RFC 1122 section 3.2.1.3, RFC 4291 section 2.5.2), and
+# Linux connects a socket aimed at it to the proxy's own host, so an
+# --allow-to 0.0.0.0/0 next to --deny-to 127.0.0.0/8 would open loopback.
+_UNSPECIFIED: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("0.0.0.0/8"),
+    ipaddress.ip_network("::/128"),
+)
+
+# A last label that is a decimal or hexadecimal number: inet_aton reads such
+# a name as an IPv4 address, so request.parseAuthority refuses it as a host.
+_NUMERIC_LAST_LABEL = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]*)\Z")
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
@@ -151,6 +166,20 @@ def isDeniedByDefault(address: IPAddress) -> bool:
         for network in DEFAULT_DENIED_NETWORKS
         if network.version == candidate.version
     )
+
+
+def isUnspecified(address: IPAddress) -> bool:
+    """
+    Whether C{address} is an unspecified address (C{0.0.0.0/8}, C{::}, or
+    C{0.0.0.0/8} mapped into IPv6, which the kernel connects as IPv4):
+    never a destination, whatever the rules open.
+
+    @param address: The address to check.
+    @return: C{True} if no rule may allow it.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        address = address.ipv4_mapped or address
+    return any(address in network for network in _UNSPECIFIED)
 
 
 @frozen
@@ -247,6 +276,13 @@ def parseTargetRule(text: str) -> AddressRule:
     except ValueError:
         pass
     name = cleaned.lower().rstrip(".")
+    if _NUMERIC_LAST_LABEL.match(name.rpartition(".")[2]):
+        # 10.1, 010.0.0.1, 2130706433: the request parser refuses such hosts
+        # (400), so as a name this rule could never match anything.
+        raise ValueError(
+            f"not an address: {text!r} (write IPv4 addresses as four decimal"
+            " numbers, or a CIDR)"
+        )
     suffix = name.startswith("*.")
     if suffix:
         name = name[2:]
@@ -436,6 +472,8 @@ class TunnelPolicy:
         """
         Apply the address rules in order of precedence.
         """
+        if isUnspecified(address):
+            return False
         for rule in self.denyTo:
             if rule.matchesAddress(address):
                 return False

@@ -39,6 +39,14 @@ _BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: accepts those, so they are refused rather than passed along.
 HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?\Z")
 _PORT = re.compile(r"[0-9]{1,5}\Z")
+# RFC 9110 section 7.2: Host = uri-host [ ":" port ], uri-host being an
+# IP-literal or a reg-name (RFC 3986 section 3.2.2); empty is allowed.  The
+# proxy does not use the value (the target is the request's), but RFC 9112
+# section 3.2 wants an invalid one answered with 400.
+_HOST_VALUE = re.compile(
+    rb"(?:\[[0-9A-Za-z:.%_~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)"
+    rb"(?::[0-9]*)?\Z"
+)
 
 
 @frozen
@@ -194,7 +202,7 @@ def _parseRequestLine(line: bytes) -> tuple[tuple[int, int], bytes]:
 
     @return: The HTTP version and the raw request target.
     @raise RequestRejected: 400 for a malformed line, 405 for a method other
-        than CONNECT, 505 for an HTTP version other than 1.0 or 1.1.
+        than CONNECT, 505 for an HTTP major version other than 1.
     """
     parts = line.split(b" ")
     if len(parts) != 3:
@@ -209,10 +217,13 @@ def _parseRequestLine(line: bytes) -> tuple[tuple[int, int], bytes]:
             "This is a CONNECT proxy: it serves only the CONNECT method.",
             [(b"Allow", b"CONNECT")],
         )
-    version = (int(versionMatch.group(1)), int(versionMatch.group(2)))
-    if version not in ((1, 0), (1, 1)):
-        raise RequestRejected(505, "Only HTTP/1.0 and HTTP/1.1 are supported.")
-    return version, target
+    major, minor = int(versionMatch.group(1)), int(versionMatch.group(2))
+    if major != 1:
+        raise RequestRejected(505, "Only HTTP/1.x is supported.")
+    # RFC 9110 section 2.5: a later minor version of HTTP/1 is served as the
+    # highest this proxy conforms to, HTTP/1.1 (whose rules, Host included,
+    # then apply).
+    return (1, min(minor, 1)), target
 
 
 def _parseFieldLine(line: bytes) -> tuple[bytes, bytes]:
@@ -240,8 +251,8 @@ def _checkFraming(
     """
     Refuse header fields that make no sense on a CONNECT request.
 
-    @raise RequestRejected: 400 for a missing (HTTP/1.1) or repeated Host,
-        any Transfer-Encoding, or
+    @raise RequestRejected: 400 for a missing (HTTP/1.1), repeated or
+        malformed Host, any Transfer-Encoding, or
         a Content-Length other than 0 (a CONNECT request has no content, and
         a proxy that believed otherwise could be made to read tunnel bytes as
         a body).
@@ -252,6 +263,8 @@ def _checkFraming(
             hosts += 1
             if hosts > 1:
                 raise RequestRejected(400, "More than one Host header field.")
+            if not _HOST_VALUE.match(value):
+                raise RequestRejected(400, "The Host header field is not valid.")
         elif name == b"transfer-encoding" or (
             name == b"content-length" and (not value.isdigit() or int(value) != 0)
         ):

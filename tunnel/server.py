@@ -4,6 +4,7 @@ The CONNECT handshake: the protocol that talks to a client, and its factory.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import time
 from collections.abc import Callable
@@ -35,11 +36,13 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .accesslog import escapeField
 from .auth import (
     FailureDamper,
     IProxyUser,
     ProxyUser,
     challengeHeaders,
+    checkRealm,
     parseBasicCredentials,
 )
 from .connector import HostnameConnector
@@ -140,6 +143,27 @@ def _noDelay(transport: object) -> None:
         transport.setTcpNoDelay(True)
 
 
+def _requestLineLength(buffer: bytes) -> int:
+    """
+    How long the request line in C{buffer} is so far, without its line
+    ending, skipping the empty lines that may come before it (RFC 9112
+    section 2.2), as L{parseConnectHead} measures it against its limit.
+
+    @param buffer: The start of a request head, perhaps incomplete.
+    @return: The length in bytes.
+    """
+    start = 0
+    while True:
+        end = buffer.find(b"\n", start)
+        if end == -1:
+            # A CR at the end may be the start of the line ending.
+            return len(buffer) - start - buffer.endswith(b"\r")
+        length = end - start - (buffer[end - 1 : end] == b"\r" and end > start)
+        if length:
+            return length
+        start = end + 1
+
+
 def errorResponse(
     status: int, detail: str, headers: tuple[tuple[bytes, bytes], ...] = ()
 ) -> bytes:
@@ -213,6 +237,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     # in slots, not in its instance dict (which keeps what Twisted sets).
     __slots__ = (
         "_admitted",
+        "_attempt",
         "_awaitingHeader",
         "_buffer",
         "_client",
@@ -392,8 +417,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         window = self._buffer + data[: limit + 4 - buffered]
         found = findHeadEnd(window, max(0, buffered - 3))
         if found is None:
-            firstLine = window.find(b"\n")
-            if firstLine == -1 and len(window) > factory.maxRequestLine + 2:
+            if _requestLineLength(window) > factory.maxRequestLine:
                 self._reject(RequestRejected(414, "The request line is too long."))
             elif len(window) > limit:
                 self._reject(RequestRejected(431, "The request head is too large."))
@@ -463,12 +487,17 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._challenge("no valid Basic credentials")
             return
         self._user = credentials.username.decode("utf-8")
-        factory.damper.checking(self._clientKey)
+        # Names the credentials without keeping them: many tunnels opened
+        # at once with the same password are one guess, not many.
+        self._attempt = hashlib.sha256(
+            credentials.username + b"\0" + credentials.password
+        ).digest()
+        factory.damper.checking(self._clientKey, self._attempt)
         login = portal.login(credentials, None, IProxyUser)
         login.addCallbacks(self._authenticated, self._authenticationFailed)
 
     def _authenticated(self, result: tuple[Any, ProxyUser, Any]) -> None:
-        self.factory.damper.checked(self._clientKey, succeeded=True)
+        self.factory.damper.checked(self._clientKey, self._attempt, succeeded=True)
         if self._reading == "done":
             return
         self._user = result[1].name
@@ -476,7 +505,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._authorize(self._request)
 
     def _authenticationFailed(self, reason: Failure) -> None:
-        self.factory.damper.checked(self._clientKey, succeeded=False)
+        self.factory.damper.checked(self._clientKey, self._attempt, succeeded=False)
         if reason.check(UnauthorizedLogin, UnhandledCredentials):
             if self._reading != "done":
                 self._challenge("wrong user name or password")
@@ -489,7 +518,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._refusal = "auth"
         self._log.warn(
             "Authentication failed for {user} from {client}: {why}",
-            user=self._user or "-",
+            user=escapeField(self._user or "-"),
             client=self._peer,
             why=why,
         )
@@ -764,7 +793,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # formatting of nine fields costs more than the rest of a handshake's
         # bookkeeping.  The fields stay in the event for observers.
         fields = {
-            "line": f"{self._peer} {user} {method} {target} {shownStatus} "
+            # The user name is the client's word until checked: escaped, it
+            # can neither split the line nor reach a terminal as controls.
+            "line": f"{self._peer} {escapeField(user)} {method} {target} {shownStatus} "
             f"up={bytesUp} down={bytesDown} {duration:.3f}s {ended}{why}",
             "tunnelEvent": True,
             "client": self._peer,
@@ -880,7 +911,8 @@ class ConnectProxyFactory(Factory):
             L{TunnelPolicy}: port 443 only, public addresses only.
         @param portal: Checks C{Proxy-Authorization} credentials, with
             L{IProxyUser} avatars; L{None} means no authentication.
-        @param realm: The realm named in the 407 challenge.
+        @param realm: The realm named in the 407 challenge (no control
+            characters: L{ValueError} otherwise).
         @param headerTimeout: Seconds a client has to send its request head
             before it gets a 408.
         @param connectTimeout: Seconds allowed to reach the target before the
@@ -929,7 +961,7 @@ class ConnectProxyFactory(Factory):
         )
         self.policy: ITunnelPolicy = policy if policy is not None else TunnelPolicy()
         self.portal = portal
-        self.realm = realm
+        self.realm = checkRealm(realm)
         self.headerTimeout = headerTimeout
         self.connectTimeout = connectTimeout
         self.idleTimeout = idleTimeout or None

@@ -24,7 +24,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from .accesslog import AccessLogObserver
-from .auth import portalFromCheckers
+from .auth import checkRealm, portalFromCheckers
 from .htpasswd import HtpasswdError
 from .metrics import (
     MetricsUnavailable,
@@ -169,6 +169,7 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             "tunnel",
             "The realm named in the Proxy-Authenticate challenge",
+            checkRealm,
         ],
         [
             "rules",
