@@ -446,6 +446,24 @@ class ServiceTests(TestCase):
         self.assertEqual(calls, [signal.SIGUSR1])
         return service.stopService()
 
+    def test_usr1WithoutAccessLog(self) -> Deferred[None]:
+        """
+        Without an access log, SIGUSR1 (logrotate, C{systemctl reload})
+        still does not end the process: the service handles it while it
+        runs, and then puts the previous handler back.
+        """
+        previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        clock = MemoryReactorClock()
+        clock.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
+        service = ProxyService(ConnectProxyFactory(reactor=clock), reactor=clock)
+        service.startService()
+        # With the default action this would kill the test run.
+        os.kill(os.getpid(), signal.SIGUSR1)
+        stopped = service.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGUSR1), signal.SIG_DFL)
+        return stopped
+
 
 class _OneProtocol(Factory):
     def __init__(self, protocol: Protocol) -> None:

@@ -474,6 +474,12 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertIn(b"403 Forbidden", self.assertRejected(502, "target-failed"))
         [event] = self.tunnelEvents()
         self.assertEqual(event["parentStatus"], 403)
+        self.assertTrue(
+            event["line"].endswith(
+                " 502 up=0 down=0 0.000s target-failed (parent 403)"
+            ),
+            event["line"],
+        )
 
     def test_parentFailed(self) -> None:
         """
@@ -1355,6 +1361,30 @@ class LimitTests(ProxyTestMixin, SynchronousTestCase):
         second.connectionLost(Failure(ConnectionDone()))
         _fourth, fourthClient = self.connectClient()
         self.assertEqual(fourthClient.value(), b"")
+        self.assertFalse(fourthClient.disconnecting)
+
+    def test_lingeringRefusalsBounded(self) -> None:
+        """
+        Connections refused before they were counted (over a limit) linger
+        to deliver their answer only up to C{maxLingeringRefusals} at once;
+        beyond, the answer is written and the connection closed at once, so
+        refused clients cannot hold descriptors beyond the limits.
+        """
+        self.factory.maxTunnels = 1
+        self.factory.maxLingeringRefusals = 1
+        second, secondClient = self.connectClient()
+        self.assertTrue(secondClient.value().startswith(b"HTTP/1.1 503 "))
+        self.assertTrue(secondClient.writeClosed)
+        self.assertFalse(secondClient.disconnecting)
+        third, thirdClient = self.connectClient()
+        self.assertTrue(thirdClient.value().startswith(b"HTTP/1.1 503 "))
+        self.assertTrue(thirdClient.disconnecting)
+        self.assertEqual(self.factory.lingeringRefusals, 1)
+        third.connectionLost(Failure(ConnectionDone()))
+        second.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory.lingeringRefusals, 0)
+        _fourth, fourthClient = self.connectClient()
+        self.assertTrue(fourthClient.writeClosed)
         self.assertFalse(fourthClient.disconnecting)
 
     def test_maxTunnelsPerClient(self) -> None:

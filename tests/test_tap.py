@@ -16,6 +16,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from tunnel import tap
 from tunnel.auth import IProxyUser, ProxyUser
 from tunnel.htpasswd import HtpasswdChecker
 from tunnel.rules import RulesFilePolicy
@@ -510,12 +511,49 @@ class UpstreamOptionsTests(SynchronousTestCase):
 
     def test_badUpstream(self) -> None:
         """
-        A URL that is not http(s)://host:port, C{--upstream-ca} alone, and a
-        CA file that cannot be read are usage errors.
+        A URL that is not http(s)://host:port, C{--upstream-ca} alone or
+        with an C{http://} parent, and a CA file that cannot be read or holds
+        no certificate are usage errors while the options are parsed (so
+        twistd prints one line, not a traceback).
         """
         self.assertRaises(UsageError, parse, "--upstream", "socks5://h:1")
         self.assertRaises(UsageError, parse, "--upstream-ca", "ca.pem")
-        options = parse(
-            "--upstream", "https://parent.example:443", "--upstream-ca", "/nonexistent"
+        notPEM = self.mktemp()
+        with open(notPEM, "w") as f:
+            f.write("not a certificate\n")
+        for parent, ca, message in [
+            ("https://parent.example:443", "/nonexistent", "No such file"),
+            ("https://parent.example:443", notPEM, notPEM),
+            ("http://parent.example:3128", "/nonexistent", "https://"),
+        ]:
+            e = self.assertRaises(
+                UsageError, parse, "--upstream", parent, "--upstream-ca", ca
+            )
+            self.assertIn("--upstream-ca", str(e))
+            self.assertIn(message, str(e))
+
+    def test_badMetricsEndpoint(self) -> None:
+        """
+        A C{--metrics} endpoint string that cannot be parsed is a usage
+        error, as for C{--listen}.
+        """
+        self.patch(tap, "requirePrometheus", lambda: None)
+        e = self.assertRaises(UsageError, parse, "--metrics", "bogus:1")
+        self.assertIn("--metrics bogus:1", str(e))
+
+    def test_accessLogChecked(self) -> None:
+        """
+        An access log path that cannot be opened for appending is a usage
+        error; C{-} (standard output) with C{--workers} is one too, since a
+        worker's standard output carries its log.
+        """
+        e = self.assertRaises(
+            UsageError, parse, "--access-log", self.mktemp() + "/missing/x.log"
         )
-        self.assertRaises(UsageError, makeFactory, options, MemoryReactorClock())
+        self.assertIn("--access-log", str(e))
+        e = self.assertRaises(UsageError, parse, "--access-log", "-", "--workers", "2")
+        self.assertIn("--workers", str(e))
+        parse("--access-log", "-")
+        path = self.mktemp()
+        parse("--access-log", path)
+        self.assertTrue(os.path.exists(path))

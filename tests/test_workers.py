@@ -4,13 +4,22 @@ Tests for C{--workers}: worker processes sharing the listening sockets.
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
+import stat
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    UNIXClientEndpoint,
+    connectProtocol,
+)
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
@@ -109,6 +118,93 @@ class WorkerArgumentsTests(SynchronousTestCase):
         self.assertIn("without TLS", str(e))
 
 
+class _FakeProcess:
+    """
+    What L{_SpawningClock.spawnProcess} gives: a pid and the signals sent.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[int] = []
+
+    def signalProcess(self, signum: int) -> None:
+        self.signals.append(signum)
+
+
+class _SpawningClock(Clock):
+    """
+    A clock that also spawns (fake) processes, failing while C{failing}.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Any] = []
+        self.failing = False
+
+    def spawnProcess(self, protocol: Any, *args: Any, **kwargs: Any) -> _FakeProcess:
+        if self.failing:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        self.spawned.append(protocol)
+        return _FakeProcess(len(self.spawned))
+
+
+class RespawnTests(SynchronousTestCase):
+    """
+    How the supervisor replaces workers, without real processes.
+    """
+
+    def setUp(self) -> None:
+        self.clock = _SpawningClock()
+        self.supervisor = WorkerSupervisor(self.clock, [], [], 2, stopTimeout=5)
+        self.supervisor.startService()
+        self.addCleanup(self.supervisor.stopService)
+
+    def end(self, number: int) -> None:
+        """
+        Worker C{number} exits.
+        """
+        self.supervisor._protocols[number].processEnded(
+            Failure(ProcessTerminated(exitCode=1))
+        )
+
+    def test_backOffWhileFailingAtStart(self) -> None:
+        """
+        A worker that keeps ending soon after it starts is replaced after
+        2, 4, 8... seconds, up to a minute, not every second; once one has
+        run a while, the next is replaced after a second again.
+        """
+        delays = []
+        for _ in range(8):
+            self.end(0)
+            self.assertNotIn(0, self.supervisor.workers)
+            started = self.clock.seconds()
+            while 0 not in self.supervisor.workers:
+                self.clock.advance(1)
+            delays.append(self.clock.seconds() - started)
+        self.assertEqual(delays, [2, 4, 8, 16, 32, 60, 60, 60])
+        self.clock.advance(10)
+        self.end(0)
+        self.clock.advance(1)
+        self.assertIn(0, self.supervisor.workers)
+        self.assertIn(1, self.supervisor.workers)
+
+    def test_spawnFailureRetried(self) -> None:
+        """
+        A replacement that cannot be started (fork failing for a while) is
+        tried again later, so the proxy does not stay a worker short.
+        """
+        self.clock.advance(20)
+        self.end(0)
+        self.clock.failing = True
+        self.clock.advance(1)
+        self.assertNotIn(0, self.supervisor.workers)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.clock.failing = False
+        self.clock.advance(2)
+        self.assertIn(0, self.supervisor.workers)
+        self.assertEqual(len(self.clock.spawned), 3)
+
+
 class _Client(Protocol):
     def __init__(self) -> None:
         self.received = b""
@@ -171,6 +267,45 @@ class SupervisorTests(TestCase):
         yield client.lost
         return answer
 
+    def startTarget(self) -> int:
+        """
+        Listen on loopback for tunnels to reach; give the port.
+        """
+        targetFactory: ServerFactory = ServerFactory()
+        targetFactory.protocol = Protocol
+        target = reactor.listenTCP(0, targetFactory, interface="127.0.0.1")
+        self.addCleanup(target.stopListening)
+        return target.getHost().port  # type: ignore[attr-defined,no-any-return]
+
+    def startSupervisor(self, *argv: str) -> Deferred[WorkerSupervisor]:
+        """
+        Start a supervisor with the C{connect-proxy} options C{argv}; fire
+        with it once every worker is accepting.
+        """
+        options = Options()
+        options.parseOptions(list(argv))
+        supervisor = makeService(options, reactor)
+        assert isinstance(supervisor, WorkerSupervisor)
+        ready = [self.waitForLog("Starting factory") for _ in range(options["workers"])]
+        supervisor.startService()
+        return gatherResults(ready).addCallback(lambda _: supervisor)
+
+    def startTCPSupervisor(self) -> Deferred[WorkerSupervisor]:
+        """
+        Start two workers on a TCP port of loopback that may tunnel to
+        loopback.
+        """
+        return self.startSupervisor(
+            "--workers",
+            "2",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--allow-port",
+            "any",
+            "--allow-to",
+            "127.0.0.0/8",
+        )
+
     @inlineCallbacks
     def test_workersServeAndAreReplaced(self) -> Any:
         """
@@ -178,33 +313,9 @@ class SupervisorTests(TestCase):
         replaced and the proxy keeps serving; stopping drains the workers
         and closes the socket.
         """
-        targetFactory: ServerFactory = ServerFactory()
-        targetFactory.protocol = Protocol
-        target = reactor.listenTCP(0, targetFactory, interface="127.0.0.1")
-        self.addCleanup(target.stopListening)
-        targetPort = target.getHost().port  # type: ignore[attr-defined]
-        options = Options()
-        options.parseOptions(
-            [
-                "--workers",
-                "2",
-                "--listen",
-                "tcp:0:interface=127.0.0.1",
-                "--allow-port",
-                "any",
-                "--allow-to",
-                "127.0.0.0/8",
-            ]
-        )
-        supervisor = makeService(options, reactor)
-        assert isinstance(supervisor, WorkerSupervisor)
-        ready = [
-            self.waitForLog("Starting factory"),
-            self.waitForLog("Starting factory"),
-        ]
-        supervisor.startService()
-        port = supervisor._ports[0][0].getHost().port  # type: ignore[attr-defined]
-        yield gatherResults(ready)
+        targetPort = self.startTarget()
+        supervisor = yield self.startTCPSupervisor()
+        port = supervisor._ports[0][0].getHost().port
         self.assertEqual(len(supervisor.workers), 2)
         answer = yield self.connectThrough(port, targetPort)
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
@@ -226,4 +337,87 @@ class SupervisorTests(TestCase):
         yield self.assertFailure(
             connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), _Client()),
             ConnectionRefusedError,
+        )
+
+    @inlineCallbacks
+    def test_sharedUNIXSocket(self) -> Any:
+        """
+        Workers sharing a UNIX listener keep the mode of its endpoint string
+        (Twisted's port would make it 0666), and a worker that stops does not
+        remove the socket's path: its replacement and the other worker go
+        on serving on it.
+        """
+        path = self.mktemp()
+        supervisor = yield self.startSupervisor(
+            "--workers",
+            "2",
+            "--listen",
+            f"unix:{path}:mode=600",
+        )
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        replaced = self.waitForLog("Started worker")
+        supervisor.workers[0].signalProcess(signal.SIGTERM)
+        yield replaced
+        yield self.waitForLog("Starting factory")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        for _ in range(4):
+            client = _Client()
+            yield connectProtocol(UNIXClientEndpoint(reactor, path), client)
+            client.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")  # type: ignore[union-attr]
+            answer = yield client.answer
+            self.assertTrue(answer.startswith(b"HTTP/1.1 405 "), answer)
+            yield client.lost
+        yield supervisor.stopService()
+        self.assertFalse(os.path.exists(path))
+
+    @inlineCallbacks
+    def test_workerLeavesWithItsSupervisor(self) -> Any:
+        """
+        A worker whose supervisor is gone (its standard input, a pipe from
+        the supervisor, ends) stops, instead of holding the port alone.
+        """
+        supervisor = yield self.startSupervisor(
+            "--workers", "2", "--listen", "tcp:0:interface=127.0.0.1"
+        )
+        ended = self.waitForLog("ended")
+        supervisor.workers[0].closeStdin()
+        yield ended
+        [event] = [e for e in self.events if "ended" in (e.get("log_format") or "")]
+        self.assertIn("exit code 0", event["why"])
+        yield supervisor.stopService()
+
+    @inlineCallbacks
+    def test_stopClosesAtOnce(self) -> Any:
+        """
+        On stop the shared socket is closed at once, while open tunnels
+        drain: new clients are refused, not queued for nobody.  A worker
+        that gets SIGTERM twice (from the process group and from the
+        supervisor) stops once, without a critical error.
+        """
+        targetPort = self.startTarget()
+        supervisor = yield self.startTCPSupervisor()
+        port = supervisor._ports[0][0].getHost().port
+        client = _Client()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        client.transport.write(  # type: ignore[union-attr]
+            b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: h\r\n\r\n" % (targetPort,)
+        )
+        answer = yield client.answer
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        draining = self.waitForLog("Draining")
+        supervisor.signalWorkers(signal.SIGTERM)
+        stopped = supervisor.stopService()
+        yield draining
+        from twisted.internet.error import ConnectionRefusedError
+
+        yield self.assertFailure(
+            connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), _Client()),
+            ConnectionRefusedError,
+        )
+        self.assertFalse(stopped.called)
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        yield client.lost
+        yield stopped
+        self.assertEqual(
+            [e for e in self.events if "critical" in str(e.get("line", ""))], []
         )

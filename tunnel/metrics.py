@@ -2,7 +2,7 @@
 Prometheus metrics, served at C{/metrics} through twisted.web.
 
 Needs the optional C{prometheus_client} package (C{pip install
-tunnel[metrics]}).  Counters and histograms are fed by the proxy's one log
+'.[metrics]'} in the checkout).  Counters and histograms are fed by the proxy's one log
 event per connection, so the relay's hot path pays nothing for them; the
 gauges are read from the factory when scraped.
 """

@@ -75,6 +75,12 @@ _ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 16 << 20
 
+#: How many connections refused before they were counted (over a limit, or
+#: outside --allow-from) may linger at once; beyond, the answer is written
+#: and the connection closed at once, so that a flood of refused clients
+#: cannot hold descriptors beyond the limits.
+MAX_LINGERING_REFUSALS = 100
+
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
@@ -253,6 +259,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         "_ended",
         "_establishedAt",
         "_lingerBytes",
+        "_lingerCounted",
         "_lingering",
         "_parentStatus",
         "_peer",
@@ -284,6 +291,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._clientGone = False
         self._lingering: IDelayedCall | None = None
         self._lingerBytes = 0
+        self._lingerCounted = False
         self._connectStartedAt: float | None = None
         self._establishedAt: float | None = None
 
@@ -683,7 +691,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._client.write(
             errorResponse(rejected.status, rejected.detail, rejected.headers)
         )
-        if canHalfClose(self._client):
+        if canHalfClose(self._client) and self._mayLinger():
             # Closing a socket with unread input makes the kernel send a
             # reset, which can destroy the response before the client reads
             # it (RFC 9112 section 9.6).  So send FIN, then read and drop
@@ -700,6 +708,17 @@ class ConnectProxy(Protocol, TimeoutMixin):
             LINGER_SECONDS, self._client.abortConnection
         )
         self._end(rejected.status, ended)
+
+    def _mayLinger(self) -> bool:
+        if self._admitted:
+            # Counted against the limits until it closes.
+            return True
+        factory = self.factory
+        if factory.lingeringRefusals >= factory.maxLingeringRefusals:
+            return False
+        factory.lingeringRefusals += 1
+        self._lingerCounted = True
+        return True
 
     def _linger(self, data: bytes) -> None:
         self._lingerBytes += len(data)
@@ -735,6 +754,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._stopAwaitingHeader()
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
+        if self._lingerCounted:
+            self._lingerCounted = False
+            self.factory.lingeringRefusals -= 1
         if self._admitted:
             self._admitted = False
             self.factory.tunnelClosed(self._clientKey)
@@ -786,9 +808,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
         duration = now - self._startedAt
         # CONNECT only once a CONNECT request was read: a 400 or 405 answered
         # something else.  A refusal says which rule refused (port, address,
-        # name, client, auth), as the 403's body names the option.
+        # destination, client, auth), as the 403's body names the option;
+        # a parent proxy's refusal, its status.
         method = "CONNECT" if target != "-" else "-"
         why = f" ({self._refusal})" if self._refusal is not None else ""
+        if self._parentStatus is not None:
+            why += f" (parent {self._parentStatus})"
         # The line is built here, once, with an f-string: the logger's own
         # formatting of nine fields costs more than the rest of a handshake's
         # bookkeeping.  The fields stay in the event for observers.
@@ -978,6 +1003,8 @@ class ConnectProxyFactory(Factory):
         self.connections: set[ConnectProxy] = set()
         self.relaying = 0
         self.awaitingHeader = 0
+        self.lingeringRefusals = 0
+        self.maxLingeringRefusals = MAX_LINGERING_REFUSALS
         self.draining = False
         self._drained: list[Deferred[None]] = []
         self._open = 0

@@ -48,7 +48,9 @@ class ProxyService(MultiService):
         @param observers: Observers of the tunnel events, added to the
             factory's C{tunnelObservers} while running (the access log, the
             metrics); an L{AccessLogObserver} is reopened on SIGUSR1.
-        @param reactor: Runs the SIGUSR1 reopen on the reactor thread.
+        @param reactor: Runs the SIGUSR1 reopen on the reactor thread; if
+            given, the service handles SIGUSR1 while it runs (passing it on
+            to the previous handler), so the signal never ends the process.
         """
         super().__init__()
         self.factory = factory
@@ -62,9 +64,10 @@ class ProxyService(MultiService):
         Add the observers, then start the listeners.
         """
         self.factory.tunnelObservers.extend(self.observers)
-        if self._reactor is not None and any(
-            isinstance(o, AccessLogObserver) for o in self.observers
-        ):
+        if self._reactor is not None:
+            # Installed even without an access log: SIGUSR1 is what
+            # logrotate and "systemctl reload" send, and its default action
+            # would end the process and every tunnel in it.
             self._previousUSR1 = signal.signal(signal.SIGUSR1, self._onUSR1)
         super().startService()
 
@@ -80,10 +83,11 @@ class ProxyService(MultiService):
         """
         Reopen the access log files (what logrotate's SIGUSR1 asks for).
         """
-        for observer in self.observers:
-            if isinstance(observer, AccessLogObserver):
-                observer.reopen()
-        self._log.info("Reopened the access log")
+        accessLogs = [o for o in self.observers if isinstance(o, AccessLogObserver)]
+        for observer in accessLogs:
+            observer.reopen()
+        if accessLogs:
+            self._log.info("Reopened the access log")
 
     def stopService(self) -> Deferred[None]:
         """

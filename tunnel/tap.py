@@ -42,10 +42,11 @@ from .policy import (
 from .rules import RulesFilePolicy
 from .server import ConnectProxyFactory
 from .service import ProxyService
-from .upstream import UpstreamConnector, parseUpstreamURL
+from .upstream import UpstreamConnector, parseUpstreamURL, upstreamTLSOptions
 from .workers import (
     SHAREABLE_KINDS,
     WorkerSupervisor,
+    adoptListeningSocket,
     inheritedPorts,
     workerArguments,
 )
@@ -240,7 +241,8 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             None,
             "Serve Prometheus metrics at /metrics on this server endpoint, "
-            "e.g. tcp:9100:interface=127.0.0.1 (needs tunnel[metrics])",
+            "e.g. tcp:9100:interface=127.0.0.1 (needs prometheus_client: "
+            "pip install '.[metrics]' in the checkout)",
         ],
     ]
 
@@ -381,8 +383,18 @@ class Options(usage.Options, AuthOptionMixin):
                 self["upstream"] = parseUpstreamURL(self["upstream"])
             except ValueError as e:
                 raise usage.UsageError(f"--upstream: {e}") from None
+            if self["upstream-ca"] is not None:
+                if not self["upstream"].tls:
+                    raise usage.UsageError(
+                        "--upstream-ca: TLS options need an https:// parent proxy"
+                    )
+                try:
+                    upstreamTLSOptions(self["upstream"], self["upstream-ca"])
+                except (OSError, ValueError) as e:
+                    raise usage.UsageError(f"--upstream-ca: {e}") from None
         elif self["upstream-ca"] is not None:
             raise usage.UsageError("--upstream-ca needs --upstream")
+        self._checkAccessLog()
         if self["access-log-format"] not in ("text", "json"):
             raise usage.UsageError("--access-log-format must be text or json")
         if self["metrics"] is not None:
@@ -390,8 +402,37 @@ class Options(usage.Options, AuthOptionMixin):
                 requirePrometheus()
             except MetricsUnavailable as e:
                 raise usage.UsageError(str(e)) from None
+            try:
+                serverFromString(reactor, self["metrics"])
+            except Exception as e:
+                raise usage.UsageError(
+                    f"--metrics {self['metrics']}: {type(e).__name__}: {e}"
+                ) from None
         if self["max-request-line"] > self["max-header-size"]:
             raise usage.UsageError("--max-request-line cannot exceed --max-header-size")
+
+    def _checkAccessLog(self) -> None:
+        """
+        Check that the access log can be written, so that a mistake is a
+        usage error now rather than a traceback (or, with C{--workers}, a
+        worker failing over and over).
+        """
+        path = self["access-log"]
+        if path is None:
+            return
+        if path == "-":
+            if self["workers"] > 1:
+                raise usage.UsageError(
+                    "--access-log - cannot be combined with --workers: a "
+                    "worker's standard output carries its log to the main "
+                    "process; give a file"
+                )
+            return
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise usage.UsageError(f"--access-log: {e}") from None
 
 
 # twisted.python.usage prints an option method's docstring as it is, line
@@ -593,7 +634,9 @@ class _InheritedPorts(Service):
     def startService(self) -> None:
         super().startService()
         for fd, family in self._fds:
-            self._ports.append(self._reactor.adoptStreamPort(fd, family, self._factory))
+            self._ports.append(
+                adoptListeningSocket(self._reactor, fd, family, self._factory)
+            )
             os.close(fd)
 
     def stopService(self) -> Any:

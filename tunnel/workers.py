@@ -15,18 +15,22 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import sys
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReadDescriptor
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-__all__ = ["WorkerSupervisor", "workerArguments"]
+__all__ = ["WorkerSupervisor", "adoptListeningSocket", "workerArguments"]
 
 #: Options that belong to the main process only.
 _MAIN_ONLY = {"--workers", "--listen", "--metrics"}
@@ -98,6 +102,63 @@ def _listenNow(reactor: Any, description: str) -> IListeningPort:
     return result  # type: ignore[no-any-return]
 
 
+class _SharedUNIXPort(unix.Port):
+    """
+    A worker's copy of a UNIX listening socket the supervisor owns: the
+    worker accepts on it, but neither changes its mode (Twisted's port would
+    make it 0666 again, undoing the endpoint's C{mode=}) nor removes its
+    path nor shuts the socket down when it stops (either would cut off every
+    other worker, and every replacement).  The supervisor's own port does
+    all that, as usual.
+    """
+
+    # Twisted's adopted TCP ports skip the shutdown(SHUT_RDWR) before
+    # close; its UNIX ports do not, and on a listening socket that every
+    # worker shares it stops the listening for all of them.
+    _shouldShutdown = False
+
+    def startListening(self) -> None:
+        if unix._inFilesystemNamespace(self._bindPath):
+            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
+        super().startListening()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # tcp.Port's, skipping unix.Port's unlink (the lock file, which
+        # only wantPID ports take, is never taken here).
+        tcp.Port.connectionLost(self, reason)
+
+
+def adoptListeningSocket(
+    reactor: Any, fd: int, family: socket.AddressFamily, factory: Factory
+) -> IListeningPort:
+    """
+    Start accepting, for C{factory}, on a listening socket inherited from
+    the supervisor (C{IReactorSocket.adoptStreamPort}, but for UNIX
+    sockets a L{_SharedUNIXPort}).
+
+    @param reactor: The reactor.
+    @param fd: The inherited descriptor; the caller still owns it.
+    @param family: Its address family.
+    @param factory: Builds the protocols.
+    @return: The listening port.
+    """
+    if family != socket.AF_UNIX:
+        return reactor.adoptStreamPort(fd, family, factory)  # type: ignore[no-any-return]
+    port: IListeningPort = _SharedUNIXPort._fromListeningDescriptor(
+        reactor, fd, factory
+    )
+    port.startListening()
+    return port
+
+
+#: A worker that lived this many seconds started well: the next one that
+#: ends is replaced after the base delay again.
+_STEADY_AFTER = 10.0
+
+#: The longest wait before a failing worker is started again.
+_MAX_RESPAWN_DELAY = 60.0
+
+
 class _WorkerProtocol(ProcessProtocol):
     """
     Passes a worker's output on to the log, line by line, and tells the
@@ -154,7 +215,9 @@ class WorkerSupervisor(Service):
         @param count: How many workers.
         @param stopTimeout: Seconds a worker gets to drain after SIGTERM
             before it is killed.
-        @param respawnDelay: Seconds before a dead worker is replaced.
+        @param respawnDelay: Seconds before a dead worker is replaced;
+            doubled each time it ends again within 10 seconds of starting,
+            up to a minute.
         """
         self._reactor = reactor
         self._listen = listen
@@ -165,6 +228,10 @@ class WorkerSupervisor(Service):
         self._ports: list[tuple[IListeningPort, int]] = []
         self.workers: dict[int, Any] = {}
         self._protocols: dict[int, _WorkerProtocol] = {}
+        self._startedAt: dict[int, float] = {}
+        # How many times in a row each worker ended soon after it started.
+        self._quickEnds: dict[int, int] = {}
+        self._respawns: dict[int, IDelayedCall] = {}
         self._previousUSR1: Any = None
 
     def privilegedStartService(self) -> None:
@@ -226,10 +293,11 @@ class WorkerSupervisor(Service):
             *inherit,
             *self._workerArgv,
         ]
-        self._protocols[number] = protocol
         self.workers[number] = self._reactor.spawnProcess(
             protocol, sys.executable, argv, env=dict(os.environ), childFDs=childFDs
         )
+        self._protocols[number] = protocol
+        self._startedAt[number] = self._reactor.seconds()
         self._log.info(
             "Started worker {number} (pid {pid})",
             number=number,
@@ -244,16 +312,52 @@ class WorkerSupervisor(Service):
         self.workers.pop(number, None)
         if not self.running:
             return
+        lived = self._reactor.seconds() - self._startedAt.get(number, 0)
+        if lived >= _STEADY_AFTER:
+            self._quickEnds[number] = 0
+        else:
+            self._quickEnds[number] = self._quickEnds.get(number, 0) + 1
+        delay = self._respawnDelayFor(number)
+        self._respawns[number] = self._reactor.callLater(
+            delay, self._respawnIfRunning, number
+        )
         self._log.warn(
-            "Worker {number} ended ({why}); replacing it",
+            "Worker {number} ended ({why}); replacing it in {delay:g} s",
             number=number,
             why=reason.getErrorMessage(),
+            delay=delay,
         )
-        self._reactor.callLater(self._respawnDelay, self._respawnIfRunning, number)
+
+    def _respawnDelayFor(self, number: int) -> float:
+        # A worker that keeps ending right after it starts (a file it
+        # cannot read once privileges are dropped, say) is replaced less
+        # and less often, up to once a minute, instead of every second.
+        return float(
+            min(
+                self._respawnDelay * 2 ** self._quickEnds.get(number, 0),
+                _MAX_RESPAWN_DELAY,
+            )
+        )
 
     def _respawnIfRunning(self, number: int) -> None:
-        if self.running and number not in self.workers:
+        self._respawns.pop(number, None)
+        if not self.running or number in self.workers:
+            return
+        try:
             self._spawn(number)
+        except Exception:
+            # fork can fail for a while (EAGAIN under a process limit,
+            # ENOMEM): try again later rather than run a worker short.
+            self._quickEnds[number] = self._quickEnds.get(number, 0) + 1
+            delay = self._respawnDelayFor(number)
+            self._log.failure(
+                "Could not start worker {number}; trying again in {delay:g} s",
+                number=number,
+                delay=delay,
+            )
+            self._respawns[number] = self._reactor.callLater(
+                delay, self._respawnIfRunning, number
+            )
 
     def stopService(self) -> Deferred[Any]:
         """
@@ -263,20 +367,28 @@ class WorkerSupervisor(Service):
         super().stopService()
         if self._previousUSR1 is not None:
             signal.signal(signal.SIGUSR1, self._previousUSR1)
+        for respawn in self._respawns.values():
+            respawn.cancel()
+        self._respawns.clear()
         endings = [p.ended for n, p in self._protocols.items() if n in self.workers]
         self.signalWorkers(signal.SIGTERM)
+        # Close the shared sockets now, not after the drain: the workers
+        # have stopped accepting, and a socket left listening would let the
+        # kernel queue connections that nobody will ever answer.  No worker
+        # is started again once the service stops.
+        closed = DeferredList(
+            [maybeDeferred(port.stopListening) for port, _ in self._ports]
+        )
         killer = self._reactor.callLater(
             self._stopTimeout, self.signalWorkers, signal.SIGKILL
         )
 
-        def closePorts(result: object) -> Deferred[Any]:
+        def workersEnded(result: object) -> Deferred[Any]:
             if killer.active():
                 killer.cancel()
-            return DeferredList(
-                [maybeDeferred(port.stopListening) for port, _ in self._ports]
-            )
+            return closed
 
-        return DeferredList(endings).addCallback(closePorts)
+        return DeferredList(endings).addCallback(workersEnded)
 
 
 def _workerMain(argv: list[str]) -> None:
@@ -284,6 +396,9 @@ def _workerMain(argv: list[str]) -> None:
     Run one worker: adopt the inherited listening sockets and serve until
     SIGTERM, then drain.
     """
+    # Until the service handles SIGUSR1 (reopening the access log), the
+    # signal's default action would kill a worker still starting.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     from twisted.internet import reactor
     from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
 
@@ -308,7 +423,87 @@ def _workerMain(argv: list[str]) -> None:
     service = makeWorkerService(options, reactor)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    stopping = _StopOnce(reactor)
+    # "systemctl stop" and Ctrl-C signal the whole process group, and the
+    # supervisor passes SIGTERM on as well: the second must not stop a
+    # reactor already stopping (Twisted logs that as critical).
+    reactor.callWhenRunning(signal.signal, signal.SIGTERM, stopping.onSignal)
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, stopping.onSignal)
+    # Standard input is a pipe from the supervisor: its end means the
+    # supervisor is gone (killed, crashed), and a worker left alone would
+    # hold the port against the next start.
+    reactor.addReader(_SupervisorWatch(stopping))
     reactor.run()
+
+
+class _StopOnce:
+    """
+    Stops the reactor, once, however many times it is asked.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self.stopping = False
+
+    def stop(self) -> None:
+        """
+        Stop the reactor (draining, through the shutdown trigger), unless
+        that was done already.
+        """
+        if not self.stopping:
+            self.stopping = True
+            self._reactor.stop()
+
+    def onSignal(self, signum: int, frame: Any) -> None:
+        """
+        A signal handler: stop on the reactor thread.
+        """
+        self._reactor.callFromThread(self.stop)
+
+
+@implementer(IReadDescriptor)
+class _SupervisorWatch:
+    """
+    Reads the worker's standard input, the supervisor's end of a pipe that
+    carries nothing: end of file means the supervisor is gone, and the
+    worker drains and stops.
+    """
+
+    def __init__(self, stopping: _StopOnce) -> None:
+        self._stopping = stopping
+
+    def fileno(self) -> int:
+        """
+        Standard input.
+        """
+        return 0
+
+    def doRead(self) -> Failure | None:
+        """
+        End of file (or an error): stop.
+        """
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            return Failure(ConnectionDone("the supervisor is gone"))
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        Removed from the reactor: the supervisor is gone (or the reactor is
+        stopping anyway).
+        """
+        self._stopping.stop()
+
+    def logPrefix(self) -> str:
+        """
+        Name it in the log.
+        """
+        return "SupervisorWatch"
 
 
 def inheritedPorts(values: list[str]) -> list[tuple[int, socket.AddressFamily]]:
