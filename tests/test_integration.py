@@ -14,6 +14,7 @@ import functools
 import hashlib
 import ipaddress
 import shutil
+import socket
 import ssl as stdlibSSL
 from collections.abc import Callable, Generator
 from http.client import HTTPSConnection
@@ -918,6 +919,55 @@ class TunnelTests(LoopbackTestCase):
         [event] = yield self.proxyEnded(1)
         self.assertEqual(event["ended"], "target-eof")
         self.assertEqual((event["bytesUp"], event["bytesDown"]), (12, 10))
+
+    @inlineCallbacks
+    def test_targetResetsAfterItsFIN(self) -> Yielding[None]:
+        """
+        A target that sent FIN and then resets is a reset, not an end: when
+        the client's next bytes find the target gone, the client's
+        connection is reset too (not closed as if all went well), and the
+        tunnel ends C{target-reset}.
+        """
+        yield self.assertResetAfterFIN("target")
+
+    @inlineCallbacks
+    def test_clientResetsAfterItsFIN(self) -> Yielding[None]:
+        """
+        The same the other way: a client that sent FIN and then resets gets
+        the target reset when the target's next bytes find it gone.
+        """
+        yield self.assertResetAfterFIN("client")
+
+    @inlineCallbacks
+    def assertResetAfterFIN(self, side: str) -> Yielding[None]:
+        """
+        Have C{side} send FIN, then reset; the other side then writes.
+        """
+        proxy = self.startProxy()
+        targets = self.serve(lambda: Peer(closeOnEOF=False))
+        client = yield self.connectThrough(
+            proxy.port, f"127.0.0.1:{targets.port}", Peer(closeOnEOF=False)
+        )
+        target = yield targets.accepted.get()
+        leaving, staying = (target, client) if side == "target" else (client, target)
+        leaving.tcp.loseWriteConnection()
+        yield staying.eof.wait()
+        leaving.tcp.abortConnection()
+        yield leaving.lost.wait()
+        # The proxy no longer watches the finished side for reading: its
+        # reset shows when bytes go towards it.
+        staying.tcp.write(b"late bytes")
+        [event] = yield self.proxyEnded(1)
+        self.assertEqual(event["ended"], f"{side}-reset")
+        # The proxy reset the staying side's connection (TCP_CLOSE), rather
+        # than closing it as after a clean end (which leaves CLOSE_WAIT).
+        handle = staying.tcp.getHandle()
+        tcpState = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        self.assertEqual(tcpState, _TCP_CLOSE)
+
+
+#: The state of a TCP socket after a reset (include/net/tcp_states.h).
+_TCP_CLOSE = 7
 
 
 class FlowTests(LoopbackTestCase):

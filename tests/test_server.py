@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
+    ConnectionAborted,
     ConnectionDone,
     ConnectionLost,
     ConnectionRefusedError,
@@ -724,10 +725,21 @@ class TunnelTests(ProxyTestMixin, SynchronousTestCase):
         the other way round.
         """
         _target, transport = self.establish()
-        self.assertIs(self.client.producer, transport)
-        self.assertIs(transport.producer, self.client)
+        clientProducer, targetProducer = self.client.producer, transport.producer
+        assert clientProducer is not None and targetProducer is not None
+        self.assertIs(clientProducer.transport, transport)
+        self.assertIs(targetProducer.transport, self.client)
         self.assertTrue(self.client.streaming)
         self.assertTrue(transport.streaming)
+        clientProducer.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        clientProducer.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        # Only the relay ends the other side: Twisted's stopProducing, sent
+        # when a consumer's connection is lost, leaves it alone.
+        clientProducer.stopProducing()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertFalse(transport.disconnecting)
 
     def test_clientHalfClose(self) -> None:
         """
@@ -908,8 +920,12 @@ class TunnelTests(ProxyTestMixin, SynchronousTestCase):
         [event] = self.tunnelEvents()
         self.assertEqual(event["ended"], "shutdown")
         proxy, client = self.connectClient()
+        proxy.dataReceived(HEAD)
         proxy.abortTunnel()
         self.assertTrue(client.disconnected)
+        proxy.connectionLost(Failure(ConnectionAborted()))
+        [_, event] = self.tunnelEvents()
+        self.assertEqual((event["status"], event["ended"]), ("-", "shutdown"))
 
     def test_targetDataBeforeAttach(self) -> None:
         """

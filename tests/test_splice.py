@@ -13,9 +13,11 @@ opens is closed, and waited for, before it ends.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import inspect
+import mmap
 import os
 import sys
 import termios
@@ -35,9 +37,10 @@ from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 import tunnel.server
 from tests import test_integration as integration
@@ -56,14 +59,32 @@ from tunnel import ConnectProxyFactory, splice
 from tunnel.relay import Relay, RelayResult
 from tunnel.splice import (
     PIPE_SIZE,
+    Pipe,
     PipePool,
     SpliceEnd,
     SpliceRelay,
     canSplice,
+    idleLimit,
     spliceAvailable,
 )
 
 skipUnlessSplice = None if spliceAvailable() else "splice(2) is Linux-only"
+
+
+def captureLogs(case: SynchronousTestCase) -> list[LogEvent]:
+    """
+    Collect the log events emitted until C{case} ends.
+    """
+    events: list[LogEvent] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    case.addCleanup(globalLogPublisher.removeObserver, observe)
+    return events
+
 
 #: The smallest pipe the kernel makes: one page.
 SMALL_PIPE = 4096
@@ -989,6 +1010,63 @@ class SpliceRelayTests(TestCase):
         yield client.lost.wait()
         self.assertReset(client)
 
+    @inlineCallbacks
+    def test_lostElsewhereWithBytesInFlight(self) -> Yielding[None]:
+        """
+        A transport closed cleanly by someone else while bytes from it wait
+        in a pipe for the other side (which is not reading): those bytes
+        cannot be delivered once the relay lets go, so the other side is
+        reset, not sent a FIN after a cut stream.
+        """
+        client, target, relay, ended = yield self.relayed()
+        target.tcp.pauseProducing()
+        DataSource(b"held", 32 * MiB).start(client.tcp)
+        for _ in range(100_000):
+            if relay.targetEnd.writing and relay.pipeBytes()[0]:
+                break
+            yield deferLater(reactor, 0, lambda: None)
+        self.assertTrue(relay.pipeBytes()[0], "no bytes held in the pipe")
+        relay.clientEnd.transport.loseConnection()
+        result = yield ended.wait()
+        self.assertEqual(result.ended, "client-eof")
+        target.tcp.resumeProducing()
+        yield target.lost.wait()
+        self.assertReset(target)
+        self.assertFalse(target.eof.happened)
+
+    @inlineCallbacks
+    def test_noPipeGoesThroughPython(self) -> Yielding[None]:
+        """
+        When no pipe can be had (out of descriptors), a working tunnel
+        keeps working: its bytes go through Python, counted as usual, and
+        nothing fails; once pipes can be had again, they are used.
+        """
+        events = captureLogs(self)
+        acquire = self.pool.acquire
+        failing = [True]
+
+        def noPipe() -> Pipe:
+            if failing[0]:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return acquire()
+
+        self.patch(self.pool, "acquire", noPipe)
+        client, target, relay, ended = yield self.relayed()
+        client.tcp.write(b"up through Python")
+        yield target.waitFor(17)
+        target.tcp.write(b"down through Python")
+        yield client.waitFor(19)
+        self.assertEqual((relay.bytesUp, relay.bytesDown), (17, 19))
+        failing[0] = False
+        client.tcp.write(b"and spliced again")
+        yield target.waitFor(34)
+        self.assertEqual(target.received, b"up through Pythonand spliced again")
+        client.tcp.loseConnection()
+        target.tcp.loseConnection()
+        result = yield ended.wait()
+        self.assertEqual(result, RelayResult(34, 19, "client-eof"))
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
+
 
 class CountingPoller:
     """
@@ -1098,6 +1176,82 @@ class PipePoolTests(SynchronousTestCase):
         pool.clear()
         self.assertEqual((pool.opened, pool.idle), (0, 0))
         self.assertEqual(openDescriptors(), before)
+
+    def test_smallerPipeNotKept(self) -> None:
+        """
+        A pipe that came back smaller than the pool's others (made while the
+        user's pipe quota was used up) is closed, not kept, so that the next
+        new pipe may have the full size.
+        """
+        pool = PipePool(SMALL_PIPE * 4, maxIdle=4)
+        self.addCleanup(pool.clear)
+        full, small = pool.acquire(), pool.acquire()
+        fcntl.fcntl(small.writeFD, fcntl.F_SETPIPE_SZ, SMALL_PIPE)
+        small = Pipe(small.readFD, small.writeFD, SMALL_PIPE)
+        pool.release(small, True)
+        pool.release(full, True)
+        self.assertEqual((pool.idle, pool.opened), (1, 1))
+        self.assertIs(pool.acquire(), full)
+
+    def test_idleLimit(self) -> None:
+        """
+        Root keeps up to C{maxIdle} empty pipes; another user at most a
+        quarter of its pipe quota (C{fs.pipe-user-pages-soft}), and at least
+        one; no quota (0) or no way to read it means no limit of its own.
+        """
+        quota = self.mktemp()
+
+        def limit(pages: str, pipeSize: int = 1 << 20) -> int:
+            with open(quota, "w") as f:
+                f.write(pages)
+            return idleLimit(pipeSize, 64, privileged=False, quotaPath=quota)
+
+        pagesPerMiB = (1 << 20) // mmap.PAGESIZE
+        self.assertEqual(idleLimit(1 << 20, 64, privileged=True), 64)
+        self.assertEqual(limit(str(64 * pagesPerMiB)), 16)
+        self.assertEqual(limit(str(64 * pagesPerMiB), 1 << 16), 64)
+        self.assertEqual(limit("1"), 1)
+        self.assertEqual(limit("0"), 64)
+        self.assertEqual(limit("junk"), 64)
+        self.assertEqual(
+            idleLimit(1 << 20, 64, privileged=False, quotaPath=quota + ".none"), 64
+        )
+
+    def test_shortOfDescriptors(self) -> None:
+        """
+        When a pipe cannot be made, L{PipePool.acquire} raises, and logs the
+        shortage once (a warning, no traceback), and once more when pipes
+        can be made again.
+        """
+        events = captureLogs(self)
+        pool = PipePool()
+        self.addCleanup(pool.clear)
+        pipe2 = os.pipe2
+
+        def emfile(flags: int) -> tuple[int, int]:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        self.patch(os, "pipe2", emfile)
+        for _ in range(3):
+            self.assertRaises(OSError, pool.acquire)
+        self.assertTrue(pool.short)
+        self.patch(os, "pipe2", pipe2)
+        pool.release(pool.acquire(), True)
+        self.assertFalse(pool.short)
+        texts = [
+            formatEvent(e)
+            for e in events
+            if e.get("log_namespace", "").startswith("tunnel.")
+        ]
+        self.assertEqual(
+            texts,
+            [
+                "No pipe for spliced tunnels (Too many open files): their bytes "
+                "go through Python until pipes can be made again",
+                "Pipes for spliced tunnels can be made again",
+            ],
+        )
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
 
     def test_notEmptyIsClosed(self) -> None:
         """

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableDescriptor,
     IHalfCloseableProtocol,
+    IPushProducer,
     IReactorTime,
 )
 from twisted.internet.protocol import Protocol, connectionDone
@@ -96,6 +97,41 @@ class RelayEvents(TypingProtocol):
     def abort(self, why: str = ...) -> None: ...
 
 
+@implementer(IPushProducer)
+class _PeerProducer:
+    """
+    One side's transport as the producer of the other's: passes pause and
+    resume on, but not C{stopProducing}.  Twisted calls that when the
+    consumer's connection is lost, before its protocol hears why; on a
+    transport already half-closed it would close at once and cleanly, so a
+    reset would pass on as a clean end.  The relay alone decides how the
+    other side ends.
+    """
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: StreamTransport) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        """
+        The consumer's buffer is full: stop reading the other side.
+        """
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        The consumer's buffer drained: read the other side again.
+        """
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """
+        The consumer's connection is gone: the relay hears of it and ends
+        the other side itself.
+        """
+
+
 @frozen
 class RelayResult:
     """
@@ -133,6 +169,7 @@ class RelayLifecycle:
         "_client",
         "_clientOpen",
         "_clock",
+        "_closeDeadline",
         "_closing",
         "_firstEnd",
         "_idleTimeout",
@@ -173,6 +210,7 @@ class RelayLifecycle:
         self._targetOpen = True
         self._firstEnd: str | None = None
         self._closing: str | None = None
+        self._closeDeadline: IDelayedCall | None = None
         self._idleWatch = idleWatch
         self.lastActivity = 0.0
 
@@ -263,8 +301,24 @@ class RelayLifecycle:
         """
         raise NotImplementedError
 
+    def _startCloseDeadline(self) -> None:
+        """
+        A graceful close waits for the peers to take what is buffered; a
+        peer that never reads must not keep the tunnel forever: abort after
+        the idle timeout (or L{CLOSE_GRACE_SECONDS} without one).
+        """
+        if self._closeDeadline is None:
+            self._closeDeadline = self._clock.callLater(
+                self._idleTimeout or CLOSE_GRACE_SECONDS, self.abort
+            )
+
     def _reportIfDone(self) -> None:
-        if not (self._clientOpen or self._targetOpen) and self._onEnd is not None:
+        if self._clientOpen or self._targetOpen:
+            return
+        deadline = self._closeDeadline
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        if self._onEnd is not None:
             onEnd, self._onEnd = self._onEnd, None
             onEnd(RelayResult(self.bytesUp, self.bytesDown, self._closing or "-"))
 
@@ -287,7 +341,6 @@ class Relay(RelayLifecycle):
 
     __slots__ = (
         "_clientReading",
-        "_closeDeadline",
         "_consuming",
         "_targetReading",
         "_writtenDown",
@@ -311,7 +364,6 @@ class Relay(RelayLifecycle):
         self._writtenDown = 0
         self._clientReading = True
         self._targetReading = True
-        self._closeDeadline: IDelayedCall | None = None
         # The transports that have the other one registered as producer.
         self._consuming: list[StreamTransport] = []
 
@@ -347,8 +399,8 @@ class Relay(RelayLifecycle):
         """
         if greeting:
             self._client.write(greeting)
-        self._target.registerProducer(self._client, True)
-        self._client.registerProducer(self._target, True)
+        self._target.registerProducer(_PeerProducer(self._client), True)
+        self._client.registerProducer(_PeerProducer(self._target), True)
         self._consuming = [self._client, self._target]
         if earlyData:
             # Written after the producers are registered, so that a large
@@ -435,12 +487,8 @@ class Relay(RelayLifecycle):
     def _close(self, how: str | None, abort: bool) -> None:
         self._closing = how
         self._unwatchIdle()
-        if not abort and self._closeDeadline is None:
-            # A graceful close waits for the peers to take what is buffered;
-            # a peer that never reads must not keep the tunnel forever.
-            self._closeDeadline = self._clock.callLater(
-                self._idleTimeout or CLOSE_GRACE_SECONDS, self.abort
-            )
+        if not abort:
+            self._startCloseDeadline()
         for transport, isOpen in (
             (self._client, self._clientOpen),
             (self._target, self._targetOpen),
@@ -456,13 +504,6 @@ class Relay(RelayLifecycle):
         if transport in self._consuming:
             self._consuming.remove(transport)
             transport.unregisterProducer()
-
-    def _reportIfDone(self) -> None:
-        if not (self._clientOpen or self._targetOpen):
-            deadline = self._closeDeadline
-            if deadline is not None and deadline.active():
-                deadline.cancel()
-        super()._reportIfDone()
 
 
 @implementer(IHalfCloseableProtocol)

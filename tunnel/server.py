@@ -878,6 +878,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if self._relay is not None:
             self._relay.abort("shutdown")
         else:
+            # The proxy ended it, not the client: said before the close
+            # makes the connection look abandoned.
+            self._end(None, "shutdown")
             self._client.abortConnection()
 
 

@@ -52,6 +52,7 @@ Use it only for two transports that L{canSplice} accepts.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import socket
 import sys
@@ -86,6 +87,7 @@ __all__ = [
     "SpliceRelay",
     "canSplice",
     "defaultPool",
+    "idleLimit",
     "spliceAvailable",
 ]
 
@@ -93,7 +95,7 @@ __all__ = [
 #: tunnel holds in the proxy.
 PIPE_SIZE = 1 << 20
 
-#: How many empty pipes the default pool keeps for reuse.
+#: The most empty pipes a pool keeps for reuse (see L{idleLimit}).
 POOL_MAX_IDLE = 64
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -102,6 +104,10 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 # reactor run (a step moves bytes or ends the call; many steps happen only
 # when a destination keeps taking small pieces).
 _ROUNDS = 64
+
+# How much one read takes into Python when no pipe can be had: what the
+# ordinary relay (Twisted's tcp transport) reads at once.
+_PYTHON_READ = 65536
 
 
 def spliceAvailable() -> bool:
@@ -190,16 +196,25 @@ class PipePool:
         give less, see L{Pipe.size}).
     @ivar maxIdle: How many empty pipes are kept.
     @ivar opened: How many pipes of this pool are open now, lent or idle.
+    @ivar short: Whether the last attempt to make a pipe failed.
     """
 
-    def __init__(self, pipeSize: int = PIPE_SIZE, maxIdle: int = POOL_MAX_IDLE) -> None:
+    _log = Logger(namespace="tunnel")
+
+    def __init__(self, pipeSize: int = PIPE_SIZE, maxIdle: int | None = None) -> None:
         """
         @param pipeSize: The capacity to ask for each pipe.
-        @param maxIdle: How many empty pipes to keep.
+        @param maxIdle: How many empty pipes to keep; by default
+            L{idleLimit}, found when the first pipe comes back (twistd
+            drops privileges after this module is imported, and the
+            limit depends on the user the tunnels run as).
         """
         self.pipeSize = pipeSize
         self.maxIdle = maxIdle
         self.opened = 0
+        self.short = False
+        # The largest size a pipe was given: what pipeSize comes to here.
+        self._fullSize = 0
         self._idle: list[Pipe] = []
 
     @property
@@ -221,18 +236,34 @@ class PipePool:
         Lend a pipe: an idle one, or a new one.
 
         @return: An empty pipe; give it back with L{release}.
-        @raise OSError: A new pipe could not be made (out of descriptors).
+        @raise OSError: A new pipe could not be made (out of descriptors);
+            the first such failure is logged, and the next pipe made after
+            it too.
         """
         if self._idle:
             return self._idle.pop()
         import fcntl
 
-        readFD, writeFD = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            readFD, writeFD = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if not self.short:
+                self.short = True
+                self._log.warn(
+                    "No pipe for spliced tunnels ({error}): their bytes go "
+                    "through Python until pipes can be made again",
+                    error=e.strerror,
+                )
+            raise
+        if self.short:
+            self.short = False
+            self._log.info("Pipes for spliced tunnels can be made again")
         # Beyond /proc/sys/fs/pipe-max-size or the user's pipe quota, keep
         # the size the kernel gave.
         with contextlib.suppress(OSError):
             fcntl.fcntl(writeFD, fcntl.F_SETPIPE_SZ, self.pipeSize)
         size = fcntl.fcntl(writeFD, fcntl.F_GETPIPE_SZ)
+        self._fullSize = max(self._fullSize, size)
         self.opened += 1
         return Pipe(readFD, writeFD, size)
 
@@ -242,9 +273,13 @@ class PipePool:
 
         @param pipe: A pipe from L{acquire}.
         @param empty: Whether it holds no byte; a pipe with bytes in it is
-            closed, never lent again.
+            closed, never lent again, and so is one smaller than others
+            were made (while the user's pipe quota was used up), so that
+            the next new pipe may have the full size.
         """
-        if empty and len(self._idle) < self.maxIdle:
+        if self.maxIdle is None:
+            self.maxIdle = idleLimit(self.pipeSize)
+        if empty and len(self._idle) < self.maxIdle and pipe.size >= self._fullSize:
             self._idle.append(pipe)
         else:
             self.opened -= 1
@@ -258,6 +293,44 @@ class PipePool:
         for pipe in idle:
             self.opened -= 1
             pipe.close()
+
+
+def idleLimit(
+    pipeSize: int = PIPE_SIZE,
+    maxIdle: int = POOL_MAX_IDLE,
+    privileged: bool | None = None,
+    quotaPath: str = "/proc/sys/fs/pipe-user-pages-soft",
+) -> int:
+    """
+    How many empty pipes a pool may keep without starving the user's pipes.
+
+    Linux charges the pipe buffers of an unprivileged user to a quota
+    (C{fs.pipe-user-pages-soft}, 64 MiB by default) shared by all its
+    processes; over it, new pipes get one or two pages and no bigger size.
+    So an unprivileged proxy keeps at most a quarter of the quota in idle
+    pipes, leaving the rest to the pipes tunnels borrow, and to the other
+    workers.
+
+    @param pipeSize: The size of each pipe.
+    @param maxIdle: The most to keep, quota or not.
+    @param privileged: Whether the quota does not apply (root); by default,
+        whether the effective user is root.
+    @param quotaPath: Where the kernel tells the quota, in pages.
+    @return: How many to keep.
+    """
+    if privileged is None:
+        privileged = os.geteuid() == 0
+    if privileged:
+        return maxIdle
+    try:
+        with open(quotaPath) as f:
+            pages = int(f.read())
+    except (OSError, ValueError):
+        return maxIdle
+    if pages <= 0:
+        # No quota.
+        return maxIdle
+    return max(1, min(maxIdle, pages * mmap.PAGESIZE // 4 // pipeSize))
 
 
 #: The pool every L{SpliceRelay} uses unless given another.
@@ -388,6 +461,17 @@ class SpliceEnd:
         else:
             transport.stopReading()
             transport.stopWriting()
+
+    def recv(self, size: int) -> bytes:
+        """
+        Read bytes from the socket into Python.
+
+        @param size: The most to read.
+        @return: The bytes; empty at end of file.
+        @raise BlockingIOError: None are there now.
+        @raise OSError: The connection is gone.
+        """
+        return self._socket.recv(size)
 
     def send(self, data: bytes) -> int:
         """
@@ -726,17 +810,23 @@ class SpliceRelay(RelayLifecycle):
                 return moved
             readable = False
             pipe = self._borrow(flow)
-            if pipe is None:
-                return moved
             try:
-                n = os.splice(src.fd, pipe.writeFD, pipe.size, flags=_FLAGS)
+                if pipe is not None:
+                    n = os.splice(src.fd, pipe.writeFD, pipe.size, flags=_FLAGS)
+                    flow.inPipe += n
+                else:
+                    # No pipe to be had (out of descriptors): this read goes
+                    # through Python, as on the ordinary relay, rather than
+                    # end a tunnel that works.
+                    data = src.recv(_PYTHON_READ)
+                    flow.spill = data
+                    n = len(data)
             except BlockingIOError:
                 continue
             except OSError:
                 self._close(f"{src.side}-reset", abort=True)
                 return moved
             if n:
-                flow.inPipe += n
                 flow.moved += n
                 moved = True
             else:
@@ -750,8 +840,6 @@ class SpliceRelay(RelayLifecycle):
             try:
                 flow.pipe = self._pool.acquire()
             except OSError:
-                self._log.failure("No pipe for a spliced tunnel")
-                self._close(self._closing or "shutdown", abort=True)
                 return None
         return flow.pipe
 
@@ -775,8 +863,17 @@ class SpliceRelay(RelayLifecycle):
     # Ending.
 
     def _close(self, how: str | None, abort: bool, finished: bool = False) -> None:
+        if not (abort or finished) and any(
+            flow.inPipe or flow.spill for flow in (self._up, self._down)
+        ):
+            # A side closed by someone else while bytes were in flight: the
+            # pipes go back below, so those bytes cannot be delivered, and a
+            # clean FIN after them would pass a cut stream off as whole.
+            abort = True
         self._closing = how or "-"
         self._unwatchIdle()
+        if not (abort or finished):
+            self._startCloseDeadline()
         self._detach()
         for transport, isOpen in (
             (self._client, self._clientOpen),
