@@ -8,7 +8,7 @@ import errno
 import os
 import signal
 import stat
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
@@ -20,14 +20,26 @@ from twisted.internet.endpoints import (
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    formatEvent,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import provider
 
 from tunnel.tap import Options, makeService
-from tunnel.workers import WorkerSupervisor, inheritedPorts, workerArguments
+from tunnel.workers import (
+    WorkerSupervisor,
+    _WorkerProtocol,
+    formatWorkerRecord,
+    inheritedPorts,
+    workerArguments,
+)
 
 
 class WorkerArgumentsTests(SynchronousTestCase):
@@ -205,6 +217,98 @@ class RespawnTests(SynchronousTestCase):
         self.assertEqual(len(self.clock.spawned), 3)
 
 
+class WorkerLogTests(SynchronousTestCase):
+    """
+    A worker's log events reach the main process's log with their level and
+    their traceback.
+    """
+
+    def setUp(self) -> None:
+        self.events: list[LogEvent] = []
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            if event.get("log_namespace", "").startswith("tunnel.workers."):
+                self.events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.ended: list[int] = []
+        supervisor = cast(WorkerSupervisor, self)
+        self.protocol = _WorkerProtocol(supervisor, 3)
+
+    def workerEnded(self, protocol: Any, reason: Failure) -> None:
+        """
+        Stand in for the supervisor.
+        """
+        self.ended.append(protocol.number)
+
+    def test_levelsAndTracebacks(self) -> None:
+        """
+        Records cut anywhere between reads are put together again; each is
+        logged at the worker's level, with its namespace, and a failure's
+        traceback; what comes on standard error is passed on as warnings,
+        line by line.
+        """
+        try:
+            int("not a number")
+        except ValueError:
+            failure = Failure()
+        output = (
+            formatWorkerRecord(
+                {
+                    "log_level": LogLevel.info,
+                    "log_namespace": "tunnel.server",
+                    "log_format": "a {what}",
+                    "what": "line",
+                }
+            )
+            + formatWorkerRecord(
+                {
+                    "log_level": LogLevel.critical,
+                    "log_namespace": "twisted.internet.base",
+                    "log_format": "while calling from thread",
+                    "log_failure": failure,
+                }
+            )
+        ).encode()
+        for index in range(0, len(output), 7):
+            self.protocol.childDataReceived(1, output[index : index + 7])
+        self.protocol.childDataReceived(2, b"Traceback (most recent call last):\n  F")
+        self.protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        texts = [(e["log_level"], formatEvent(e)) for e in self.events]
+        self.assertEqual(texts[0], (LogLevel.info, "worker 3: [tunnel.server] a line"))
+        level, text = texts[1]
+        self.assertEqual(level, LogLevel.critical)
+        self.assertTrue(
+            text.startswith(
+                "worker 3: [twisted.internet.base] while calling from thread\n"
+                "Traceback (most recent call last):\n"
+            ),
+            text,
+        )
+        self.assertIn("ValueError: invalid literal", text)
+        self.assertEqual(
+            texts[2:],
+            [
+                (LogLevel.warn, "worker 3: [-] Traceback (most recent call last):"),
+                (LogLevel.warn, "worker 3: [-]   F"),
+            ],
+        )
+        self.assertEqual(self.ended, [3])
+
+    def test_unstructured(self) -> None:
+        """
+        Output on standard output that is not a record (a stray print) is
+        passed on as a warning, not lost.
+        """
+        self.protocol.childDataReceived(1, b"stray\x1e\n")
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in self.events],
+            [(LogLevel.warn, "worker 3: [-] stray")],
+        )
+
+
 class _Client(Protocol):
     def __init__(self) -> None:
         self.received = b""
@@ -236,7 +340,7 @@ class SupervisorTests(TestCase):
             self.events.append(event)
             text = event.get("log_format") or ""
             for waiter in list(self.waiting):
-                if waiter[0] in text or waiter[0] in str(event.get("line", "")):
+                if waiter[0] in text or waiter[0] in str(event.get("text", "")):
                     self.waiting.remove(waiter)
                     waiter[1].callback(None)
 
@@ -419,5 +523,5 @@ class SupervisorTests(TestCase):
         yield client.lost
         yield stopped
         self.assertEqual(
-            [e for e in self.events if "critical" in str(e.get("line", ""))], []
+            [e for e in self.events if e["log_level"] == LogLevel.critical], []
         )

@@ -12,6 +12,7 @@ tagged with the worker's number.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -26,11 +27,22 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReadDescriptor
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import (
+    InvalidLogLevelError,
+    LogEvent,
+    Logger,
+    LogLevel,
+    formatEvent,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["WorkerSupervisor", "adoptListeningSocket", "workerArguments"]
+__all__ = [
+    "WorkerSupervisor",
+    "adoptListeningSocket",
+    "formatWorkerRecord",
+    "workerArguments",
+]
 
 #: Options that belong to the main process only.
 _MAIN_ONLY = {"--workers", "--listen", "--metrics"}
@@ -159,10 +171,33 @@ _STEADY_AFTER = 10.0
 _MAX_RESPAWN_DELAY = 60.0
 
 
+def formatWorkerRecord(event: LogEvent) -> str:
+    """
+    Format a worker's log event for the main process, which adds the time
+    and the worker's number: its level, namespace and text (with the
+    traceback of a failure), ended by a record separator, since a text may
+    span lines.
+
+    @param event: The event.
+    @return: The record.
+    """
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback().rstrip("\n")
+    level = event.get("log_level", LogLevel.info)
+    return f"{level.name}\t{event.get('log_namespace', '-')}\t{text}{_RECORD_END}\n"
+
+
+_RECORD_END = "\x1e"
+
+
 class _WorkerProtocol(ProcessProtocol):
     """
-    Passes a worker's output on to the log, line by line, and tells the
-    supervisor when it ends.
+    Passes a worker's log records on to the log, each at its own level, and
+    tells the supervisor when the worker ends.  Anything else the worker
+    writes (to standard error, say, before its logging starts) is passed on
+    line by line, as a warning.
     """
 
     _log = Logger(namespace="tunnel.workers")
@@ -170,22 +205,42 @@ class _WorkerProtocol(ProcessProtocol):
     def __init__(self, supervisor: WorkerSupervisor, number: int) -> None:
         self._supervisor = supervisor
         self.number = number
-        self._partial = b""
+        self._partial: dict[int, bytes] = {}
         self.ended: Deferred[None] = Deferred()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self._log.info(
-                "worker {number}: {line}",
-                number=self.number,
-                line=line.decode("utf-8", "replace"),
-            )
+        separator = _RECORD_END.encode() if childFD == 1 else b"\n"
+        pieces = (self._partial.pop(childFD, b"") + data).split(separator)
+        partial = pieces.pop()
+        if partial:
+            self._partial[childFD] = partial
+        for piece in pieces:
+            self._pass(piece.decode("utf-8", "replace").lstrip("\n"), childFD == 1)
+
+    def _pass(self, record: str, structured: bool) -> None:
+        if not record:
+            return
+        level, namespace, text = LogLevel.warn, "-", record
+        if structured:
+            fields = record.split("\t", 2)
+            with contextlib.suppress(ValueError, InvalidLogLevelError):
+                level, namespace, text = (
+                    LogLevel.levelWithName(fields[0]),
+                    fields[1],
+                    fields[2],
+                )
+        self._log.emit(
+            level,
+            "worker {number}: [{workerNamespace}] {text}",
+            number=self.number,
+            workerNamespace=namespace,
+            text=text,
+        )
 
     def processEnded(self, reason: Failure) -> None:
-        if self._partial:
-            self.childDataReceived(1, b"\n")
+        for fd, partial in sorted(self._partial.items()):
+            self._pass(partial.decode("utf-8", "replace").strip("\n"), fd == 1)
+        self._partial.clear()
         self._supervisor.workerEnded(self, reason)
         self.ended.callback(None)
 
@@ -400,22 +455,12 @@ def _workerMain(argv: list[str]) -> None:
     # signal's default action would kill a worker still starting.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     from twisted.internet import reactor
-    from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
+    from twisted.logger import FileLogObserver, globalLogBeginner
 
     from .tap import Options, makeWorkerService
 
-    # The main process adds the time and the worker's number to each line.
     globalLogBeginner.beginLoggingTo(
-        [
-            FileLogObserver(
-                sys.stdout,
-                lambda event: "[{}#{}] {}\n".format(
-                    event.get("log_namespace", "-"),
-                    event["log_level"].name,
-                    formatEvent(event),
-                ),
-            )
-        ],
+        [FileLogObserver(sys.stdout, formatWorkerRecord)],
         redirectStandardIO=False,
     )
     options = Options()
