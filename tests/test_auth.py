@@ -348,6 +348,42 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         [result] = results
         return result
 
+    def test_failuresTakeAsLong(self) -> None:
+        """
+        Every failed check takes at least as long as checking the dummy hash
+        (or the slowest failure yet): a wrong password for a cheap entry
+        waits out the rest, so that it answers no faster than an unknown
+        user; a successful check does not wait.
+        """
+        now = [100.0]
+        slept: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            slept.append(round(seconds, 6))
+
+        def monotonic() -> float:
+            # Each bcrypt check takes 0.025 s on this clock (read before and
+            # after it).
+            now[0] += 0.025
+            return now[0]
+
+        self.patch(self.checker, "_monotonic", monotonic)
+        self.patch(self.checker, "_sleep", sleep)
+        self.checker._failureTime = 0.2
+        self.check(b"alice", b"s3:cret")
+        self.assertEqual(slept, [])
+        self.check(b"alice", b"wrong")
+        self.check(b"nobody", b"wrong")
+        self.assertEqual(slept, [0.175, 0.175])
+        # An entry that takes 0.5 s (costlier than the dummy) raises the
+        # floor for the failures after it.
+        ticks = iter([0.0, 0.5, 1.0, 1.1])
+        self.patch(self.checker, "_monotonic", lambda: next(ticks))
+        self.check(b"bob", b"wrong")
+        self.assertEqual(self.checker._failureTime, 0.5)
+        self.check(b"alice", b"wrong")
+        self.assertEqual(slept, [0.175, 0.175, 0.4])
+
     def test_valid(self) -> None:
         """
         The right password gives the user name, verified in the thread pool.

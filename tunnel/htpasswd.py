@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -32,16 +33,21 @@ __all__ = ["HtpasswdChecker", "HtpasswdError", "parseHtpasswd"]
 _BCRYPT = re.compile(rb"\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
 
 
-def _dummyHash(entries: dict[bytes, bytes]) -> bytes:
+def _dummyHash(entries: dict[bytes, bytes]) -> tuple[bytes, float]:
     """
     A hash to check unknown users against, as costly as the file's most
     costly entry, so that a missing user takes as long as a wrong password
     and timing does not tell which user names exist.
+
+    @return: The hash, and how many seconds making it took: about what one
+        check against it takes.
     """
     costs = [int(hashed[4:6]) for hashed in entries.values() if hashed[4:6].isdigit()]
     # Capped: this runs on the reactor thread, at start-up and on reload.
     cost = min(max(costs, default=10), 13)
-    return bcrypt.hashpw(b"tunnel-dummy-password", bcrypt.gensalt(max(cost, 4)))
+    started = time.monotonic()
+    hashed = bcrypt.hashpw(b"tunnel-dummy-password", bcrypt.gensalt(max(cost, 4)))
+    return hashed, time.monotonic() - started
 
 
 class HtpasswdError(ValueError):
@@ -94,6 +100,9 @@ class HtpasswdChecker:
 
     credentialInterfaces = (IUsernamePassword,)
     _log = Logger()
+    # What _verify measures and waits with (tests put in their own).
+    _monotonic = staticmethod(time.monotonic)
+    _sleep = staticmethod(time.sleep)
 
     def __init__(
         self,
@@ -119,7 +128,7 @@ class HtpasswdChecker:
         self._cache: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
         self._stamp = fileStamp(path)
         self._entries = self._load()
-        self._dummy = _dummyHash(self._entries)
+        self._dummy, self._failureTime = _dummyHash(self._entries)
 
     def _load(self) -> dict[bytes, bytes]:
         try:
@@ -144,12 +153,34 @@ class HtpasswdChecker:
             )
             return
         self._cache.clear()
-        self._dummy = _dummyHash(self._entries)
+        self._dummy, dummyTime = _dummyHash(self._entries)
+        self._failureTime = max(self._failureTime, dummyTime)
         self._log.info(
             "Reloaded {count} users from {path}",
             count=len(self._entries),
             path=self._path,
         )
+
+    def _verify(self, password: bytes, hashed: bytes) -> bool:
+        """
+        Check C{password} against C{hashed}, in a pool thread.  A failure
+        takes at least as long as the slowest failure yet (or the dummy
+        hash's making): the file's entries may have different costs, and a
+        wrong password for a cheap entry must not answer faster than an
+        unknown user does.
+        """
+        started = self._monotonic()
+        if bcrypt.checkpw(password, hashed):
+            return True
+        spent = self._monotonic() - started
+        if spent > 1.5 * self._failureTime:
+            # An entry costlier than the dummy (each cost step doubles the
+            # time; less is noise): the floor for every later failure.  The
+            # first such failure cannot be hidden.
+            self._failureTime = spent
+        elif spent < self._failureTime:
+            self._sleep(self._failureTime - spent)
+        return False
 
     def requestAvatarId(
         self, credentials: IUsernamePassword
@@ -177,7 +208,7 @@ class HtpasswdChecker:
         d = deferToThreadPool(
             self._reactor,
             self._reactor.getThreadPool(),
-            bcrypt.checkpw,
+            self._verify,
             password,
             hashed if hashed is not None else self._dummy,
         )
