@@ -393,3 +393,13 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual((denial.status, denial.reason), (403, "client"))
         self.assertIn("--allow-from", denial.detail)
         self.assertIsNotNone(policy.checkClient(None))
+
+    def test_allowFromOnlyMappedIPv4(self) -> None:
+        """
+        An IPv4 C{--allow-from} rule admits the IPv4-mapped form of its
+        addresses, but not IPv6 clients whose addresses only carry those
+        IPv4 bits (6to4, NAT64, IPv4-compatible): they are other hosts.
+        """
+        policy = TunnelPolicy.fromStrings(allowFrom=["192.0.2.0/24"])
+        for text in ["2002:c000:201::1", "64:ff9b::c000:201", "::c000:201"]:
+            self.assertIsNotNone(policy.checkClient(ipaddress.ip_address(text)), text)

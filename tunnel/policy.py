@@ -427,9 +427,13 @@ class TunnelPolicy:
             return None
         if client is not None:
             candidates: list[IPAddress] = [client]
-            embedded = embeddedIPv4(client)
-            if embedded is not None:
-                candidates.append(embedded)
+            # Only the IPv4-mapped form is an IPv4 client (as a dual-stack
+            # socket reports one); a 6to4 or NAT64 source is an IPv6 host
+            # whose address merely carries IPv4 bits, and no IPv4 rule
+            # should admit it.
+            mapped = getattr(client, "ipv4_mapped", None)
+            if mapped is not None:
+                candidates.append(mapped)
             for candidate in candidates:
                 for network in self.allowFrom:
                     if candidate.version == network.version and candidate in network:
