@@ -302,6 +302,10 @@ class DestinationRuleTests(SynchronousTestCase):
             denyTo=["127.0.0.0/8", "::1"],
         )
         for address in ["0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0"]:
+            self.assertEqual(
+                policy.addressDenial(address, 80).detail,
+                f"{address} is the unspecified address, never a destination.",
+            )
             self.assertFalse(allowed(policy, address), address)
             self.assertFalse(allowed(OPEN_POLICY, address), address)
             self.assertTrue(isUnspecified(ipaddress.ip_address(address)), address)

@@ -159,7 +159,8 @@ class ParseConnectHeadTests(SynchronousTestCase):
         """
         A Host field value that is not C{uri-host [":" port]} gets 400 (RFC
         9112 section 3.2); any valid one is accepted, empty included, even
-        if it differs from the target.
+        if it differs from the target, and so is the unbracketed IPv6
+        address (and port) that Python's http.client 3.12+ sends.
         """
         for value in [b"a b@c", b"[::1", b"x/y?z", b"h:p:q", b"a@b", b"h:80:"]:
             rejected = self.assertRaises(
@@ -176,6 +177,8 @@ class ParseConnectHeadTests(SynchronousTestCase):
             b"a.example:",
             b"[::1]:8",
             b"x_y%41",
+            b"::1:443",
+            b"2001:db8::1",
         ]:
             parse(b"CONNECT a.example:443 HTTP/1.1\r\nHost: " + value)
 

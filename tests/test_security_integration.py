@@ -631,9 +631,9 @@ class FailedLoginTests(SecurityTestCase):
         ]
         for peer in attackers:
             yield self.connectFrom(proxy.port, peer)
-        badHead = authHead(authority, USER, "wrong password")
-        for peer in attackers:
-            peer.tcp.write(badHead)
+        # Each a different guess: identical ones would share one check.
+        for number, peer in enumerate(attackers):
+            peer.tcp.write(authHead(authority, USER, f"wrong password {number}"))
         # Every bad login has reached the checker: 100 bcrypt checks are
         # queued or running.
         yield checker.waitAsked(101)

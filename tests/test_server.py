@@ -13,6 +13,7 @@ from twisted.cred.checkers import (
     InMemoryUsernamePasswordDatabaseDontUse,
 )
 from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.address import HostnameAddress, IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import (
@@ -1126,6 +1127,26 @@ class BrokenChecker:
         return fail(ZeroDivisionError())
 
 
+class PendingChecker:
+    """
+    A checker that answers when the test says so.
+
+    @ivar pending: The Deferreds of the checks asked for, in order.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Any]] = []
+
+    def requestAvatarId(self, credentials: object) -> Deferred[Any]:
+        """
+        Answer later.
+        """
+        self.pending.append(Deferred())
+        return self.pending[-1]
+
+
 class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
     """
     C{Proxy-Authorization} through a cred portal.
@@ -1186,6 +1207,30 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         for event in self.events:
             self.assertNotIn("wrong", formatEvent(event).replace("wrong user", ""))
             self.assertNotIn(base64.b64encode(b"alice:wrong").decode(), repr(event))
+
+    def test_sameCredentialsCheckedOnce(self) -> None:
+        """
+        Many connections that send the same credentials at once share one
+        check (the failed-login limit counts them as one attempt in flight,
+        so each must not start a costly check of its own); every one gets
+        the answer, and each failure still counts.
+        """
+        checker = PendingChecker()
+        self.factory.portal = portalFromCheckers([checker])
+        clients = []
+        for _ in range(20):
+            proxy, client = self.connectClient()
+            proxy.dataReceived(basicHead(b"alice:guess"))
+            clients.append(client)
+        self.assertEqual(len(checker.pending), 1)
+        checker.pending[0].errback(UnauthorizedLogin())
+        for client in clients:
+            self.assertTrue(client.value().startswith(b"HTTP/1.1 407 "))
+        self.assertEqual(self.factory._logins, {})
+        proxy, client = self.connectClient()
+        proxy.dataReceived(basicHead(b"alice:another"))
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 429 "))
+        self.assertEqual(len(checker.pending), 1)
 
     def test_userNameEscapedInLog(self) -> None:
         """

@@ -1196,8 +1196,9 @@ class PipePoolTests(SynchronousTestCase):
     def test_idleLimit(self) -> None:
         """
         Root keeps up to C{maxIdle} empty pipes; another user at most a
-        quarter of its pipe quota (C{fs.pipe-user-pages-soft}), and at least
-        one; no quota (0) or no way to read it means no limit of its own.
+        quarter of its pipe quota (C{fs.pipe-user-pages-soft}), shared by
+        its processes, and at least one; no quota (0) or no way to read it
+        means no limit of its own.
         """
         quota = self.mktemp()
 
@@ -1209,6 +1210,11 @@ class PipePoolTests(SynchronousTestCase):
         pagesPerMiB = (1 << 20) // mmap.PAGESIZE
         self.assertEqual(idleLimit(1 << 20, 64, privileged=True), 64)
         self.assertEqual(limit(str(64 * pagesPerMiB)), 16)
+        with open(quota, "w") as f:
+            f.write(str(64 * pagesPerMiB))
+        self.assertEqual(
+            idleLimit(1 << 20, 64, privileged=False, quotaPath=quota, processes=4), 4
+        )
         self.assertEqual(limit(str(64 * pagesPerMiB), 1 << 16), 64)
         self.assertEqual(limit("1"), 1)
         self.assertEqual(limit("0"), 64)

@@ -173,6 +173,19 @@ class MakeServiceTests(SynchronousTestCase):
         makeService(parse(), reactor)
         self.assertIn((gc.freeze, (), {}), reactor.whenRunningHooks)
 
+    def test_workerOf(self) -> None:
+        """
+        A worker told it is one of N (the internal C{--worker-of}) makes its
+        pipe pool share the user's pipe quota N ways; alone, it has it all.
+        """
+        from tunnel import splice
+
+        for argv, processes in [((), 1), (("--worker-of", "4"), 4)]:
+            self.patch(splice, "defaultPool", splice.PipePool())
+            makeService(parse(*argv), MemoryReactorClock())
+            self.assertEqual(splice.defaultPool.processes, processes)
+        self.assertRaises(UsageError, parse, "--worker-of", "0")
+
     def test_bindFailureIsFatal(self) -> None:
         """
         A listener that cannot bind makes start-up fail instead of running
@@ -554,6 +567,13 @@ class UpstreamOptionsTests(SynchronousTestCase):
         e = self.assertRaises(UsageError, parse, "--access-log", "-", "--workers", "2")
         self.assertIn("--workers", str(e))
         parse("--access-log", "-")
+        e = self.assertRaises(UsageError, parse, "--access-log", ".")
+        self.assertIn("directory", str(e))
+        # Checked without creating it (created as root before -u drops
+        # privileges, the workers could not open it).
         path = self.mktemp()
         parse("--access-log", path)
-        self.assertTrue(os.path.exists(path))
+        self.assertFalse(os.path.exists(path))
+        with open(path, "w"):
+            pass
+        parse("--access-log", path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import stat
 from typing import Any, cast
 
@@ -36,6 +37,7 @@ from tunnel.tap import Options, makeService
 from tunnel.workers import (
     WorkerSupervisor,
     _WorkerProtocol,
+    adoptListeningSocket,
     formatWorkerRecord,
     inheritedPorts,
     workerArguments,
@@ -159,6 +161,12 @@ class _SpawningClock(Clock):
         self.spawned.append(protocol)
         return _FakeProcess(len(self.spawned))
 
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        """
+        Call at once (as the reactor would soon).
+        """
+        f(*args)
+
 
 class RespawnTests(SynchronousTestCase):
     """
@@ -182,23 +190,50 @@ class RespawnTests(SynchronousTestCase):
     def test_backOffWhileFailingAtStart(self) -> None:
         """
         A worker that keeps ending soon after it starts is replaced after
-        2, 4, 8... seconds, up to a minute, not every second; once one has
-        run a while, the next is replaced after a second again.
+        1, then 2, 4, 8... seconds, up to a minute, not every second; once
+        one has run a while, the next is replaced after a second again.
         """
         delays = []
         for _ in range(8):
             self.end(0)
             self.assertNotIn(0, self.supervisor.workers)
             started = self.clock.seconds()
-            while 0 not in self.supervisor.workers:
+            for _ in range(120):
+                if 0 in self.supervisor.workers:
+                    break
                 self.clock.advance(1)
+            self.assertIn(0, self.supervisor.workers)
             delays.append(self.clock.seconds() - started)
-        self.assertEqual(delays, [2, 4, 8, 16, 32, 60, 60, 60])
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 32, 60, 60])
         self.clock.advance(10)
         self.end(0)
         self.clock.advance(1)
         self.assertIn(0, self.supervisor.workers)
         self.assertIn(1, self.supervisor.workers)
+
+    def test_usr1OnlyToReadyWorkers(self) -> None:
+        """
+        SIGUSR1 goes only to workers that have logged a record, that is,
+        that ignore it by now: before that, its default action would kill a
+        worker still starting.  SIGTERM goes to every worker.
+        """
+        # Whatever handler was there before is not this test's business
+        # (but is put back when the supervisor stops).
+        previous, self.supervisor._previousUSR1 = self.supervisor._previousUSR1, None
+        self.supervisor._onUSR1(signal.SIGUSR1, None)
+        self.supervisor._previousUSR1 = previous
+        self.supervisor._protocols[1].childDataReceived(
+            1,
+            formatWorkerRecord(
+                {"log_level": LogLevel.info, "log_namespace": "x", "log_format": "up"}
+            ).encode(),
+        )
+        self.supervisor.signalWorkers(signal.SIGUSR1, readyOnly=True)
+        self.supervisor.signalWorkers(signal.SIGTERM)
+        self.assertEqual(
+            [process.signals for process in self.supervisor.workers.values()],
+            [[signal.SIGTERM], [signal.SIGUSR1, signal.SIGTERM]],
+        )
 
     def test_spawnFailureRetried(self) -> None:
         """
@@ -473,6 +508,38 @@ class SupervisorTests(TestCase):
             yield client.lost
         yield supervisor.stopService()
         self.assertFalse(os.path.exists(path))
+
+    @inlineCallbacks
+    def test_sharedUNIXPortLeavesTheSocketAlone(self) -> Any:
+        """
+        A worker's copy of a UNIX listening socket changes nothing of it:
+        no chmod (which fails for a worker that C{-u} made another user
+        than the socket's owner), and stopping it neither removes the path
+        nor stops the listening for the others.
+        """
+        path = self.mktemp()
+        owner = cast(Any, reactor).listenUNIX(
+            path, ServerFactory.forProtocol(Protocol), mode=0o600
+        )
+        self.addCleanup(owner.stopListening)
+
+        def notTheOwner(*args: object) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        self.patch(os, "chmod", notTheOwner)
+        port = adoptListeningSocket(
+            reactor,
+            owner.fileno(),
+            socket.AF_UNIX,
+            ServerFactory.forProtocol(Protocol),
+        )
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        yield port.stopListening()
+        self.assertTrue(os.path.exists(path))
+        client = _Client()
+        yield connectProtocol(UNIXClientEndpoint(reactor, path), client)
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        yield client.lost
 
     @inlineCallbacks
     def test_workerLeavesWithItsSupervisor(self) -> Any:

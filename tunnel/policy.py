@@ -493,7 +493,14 @@ class TunnelPolicy:
         # The policy may have refused by default or by a --deny-to rule;
         # name both, since --deny-to wins.
         hint = f"see --allow-to {host}, unless a --deny-to rule covers it"
-        if parseAddress(host) is not None:
+        literal = parseAddress(host)
+        if literal is not None and isUnspecified(literal):
+            return Denial(
+                403,
+                f"{host} is the unspecified address, never a destination.",
+                "address",
+            )
+        if literal is not None:
             detail = f"{host} is in a range this proxy may not reach ({hint})."
         else:
             detail = (

@@ -46,6 +46,10 @@ _PORT = re.compile(r"[0-9]{1,5}\Z")
 _HOST_VALUE = re.compile(
     rb"(?:\[[0-9A-Za-z:.%_~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)"
     rb"(?::[0-9]*)?\Z"
+    # Python's http.client (3.12 and later) writes an IPv6 target without
+    # its brackets (Host: ::1:443): unambiguous enough, and the value is
+    # not used, so it is let through rather than refuse that client.
+    rb"|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\Z"
 )
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet.defer import CancelledError, Deferred
@@ -501,7 +502,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             credentials.username + b"\0" + credentials.password
         ).digest()
         factory.damper.checking(self._clientKey, self._attempt)
-        login = portal.login(credentials, None, IProxyUser)
+        login = factory.login(credentials, self._attempt)
         login.addCallbacks(self._authenticated, self._authenticationFailed)
 
     def _authenticated(self, result: tuple[Any, ProxyUser, Any]) -> None:
@@ -1008,6 +1009,7 @@ class ConnectProxyFactory(Factory):
         self.awaitingHeader = 0
         self.lingeringRefusals = 0
         self.maxLingeringRefusals = MAX_LINGERING_REFUSALS
+        self._logins: dict[bytes, list[Deferred[tuple[Any, ProxyUser, Any]]]] = {}
         self.draining = False
         self._drained: list[Deferred[None]] = []
         self._open = 0
@@ -1066,6 +1068,39 @@ class ConnectProxyFactory(Factory):
                 [(b"Retry-After", b"1")],
             )
         return None
+
+    def login(
+        self, credentials: UsernamePassword, attempt: bytes
+    ) -> Deferred[tuple[Any, ProxyUser, Any]]:
+        """
+        Check C{credentials} through the portal.  A check of the same
+        credentials still running is joined rather than started again: the
+        failed-login limit counts such checks once, so without this one
+        client could queue any number of (costly) checks of one guess.
+
+        @param credentials: What the client sent.
+        @param attempt: Names C{credentials} (a digest of them).
+        @return: Fires with the portal's login result, or fails with its
+            failure.
+        """
+        assert self.portal is not None
+        result: Deferred[tuple[Any, ProxyUser, Any]] = Deferred()
+        waiting = self._logins.get(attempt)
+        if waiting is not None:
+            waiting.append(result)
+            return result
+        waiting = self._logins[attempt] = [result]
+
+        def fire(outcome: object) -> None:
+            del self._logins[attempt]
+            for waiter in waiting:
+                if isinstance(outcome, Failure):
+                    waiter.errback(outcome)
+                else:
+                    waiter.callback(outcome)  # type: ignore[arg-type]
+
+        self.portal.login(credentials, None, IProxyUser).addBoth(fire)
+        return result
 
     def drain(self, timeout: float) -> Deferred[None]:
         """

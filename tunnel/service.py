@@ -64,12 +64,14 @@ class ProxyService(MultiService):
         Add the observers, then start the listeners.
         """
         self.factory.tunnelObservers.extend(self.observers)
+        super().startService()
         if self._reactor is not None:
             # Installed even without an access log: SIGUSR1 is what
             # logrotate and "systemctl reload" send, and its default action
-            # would end the process and every tunnel in it.
+            # would end the process and every tunnel in it.  Installed once
+            # the listeners started: a service that failed to start is
+            # never stopped, and must not leave its handler behind.
             self._previousUSR1 = signal.signal(signal.SIGUSR1, self._onUSR1)
-        super().startService()
 
     def _onUSR1(self, signum: int, frame: Any) -> None:
         # Signal handlers may run at any point; do the work on the reactor.

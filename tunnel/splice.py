@@ -197,6 +197,8 @@ class PipePool:
     @ivar maxIdle: How many empty pipes are kept.
     @ivar opened: How many pipes of this pool are open now, lent or idle.
     @ivar short: Whether the last attempt to make a pipe failed.
+    @ivar processes: How many processes (C{--workers}) have such a pool
+        under the same user: they share its pipe quota (see L{idleLimit}).
     """
 
     _log = Logger(namespace="tunnel")
@@ -213,6 +215,7 @@ class PipePool:
         self.maxIdle = maxIdle
         self.opened = 0
         self.short = False
+        self.processes = 1
         # The largest size a pipe was given: what pipeSize comes to here.
         self._fullSize = 0
         self._idle: list[Pipe] = []
@@ -278,7 +281,7 @@ class PipePool:
             the next new pipe may have the full size.
         """
         if self.maxIdle is None:
-            self.maxIdle = idleLimit(self.pipeSize)
+            self.maxIdle = idleLimit(self.pipeSize, processes=self.processes)
         if empty and len(self._idle) < self.maxIdle and pipe.size >= self._fullSize:
             self._idle.append(pipe)
         else:
@@ -300,6 +303,7 @@ def idleLimit(
     maxIdle: int = POOL_MAX_IDLE,
     privileged: bool | None = None,
     quotaPath: str = "/proc/sys/fs/pipe-user-pages-soft",
+    processes: int = 1,
 ) -> int:
     """
     How many empty pipes a pool may keep without starving the user's pipes.
@@ -308,14 +312,15 @@ def idleLimit(
     (C{fs.pipe-user-pages-soft}, 64 MiB by default) shared by all its
     processes; over it, new pipes get one or two pages and no bigger size.
     So an unprivileged proxy keeps at most a quarter of the quota in idle
-    pipes, leaving the rest to the pipes tunnels borrow, and to the other
-    workers.
+    pipes, all its processes together, leaving the rest to the pipes
+    tunnels borrow.
 
     @param pipeSize: The size of each pipe.
     @param maxIdle: The most to keep, quota or not.
     @param privileged: Whether the quota does not apply (root); by default,
         whether the effective user is root.
     @param quotaPath: Where the kernel tells the quota, in pages.
+    @param processes: How many processes of the user keep such pools.
     @return: How many to keep.
     """
     if privileged is None:
@@ -330,7 +335,7 @@ def idleLimit(
     if pages <= 0:
         # No quota.
         return maxIdle
-    return max(1, min(maxIdle, pages * mmap.PAGESIZE // 4 // pipeSize))
+    return max(1, min(maxIdle, pages * mmap.PAGESIZE // 4 // processes // pipeSize))
 
 
 #: The pool every L{SpliceRelay} uses unless given another.
@@ -528,8 +533,9 @@ class _Flow:
     @ivar dst: Where they go.
     @ivar pipe: The pipe borrowed while bytes are in flight.
     @ivar inPipe: Bytes in the pipe.
-    @ivar spill: Bytes that Twisted read (or was given to write) before the
-        relay started, waiting for the destination socket to take them.
+    @ivar spill: Bytes held in Python, waiting for the destination socket
+        to take them: what Twisted read (or was given to write) before the
+        relay started, or, while no pipe can be had, one read of the source.
     @ivar moved: Bytes that entered this direction.
     @ivar eof: Whether the source sent FIN.
     @ivar done: Whether the FIN was passed on to the destination.
@@ -655,8 +661,9 @@ class SpliceRelay(RelayLifecycle):
     def pythonBytes(self) -> tuple[int, int]:
         """
         @return: The bytes this relay holds in Python now, upstream and
-            downstream: only what Twisted had read or was given to write
-            before the relay started, until the destination socket takes it.
+            downstream: what Twisted had read or was given to write before
+            the relay started, or while no pipe can be had one read (64 KiB
+            at most) a direction, until the destination socket takes it.
         """
         return len(self._up.spill), len(self._down.spill)
 

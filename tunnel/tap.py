@@ -23,6 +23,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
+from . import splice
 from .accesslog import AccessLogObserver
 from .auth import checkRealm, portalFromCheckers
 from .htpasswd import HtpasswdError
@@ -251,6 +252,7 @@ class Options(usage.Options, AuthOptionMixin):
         for name in _REPEATED:
             self[name] = []
         self["inherit-fd"] = []
+        self["worker-of"] = 1
         self.argv: list[str] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -268,6 +270,15 @@ class Options(usage.Options, AuthOptionMixin):
         FD:FAMILY.
         """
         self["inherit-fd"].append(value)
+
+    def opt_worker_of(self, value: str) -> None:
+        """
+        Internal (used by --workers): this process is one of N workers.
+        """
+        try:
+            self["worker-of"] = _number(int, 1, 64)(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--worker-of {value}: {e}") from None
 
     def _repeated(self, name: str, value: str) -> None:
         check = _REPEATED[name]
@@ -415,7 +426,8 @@ class Options(usage.Options, AuthOptionMixin):
         """
         Check that the access log can be written, so that a mistake is a
         usage error now rather than a traceback (or, with C{--workers}, a
-        worker failing over and over).
+        worker failing over and over).  As root, before C{-u} drops
+        privileges, this cannot tell what the C{-u} user may write.
         """
         path = self["access-log"]
         if path is None:
@@ -428,11 +440,20 @@ class Options(usage.Options, AuthOptionMixin):
                     "process; give a file"
                 )
             return
-        try:
-            with open(path, "a", encoding="utf-8"):
-                pass
-        except OSError as e:
-            raise usage.UsageError(f"--access-log: {e}") from None
+        # Checked without creating the file: made here, before twistd drops
+        # privileges (-u), it would belong to root, and the workers that
+        # run as the -u user could not open it.
+        if os.path.isdir(path):
+            raise usage.UsageError(f"--access-log: {path} is a directory")
+        if os.path.exists(path):
+            writable = os.access(path, os.W_OK)
+        else:
+            directory = os.path.dirname(path) or "."
+            writable = os.path.isdir(directory) and os.access(
+                directory, os.W_OK | os.X_OK
+            )
+        if not writable:
+            raise usage.UsageError(f"--access-log: cannot write {path}")
 
 
 # twisted.python.usage prints an option method's docstring as it is, line
@@ -591,6 +612,8 @@ def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
     @return: The service.
     """
     factory = makeFactory(options, reactor)
+    # The workers' idle pipes share one user's pipe quota.
+    splice.defaultPool.processes = options["worker-of"]
     # Everything made while starting (modules, options, the factory) lives
     # as long as the process: keep it out of the cyclic collector's way, or
     # each full collection walks it again and stalls handshakes (the p99).

@@ -16,7 +16,6 @@ import contextlib
 import os
 import signal
 import socket
-import stat
 import sys
 from typing import Any
 
@@ -130,9 +129,20 @@ class _SharedUNIXPort(unix.Port):
     _shouldShutdown = False
 
     def startListening(self) -> None:
-        if unix._inFilesystemNamespace(self._bindPath):
-            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
-        super().startListening()
+        # unix.Port.startListening for an adopted socket, less its chmod:
+        # besides undoing mode=, it fails (EPERM) for a worker that -u made
+        # another user than the socket's owner.
+        tcp._reservedFD.reserve()
+        # Twisted's own attributes, typed for the ports it makes itself.
+        port: Any = self
+        port.factory.doStart()
+        listening, port._preexistingSocket = port._preexistingSocket, None
+        listening.listen(self.backlog)
+        port.connected = True
+        port.socket = listening
+        port.fileno = listening.fileno
+        port.numberAccepts = 100
+        self.startReading()
 
     def connectionLost(self, reason: Failure) -> None:
         # tcp.Port's, skipping unix.Port's unlink (the lock file, which
@@ -207,6 +217,8 @@ class _WorkerProtocol(ProcessProtocol):
         self.number = number
         self._partial: dict[int, bytes] = {}
         self.ended: Deferred[None] = Deferred()
+        # A worker writes log records only once it ignores SIGUSR1.
+        self.ready = False
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         separator = _RECORD_END.encode() if childFD == 1 else b"\n"
@@ -223,12 +235,13 @@ class _WorkerProtocol(ProcessProtocol):
         level, namespace, text = LogLevel.warn, "-", record
         if structured:
             fields = record.split("\t", 2)
-            with contextlib.suppress(ValueError, InvalidLogLevelError):
+            with contextlib.suppress(ValueError, IndexError, InvalidLogLevelError):
                 level, namespace, text = (
                     LogLevel.levelWithName(fields[0]),
                     fields[1],
                     fields[2],
                 )
+                self.ready = True
         self._log.emit(
             level,
             "worker {number}: [{workerNamespace}] {text}",
@@ -319,15 +332,24 @@ class WorkerSupervisor(Service):
             self._spawn(number)
 
     def _onUSR1(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self.signalWorkers, signal.SIGUSR1)
+        self._reactor.callFromThread(self.signalWorkers, signal.SIGUSR1, True)
         if callable(self._previousUSR1):
             self._previousUSR1(signum, frame)
 
-    def signalWorkers(self, signum: int) -> None:
+    def signalWorkers(self, signum: int, readyOnly: bool = False) -> None:
         """
         Send C{signum} to every worker.
+
+        @param signum: The signal.
+        @param readyOnly: Skip the workers that have not logged anything
+            yet: until then a worker may not handle the signal (SIGUSR1's
+            default action would kill it), and it has opened no log to
+            reopen.
         """
-        for process in self.workers.values():
+        for number, process in self.workers.items():
+            protocol = self._protocols.get(number)
+            if readyOnly and not (protocol is not None and protocol.ready):
+                continue
             try:
                 process.signalProcess(signum)
             except Exception:
@@ -340,6 +362,7 @@ class WorkerSupervisor(Service):
             fd = port.fileno()  # type: ignore[attr-defined]
             childFDs[fd] = fd
             inherit += ["--inherit-fd", f"{fd}:{int(family)}"]
+        inherit += ["--worker-of", str(self._count)]
         protocol = _WorkerProtocol(self, number)
         argv = [
             sys.executable,
@@ -387,12 +410,8 @@ class WorkerSupervisor(Service):
         # A worker that keeps ending right after it starts (a file it
         # cannot read once privileges are dropped, say) is replaced less
         # and less often, up to once a minute, instead of every second.
-        return float(
-            min(
-                self._respawnDelay * 2 ** self._quickEnds.get(number, 0),
-                _MAX_RESPAWN_DELAY,
-            )
-        )
+        again = max(0, self._quickEnds.get(number, 0) - 1)
+        return float(min(self._respawnDelay * 2**again, _MAX_RESPAWN_DELAY))
 
     def _respawnIfRunning(self, number: int) -> None:
         self._respawns.pop(number, None)
