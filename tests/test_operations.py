@@ -33,7 +33,7 @@ from tunnel.accesslog import (
 )
 from tunnel.metrics import MetricsUnavailable, ProxyMetrics, metricsResource
 from tunnel.server import ConnectProxyFactory
-from tunnel.service import ProxyService
+from tunnel.service import ProxyService, StopOnSignals
 from tunnel.tap import Options
 
 EVENT: dict[str, Any] = {
@@ -463,6 +463,33 @@ class ServiceTests(TestCase):
         stopped = service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGUSR1), signal.SIG_DFL)
         return stopped
+
+
+class StopOnSignalsTests(SynchronousTestCase):
+    """
+    Tests for L{StopOnSignals}.
+    """
+
+    def test_stopsOnce(self) -> None:
+        """
+        SIGTERM and SIGINT stop the reactor once, however many arrive (a
+        second stop of a stopping reactor is a critical error in Twisted).
+        """
+        stops: list[None] = []
+        reactor = MemoryReactorClock()
+        reactor.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
+        reactor.stop = lambda: stops.append(None)  # type: ignore[method-assign]
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        stopping = StopOnSignals(reactor)
+        stopping.install()
+        self.assertEqual(signal.getsignal(signal.SIGTERM), stopping.onSignal)
+        self.assertEqual(signal.getsignal(signal.SIGINT), stopping.onSignal)
+        stopping.onSignal(signal.SIGTERM, None)
+        stopping.onSignal(signal.SIGTERM, None)
+        stopping.onSignal(signal.SIGINT, None)
+        self.assertEqual(len(stops), 1)
+        self.assertTrue(stopping.stopping)
 
 
 class _OneProtocol(Factory):

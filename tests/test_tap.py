@@ -173,6 +173,26 @@ class MakeServiceTests(SynchronousTestCase):
         makeService(parse(), reactor)
         self.assertIn((gc.freeze, (), {}), reactor.whenRunningHooks)
 
+    def test_stopOnSignals(self) -> None:
+        """
+        A single proxy process stops on SIGTERM or SIGINT once, however
+        many arrive (installed once the reactor runs); a worker installs
+        the same from its own entry point instead.
+        """
+        from tunnel.service import StopOnSignals
+
+        reactor = MemoryReactorClock()
+        makeService(parse(), reactor)
+        installs = [
+            f for f, _, _ in reactor.whenRunningHooks if f.__name__ == "install"
+        ]
+        self.assertEqual([type(f.__self__) for f in installs], [StopOnSignals])
+        worker = MemoryReactorClock()
+        makeService(parse("--inherit-fd", "5:2"), worker)
+        self.assertEqual(
+            [f for f, _, _ in worker.whenRunningHooks if f.__name__ == "install"], []
+        )
+
     def test_workerOf(self) -> None:
         """
         A worker told it is one of N (the internal C{--worker-of}) makes its

@@ -15,7 +15,50 @@ from twisted.logger import ILogObserver, Logger
 from .accesslog import AccessLogObserver
 from .server import ConnectProxyFactory
 
-__all__ = ["ProxyService"]
+__all__ = ["ProxyService", "StopOnSignals"]
+
+
+class StopOnSignals:
+    """
+    Stops the reactor on SIGTERM and SIGINT, once, however many arrive.
+
+    Twisted's own handlers stop the reactor again on a second signal, and
+    log the reactor's refusal as critical; a drain after SIGTERM easily
+    gets a second one ("systemctl stop" and Ctrl-C signal the whole process
+    group, and a C{--workers} supervisor passes SIGTERM on as well).
+
+    @ivar stopping: Whether the reactor was asked to stop.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        """
+        @param reactor: The reactor to stop.
+        """
+        self._reactor = reactor
+        self.stopping = False
+
+    def install(self) -> None:
+        """
+        Handle SIGTERM and SIGINT, in place of the reactor's own handlers
+        (so call it once the reactor runs).
+        """
+        signal.signal(signal.SIGTERM, self.onSignal)
+        signal.signal(signal.SIGINT, self.onSignal)
+
+    def stop(self) -> None:
+        """
+        Stop the reactor (draining, through the shutdown trigger), unless
+        that was done already.
+        """
+        if not self.stopping:
+            self.stopping = True
+            self._reactor.stop()
+
+    def onSignal(self, signum: int, frame: Any) -> None:
+        """
+        A signal handler: stop on the reactor thread.
+        """
+        self._reactor.callFromThread(self.stop)
 
 
 class ProxyService(MultiService):

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import math
 import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import (
+    FilePasswordDB,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.strcred import AuthOptionMixin, UnsupportedInterfaces, makeChecker
 from twisted.internet.defer import DeferredList, maybeDeferred
@@ -42,7 +46,7 @@ from .policy import (
 )
 from .rules import RulesFilePolicy
 from .server import ConnectProxyFactory
-from .service import ProxyService
+from .service import ProxyService, StopOnSignals
 from .upstream import UpstreamConnector, parseUpstreamURL, upstreamTLSOptions
 from .workers import (
     SHAREABLE_KINDS,
@@ -65,10 +69,21 @@ def _number(
     """
 
     def coerce(text: str) -> Any:
-        value = convert(text)
-        if value < low or (high is not None and value > high):
-            bound = f"at least {low}" if high is None else f"in {low}-{high}"
-            raise ValueError(f"must be {bound}")
+        bound = f"at least {low}" if high is None else f"in {low}-{high}"
+        # The option's name, which twisted.python.usage leaves out of its
+        # message; set below, once the options are declared.
+        name = getattr(coerce, "optionName", "the value")
+        try:
+            value = convert(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a number {bound}, not {text!r}") from None
+        # float() reads "nan" and "inf": no timeout or limit is either.
+        if (
+            not math.isfinite(value)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            raise ValueError(f"{name} must be {bound}, not {text}")
         return value
 
     coerce.coerceDoc = (  # type: ignore[attr-defined]
@@ -76,6 +91,9 @@ def _number(
     )
     return coerce
 
+
+_WORKER_OF = _number(int, 1, 64)
+_WORKER_OF.optionName = "--worker-of"  # type: ignore[attr-defined]
 
 _log = Logger(namespace="tunnel")
 
@@ -276,9 +294,9 @@ class Options(usage.Options, AuthOptionMixin):
         Internal (used by --workers): this process is one of N workers.
         """
         try:
-            self["worker-of"] = _number(int, 1, 64)(value)
+            self["worker-of"] = _WORKER_OF(value)
         except ValueError as e:
-            raise usage.UsageError(f"--worker-of {value}: {e}") from None
+            raise usage.UsageError(str(e)) from None
 
     def _repeated(self, name: str, value: str) -> None:
         check = _REPEATED[name]
@@ -340,11 +358,21 @@ class Options(usage.Options, AuthOptionMixin):
             AuthOptionMixin.opt_auth(self, description)
             return
         if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+            if not checker.users:
+                raise usage.UsageError(
+                    f"--auth {description}: no user given (memory:USER:PASSWORD)"
+                )
             # Twisted's memory: plugin stores str users, but credentials
             # carry bytes (as every other checker expects); store bytes.
             checker.users = {
                 _utf8(name): _utf8(password) for name, password in checker.users.items()
             }
+        if isinstance(checker, FilePasswordDB) and not os.access(
+            checker.filename, os.R_OK
+        ):
+            # Twisted's file: checker only warns, and then refuses every
+            # login as a wrong password.
+            raise usage.UsageError(f"--auth {description}: cannot read the file")
         try:
             self.addChecker(checker)
         except UnsupportedInterfaces as e:
@@ -455,6 +483,10 @@ class Options(usage.Options, AuthOptionMixin):
         if not writable:
             raise usage.UsageError(f"--access-log: cannot write {path}")
 
+
+for _parameter in cast(list[list[Any]], Options.optParameters):
+    if len(_parameter) > 4 and _parameter[4] is not None:
+        _parameter[4].optionName = f"--{_parameter[0]}"
 
 # twisted.python.usage prints an option method's docstring as it is, line
 # breaks and indentation included; fold each into one line for --help.
@@ -586,7 +618,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             options["workers"],
             stopTimeout=options["drain-timeout"] + 5,
         )
-    return makeWorkerService(options, reactor)
+    service = makeWorkerService(options, reactor)
+    if not options["inherit-fd"]:
+        # A second SIGTERM during the drain must not be a critical error
+        # (workers install the same from their own entry point).
+        reactor.callWhenRunning(StopOnSignals(reactor).install)
+    return service
 
 
 def _warnIfOpen(listen: list[str], authenticated: bool, policy: ITunnelPolicy) -> None:

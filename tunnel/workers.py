@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet import tcp, unix
@@ -35,6 +35,9 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from .service import StopOnSignals
 
 __all__ = [
     "WorkerSupervisor",
@@ -476,6 +479,7 @@ def _workerMain(argv: list[str]) -> None:
     from twisted.internet import reactor
     from twisted.logger import FileLogObserver, globalLogBeginner
 
+    from .service import StopOnSignals
     from .tap import Options, makeWorkerService
 
     globalLogBeginner.beginLoggingTo(
@@ -487,42 +491,15 @@ def _workerMain(argv: list[str]) -> None:
     service = makeWorkerService(options, reactor)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    stopping = _StopOnce(reactor)
     # "systemctl stop" and Ctrl-C signal the whole process group, and the
-    # supervisor passes SIGTERM on as well: the second must not stop a
-    # reactor already stopping (Twisted logs that as critical).
-    reactor.callWhenRunning(signal.signal, signal.SIGTERM, stopping.onSignal)
-    reactor.callWhenRunning(signal.signal, signal.SIGINT, stopping.onSignal)
+    # supervisor passes SIGTERM on as well.
+    stopping = StopOnSignals(reactor)
+    reactor.callWhenRunning(stopping.install)
     # Standard input is a pipe from the supervisor: its end means the
     # supervisor is gone (killed, crashed), and a worker left alone would
     # hold the port against the next start.
     reactor.addReader(_SupervisorWatch(stopping))
     reactor.run()
-
-
-class _StopOnce:
-    """
-    Stops the reactor, once, however many times it is asked.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-        self.stopping = False
-
-    def stop(self) -> None:
-        """
-        Stop the reactor (draining, through the shutdown trigger), unless
-        that was done already.
-        """
-        if not self.stopping:
-            self.stopping = True
-            self._reactor.stop()
-
-    def onSignal(self, signum: int, frame: Any) -> None:
-        """
-        A signal handler: stop on the reactor thread.
-        """
-        self._reactor.callFromThread(self.stop)
 
 
 @implementer(IReadDescriptor)
@@ -533,7 +510,7 @@ class _SupervisorWatch:
     worker drains and stops.
     """
 
-    def __init__(self, stopping: _StopOnce) -> None:
+    def __init__(self, stopping: StopOnSignals) -> None:
         self._stopping = stopping
 
     def fileno(self) -> int:
