@@ -321,6 +321,13 @@ class DestinationRuleTests(SynchronousTestCase):
         self.assertEqual((denial.status, denial.reason), (403, "address"))
         self.assertIn("resolves only to", denial.detail)
         self.assertIn("--allow-to h.example", denial.detail)
+        # An address literal that a --deny-to rule refuses: that rule.
+        denied = TunnelPolicy.fromStrings(allowTo=["127.0.0.0/8"], denyTo=["127.0.0.1"])
+        denial = denied.addressDenial("127.0.0.1", 443)
+        self.assertEqual(
+            (denial.detail, denial.reason),
+            ("127.0.0.1 is denied by the rule --deny-to 127.0.0.1.", "destination"),
+        )
         literal = DEFAULT.addressDenial("10.0.0.1", 443)
         self.assertEqual(
             literal.detail,

@@ -501,6 +501,14 @@ class TunnelPolicy:
                 "address",
             )
         if literal is not None:
+            for rule in self.denyTo:
+                if rule.matchesAddress(literal):
+                    return Denial(
+                        403,
+                        f"{host} is denied by the rule --deny-to {rule.text}.",
+                        "destination",
+                    )
+        if literal is not None:
             detail = f"{host} is in a range this proxy may not reach ({hint})."
         else:
             detail = (
