@@ -222,7 +222,9 @@ class MetricsTests(SynchronousTestCase):
         self.assertIn(".[metrics]", str(e))
         options = Options()
         e2 = self.assertRaises(
-            UsageError, options.parseOptions, ["--metrics", "tcp:9100"]
+            UsageError,
+            options.parseOptions,
+            ["--listen", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:9100"],
         )
         self.assertIn(".[metrics]", str(e2))
 

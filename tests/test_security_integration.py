@@ -533,6 +533,7 @@ class AuthenticationTests(SecurityTestCase):
         options = Options()
         options.parseOptions(
             [
+                *("--listen", "tcp:0:interface=127.0.0.1"),
                 *("--auth", f"htpasswd:{path}"),
                 *("--realm", REALM),
                 *("--allow-port", "any"),

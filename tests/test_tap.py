@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 
 import bcrypt
 from twisted.application.service import IServiceCollection
@@ -33,11 +34,58 @@ from tunnel.upstream import UpstreamConnector
 
 def parse(*argv: str) -> Options:
     """
-    Parse C{argv} as twistd would.
+    Parse C{argv} as twistd would, but without trying the listeners'
+    addresses (the default, 127.0.0.1:8080, may be in use where the tests
+    run; L{BindCheckTests} tries them).
     """
     options = Options()
-    options.parseOptions(list(argv))
+    check, tap._checkBindable = tap._checkBindable, lambda *args: None
+    try:
+        options.parseOptions(list(argv))
+    finally:
+        tap._checkBindable = check
     return options
+
+
+class BindCheckTests(SynchronousTestCase):
+    """
+    A listener's address that cannot be bound is a usage error while the
+    options are parsed, not a traceback when the listener starts.
+    """
+
+    def test_portInUse(self) -> None:
+        """
+        A TCP port something already listens on is a usage error naming the
+        option; a free one is fine.
+        """
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            port = busy.getsockname()[1]
+            self.patch(tap, "requirePrometheus", lambda: None)
+            description = f"tcp:{port}:interface=127.0.0.1"
+            for option, others in [
+                ("--listen", []),
+                ("--metrics", ["--listen", "tcp:0:interface=127.0.0.1"]),
+            ]:
+                e = self.assertRaises(
+                    UsageError, Options().parseOptions, [*others, option, description]
+                )
+                self.assertIn(f"{option} {description}: cannot listen", str(e))
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        Options().parseOptions(["--listen", f"tcp:{port}:interface=127.0.0.1"])
+
+    def test_missingDirectory(self) -> None:
+        """
+        A UNIX socket in a directory that does not exist is a usage error.
+        """
+        path = os.path.join(self.mktemp(), "proxy.sock")
+        e = self.assertRaises(
+            UsageError, Options().parseOptions, ["--listen", f"unix:{path}"]
+        )
+        self.assertIn("no directory", str(e))
 
 
 class OptionsTests(SynchronousTestCase):

@@ -121,7 +121,7 @@ class WorkerArgumentsTests(SynchronousTestCase):
         self.assertRaises(
             UsageError,
             Options().parseOptions,
-            ["--workers", "2", "--metrics", "tcp:9100"],
+            ["--workers", "2", "--listen", "tcp:0", "--metrics", "tcp:9100"],
         )
         # A worker adopting a TLS listener's socket would serve it in clear.
         e = self.assertRaises(

@@ -9,6 +9,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any, cast
@@ -59,6 +60,38 @@ from .workers import (
 __all__ = ["Options", "makeService"]
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+
+def _checkBindable(option: str, description: str, endpoint: object) -> None:
+    """
+    Try the address a TCP or UNIX server endpoint will listen on, so that a
+    port in use, an address this host does not have or a missing directory
+    is a usage error now, not twistd's traceback when the listener starts.
+    (The endpoints keep their address in private attributes; any other kind
+    of endpoint is left to fail, if it does, when it listens.)
+
+    @raise usage.UsageError: If the address cannot be bound.
+    """
+    port, interface = (
+        getattr(endpoint, "_port", None),
+        getattr(endpoint, "_interface", None),
+    )
+    path = getattr(endpoint, "_address", None)
+    try:
+        if isinstance(port, int) and port and isinstance(interface, str):
+            family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # As Twisted's own listening sockets do.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((interface, port))
+        elif isinstance(path, str) and not path.startswith("\0"):
+            directory = os.path.dirname(path) or "."
+            if not os.path.isdir(directory):
+                raise OSError(f"no directory {directory}")
+    except OSError as e:
+        raise usage.UsageError(
+            f"{option} {description}: cannot listen: {e.strerror or e}"
+        ) from None
 
 
 def _number(
@@ -399,13 +432,14 @@ class Options(usage.Options, AuthOptionMixin):
             try:
                 # Builds the endpoint without listening: a check of the
                 # string, so that a mistake is a usage error, not a traceback.
-                serverFromString(reactor, description)
+                endpoint = serverFromString(reactor, description)
             except Exception as e:
                 raise usage.UsageError(
                     f"--listen {description}: {type(e).__name__}: {e} (in endpoint "
                     "strings, colons inside a value are written \\:, as in "
                     "tcp6:8080:interface=\\:\\:1)"
                 ) from None
+            _checkBindable("--listen", description, endpoint)
         if self["workers"] > 1 and self["metrics"] is not None:
             raise usage.UsageError(
                 "--metrics cannot be combined with --workers yet: each worker "
@@ -442,11 +476,12 @@ class Options(usage.Options, AuthOptionMixin):
             except MetricsUnavailable as e:
                 raise usage.UsageError(str(e)) from None
             try:
-                serverFromString(reactor, self["metrics"])
+                endpoint = serverFromString(reactor, self["metrics"])
             except Exception as e:
                 raise usage.UsageError(
                     f"--metrics {self['metrics']}: {type(e).__name__}: {e}"
                 ) from None
+            _checkBindable("--metrics", self["metrics"], endpoint)
         if self["max-request-line"] > self["max-header-size"]:
             raise usage.UsageError("--max-request-line cannot exceed --max-header-size")
 
