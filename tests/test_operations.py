@@ -472,26 +472,59 @@ class StopOnSignalsTests(SynchronousTestCase):
     Tests for L{StopOnSignals}.
     """
 
-    def test_stopsOnce(self) -> None:
-        """
-        SIGTERM and SIGINT stop the reactor once, however many arrive (a
-        second stop of a stopping reactor is a critical error in Twisted).
-        """
-        stops: list[None] = []
-        reactor = MemoryReactorClock()
-        reactor.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
-        reactor.stop = lambda: stops.append(None)  # type: ignore[method-assign]
+    def setUp(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.addCleanup(signal.signal, signum, signal.getsignal(signum))
-        stopping = StopOnSignals(reactor)
+        self.seen: list[int] = []
+        self.stops: list[None] = []
+        self.reactor = MemoryReactorClock()
+        self.reactor.stop = lambda: self.stops.append(None)  # type: ignore[method-assign]
+
+    def reactorHandler(self, signum: int, frame: object) -> None:
+        """
+        Stand in for the reactor's own handler.
+        """
+        self.seen.append(signum)
+
+    def test_firstSignalOnly(self) -> None:
+        """
+        Only the first SIGTERM or SIGINT reaches the reactor's own handler
+        (which logs it, stops, and makes twistd exit by that signal); later
+        ones would stop a stopping reactor, a critical error in Twisted.
+        """
+        signal.signal(signal.SIGTERM, self.reactorHandler)
+        signal.signal(signal.SIGINT, self.reactorHandler)
+        stopping = StopOnSignals(self.reactor)
         stopping.install()
-        self.assertEqual(signal.getsignal(signal.SIGTERM), stopping.onSignal)
-        self.assertEqual(signal.getsignal(signal.SIGINT), stopping.onSignal)
-        stopping.onSignal(signal.SIGTERM, None)
-        stopping.onSignal(signal.SIGTERM, None)
-        stopping.onSignal(signal.SIGINT, None)
-        self.assertEqual(len(stops), 1)
+        for signum in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+            signal.getsignal(signum)(signum, None)  # type: ignore[misc, operator]
+        self.assertEqual(self.seen, [signal.SIGTERM])
         self.assertTrue(stopping.stopping)
+        stopping.stop()
+        self.assertEqual(self.stops, [])
+
+    def test_ignoredStaysIgnored(self) -> None:
+        """
+        A signal the process ignores (SIGINT for a job started in the
+        background) stays ignored.
+        """
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self.reactorHandler)
+        StopOnSignals(self.reactor).install()
+        self.assertEqual(signal.getsignal(signal.SIGINT), signal.SIG_IGN)
+
+    def test_stopThenSignal(self) -> None:
+        """
+        Once stopped by L{StopOnSignals.stop} (a worker whose supervisor is
+        gone), a signal does not stop the reactor again.
+        """
+        signal.signal(signal.SIGTERM, self.reactorHandler)
+        stopping = StopOnSignals(self.reactor)
+        stopping.install()
+        stopping.stop()
+        stopping.stop()
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # type: ignore[misc, operator]
+        self.assertEqual((len(self.stops), self.seen), (1, []))
 
 
 class _OneProtocol(Factory):

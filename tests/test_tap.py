@@ -53,6 +53,35 @@ class BindCheckTests(SynchronousTestCase):
     options are parsed, not a traceback when the listener starts.
     """
 
+    def test_ipv6Zone(self) -> None:
+        """
+        The check binds the address as Twisted will, zone included: an
+        IPv6 link-local address with its zone is not refused for losing it.
+        """
+        bound: list[object] = []
+
+        class Probe:
+            def __init__(self, *args: object) -> None:
+                pass
+
+            def __enter__(self) -> Probe:
+                return self
+
+            def __exit__(self, *args: object) -> None:
+                pass
+
+            def setsockopt(self, *args: object) -> None:
+                pass
+
+            def bind(self, address: object) -> None:
+                bound.append(address)
+
+        self.patch(socket, "socket", Probe)
+        Options().parseOptions(["--listen", "tcp6:8443:interface=fe80\\:\\:1%lo"])
+        [address] = bound
+        self.assertEqual(address[:2], ("fe80::1", 8443))  # type: ignore[index]
+        self.assertNotEqual(address[3], 0)  # type: ignore[index]
+
     def test_portInUse(self) -> None:
         """
         A TCP port something already listens on is a usage error naming the
@@ -240,6 +269,12 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(
             [f for f, _, _ in worker.whenRunningHooks if f.__name__ == "install"], []
         )
+        supervisor = MemoryReactorClock()
+        makeService(parse("--workers", "2", "--listen", "tcp:0"), supervisor)
+        installs = [
+            f for f, _, _ in supervisor.whenRunningHooks if f.__name__ == "install"
+        ]
+        self.assertEqual([type(f.__self__) for f in installs], [StopOnSignals])
 
     def test_workerOf(self) -> None:
         """

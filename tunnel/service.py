@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -20,12 +21,15 @@ __all__ = ["ProxyService", "StopOnSignals"]
 
 class StopOnSignals:
     """
-    Stops the reactor on SIGTERM and SIGINT, once, however many arrive.
+    Lets only the first SIGTERM or SIGINT stop the reactor.
 
-    Twisted's own handlers stop the reactor again on a second signal, and
-    log the reactor's refusal as critical; a drain after SIGTERM easily
+    The reactor's own handlers stop it on every one, and a second stop of a
+    stopping reactor is logged as critical; a drain after SIGTERM easily
     gets a second one ("systemctl stop" and Ctrl-C signal the whole process
-    group, and a C{--workers} supervisor passes SIGTERM on as well).
+    group, and a C{--workers} supervisor passes SIGTERM on as well).  The
+    first signal still goes to the reactor's handler, which logs it and
+    makes twistd exit by that signal; a signal the process ignores stays
+    ignored.
 
     @ivar stopping: Whether the reactor was asked to stop.
     """
@@ -39,11 +43,23 @@ class StopOnSignals:
 
     def install(self) -> None:
         """
-        Handle SIGTERM and SIGINT, in place of the reactor's own handlers
-        (so call it once the reactor runs).
+        Wrap the reactor's SIGTERM and SIGINT handlers (so call it once the
+        reactor runs and has installed them).
         """
-        signal.signal(signal.SIGTERM, self.onSignal)
-        signal.signal(signal.SIGINT, self.onSignal)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                signal.signal(signum, self._first(handler))
+
+    def _first(
+        self, handler: Callable[[int, Any], object]
+    ) -> Callable[[int, Any], None]:
+        def onSignal(signum: int, frame: Any) -> None:
+            if not self.stopping:
+                self.stopping = True
+                handler(signum, frame)
+
+        return onSignal
 
     def stop(self) -> None:
         """
@@ -53,12 +69,6 @@ class StopOnSignals:
         if not self.stopping:
             self.stopping = True
             self._reactor.stop()
-
-    def onSignal(self, signum: int, frame: Any) -> None:
-        """
-        A signal handler: stop on the reactor thread.
-        """
-        self._reactor.callFromThread(self.stop)
 
 
 class ProxyService(MultiService):

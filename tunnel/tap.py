@@ -80,10 +80,19 @@ def _checkBindable(option: str, description: str, endpoint: object) -> None:
     try:
         if isinstance(port, int) and port and isinstance(interface, str):
             family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+            # getaddrinfo keeps an IPv6 zone (fe80::1%eth0) in the address.
+            [(_, _, _, _, address), *_] = socket.getaddrinfo(
+                interface or None,
+                port,
+                family,
+                socket.SOCK_STREAM,
+                0,
+                socket.AI_PASSIVE,
+            )
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 # As Twisted's own listening sockets do.
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((interface, port))
+                probe.bind(address)
         elif isinstance(path, str) and not path.startswith("\0"):
             directory = os.path.dirname(path) or "."
             if not os.path.isdir(directory):
@@ -400,8 +409,8 @@ class Options(usage.Options, AuthOptionMixin):
             checker.users = {
                 _utf8(name): _utf8(password) for name, password in checker.users.items()
             }
-        if isinstance(checker, FilePasswordDB) and not os.access(
-            checker.filename, os.R_OK
+        if isinstance(checker, FilePasswordDB) and not (
+            os.path.isfile(checker.filename) and os.access(checker.filename, os.R_OK)
         ):
             # Twisted's file: checker only warns, and then refuses every
             # login as a wrong password.
@@ -646,6 +655,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             bool(options.get("credCheckers")),
             makePolicy(options, reactor),
         )
+        reactor.callWhenRunning(StopOnSignals(reactor).install)
         return WorkerSupervisor(
             reactor,
             options["listen"],
