@@ -16,6 +16,7 @@ from tunnel.request import (
     findHeadEnd,
     parseAuthority,
     parseConnectHead,
+    requestLineLength,
 )
 
 # Every status the parser may answer with.
@@ -30,6 +31,30 @@ def parse(head: bytes, **kwargs: int) -> ConnectRequest:
     if b"HTTP/1.1" in head and b"\nhost:" not in head.lower():
         head += b"\r\nHost: h"
     return parseConnectHead(head + b"\r\n", **kwargs)
+
+
+class RequestLineLengthTests(SynchronousTestCase):
+    """
+    Tests for L{requestLineLength}.
+    """
+
+    def test_lengths(self) -> None:
+        """
+        The length of the request line so far, without its line ending
+        (CRLF or LF, or a CR that may start one), after any empty lines.
+        """
+        for buffer, length in [
+            (b"", 0),
+            (b"\r", 0),
+            (b"abc", 3),
+            (b"abc\r", 3),
+            (b"abc\r\n", 3),
+            (b"\r\nabc", 3),
+            (b"\r\n\r\nab\r\nxx", 2),
+            (b"\n\nabcd\n", 4),
+            (b"\r\n\r\n", 0),
+        ]:
+            self.assertEqual(requestLineLength(buffer), length, buffer)
 
 
 class ParseConnectHeadTests(SynchronousTestCase):

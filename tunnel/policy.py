@@ -315,6 +315,15 @@ class Denial:
     reason: str
 
 
+def _deniedBy(rule: AddressRule, host: str) -> Denial:
+    """
+    The refusal of C{host} by the C{--deny-to} rule C{rule}.
+    """
+    return Denial(
+        403, f"{host} is denied by the rule --deny-to {rule.text}.", "destination"
+    )
+
+
 class ITunnelPolicy(Interface):
     """
     Decides who may tunnel where.
@@ -458,11 +467,7 @@ class TunnelPolicy:
             )
         for rule in self.denyTo:
             if rule.matchesName(host):
-                return Denial(
-                    403,
-                    f"{host} is denied by the rule --deny-to {rule.text}.",
-                    "destination",
-                )
+                return _deniedBy(rule, host)
         return None
 
     def checkAddress(
@@ -494,27 +499,24 @@ class TunnelPolicy:
         # name both, since --deny-to wins.
         hint = f"see --allow-to {host}, unless a --deny-to rule covers it"
         literal = parseAddress(host)
-        if literal is not None and isUnspecified(literal):
+        if literal is None:
+            return Denial(
+                403,
+                f"{host} resolves only to addresses this proxy may not reach ({hint}).",
+                "address",
+            )
+        if isUnspecified(literal):
             return Denial(
                 403,
                 f"{host} is the unspecified address, never a destination.",
                 "address",
             )
-        if literal is not None:
-            for rule in self.denyTo:
-                if rule.matchesAddress(literal):
-                    return Denial(
-                        403,
-                        f"{host} is denied by the rule --deny-to {rule.text}.",
-                        "destination",
-                    )
-        if literal is not None:
-            detail = f"{host} is in a range this proxy may not reach ({hint})."
-        else:
-            detail = (
-                f"{host} resolves only to addresses this proxy may not reach ({hint})."
-            )
-        return Denial(403, detail, "address")
+        for rule in self.denyTo:
+            if rule.matchesAddress(literal):
+                return _deniedBy(rule, host)
+        return Denial(
+            403, f"{host} is in a range this proxy may not reach ({hint}).", "address"
+        )
 
 
 RULE_KINDS = ("allow-port", "allow-from", "allow-to", "deny-to")

@@ -25,6 +25,7 @@ __all__ = [
     "findHeadEnd",
     "parseAuthority",
     "parseConnectHead",
+    "requestLineLength",
 ]
 
 # RFC 9110 section 5.6.2: token = 1*tchar.
@@ -134,6 +135,27 @@ def findHeadEnd(buffer: bytes, start: int = 0) -> tuple[int, int] | None:
             return index + 1, index + 3
         index = buffer.find(b"\n", index + 1)
     return None
+
+
+def requestLineLength(buffer: bytes) -> int:
+    """
+    How long the request line in C{buffer} is so far, without its line
+    ending, skipping the empty lines that may come before it (RFC 9112
+    section 2.2), as L{parseConnectHead} measures it against its limit.
+
+    @param buffer: The start of a request head, perhaps incomplete.
+    @return: The length in bytes.
+    """
+    start = 0
+    while True:
+        end = buffer.find(b"\n", start)
+        if end == -1:
+            # A CR at the end may be the start of the line ending.
+            return len(buffer) - start - buffer.endswith(b"\r")
+        length = end - start - (buffer[end - 1 : end] == b"\r" and end > start)
+        if length:
+            return length
+        start = end + 1
 
 
 def parseAuthority(target: bytes) -> tuple[str, int]:

@@ -64,7 +64,13 @@ from .relay import (
     TargetProtocol,
     canHalfClose,
 )
-from .request import ConnectRequest, RequestRejected, findHeadEnd, parseConnectHead
+from .request import (
+    ConnectRequest,
+    RequestRejected,
+    findHeadEnd,
+    parseConnectHead,
+    requestLineLength,
+)
 from .splice import SpliceRelay, canSplice, spliceAvailable
 
 __all__ = ["ConnectProxy", "ConnectProxyFactory", "formatAddress"]
@@ -148,27 +154,6 @@ def _noDelay(transport: object) -> None:
     """
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
-
-
-def _requestLineLength(buffer: bytes) -> int:
-    """
-    How long the request line in C{buffer} is so far, without its line
-    ending, skipping the empty lines that may come before it (RFC 9112
-    section 2.2), as L{parseConnectHead} measures it against its limit.
-
-    @param buffer: The start of a request head, perhaps incomplete.
-    @return: The length in bytes.
-    """
-    start = 0
-    while True:
-        end = buffer.find(b"\n", start)
-        if end == -1:
-            # A CR at the end may be the start of the line ending.
-            return len(buffer) - start - buffer.endswith(b"\r")
-        length = end - start - (buffer[end - 1 : end] == b"\r" and end > start)
-        if length:
-            return length
-        start = end + 1
 
 
 def errorResponse(
@@ -426,7 +411,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         window = self._buffer + data[: limit + 4 - buffered]
         found = findHeadEnd(window, max(0, buffered - 3))
         if found is None:
-            if _requestLineLength(window) > factory.maxRequestLine:
+            if requestLineLength(window) > factory.maxRequestLine:
                 self._reject(RequestRejected(414, "The request line is too long."))
             elif len(window) > limit:
                 self._reject(RequestRejected(431, "The request head is too large."))

@@ -112,9 +112,7 @@ def _number(
 
     def coerce(text: str) -> Any:
         bound = f"at least {low}" if high is None else f"in {low}-{high}"
-        # The option's name, which twisted.python.usage leaves out of its
-        # message; set below, once the options are declared.
-        name = getattr(coerce, "optionName", "the value")
+        name = coerce.optionName  # type: ignore[attr-defined]
         try:
             value = convert(text)
         except ValueError:
@@ -128,6 +126,9 @@ def _number(
             raise ValueError(f"{name} must be {bound}, not {text}")
         return value
 
+    # The option's name, which twisted.python.usage leaves out of its
+    # message; set once the options are declared (see below Options).
+    coerce.optionName = "the value"  # type: ignore[attr-defined]
     coerce.coerceDoc = (  # type: ignore[attr-defined]
         f"A number, at least {low}." if high is None else f"A number, {low}-{high}."
     )
@@ -528,9 +529,11 @@ class Options(usage.Options, AuthOptionMixin):
             raise usage.UsageError(f"--access-log: cannot write {path}")
 
 
+# Name each number option in its coercer's errors (see _number).
 for _parameter in cast(list[list[Any]], Options.optParameters):
-    if len(_parameter) > 4 and _parameter[4] is not None:
-        _parameter[4].optionName = f"--{_parameter[0]}"
+    _coerce: Any = _parameter[4] if len(_parameter) > 4 else None
+    if hasattr(_coerce, "optionName"):
+        _coerce.optionName = f"--{_parameter[0]}"
 
 # twisted.python.usage prints an option method's docstring as it is, line
 # breaks and indentation included; fold each into one line for --help.
