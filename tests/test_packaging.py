@@ -291,6 +291,15 @@ class WheelTests(PackagingTestCase):
         self.assertIn("tunnel/tap.py", names)
         self.assertIn(PLUGIN_MODULE, names)
 
+    def test_typed(self) -> None:
+        """
+        The wheel ships C{tunnel/py.typed} (PEP 561), so that type checkers
+        use the package's own annotations in the applications that import
+        it.
+        """
+        names = self.buildWheel()
+        self.assertIn("tunnel/py.typed", names)
+
     def test_noTwistedPackageFiles(self) -> None:
         """
         The wheel ships neither C{twisted/__init__.py} nor
