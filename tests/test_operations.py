@@ -205,6 +205,32 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(self.sample(metrics, "tunnel_open"), 1)
         self.assertEqual(self.sample(metrics, "tunnel_handshakes_in_progress"), 0)
 
+    def test_answeredNotInProgress(self) -> None:
+        """
+        A connection that got its answer (here a 400) and is lingering
+        until the client closes is no longer a handshake in progress,
+        though it stays open; once closed it is gone from every gauge.
+        """
+        clock = MemoryReactorClock()
+        factory = ConnectProxyFactory(reactor=clock)
+        metrics = ProxyMetrics([factory])
+        from tests.test_server import HalfCloseTransport
+
+        answered = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        waiting = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2))
+        assert answered is not None and waiting is not None
+        answered.makeConnection(HalfCloseTransport())
+        waiting.makeConnection(HalfCloseTransport())
+        answered.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(len(factory.connections), 2)
+        self.assertEqual(self.sample(metrics, "tunnel_handshakes_in_progress"), 1)
+        answered.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(factory.connections), 1)
+        self.assertEqual(self.sample(metrics, "tunnel_handshakes_in_progress"), 1)
+        waiting.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.sample(metrics, "tunnel_handshakes_in_progress"), 0)
+        self.assertEqual(factory.answered, 0)
+
     def test_unavailable(self) -> None:
         """
         Without prometheus_client, L{ProxyMetrics} and C{--metrics} fail

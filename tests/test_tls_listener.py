@@ -244,6 +244,36 @@ class TLSListenerTests(TLSProxyTestCase):
         self.assertEqual((event["status"], event["ended"]), (200, "client-eof"))
 
     @inlineCallbacks
+    def test_plaintextClient(self) -> Yielding[None]:
+        """
+        A client that sends its CONNECT in the clear to a TLS listener gets
+        no answer it could read, its connection is closed, and its event
+        says C{tls-failed} (not C{client-left}: the operator can tell a
+        client that does not speak TLS, or does not trust the certificate,
+        from one that left).
+        """
+        proxy = yield self.runTLSProxy()
+
+        def plaintext() -> bytes:
+            # The timeout only keeps a broken proxy from hanging the thread.
+            with socket.create_connection(("127.0.0.1", proxy.port), 30) as raw:
+                raw.sendall(connectHead("127.0.0.1:1"))
+                received = b""
+                # Bounded: each turn reads at least one byte, or stops.
+                while len(received) < 65536:
+                    chunk = raw.recv(4096)
+                    if not chunk:
+                        break
+                    received += chunk
+                return received
+
+        self.expectProxyConnections(1)
+        received = yield deferToThread(plaintext)
+        self.assertNotIn(b"HTTP/1.1", received)
+        [event] = yield self.proxyEnded(1)
+        self.assertEqual((event["status"], event["ended"]), ("-", "tls-failed"))
+
+    @inlineCallbacks
     def test_curlHTTPSProxy(self) -> Yielding[None]:
         """
         C{curl --proxy https://localhost:PORT --proxy-cacert CERT -p}

@@ -77,12 +77,14 @@ class _FactoryCollector:
     def collect(self) -> Iterator[Any]:
         gauge = self._prometheus.metrics_core.GaugeMetricFamily
         relaying = sum(f.relaying for f in self._factories)
-        connections = sum(len(f.connections) for f in self._factories)
+        handshaking = sum(
+            len(f.connections) - f.relaying - f.answered for f in self._factories
+        )
         yield gauge("tunnel_open", "Tunnels established and open now.", value=relaying)
         yield gauge(
             "tunnel_handshakes_in_progress",
-            "Client connections that have not become tunnels yet.",
-            value=connections - relaying,
+            "Client connections in their handshake: not tunnels yet, not answered yet.",
+            value=handshaking,
         )
         yield gauge(
             "tunnel_draining",

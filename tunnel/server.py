@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from OpenSSL.SSL import Error as TLSError
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
@@ -737,6 +738,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
         The client connection is closed.
         """
         self._clientGone = True
+        if self._ended is not None:
+            self.factory.answered -= 1
         self._stopAwaitingHeader()
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
@@ -748,6 +751,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self.factory.tunnelClosed(self._clientKey)
         if self._relay is not None:
             self._relay.clientLost(reason)
+        elif reason.check(TLSError):
+            # Behind an ssl: listener: a client that does not speak TLS, or
+            # does not trust the certificate.  The operator needs to tell
+            # that from a client that simply left.
+            self._abandon("tls-failed")
         else:
             self._abandon()
         self._forgetIfDone()
@@ -758,14 +766,14 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if self._clientGone and self._ended is not None:
             self.factory._connectionGone(self)
 
-    def _abandon(self) -> None:
+    def _abandon(self, ended: str = "client-left") -> None:
         self.setTimeout(None)
         self._reading = "done"
         connecting, self._connecting = self._connecting, None
         if connecting is not None:
             connecting.cancel()
         else:
-            self._end(None, "client-left")
+            self._end(None, ended)
 
     def _relayEnded(self, result: RelayResult) -> None:
         self.factory.relaying -= 1
@@ -782,6 +790,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._ended = ended
         self._status = status
         factory = self.factory
+        if not self._clientGone:
+            factory.answered += 1
         if not (factory.logTunnels or factory.tunnelObservers):
             self._forgetIfDone()
             return
@@ -991,6 +1001,9 @@ class ConnectProxyFactory(Factory):
         self.tunnelObservers: list[Callable[[LogEvent], object]] = []
         self.connections: set[ConnectProxy] = set()
         self.relaying = 0
+        # Connections that have their answer (a refusal, or an end) and are
+        # only waiting to close: no longer handshakes, nor tunnels.
+        self.answered = 0
         self.awaitingHeader = 0
         self.lingeringRefusals = 0
         self.maxLingeringRefusals = MAX_LINGERING_REFUSALS
