@@ -332,6 +332,28 @@ class WorkerLogTests(SynchronousTestCase):
         )
         self.assertEqual(self.ended, [3])
 
+    def test_legacySystem(self) -> None:
+        """
+        An event from Twisted's legacy C{log.msg} is shown with its system
+        (as twistd's log shows it in a single process), not the namespace
+        C{log_legacy} every such event has.
+        """
+        self.protocol.childDataReceived(
+            1,
+            formatWorkerRecord(
+                {
+                    "log_level": LogLevel.info,
+                    "log_namespace": "log_legacy",
+                    "log_system": "ConnectProxyFactory,7,127.0.0.1",
+                    "log_format": "legacy",
+                }
+            ).encode(),
+        )
+        self.assertEqual(
+            [formatEvent(e) for e in self.events],
+            ["worker 3: [ConnectProxyFactory,7,127.0.0.1] legacy"],
+        )
+
     def test_unstructured(self) -> None:
         """
         Output on standard output that is not a record (a stray print) is

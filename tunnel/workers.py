@@ -187,9 +187,9 @@ _MAX_RESPAWN_DELAY = 60.0
 def formatWorkerRecord(event: LogEvent) -> str:
     """
     Format a worker's log event for the main process, which adds the time
-    and the worker's number: its level, namespace and text (with the
-    traceback of a failure), ended by a record separator, since a text may
-    span lines.
+    and the worker's number: its level, source (its namespace, or the
+    system of a legacy event) and text (with the traceback of a failure),
+    ended by a record separator, since a text may span lines.
 
     @param event: The event.
     @return: The record.
@@ -199,7 +199,10 @@ def formatWorkerRecord(event: LogEvent) -> str:
     if failure is not None:
         text += "\n" + failure.getTraceback().rstrip("\n")
     level = event.get("log_level", LogLevel.info)
-    return f"{level.name}\t{event.get('log_namespace', '-')}\t{text}{_RECORD_END}\n"
+    # A legacy twisted.python.log event names its source in log_system (as
+    # twistd's own log shows it); its namespace is only "log_legacy".
+    source = event.get("log_system") or event.get("log_namespace", "-")
+    return f"{level.name}\t{source}\t{text}{_RECORD_END}\n"
 
 
 _RECORD_END = "\x1e"
