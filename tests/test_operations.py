@@ -276,6 +276,34 @@ class ServiceObserverTests(SynchronousTestCase):
         self.assertEqual(factory.tunnelObservers, [])
 
 
+    def test_restart(self) -> None:
+        """
+        A service stopped and started again serves as before: requests are
+        no longer refused as during the drain, and the access log closed on
+        stop is open again and written to.
+        """
+        factory = ConnectProxyFactory(reactor=MemoryReactorClock())
+        path = self.mktemp()
+        service = ProxyService(factory, observers=[AccessLogObserver(path)])
+        service.startService()
+        self.successResultOf(service.stopService())
+        self.assertTrue(factory.draining)
+        service.startService()
+        self.assertFalse(factory.draining)
+        proxy = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert proxy is not None
+        from tests.test_server import HalfCloseTransport
+
+        client = HalfCloseTransport()
+        proxy.makeConnection(client)
+        proxy.dataReceived(b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 403 "), client.value())
+        proxy.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(service.stopService())
+        with open(path) as log:
+            self.assertIn(" 127.0.0.1:443 - 403 ", log.read())
+
+
 class DrainTests(ProxyTestMixin, SynchronousTestCase):
     """
     L{ConnectProxyFactory.drain} on a fake clock.

@@ -111,11 +111,20 @@ class ProxyService(MultiService):
         self.observers = list(observers or [])
         self._reactor = reactor
         self._previousUSR1: Any = None
+        self._logsClosed = False
 
     def startService(self) -> None:
         """
-        Add the observers, then start the listeners.
+        Add the observers, then start the listeners.  A service stopped
+        before starts again as new: the factory no longer drains, and the
+        access logs closed on stop are opened again.
         """
+        self.factory.draining = False
+        if self._logsClosed:
+            self._logsClosed = False
+            for observer in self.observers:
+                if isinstance(observer, AccessLogObserver):
+                    observer.reopen()
         self.factory.tunnelObservers.extend(self.observers)
         super().startService()
         if self._reactor is not None:
@@ -167,6 +176,7 @@ class ProxyService(MultiService):
                     self.factory.tunnelObservers.remove(observer)
                 if isinstance(observer, AccessLogObserver):
                     observer.close()
+                    self._logsClosed = True
             return result
 
         return stopped.addBoth(cleanUp)
