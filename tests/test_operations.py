@@ -275,7 +275,6 @@ class ServiceObserverTests(SynchronousTestCase):
         self.successResultOf(service.stopService())
         self.assertEqual(factory.tunnelObservers, [])
 
-
     def test_restart(self) -> None:
         """
         A service stopped and started again serves as before: requests are

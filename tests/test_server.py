@@ -14,6 +14,7 @@ from twisted.cred.checkers import (
 )
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet.address import HostnameAddress, IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import (
@@ -42,7 +43,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tunnel import ConnectProxyFactory, HostnameConnector, ITargetConnector
-from tunnel.auth import FailureDamper, portalFromCheckers
+from tunnel.auth import FailureDamper, IProxyUser, portalFromCheckers
 from tunnel.connector import AddressDenied
 from tunnel.policy import TunnelPolicy
 from tunnel.relay import TargetProtocol
@@ -260,6 +261,29 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(self.connector.targets, [("target.example", 443)])
         self.reachTarget()
         self.assertEqual(self.client.value(), ESTABLISHED)
+
+    def test_openConnectionView(self) -> None:
+        """
+        An open connection tells an application who it is for, where to,
+        whether it is a tunnel yet, and the bytes relayed so far.
+        """
+        proxy = self.proxy
+        self.assertEqual(
+            (proxy.client, proxy.user, proxy.avatar, proxy.target),
+            ("192.0.2.7:40000", None, None, None),
+        )
+        self.assertEqual(
+            (proxy.established, proxy.bytesUp, proxy.bytesDown), (False, 0, 0)
+        )
+        proxy.dataReceived(HEAD + b"early")
+        self.assertEqual(proxy.target, "target.example:443")
+        self.assertEqual((proxy.established, proxy.bytesUp), (False, 0))
+        target, _transport = self.reachTarget()
+        proxy.dataReceived(b"more")
+        target.dataReceived(b"answer")
+        self.assertEqual(
+            (proxy.established, proxy.bytesUp, proxy.bytesDown), (True, 9, 6)
+        )
 
     def test_headInPieces(self) -> None:
         """
@@ -1343,6 +1367,216 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         # It counts as a failed login: errors must not be free guesses.
         self.assertEqual(self.factory.damper._failures["192.0.2.7"][1], 1)
+
+
+@implementer(IProxyUser)
+class TeamMember:
+    """
+    An avatar of an application's own realm: a name, and more.
+    """
+
+    def __init__(self, name: str, team: str) -> None:
+        self.name = name
+        self.team = team
+
+
+@implementer(IRealm)
+class RecordingRealm:
+    """
+    A realm that hands out L{TeamMember} avatars, or a given avatar, and
+    records logins and logouts.
+
+    @ivar events: C{login NAME} and C{logout NAME}, in order.
+    """
+
+    def __init__(self, avatar: object = None) -> None:
+        self.avatar = avatar
+        self.events: list[str] = []
+
+    def requestAvatar(
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any
+    ) -> tuple[Any, object, Any]:
+        """
+        Give the avatar, and a logout that records itself.
+        """
+        assert isinstance(avatarId, bytes)
+        name = avatarId.decode()
+        self.events.append(f"login {name}")
+        avatar = self.avatar if self.avatar is not None else TeamMember(name, "red")
+        return IProxyUser, avatar, lambda: self.events.append(f"logout {name}")
+
+
+class RealmTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    What the application's realm gives: the avatar reaches the policy, and
+    its logout is called when the connection ends.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.realm = RecordingRealm()
+        self.checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw")
+        self.factory.portal = Portal(self.realm, [self.checker])
+
+    def test_avatarReachesPolicy(self) -> None:
+        """
+        The policy is given the realm's avatar itself, with whatever the
+        realm put on it; the log event names the user by its C{name}.
+        """
+        seen: list[object] = []
+
+        class TeamPolicy(TunnelPolicy):
+            def checkTarget(self, avatar: Any, *args: Any) -> Any:
+                seen.append(avatar)
+                return super().checkTarget(avatar, *args)
+
+            def checkAddress(self, avatar: Any, *args: Any) -> bool:
+                seen.append(avatar)
+                return bool(avatar.team == "red")
+
+        self.factory.policy = TeamPolicy()
+        self.proxy.dataReceived(basicHead(b"alice:pw"))
+        self.assertTrue(self.connector.allowAddress(ipaddress.ip_address("1.2.3.4")))
+        self.assertEqual(
+            [(type(a), a.name, a.team) for a in seen],  # type: ignore[attr-defined]
+            [(TeamMember, "alice", "red")] * 2,
+        )
+        target, _ = self.reachTarget()
+        self.closeBoth(target)
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["user"], "alice")
+
+    def test_logoutWhenDone(self) -> None:
+        """
+        The realm's logout is called once, when the tunnel has ended and the
+        connection is gone, not before.
+        """
+        self.proxy.dataReceived(basicHead(b"alice:pw"))
+        target, _ = self.reachTarget()
+        self.assertEqual(self.realm.events, ["login alice"])
+        self.closeBoth(target)
+        self.assertEqual(self.realm.events, ["login alice", "logout alice"])
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.realm.events, ["login alice", "logout alice"])
+
+    def test_logoutAfterRefusal(self) -> None:
+        """
+        A user refused by the policy after logging in is logged out when the
+        connection closes.
+        """
+        self.proxy.dataReceived(
+            b"CONNECT target.example:22 HTTP/1.1\r\nHost: h\r\n"
+            b"Proxy-Authorization: Basic " + base64.b64encode(b"alice:pw") + b"\r\n\r\n"
+        )
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 403 "))
+        self.assertEqual(self.realm.events, ["login alice"])
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.realm.events, ["login alice", "logout alice"])
+
+    def test_logoutClientLeftDuringLogin(self) -> None:
+        """
+        A client that left while its credentials were checked is logged out
+        as soon as the login completes.
+        """
+        pending: Deferred[bytes] = Deferred()
+
+        @implementer(ICredentialsChecker)
+        class SlowChecker:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[Any]:
+                return pending
+
+        self.factory.portal = Portal(self.realm, [SlowChecker()])
+        self.proxy.dataReceived(basicHead(b"alice:pw"))
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        pending.callback(b"alice")
+        self.assertEqual(self.realm.events, ["login alice", "logout alice"])
+
+    def test_sharedLoginLogsOutOnce(self) -> None:
+        """
+        Connections that joined one login (the same credentials at once)
+        share its avatar; its logout is called once, when the last of them
+        is gone.
+        """
+        pending: Deferred[bytes] = Deferred()
+
+        @implementer(ICredentialsChecker)
+        class SlowChecker:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[Any]:
+                return pending
+
+        self.factory.portal = Portal(self.realm, [SlowChecker()])
+        first, _ = self.connectClient()
+        second, _ = self.connectClient()
+        first.dataReceived(basicHead(b"alice:pw"))
+        second.dataReceived(basicHead(b"alice:pw"))
+        pending.callback(b"alice")
+        self.assertEqual(self.realm.events, ["login alice"])
+        self.assertEqual(len(self.connector.targets), 2)
+        first.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.realm.events, ["login alice"])
+        second.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.realm.events, ["login alice", "logout alice"])
+
+    def test_brokenAvatar(self) -> None:
+        """
+        An avatar the proxy cannot use (here without a C{name}) gets the
+        client a 500 at once, not a wait for the connect timeout, and the
+        error is logged.
+        """
+
+        class Nameless:
+            pass
+
+        self.realm.avatar = Nameless()
+        self.proxy.dataReceived(basicHead(b"alice:pw"))
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        self.assertEqual(self.connector.targets, [])
+
+
+class BrokenPolicyTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    A policy of the application's that raises gets the client a 500 at
+    once, and the error is logged.
+    """
+
+    def brokenPolicy(self, method: str) -> None:
+        """
+        Make the factory's policy the default one, but for C{method}, which
+        raises L{KeyError}.
+        """
+
+        def broken(self: object, *args: object) -> Any:
+            raise KeyError("no such rule")
+
+        self.factory.policy = type("BrokenPolicy", (TunnelPolicy,), {method: broken})()
+
+    def test_checkTarget(self) -> None:
+        """
+        C{checkTarget} raising: a 500, logged.
+        """
+        self.brokenPolicy("checkTarget")
+        self.proxy.dataReceived(HEAD)
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertAnswered(self.client)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual(self.connector.targets, [])
+
+    def test_checkClient(self) -> None:
+        """
+        C{checkClient} raising: a 500 as soon as the client connects,
+        logged.
+        """
+        self.brokenPolicy("checkClient")
+        proxy, client = self.connectClient()
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        proxy.dataReceived(HEAD)
+        self.assertEqual(self.connector.targets, [])
 
 
 class PolicyTests(ProxyTestMixin, SynchronousTestCase):

@@ -4,23 +4,35 @@ tunnel: an HTTP CONNECT tunnelling proxy built on Twisted.
 The public API:
   - L{ConnectProxyFactory}: the server factory to put behind any endpoint;
   - L{ITargetConnector} and its default L{HostnameConnector}: how targets
-    are reached;
+    are reached (a connector fails with L{AddressDenied} when the policy
+    left no address);
   - L{parseConnectHead}, L{ConnectRequest} and L{RequestRejected}: the pure
     request parser;
   - L{Relay} and L{RelayResult}: joining two transports into a tunnel;
-  - L{ITunnelPolicy} and its default L{TunnelPolicy}: who may tunnel where;
-  - L{ProxyService}: listeners, access log, metrics and graceful drain;
+  - L{ITunnelPolicy} and its default L{TunnelPolicy}: who may tunnel where
+    (a policy refuses with a L{Denial});
+  - L{IProxyUser}, L{ProxyUser} and L{portalFromCheckers}: authentication
+    through C{twisted.cred};
+  - L{ProxyService}: listeners, access log (L{AccessLogObserver}), metrics
+    (L{ProxyMetrics}, L{metricsResource}) and graceful drain;
+    L{StopOnSignals} makes a second SIGTERM harmless during the drain;
   - L{UpstreamEndpoint} and L{UpstreamConnector}: reaching targets through a
     parent CONNECT proxy (L{parseUpstreamURL}).
+
+The submodules hold more, for those who build on the parts; what they list
+in C{__all__} is public too.
 """
 
+from .accesslog import AccessLogObserver
+from .auth import IProxyUser, ProxyUser, portalFromCheckers
 from .connector import HostnameConnector
-from .interfaces import ITargetConnector
-from .policy import ITunnelPolicy, TunnelPolicy
+from .interfaces import AddressDenied, ITargetConnector
+from .metrics import ProxyMetrics, metricsResource
+from .policy import Denial, ITunnelPolicy, TunnelPolicy
 from .relay import Relay, RelayResult
 from .request import ConnectRequest, RequestRejected, parseConnectHead
 from .server import ConnectProxy, ConnectProxyFactory
-from .service import ProxyService
+from .service import ProxyService, StopOnSignals
 from .upstream import (
     UpstreamConnector,
     UpstreamEndpoint,
@@ -31,22 +43,31 @@ from .upstream import (
 )
 
 __all__ = [
+    "AccessLogObserver",
+    "AddressDenied",
     "ConnectProxy",
     "ConnectProxyFactory",
     "ConnectRequest",
+    "Denial",
     "HostnameConnector",
+    "IProxyUser",
     "ITargetConnector",
     "ITunnelPolicy",
+    "ProxyMetrics",
     "ProxyService",
+    "ProxyUser",
     "Relay",
     "RelayResult",
     "RequestRejected",
+    "StopOnSignals",
     "TunnelPolicy",
     "UpstreamConnector",
     "UpstreamEndpoint",
     "UpstreamProtocolError",
     "UpstreamProxy",
     "UpstreamRefused",
+    "metricsResource",
     "parseConnectHead",
     "parseUpstreamURL",
+    "portalFromCheckers",
 ]

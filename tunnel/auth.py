@@ -16,7 +16,7 @@ from attrs import frozen
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.interfaces import IReactorTime
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 __all__ = [
     "FailureDamper",
@@ -96,10 +96,19 @@ def challengeHeaders(realm: str) -> tuple[tuple[bytes, bytes], ...]:
 
 class IProxyUser(Interface):
     """
-    An authenticated proxy user; the avatar the portal hands out.
+    An authenticated proxy user; the avatar the portal hands out.  The
+    policy is given it (L{tunnel.policy.ITunnelPolicy}), so a realm may put
+    there whatever its policy needs.
     """
 
+    name = Attribute(
+        """
+        The user name (a L{str}), shown in the logs and the access log.
+        """
+    )
 
+
+@implementer(IProxyUser)
 @frozen
 class ProxyUser:
     """

@@ -21,15 +21,20 @@ import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from attrs import field, frozen
 from zope.interface import Interface, implementer
+
+if TYPE_CHECKING:
+    from .auth import IProxyUser
 
 __all__ = [
     "DEFAULT_DENIED_NETWORKS",
     "DEFAULT_PORTS",
     "AddressRule",
     "Denial",
+    "IPAddress",
     "ITunnelPolicy",
     "PortRange",
     "TunnelPolicy",
@@ -343,12 +348,14 @@ class ITunnelPolicy(Interface):
         """
 
     def checkTarget(
-        avatar: str | None, client: IPAddress | None, host: str, port: int
+        avatar: IProxyUser | None, client: IPAddress | None, host: str, port: int
     ) -> Denial | None:
         """
         May this user reach C{host:port}?  Asked before any name lookup.
 
-        @param avatar: The authenticated user name, or L{None}.
+        @param avatar: The authenticated user: the portal's avatar (its
+            C{name} is the user name, and a realm of the application's may
+            give it more to decide on), or L{None} without authentication.
         @param client: The client's IP address, or L{None}.
         @param host: The target host as requested.
         @param port: The target port.
@@ -357,7 +364,7 @@ class ITunnelPolicy(Interface):
         """
 
     def checkAddress(
-        avatar: str | None,
+        avatar: IProxyUser | None,
         client: IPAddress | None,
         host: str,
         port: int,
@@ -454,7 +461,7 @@ class TunnelPolicy:
         )
 
     def checkTarget(
-        self, avatar: str | None, client: IPAddress | None, host: str, port: int
+        self, avatar: IProxyUser | None, client: IPAddress | None, host: str, port: int
     ) -> Denial | None:
         """
         Check the port and the name rules.
@@ -472,7 +479,7 @@ class TunnelPolicy:
 
     def checkAddress(
         self,
-        avatar: str | None,
+        avatar: IProxyUser | None,
         client: IPAddress | None,
         host: str,
         port: int,

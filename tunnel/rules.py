@@ -5,6 +5,7 @@ A policy whose rules also come from a file that is re-read when it changes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -12,6 +13,9 @@ from zope.interface import implementer
 
 from .filestamp import fileStamp
 from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy, parseRules
+
+if TYPE_CHECKING:
+    from .auth import IProxyUser
 
 __all__ = ["RulesFilePolicy"]
 
@@ -102,7 +106,7 @@ class RulesFilePolicy:
         return self._refresh().checkClient(client)
 
     def checkTarget(
-        self, avatar: str | None, client: IPAddress | None, host: str, port: int
+        self, avatar: IProxyUser | None, client: IPAddress | None, host: str, port: int
     ) -> Denial | None:
         """
         See L{ITunnelPolicy.checkTarget}.
@@ -111,7 +115,7 @@ class RulesFilePolicy:
 
     def checkAddress(
         self,
-        avatar: str | None,
+        avatar: IProxyUser | None,
         client: IPAddress | None,
         host: str,
         port: int,

@@ -42,7 +42,6 @@ from .accesslog import escapeField
 from .auth import (
     FailureDamper,
     IProxyUser,
-    ProxyUser,
     challengeHeaders,
     checkRealm,
     parseBasicCredentials,
@@ -231,6 +230,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     __slots__ = (
         "_admitted",
         "_attempt",
+        "_avatar",
         "_awaitingHeader",
         "_buffer",
         "_client",
@@ -248,6 +248,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         "_lingerBytes",
         "_lingerCounted",
         "_lingering",
+        "_logout",
         "_parentStatus",
         "_peer",
         "_reading",
@@ -269,6 +270,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._status: int | None = None
         self._ended: str | None = None
         self._user: str | None = None
+        self._avatar: IProxyUser | None = None
+        self._logout: Callable[[], object] | None = None
         self._admitted = False
         self._connectedTo = "-"
         self._refusal: str | None = None
@@ -339,7 +342,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._identify(peer)
         refusal = factory.admit(self._clientKey)
         if refusal is None:
-            denial = factory.policy.checkClient(self._clientIP)
+            try:
+                denial = factory.policy.checkClient(self._clientIP)
+            except Exception:
+                self._failedInternally(Failure(), "checking the client")
+                return False
             if denial is not None:
                 refusal = RequestRejected(denial.status, denial.detail)
                 self._refusal = denial.reason
@@ -490,14 +497,37 @@ class ConnectProxy(Protocol, TimeoutMixin):
         factory.damper.checking(self._clientKey, self._attempt)
         login = factory.login(credentials, self._attempt)
         login.addCallbacks(self._authenticated, self._authenticationFailed)
+        # What the application's realm and policy do after the login must
+        # not fail silently and leave the client waiting.
+        login.addErrback(self._failedInternally, "after the login")
 
-    def _authenticated(self, result: tuple[Any, ProxyUser, Any]) -> None:
+    def _authenticated(
+        self, result: tuple[Any, IProxyUser, Callable[[], object]]
+    ) -> None:
         self.factory.damper.checked(self._clientKey, self._attempt, succeeded=True)
+        _, avatar, self._logout = result
         if self._reading == "done":
+            # The client left during the check.
+            self._forgetIfDone()
             return
-        self._user = result[1].name
+        self._avatar = avatar
+        self._user = avatar.name
         assert self._request is not None
         self._authorize(self._request)
+
+    def _failedInternally(self, reason: Failure, doing: str) -> None:
+        """
+        Code of the application's (a policy, a realm) or ours failed while
+        handling this request: log it, and answer 500 rather than leave the
+        client waiting for a timeout.
+        """
+        self._log.failure(
+            "Failed {doing} for {client}", reason, doing=doing, client=self._peer
+        )
+        if self._reading != "done":
+            self._reject(
+                RequestRejected(500, "The proxy could not handle this request.")
+            )
 
     def _authenticationFailed(self, reason: Failure) -> None:
         self.factory.damper.checked(self._clientKey, self._attempt, succeeded=False)
@@ -526,9 +556,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
         )
 
     def _authorize(self, request: ConnectRequest) -> None:
-        denial = self.factory.policy.checkTarget(
-            self._user, self._clientIP, request.host, request.port
-        )
+        try:
+            denial = self.factory.policy.checkTarget(
+                self._avatar, self._clientIP, request.host, request.port
+            )
+        except Exception:
+            self._failedInternally(Failure(), "checking the target")
+            return
         if denial is not None:
             self._refusal = denial.reason
             self._reject(RequestRejected(denial.status, denial.detail))
@@ -548,7 +582,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         factory = self.factory
         policy = factory.policy
         user, client, host, port = (
-            self._user,
+            self._avatar,
             self._clientIP,
             request.host,
             request.port,
@@ -765,6 +799,14 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # logged its event, so a drain ends only when both have happened.
         if self._clientGone and self._ended is not None:
             self.factory._connectionGone(self)
+            logout, self._logout = self._logout, None
+            if logout is not None:
+                try:
+                    logout()
+                except Exception:
+                    self._log.failure(
+                        "Logging out {user} failed", user=escapeField(self._user or "-")
+                    )
 
     def _abandon(self, ended: str = "client-left") -> None:
         self.setTimeout(None)
@@ -867,6 +909,61 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._client.loseConnection()
             self._end(None, "shutdown")
 
+    # What an application may read of a connection that is open (the
+    # factory's connections): who, where to, and how much so far.  Read
+    # from the state the proxy keeps anyway, so they cost no memory.
+
+    @property
+    def client(self) -> str:
+        """
+        The client's address (C{host:port}, or the PROXY header's source),
+        as the log shows it.
+        """
+        return self._peer
+
+    @property
+    def user(self) -> str | None:
+        """
+        The user name: the one authenticated, or claimed while the check
+        runs or after it failed; L{None} without credentials.
+        """
+        return self._user
+
+    @property
+    def avatar(self) -> IProxyUser | None:
+        """
+        The realm's avatar once the user is authenticated, else L{None}.
+        """
+        return self._avatar
+
+    @property
+    def target(self) -> str | None:
+        """
+        The target as requested (C{host:port}), once a CONNECT was read.
+        """
+        return None if self._targetName == "-" else self._targetName
+
+    @property
+    def established(self) -> bool:
+        """
+        Whether the tunnel is established (the 200 was sent).
+        """
+        return self._relay is not None
+
+    @property
+    def bytesUp(self) -> int:
+        """
+        Bytes relayed from the client to the target so far.
+        """
+        return self._relay.bytesUp if self._relay is not None else 0
+
+    @property
+    def bytesDown(self) -> int:
+        """
+        Bytes relayed from the target to the client so far.
+        """
+        return self._relay.bytesDown if self._relay is not None else 0
+
     def abortTunnel(self) -> None:
         """
         Close this connection at once, whatever stage it is in.
@@ -878,6 +975,22 @@ class ConnectProxy(Protocol, TimeoutMixin):
             # makes the connection look abandoned.
             self._end(None, "shutdown")
             self._client.abortConnection()
+
+
+class _SharedLogout:
+    """
+    A realm's logout shared by the connections that joined one login: it
+    runs when the last of them logs out.
+    """
+
+    def __init__(self, logout: Callable[[], object], users: int) -> None:
+        self._logout = logout
+        self._users = users
+
+    def __call__(self) -> None:
+        self._users -= 1
+        if self._users == 0:
+            self._logout()
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -1007,7 +1120,9 @@ class ConnectProxyFactory(Factory):
         self.awaitingHeader = 0
         self.lingeringRefusals = 0
         self.maxLingeringRefusals = MAX_LINGERING_REFUSALS
-        self._logins: dict[bytes, list[Deferred[tuple[Any, ProxyUser, Any]]]] = {}
+        self._logins: dict[
+            bytes, list[Deferred[tuple[Any, IProxyUser, Callable[[], object]]]]
+        ] = {}
         self.draining = False
         self._drained: list[Deferred[None]] = []
         self._open = 0
@@ -1069,7 +1184,7 @@ class ConnectProxyFactory(Factory):
 
     def login(
         self, credentials: UsernamePassword, attempt: bytes
-    ) -> Deferred[tuple[Any, ProxyUser, Any]]:
+    ) -> Deferred[tuple[Any, IProxyUser, Callable[[], object]]]:
         """
         Check C{credentials} through the portal.  A check of the same
         credentials still running is joined rather than started again: the
@@ -1082,20 +1197,25 @@ class ConnectProxyFactory(Factory):
             failure.
         """
         assert self.portal is not None
-        result: Deferred[tuple[Any, ProxyUser, Any]] = Deferred()
+        result: Deferred[tuple[Any, IProxyUser, Callable[[], object]]] = Deferred()
         waiting = self._logins.get(attempt)
         if waiting is not None:
             waiting.append(result)
             return result
         waiting = self._logins[attempt] = [result]
 
-        def fire(outcome: object) -> None:
+        def fire(outcome: Any) -> None:
             del self._logins[attempt]
+            if not isinstance(outcome, Failure) and len(waiting) > 1:
+                # One login, one avatar, shared: the realm's logout is due
+                # when the last connection that shares it ends.
+                interface, avatar, logout = outcome
+                outcome = (interface, avatar, _SharedLogout(logout, len(waiting)))
             for waiter in waiting:
                 if isinstance(outcome, Failure):
                     waiter.errback(outcome)
                 else:
-                    waiter.callback(outcome)  # type: ignore[arg-type]
+                    waiter.callback(outcome)
 
         self.portal.login(credentials, None, IProxyUser).addBoth(fire)
         return result
