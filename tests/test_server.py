@@ -1478,19 +1478,11 @@ class RealmTests(ProxyTestMixin, SynchronousTestCase):
         A client that left while its credentials were checked is logged out
         as soon as the login completes.
         """
-        pending: Deferred[bytes] = Deferred()
-
-        @implementer(ICredentialsChecker)
-        class SlowChecker:
-            credentialInterfaces = (IUsernamePassword,)
-
-            def requestAvatarId(self, credentials: object) -> Deferred[Any]:
-                return pending
-
-        self.factory.portal = Portal(self.realm, [SlowChecker()])
+        checker = PendingChecker()
+        self.factory.portal = Portal(self.realm, [checker])
         self.proxy.dataReceived(basicHead(b"alice:pw"))
         self.proxy.connectionLost(Failure(ConnectionLost()))
-        pending.callback(b"alice")
+        checker.pending[0].callback(b"alice")
         self.assertEqual(self.realm.events, ["login alice", "logout alice"])
 
     def test_sharedLoginLogsOutOnce(self) -> None:
@@ -1499,21 +1491,13 @@ class RealmTests(ProxyTestMixin, SynchronousTestCase):
         share its avatar; its logout is called once, when the last of them
         is gone.
         """
-        pending: Deferred[bytes] = Deferred()
-
-        @implementer(ICredentialsChecker)
-        class SlowChecker:
-            credentialInterfaces = (IUsernamePassword,)
-
-            def requestAvatarId(self, credentials: object) -> Deferred[Any]:
-                return pending
-
-        self.factory.portal = Portal(self.realm, [SlowChecker()])
+        checker = PendingChecker()
+        self.factory.portal = Portal(self.realm, [checker])
         first, _ = self.connectClient()
         second, _ = self.connectClient()
         first.dataReceived(basicHead(b"alice:pw"))
         second.dataReceived(basicHead(b"alice:pw"))
-        pending.callback(b"alice")
+        checker.pending[0].callback(b"alice")
         self.assertEqual(self.realm.events, ["login alice"])
         self.assertEqual(len(self.connector.targets), 2)
         first.connectionLost(Failure(ConnectionLost()))
