@@ -1151,6 +1151,7 @@ class BrokenChecker:
         return fail(ZeroDivisionError())
 
 
+@implementer(ICredentialsChecker)
 class PendingChecker:
     """
     A checker that answers when the test says so.

@@ -230,7 +230,6 @@ class ConnectProxy(Protocol, TimeoutMixin):
     __slots__ = (
         "_admitted",
         "_attempt",
-        "_avatar",
         "_awaitingHeader",
         "_buffer",
         "_client",
@@ -248,7 +247,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         "_lingerBytes",
         "_lingerCounted",
         "_lingering",
-        "_logout",
+        "_login",
         "_parentStatus",
         "_peer",
         "_reading",
@@ -270,8 +269,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._status: int | None = None
         self._ended: str | None = None
         self._user: str | None = None
-        self._avatar: IProxyUser | None = None
-        self._logout: Callable[[], object] | None = None
+        # The realm's avatar and logout, once logged in.
+        self._login: tuple[IProxyUser, Callable[[], object]] | None = None
         self._admitted = False
         self._connectedTo = "-"
         self._refusal: str | None = None
@@ -505,12 +504,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self, result: tuple[Any, IProxyUser, Callable[[], object]]
     ) -> None:
         self.factory.damper.checked(self._clientKey, self._attempt, succeeded=True)
-        _, avatar, self._logout = result
+        _, avatar, logout = result
+        self._login = (avatar, logout)
         if self._reading == "done":
             # The client left during the check.
             self._forgetIfDone()
             return
-        self._avatar = avatar
         self._user = avatar.name
         assert self._request is not None
         self._authorize(self._request)
@@ -558,7 +557,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def _authorize(self, request: ConnectRequest) -> None:
         try:
             denial = self.factory.policy.checkTarget(
-                self._avatar, self._clientIP, request.host, request.port
+                self.avatar, self._clientIP, request.host, request.port
             )
         except Exception:
             self._failedInternally(Failure(), "checking the target")
@@ -582,7 +581,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         factory = self.factory
         policy = factory.policy
         user, client, host, port = (
-            self._avatar,
+            self.avatar,
             self._clientIP,
             request.host,
             request.port,
@@ -799,10 +798,10 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # logged its event, so a drain ends only when both have happened.
         if self._clientGone and self._ended is not None:
             self.factory._connectionGone(self)
-            logout, self._logout = self._logout, None
-            if logout is not None:
+            login, self._login = self._login, None
+            if login is not None:
                 try:
-                    logout()
+                    login[1]()
                 except Exception:
                     self._log.failure(
                         "Logging out {user} failed", user=escapeField(self._user or "-")
@@ -934,7 +933,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         """
         The realm's avatar once the user is authenticated, else L{None}.
         """
-        return self._avatar
+        return self._login[0] if self._login is not None else None
 
     @property
     def target(self) -> str | None:
