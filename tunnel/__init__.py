@@ -1,8 +1,9 @@
 """
 tunnel: an HTTP CONNECT tunnelling proxy built on Twisted.
 
-The public API:
-  - L{ConnectProxyFactory}: the server factory to put behind any endpoint;
+The public API (C{__all__}):
+  - L{ConnectProxyFactory}: the server factory to put behind any endpoint,
+    and L{ConnectProxy}, the protocol it builds for each client connection;
   - L{ITargetConnector} and its default L{HostnameConnector}: how targets
     are reached (a connector fails with L{AddressDenied} when the policy
     left no address);
@@ -17,7 +18,9 @@ The public API:
     (L{ProxyMetrics}, L{metricsResource}) and graceful drain;
     L{StopOnSignals} makes a second SIGTERM harmless during the drain;
   - L{UpstreamEndpoint} and L{UpstreamConnector}: reaching targets through a
-    parent CONNECT proxy (L{parseUpstreamURL}).
+    parent CONNECT proxy, an L{UpstreamProxy} (see L{parseUpstreamURL});
+    they fail with L{UpstreamRefused} when the parent refuses, and with
+    L{UpstreamProtocolError} when it gives no usable answer.
 
 The submodules hold more, for those who build on the parts; what they list
 in C{__all__} is public too.

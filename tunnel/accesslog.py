@@ -75,6 +75,9 @@ def formatAccessText(event: LogEvent) -> str:
 
     Every field is free of spaces and control characters: C{%}, spaces and
     anything outside visible ASCII are percent-encoded (C{%20}, C{%0A}).
+
+    @param event: A log event with C{tunnelEvent} set.
+    @return: The line, without a line break.
     """
     record = accessRecord(event)
     return " ".join(escapeField(str(record[name])) for name in ACCESS_FIELDS)
@@ -85,6 +88,10 @@ def escapeField(text: str) -> str:
     Percent-encode C{%}, spaces and anything outside visible ASCII, so a
     field (a user name a client claimed, say) can neither split a record
     nor start a forged one.
+
+    @param text: The field's value.
+    @return: C{text} with those characters percent-encoded (their UTF-8
+        bytes, C{%XX} each); C{text} itself if there are none.
     """
     if all("!" <= character <= "~" and character != "%" for character in text):
         return text
@@ -100,6 +107,9 @@ def formatAccessJSON(event: LogEvent) -> str:
     """
     One JSON object of the L{ACCESS_FIELDS}; C{status} is C{null} when no
     answer was sent.
+
+    @param event: A log event with C{tunnelEvent} set.
+    @return: The object, on one line.
     """
     record = accessRecord(event)
     if record["status"] == "-":
@@ -137,6 +147,8 @@ class AccessLogObserver:
     def __call__(self, event: LogEvent) -> None:
         """
         Write C{event} if it is a tunnel event.
+
+        @param event: A log event; any but a tunnel event is ignored.
         """
         if event.get("tunnelEvent"):
             self._file.write(self._format(event) + "\n")

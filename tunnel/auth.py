@@ -131,6 +131,14 @@ class ProxyRealm:
     ) -> tuple[Any, ProxyUser, Any]:
         """
         Give the L{ProxyUser} named by C{avatarId}.
+
+        @param avatarId: The user name a checker accepted (UTF-8), or
+            C{()} for an anonymous login, which gets an empty name.
+        @param mind: Unused.
+        @param interfaces: The interfaces the avatar may provide; must
+            include L{IProxyUser}.
+        @return: C{(IProxyUser, avatar, logout)}.
+        @raise NotImplementedError: If C{interfaces} lacks L{IProxyUser}.
         """
         if IProxyUser not in interfaces:
             raise NotImplementedError("only IProxyUser avatars are available")
@@ -248,6 +256,8 @@ class FailureDamper:
     def failed(self, client: str) -> None:
         """
         Record a failure from C{client}.
+
+        @param client: The client address.
         """
         entry = self._current(client)
         if entry is None:

@@ -35,6 +35,7 @@ from .policy import parseAddress
 
 __all__ = ["AddressDenied", "HostnameConnector"]
 
+#: A destination policy for one tunnel: whether it may connect to an address.
 AllowAddress = Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]
 
 
@@ -398,6 +399,16 @@ class HostnameConnector:
         """
         Give an endpoint for C{host:port} that connects only to addresses
         C{allowAddress} allows (all of them if it is L{None}).
+
+        @param host: The target host: a DNS name, an IPv4 literal or an IPv6
+            literal without brackets.
+        @param port: The target port.
+        @param allowAddress: The destination policy for this tunnel, or
+            L{None} to allow every address.
+        @return: An endpoint that connects directly to an address literal,
+            or resolves a name and connects (Happy Eyeballs) to the allowed
+            addresses only; its C{connect} fails with L{AddressDenied} when
+            none is allowed.
         """
         literal = parseAddress(host)
         if literal is not None:

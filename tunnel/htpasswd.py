@@ -188,6 +188,7 @@ class HtpasswdChecker:
         """
         Check C{credentials}.
 
+        @param credentials: The user name and password a client sent.
         @return: A Deferred that fires with the user name, or fails with
             L{UnauthorizedLogin}.
         """

@@ -100,6 +100,9 @@ class ProxyMetrics:
 
     Add it as a log observer (it keeps only tunnel events) and serve
     L{metricsResource} of its C{registry}.
+
+    @ivar registry: The C{prometheus_client} registry holding the metrics.
+    @ivar factories: The factories whose open connections are gauged.
     """
 
     def __init__(self, factories: list[ConnectProxyFactory] | None = None) -> None:
@@ -154,6 +157,8 @@ class ProxyMetrics:
     def __call__(self, event: LogEvent) -> None:
         """
         Count a tunnel event.
+
+        @param event: A log event; any but a tunnel event is ignored.
         """
         if not event.get("tunnelEvent"):
             return
@@ -187,6 +192,9 @@ class _MetricsPage(Resource):
 def metricsResource(metrics: ProxyMetrics) -> Resource:
     """
     A twisted.web resource tree that serves C{metrics} at C{/metrics}.
+
+    @param metrics: The metrics to serve.
+    @return: The root resource, for a L{twisted.web.server.Site}.
     """
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(metrics.registry))

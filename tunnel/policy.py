@@ -47,14 +47,17 @@ __all__ = [
     "parseTargetRule",
 ]
 
+#: An IPv4 or IPv6 address.
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: An IPv4 or IPv6 network.
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+#: The target ports allowed without any C{--allow-port}.
 DEFAULT_PORTS = (443,)
 
-# Destinations refused unless an --allow-to rule opens them: everything that
-# is not a globally routed unicast address (IANA special-purpose registries,
-# RFC 6890 and its updates).
+#: Destinations refused unless an --allow-to rule opens them: everything that
+#: is not a globally routed unicast address (IANA special-purpose registries,
+#: RFC 6890 and its updates).
 DEFAULT_DENIED_NETWORKS: tuple[IPNetwork, ...] = tuple(
     ipaddress.ip_network(text)
     for text in [
@@ -191,12 +194,21 @@ def isUnspecified(address: IPAddress) -> bool:
 class PortRange:
     """
     An inclusive range of TCP ports.
+
+    @ivar low: The first port of the range.
+    @ivar high: The last port of the range (C{low} for a single port).
     """
 
     low: int
     high: int
 
     def __contains__(self, port: object) -> bool:
+        """
+        Whether C{port} is in the range.
+
+        @param port: The port.
+        @return: C{True} if C{port} is an L{int} from C{low} to C{high}.
+        """
         return isinstance(port, int) and self.low <= port <= self.high
 
 
@@ -241,6 +253,10 @@ class AddressRule:
     def matchesName(self, host: str) -> bool:
         """
         Whether this rule names C{host} (as the client wrote it).
+
+        @param host: The target host as requested.
+        @return: C{True} if this is a name rule that covers C{host}: the
+            same name, or a subdomain for a C{*.DOMAIN} rule.
         """
         if self.name is None:
             return False
@@ -252,6 +268,10 @@ class AddressRule:
     def matchesAddress(self, address: IPAddress) -> bool:
         """
         Whether this rule covers C{address}, or the IPv4 address it carries.
+
+        @param address: A resolved (or literal) target address.
+        @return: C{True} if this is a network rule that covers C{address},
+            or the IPv4 address it carries (see L{embeddedIPv4}).
         """
         if self.network is None:
             return False
@@ -373,12 +393,24 @@ class ITunnelPolicy(Interface):
         """
         May the tunnel to C{host:port} go to this resolved C{address}?
 
+        @param avatar: The authenticated user: the portal's avatar, as for
+            L{checkTarget}, or L{None} without authentication.
+        @param client: The client's IP address, or L{None}.
+        @param host: The target host as requested.
+        @param port: The target port.
+        @param address: One address C{host} resolved to (or C{host} itself,
+            for an address literal).
         @return: C{True} to allow connecting to this address.
         """
 
     def addressDenial(host: str, port: int) -> Denial:
         """
         The denial to send when no resolved address was allowed.
+
+        @param host: The target host as requested.
+        @param port: The target port.
+        @return: The refusal, naming the option that would open the
+            destination.
         """
 
 
@@ -425,6 +457,12 @@ class TunnelPolicy:
 
         @param ports: Ports or ranges allowed besides 443 (C{22},
             C{8000-8999}, C{any}).
+        @param allowFrom: Client networks (CIDR or address) allowed to use
+            the proxy; empty means any client.
+        @param allowTo: Destination rules that open a destination (see
+            L{parseTargetRule}).
+        @param denyTo: Destination rules that close one.
+        @return: The policy.
         @raise ValueError: If a rule cannot be parsed.
         """
         return cls(
@@ -438,6 +476,12 @@ class TunnelPolicy:
     def checkClient(self, client: IPAddress | None) -> Denial | None:
         """
         Allow clients within C{allowFrom}, or anyone if it is empty.
+
+        See L{ITunnelPolicy.checkClient}.
+
+        @param client: The client's IP address, or L{None} for a client on a
+            UNIX socket (refused when C{allowFrom} is set).
+        @return: L{None} to allow, or a L{Denial} (C{"client"}).
         """
         if not self.allowFrom:
             return None
@@ -465,6 +509,16 @@ class TunnelPolicy:
     ) -> Denial | None:
         """
         Check the port and the name rules.
+
+        See L{ITunnelPolicy.checkTarget}.
+
+        @param avatar: The authenticated user (an L{IProxyUser}), or L{None}
+            (unused).
+        @param client: The client's IP address, or L{None} (unused).
+        @param host: The target host as requested.
+        @param port: The target port.
+        @return: L{None} to go on, or a L{Denial} (C{"port"}, or
+            C{"destination"} for a C{denyTo} name rule).
         """
         if not any(port in allowed for allowed in self.ports):
             return Denial(
@@ -487,6 +541,16 @@ class TunnelPolicy:
     ) -> bool:
         """
         Apply the address rules in order of precedence.
+
+        See L{ITunnelPolicy.checkAddress}.
+
+        @param avatar: The authenticated user (an L{IProxyUser}), or L{None}
+            (unused).
+        @param client: The client's IP address, or L{None} (unused).
+        @param host: The target host as requested.
+        @param port: The target port (unused).
+        @param address: One address C{host} resolved to.
+        @return: C{True} to allow connecting to C{address}.
         """
         if isUnspecified(address):
             return False
@@ -501,6 +565,13 @@ class TunnelPolicy:
     def addressDenial(self, host: str, port: int) -> Denial:
         """
         Name the option that would open the destination.
+
+        See L{ITunnelPolicy.addressDenial}.
+
+        @param host: The target host as requested.
+        @param port: The target port (unused).
+        @return: The refusal: C{"destination"} if a C{denyTo} rule covers
+            an address literal, C{"address"} otherwise.
         """
         # The policy may have refused by default or by a --deny-to rule;
         # name both, since --deny-to wins.
@@ -526,6 +597,7 @@ class TunnelPolicy:
         )
 
 
+#: The kinds of rule a rules file may hold, as the options are named.
 RULE_KINDS = ("allow-port", "allow-from", "allow-to", "deny-to")
 
 

@@ -52,6 +52,7 @@ def canHalfClose(transport: object) -> bool:
     asking them for C{loseWriteConnection} is no answer.
 
     @param transport: A connected transport.
+    @return: C{True} if a relay may half-close C{transport}.
     """
     return IHalfCloseableDescriptor.providedBy(transport) and not isinstance(
         transport, ProtocolWrapper
@@ -65,15 +66,57 @@ class StreamTransport(TypingProtocol):
     can).
     """
 
-    def write(self, data: bytes) -> None: ...
-    def registerProducer(self, producer: object, streaming: bool) -> None: ...
-    def unregisterProducer(self) -> None: ...
-    def pauseProducing(self) -> None: ...
-    def resumeProducing(self) -> None: ...
-    def loseConnection(self) -> None: ...
-    def loseWriteConnection(self) -> None: ...
-    def abortConnection(self) -> None: ...
-    def getPeer(self) -> IAddress: ...
+    def write(self, data: bytes) -> None:
+        """
+        Send bytes to the peer, buffering what cannot go out at once.
+
+        @param data: The bytes.
+        """
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        """
+        Have C{producer} paused while this transport's buffer is full.
+
+        @param producer: The producer (the other side's transport).
+        @param streaming: C{True} for a push producer, as a relay registers.
+        """
+
+    def unregisterProducer(self) -> None:
+        """
+        Forget the registered producer.
+        """
+
+    def pauseProducing(self) -> None:
+        """
+        Stop reading from the peer.
+        """
+
+    def resumeProducing(self) -> None:
+        """
+        Read from the peer again.
+        """
+
+    def loseConnection(self) -> None:
+        """
+        Close once the buffered bytes are written.
+        """
+
+    def loseWriteConnection(self) -> None:
+        """
+        Send FIN once the buffered bytes are written, and keep reading.
+        """
+
+    def abortConnection(self) -> None:
+        """
+        Close at once, dropping the buffered bytes (a reset for TCP).
+        """
+
+    def getPeer(self) -> IAddress:
+        """
+        The peer's address.
+
+        @return: The address of the other end of the connection.
+        """
 
 
 class RelayEvents(TypingProtocol):
@@ -87,18 +130,74 @@ class RelayEvents(TypingProtocol):
         earlyData: bytes = b"",
         clientFinished: bool = False,
         greeting: bytes = b"",
-    ) -> None: ...
-    def clientData(self, data: bytes) -> None: ...
-    def targetData(self, data: bytes) -> None: ...
-    def clientFinished(self) -> None: ...
-    def targetFinished(self) -> None: ...
-    def clientLost(self, reason: Failure = ...) -> None: ...
-    def targetLost(self, reason: Failure = ...) -> None: ...
-    def abort(self, why: str = ...) -> None: ...
+    ) -> None:
+        """
+        Start relaying, once both connections are up.
+
+        @param earlyData: Bytes the client sent before the tunnel was
+            established; they reach the target first.
+        @param clientFinished: Whether the client already half-closed its
+            side before the tunnel was established.
+        @param greeting: Bytes for the client before anything from the
+            target (the C{200} response); not counted as relayed.
+        """
+
+    def clientData(self, data: bytes) -> None:
+        """
+        Bytes arrived from the client.
+
+        @param data: The bytes.
+        """
+
+    def targetData(self, data: bytes) -> None:
+        """
+        Bytes arrived from the target.
+
+        @param data: The bytes.
+        """
+
+    def clientFinished(self) -> None:
+        """
+        The client sent FIN.
+        """
+
+    def targetFinished(self) -> None:
+        """
+        The target sent FIN.
+        """
+
+    def clientLost(self, reason: Failure = ...) -> None:
+        """
+        The client connection is gone.
+
+        @param reason: Why.
+        """
+
+    def targetLost(self, reason: Failure = ...) -> None:
+        """
+        The target connection is gone.
+
+        @param reason: Why.
+        """
+
+    def abort(self, why: str = ...) -> None:
+        """
+        End the tunnel at once, resetting both connections.
+
+        @param why: How the tunnel ended, for the L{RelayResult}.
+        """
+
     @property
-    def bytesUp(self) -> int: ...
+    def bytesUp(self) -> int:
+        """
+        Bytes written to the target so far.
+        """
+
     @property
-    def bytesDown(self) -> int: ...
+    def bytesDown(self) -> int:
+        """
+        Bytes written to the client so far.
+        """
 
 
 @implementer(IPushProducer)
@@ -361,7 +460,16 @@ class Relay(RelayLifecycle):
         idleWatch: IdleWatch | None = None,
     ) -> None:
         """
-        See L{RelayLifecycle.__init__}.
+        @param client: The transport connected to the client.
+        @param target: The transport connected to the target.
+        @param clock: Schedules the idle timeout.
+        @param idleTimeout: Seconds without a byte in either direction after
+            which both connections are aborted; L{None} or C{0} disables it.
+        @param onEnd: Called once with the L{RelayResult} when both
+            connections are closed.
+        @param idleWatch: The watch, shared with other tunnels, that applies
+            the idle timeout (its C{timeout} must be C{idleTimeout}); by
+            default the relay has one of its own.
         """
         super().__init__(client, target, clock, idleTimeout, onEnd, idleWatch)
         self._writtenUp = 0
@@ -517,6 +625,8 @@ class TargetProtocol(Protocol):
 
     Until a L{Relay} is attached it only waits; once attached it feeds every
     event to the relay.
+
+    @ivar relay: The relay this connection belongs to, once attached.
     """
 
     def __init__(self) -> None:
@@ -548,6 +658,8 @@ class TargetProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         """
         Pass target bytes on to the relay (or hold them until it exists).
+
+        @param data: The bytes.
         """
         if self.relay is not None:
             self.relay.targetData(data)
@@ -573,6 +685,8 @@ class TargetProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         The target connection is closed.
+
+        @param reason: Why.
         """
         if self.relay is not None:
             self.relay.targetLost(reason)

@@ -108,6 +108,13 @@ class RequestRejected(Exception):
         detail: str,
         headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
+        """
+        @param status: The HTTP status code to answer with.
+        @param detail: A short human-readable explanation for the response
+            body.
+        @param headers: Extra header fields for the response, as
+            C{(name, value)} pairs.
+        """
         super().__init__(status, detail)
         self.status = status
         self.detail = detail

@@ -29,6 +29,8 @@ class RulesFilePolicy:
     The file is looked at again at most once every C{checkInterval} seconds,
     when a client connects; if it changed it is re-read.  A file that no
     longer parses keeps the last good rules, and the reason is logged.
+
+    @ivar policy: The L{TunnelPolicy} of the last good rules.
     """
 
     _log = Logger()
@@ -102,6 +104,9 @@ class RulesFilePolicy:
     def checkClient(self, client: IPAddress | None) -> Denial | None:
         """
         See L{ITunnelPolicy.checkClient}; also looks for a changed file.
+
+        @param client: The client's IP address, or L{None}.
+        @return: L{None} to allow, or a L{Denial}.
         """
         return self._refresh().checkClient(client)
 
@@ -110,6 +115,12 @@ class RulesFilePolicy:
     ) -> Denial | None:
         """
         See L{ITunnelPolicy.checkTarget}.
+
+        @param avatar: The authenticated user (an L{IProxyUser}), or L{None}.
+        @param client: The client's IP address, or L{None}.
+        @param host: The target host as requested.
+        @param port: The target port.
+        @return: L{None} to go on, or a L{Denial}.
         """
         return self.policy.checkTarget(avatar, client, host, port)
 
@@ -123,11 +134,22 @@ class RulesFilePolicy:
     ) -> bool:
         """
         See L{ITunnelPolicy.checkAddress}.
+
+        @param avatar: The authenticated user (an L{IProxyUser}), or L{None}.
+        @param client: The client's IP address, or L{None}.
+        @param host: The target host as requested.
+        @param port: The target port.
+        @param address: One address C{host} resolved to.
+        @return: C{True} to allow connecting to C{address}.
         """
         return self.policy.checkAddress(avatar, client, host, port, address)
 
     def addressDenial(self, host: str, port: int) -> Denial:
         """
         See L{ITunnelPolicy.addressDenial}.
+
+        @param host: The target host as requested.
+        @param port: The target port.
+        @return: The refusal.
         """
         return self.policy.addressDenial(host, port)

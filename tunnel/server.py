@@ -77,9 +77,11 @@ __all__ = ["ConnectProxy", "ConnectProxyFactory", "formatAddress"]
 
 _ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
-#: After an error answer, how long and how much the proxy keeps reading (and
-#: dropping) what the client still sends, before it closes.
+#: After an error answer, how long the proxy keeps reading (and dropping)
+#: what the client still sends, before it closes.
 LINGER_SECONDS = 2.0
+#: After an error answer, how many bytes the proxy reads (and drops) at most
+#: before it closes.
 LINGER_BYTES = 16 << 20
 
 #: How many connections refused before they were counted (over a limit, or
@@ -220,6 +222,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
     header timeout; anything wrong gets a precise HTTP error and a closed
     connection, and nothing after the head is ever read as a new request
     (RFC 9931).
+
+    @ivar factory: The factory that built this protocol; its limits and
+        timeouts apply.
     """
 
     factory: ConnectProxyFactory
@@ -292,6 +297,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
         A method rather than the bound C{callLater} that L{TimeoutMixin}
         expects in the instance: one object less per open connection.
+
+        @param delay: Seconds from now.
+        @param call: What to call then.
+        @param args: Positional arguments for C{call}.
+        @return: The scheduled call.
         """
         return self.factory.clock.callLater(delay, call, *args)
 
@@ -389,6 +399,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         """
         Feed the relay, or collect the head, or hold early data.
+
+        @param data: Bytes from the client.
         """
         relay = self._relay
         if relay is not None:
@@ -769,6 +781,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         The client connection is closed.
+
+        @param reason: Why.
         """
         self._clientGone = True
         if self._ended is not None:
@@ -1006,7 +1020,47 @@ class ConnectProxyFactory(Factory):
         serverFromString(reactor, "tcp:8080:interface=127.0.0.1").listen(
             ConnectProxyFactory(reactor=reactor))
 
+    The constructor's parameters are kept as the attributes of the same
+    names, with their defaults filled in.
+
+    @ivar reactor: The reactor.
+    @ivar clock: Schedules every timeout; by default the reactor.
+    @ivar connector: Reaches the targets; by default a L{HostnameConnector}.
+    @ivar policy: Decides who may tunnel where; by default a
+        L{TunnelPolicy}.
+    @ivar portal: Checks credentials, or L{None} for no authentication.
+    @ivar realm: The realm named in the 407 challenge.
+    @ivar headerTimeout: Seconds a client has to send its request head.
+    @ivar connectTimeout: Seconds allowed to reach the target, or L{None}.
+    @ivar idleTimeout: Seconds without traffic before a tunnel is closed,
+        or L{None} (also for an C{idleTimeout} of C{0}).
+    @ivar maxRequestLine: The longest request line, in bytes.
+    @ivar maxHeaderSize: The largest request head, in bytes.
+    @ivar maxEarlyData: How many bytes after the head are held while the
+        target is reached.
+    @ivar maxTunnels: The most client connections at once, or L{None}.
+    @ivar maxTunnelsPerClient: The most per client address, or L{None}.
+    @ivar damper: Refuses clients after repeated failed logins.
+    @ivar proxyProtocol: Whether connections start with a PROXY header.
+    @ivar splice: Whether plain TCP tunnels use a L{SpliceRelay}; by
+        default what L{spliceAvailable} says.
+    @ivar logTunnels: Whether tunnel events go to the global log.
     @ivar connections: The client connections open now.
+    @ivar relaying: How many tunnels are established and relaying now.
+    @ivar answered: How many connections have their answer (a refusal, or
+        the end of their tunnel) and are only waiting to close: neither
+        handshakes nor tunnels any more.
+    @ivar awaitingHeader: How many connections are waiting for their PROXY
+        header (with C{proxyProtocol}); they count against C{maxTunnels}.
+    @ivar lingeringRefusals: How many connections refused before they were
+        counted (over a limit, or outside C{--allow-from}) are lingering now,
+        reading and dropping what the client still sends after the answer.
+    @ivar maxLingeringRefusals: The most such connections that may linger
+        at once (L{MAX_LINGERING_REFUSALS}); beyond, the answer is written
+        and the connection closed at once.
+    @ivar draining: Whether the factory drains (L{drain} was called, and a
+        L{tunnel.service.ProxyService} has not started it again): new
+        requests get a 503.
     @ivar tunnelObservers: Log observers given the event that ends each
         client connection (marked C{tunnelEvent}) directly, whether or not
         it also goes to the global log (C{logTunnels}): the access log and
@@ -1151,6 +1205,8 @@ class ConnectProxyFactory(Factory):
         Behind an C{ssl:} listener, a factory that offers no protocol makes
         Twisted abort the handshake of any client that sends ALPN (curl's
         C{--proxy https://} does), so name the one this proxy speaks.
+
+        @return: C{[b"http/1.1"]}.
         """
         return [b"http/1.1"]
 
@@ -1272,6 +1328,9 @@ class ConnectProxyFactory(Factory):
     def tunnelOpened(self, client: str) -> None:
         """
         Count an admitted connection.
+
+        @param client: The client's address (without port), for the
+            per-client limit.
         """
         self._open += 1
         self._openPerClient[client] = self._openPerClient.get(client, 0) + 1
@@ -1279,6 +1338,8 @@ class ConnectProxyFactory(Factory):
     def tunnelClosed(self, client: str) -> None:
         """
         Stop counting an admitted connection.
+
+        @param client: The address given to L{tunnelOpened}.
         """
         self._open -= 1
         left = self._openPerClient[client] - 1

@@ -81,6 +81,9 @@ class ProxyService(MultiService):
     every connection is closed.
 
     @ivar factory: The proxy factory behind the listeners.
+    @ivar drainTimeout: Seconds open connections get to finish on stop.
+    @ivar observers: The observers of the tunnel events, added to the
+        factory's C{tunnelObservers} while the service runs.
     @ivar listenersStopped: Once L{stopService} was called, a Deferred that
         fires when no listener accepts connections any more.
     """
@@ -156,6 +159,9 @@ class ProxyService(MultiService):
     def stopService(self) -> Deferred[None]:
         """
         Stop accepting at once, drain, then remove the observers.
+
+        @return: A Deferred that fires when every connection is closed and
+            the observers are removed.
         """
         stopped: Deferred[Any] = super().stopService()
         self.listenersStopped: Deferred[None] = Deferred()

@@ -114,6 +114,8 @@ def spliceAvailable() -> bool:
     """
     Whether this system can splice: Linux, with C{os.splice} and
     C{os.pipe2}.
+
+    @return: C{True} if it can.
     """
     return (
         sys.platform.startswith("linux")
@@ -136,6 +138,7 @@ def canSplice(transport: object) -> bool:
     do not.
 
     @param transport: A connected transport.
+    @return: C{True} if a L{SpliceRelay} can take C{transport} over.
     """
     # Exactly these two classes (not subclasses such as unix.Server) only
     # ever hold IPv4 and IPv6 stream sockets: the socket's family and type
@@ -394,15 +397,19 @@ class SpliceEnd:
 
     def fileno(self) -> int:
         """
-        The socket's descriptor, or -1 once the transport closed it (the
-        reactor then finds this object by identity, never by a descriptor
-        number that may have been reused).
+        The socket's descriptor.
+
+        @return: The descriptor, or -1 once the transport closed it (the
+            reactor then finds this object by identity, never by a
+            descriptor number that may have been reused).
         """
         return self._socket.fileno()
 
     def logPrefix(self) -> str:
         """
         Log as the relay.
+
+        @return: C{"SpliceRelay"}.
         """
         return "SpliceRelay"
 

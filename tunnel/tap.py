@@ -59,6 +59,7 @@ from .workers import (
 
 __all__ = ["Options", "makeService"]
 
+#: The listener without any C{--listen}.
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 
 
@@ -156,6 +157,9 @@ def _utf8(text: str | bytes) -> bytes:
 class Options(usage.Options, AuthOptionMixin):
     """
     Options of C{twistd connect-proxy}.
+
+    @ivar argv: The arguments last given to L{parseOptions}, which
+        C{--workers} passes on to each worker.
     """
 
     synopsis = "[options]"
@@ -319,6 +323,10 @@ class Options(usage.Options, AuthOptionMixin):
     def parseOptions(self, options: list[str] | None = None) -> None:
         """
         Parse, keeping the arguments so that C{--workers} can pass them on.
+
+        @param options: The command-line arguments; by default
+            C{sys.argv[1:]}.
+        @raise usage.UsageError: For a bad option or value.
         """
         if options is None:
             options = sys.argv[1:]
@@ -633,6 +641,9 @@ def listensBeyondLoopback(description: str) -> bool:
         return True
 
 
+#: Logged at start-up for each listener that other machines can reach when
+#: neither C{--auth} nor C{--allow-from} is set (C{{listen}} is the
+#: listener).
 OPEN_PROXY_WARNING = (
     "*** OPEN PROXY *** {listen} accepts connections from other machines, and "
     "neither --auth nor --allow-from is set: anyone who can reach it can "

@@ -603,15 +603,17 @@ class UpstreamEndpoint:
     parent's FIN, as TCP would close it).
 
     The Deferred fails with:
-      - L{UpstreamRefused} (a L{ConnectError}) when the parent answers
-        anything but 2xx; its C{status} and C{reason} say what;
-      - L{UpstreamProtocolError} (a L{ConnectError}) when the answer is
-        malformed or too large, or the connection ends (or TLS fails)
-        before it;
+      - L{UpstreamRefused} (a L{twisted.internet.error.ConnectError}) when
+        the parent answers anything but 2xx; its C{status} and C{reason}
+        say what;
+      - L{UpstreamProtocolError} (a L{twisted.internet.error.ConnectError})
+        when the answer is malformed or too large, or the connection ends
+        (or TLS fails) before it;
       - L{twisted.internet.error.TimeoutError} when the parent was not
         reached, or did not answer, within C{timeout};
-      - the L{ConnectError} of L{HostnameEndpoint} when the parent cannot be
-        reached (its name does not resolve, it refuses the connection...).
+      - the L{twisted.internet.error.ConnectError} of L{HostnameEndpoint}
+        when the parent cannot be reached (its name does not resolve, it
+        refuses the connection...).
     On each of these the connection to the parent is already closed.  The
     Deferred can be cancelled at any time before it fires: the connection
     attempt is cancelled or the connection aborted.
@@ -744,6 +746,18 @@ class UpstreamConnector:
         C{https://} parent the TLS options are built here, once (a bad
         C{caCertificate} fails here, not at the first tunnel).
 
+        @param reactor: The reactor to connect with, and whose clock times
+            each attempt.
+        @param upstream: The parent proxy (see L{parseUpstreamURL}).
+        @param tlsOptions: For an C{https://} parent, how to do TLS with it;
+            by default L{upstreamTLSOptions}C{(upstream, caCertificate)}.
+        @param caCertificate: For an C{https://} parent, the path of a PEM
+            file of the certificates to trust (instead of the platform's).
+        @param timeout: Seconds allowed to reach the parent and get its
+            answer, all told, for each tunnel.
+        @param resolver: Resolves the parent's name; by default the
+            reactor's own C{nameResolver}.
+        @param bindAddress: The local address to connect from, if any.
         @raise ValueError: If TLS options are given for an C{http://}
             parent, or C{caCertificate} holds no readable certificate.
         @raise OSError: If C{caCertificate} cannot be read.
@@ -766,6 +780,9 @@ class UpstreamConnector:
         """
         Give the endpoint that reaches C{host:port} through the parent.
 
+        @param host: The target host: a DNS name (resolved by the parent),
+            an IPv4 literal, or an IPv6 literal without brackets.
+        @param port: The target port.
         @param allowAddress: Applied to a target given as an IP literal;
             names are resolved by the parent, and not checked here.
         @return: An L{UpstreamEndpoint}, or an endpoint that fails with

@@ -90,6 +90,7 @@ class _NoConnections(Factory):
         return "Shared listening socket"
 
 
+#: The endpoint kinds whose listening sockets workers can share.
 SHAREABLE_KINDS = ("tcp", "tcp6", "unix")
 
 
@@ -268,6 +269,9 @@ class WorkerSupervisor(Service):
     """
     Runs N worker processes over shared listening sockets, and replaces any
     that dies.
+
+    @ivar workers: The running workers' process transports, by worker
+        number (from 0).
     """
 
     _log = Logger(namespace="tunnel.workers")
@@ -391,6 +395,9 @@ class WorkerSupervisor(Service):
     def workerEnded(self, protocol: _WorkerProtocol, reason: Failure) -> None:
         """
         A worker exited: replace it unless the service is stopping.
+
+        @param protocol: The process protocol of the worker that ended.
+        @param reason: How it ended.
         """
         number = protocol.number
         self.workers.pop(number, None)
@@ -443,6 +450,9 @@ class WorkerSupervisor(Service):
         """
         Drain every worker (SIGTERM), kill those that outlive the timeout,
         then close the listeners.
+
+        @return: A Deferred that fires when every worker has ended and the
+            listeners are closed.
         """
         super().stopService()
         if self._previousUSR1 is not None:
@@ -553,6 +563,11 @@ class _SupervisorWatch:
 def inheritedPorts(values: list[str]) -> list[tuple[int, socket.AddressFamily]]:
     """
     Parse C{--inherit-fd FD:FAMILY} values.
+
+    @param values: The values, as given on the command line.
+    @return: C{(descriptor, address family)} for each.
+    @raise ValueError: If a value is not two numbers, or the family is
+        unknown.
     """
     ports = []
     for value in values:

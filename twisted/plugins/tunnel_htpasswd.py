@@ -27,6 +27,11 @@ class HtpasswdCheckerFactory:
     def generateChecker(self, argstring: str) -> object:
         """
         Read the file and make its checker.
+
+        @param argstring: The path of the htpasswd file.
+        @return: A L{tunnel.htpasswd.HtpasswdChecker} of the file.
+        @raise tunnel.htpasswd.HtpasswdError: If the file cannot be read or
+            parsed.
         """
         from tunnel.htpasswd import HtpasswdChecker
 
