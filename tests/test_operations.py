@@ -302,6 +302,28 @@ class ServiceObserverTests(SynchronousTestCase):
         with open(path) as log:
             self.assertIn(" 127.0.0.1:443 - 403 ", log.read())
 
+    def test_restartDuringDrain(self) -> None:
+        """
+        Starting the service again before its drain has finished is refused
+        with a clear error (the drain still owns the connections and the
+        observers); once the drain is over, it starts.
+        """
+        factory = ConnectProxyFactory(reactor=MemoryReactorClock())
+        service = ProxyService(factory, observers=[AccessLogObserver(self.mktemp())])
+        service.startService()
+        proxy = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert proxy is not None
+        from tests.test_server import HalfCloseTransport
+
+        proxy.makeConnection(HalfCloseTransport())
+        proxy.dataReceived(b"CONNECT 127.0.0.1:443 HTTP/1.1\r\n")
+        stopped = service.stopService()
+        self.assertRaises(RuntimeError, service.startService)
+        proxy.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(stopped)
+        service.startService()
+        self.assertEqual(factory.tunnelObservers, service.observers)
+
 
 class DrainTests(ProxyTestMixin, SynchronousTestCase):
     """

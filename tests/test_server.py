@@ -42,8 +42,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from tests.fakes import FakeResolver
 from tunnel import ConnectProxyFactory, HostnameConnector, ITargetConnector
-from tunnel.auth import FailureDamper, IProxyUser, portalFromCheckers
+from tunnel.auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from tunnel.connector import AddressDenied
 from tunnel.policy import TunnelPolicy
 from tunnel.relay import TargetProtocol
@@ -581,6 +582,21 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         [event] = self.tunnelEvents()
         self.assertEqual((event["status"], event["ended"]), ("-", "client-left"))
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_clientLeavesCancelFailsOtherwise(self) -> None:
+        """
+        However the connector's cancelled attempt fails (here with a plain
+        L{ConnectError}), a client that left is not answered, nothing
+        lingers or stays counted, and it is logged as a client that left.
+        """
+        self.connector.endpoint.cancelWith = ConnectError("attempt aborted")
+        self.proxy.dataReceived(HEAD)
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.client.value(), b"")
+        self.assertEqual(self.factory.lingeringRefusals, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        [event] = self.tunnelEvents()
+        self.assertEqual((event["status"], event["ended"]), ("-", "client-left"))
 
     def test_clientFinWhileConnecting(self) -> None:
         """
@@ -1506,6 +1522,40 @@ class RealmTests(ProxyTestMixin, SynchronousTestCase):
         second.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.realm.events, ["login alice", "logout alice"])
 
+    def test_sharedLoginUnusableResult(self) -> None:
+        """
+        A realm result the proxy cannot use (no logout) gets every
+        connection that shared the login a 500 at once, as it does a lone
+        login.
+        """
+
+        @implementer(IRealm)
+        class TwoTupleRealm:
+            def requestAvatar(self, *args: Any) -> Any:
+                return (IProxyUser, TeamMember("alice", "red"))
+
+        checker = PendingChecker()
+        self.factory.portal = Portal(TwoTupleRealm(), [checker])
+        clients = []
+        for _ in range(2):
+            proxy, client = self.connectClient()
+            proxy.dataReceived(basicHead(b"alice:pw"))
+            clients.append(client)
+        checker.pending[0].callback(b"alice")
+        self.assertTrue(all(c.value().startswith(b"HTTP/1.1 500 ") for c in clients))
+        # Logged for each connection, with its client's address.
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
+
+    def test_defaultRealmKeepsAvatarOnly(self) -> None:
+        """
+        With the default realm, whose logout does nothing, an open tunnel
+        keeps only its avatar (what thousands of idle tunnels hold).
+        """
+        self.factory.portal = portalFromCheckers([self.checker])
+        self.establish(basicHead(b"alice:pw"))
+        self.assertIs(self.proxy._login, self.proxy.avatar)
+        self.assertEqual(self.proxy.avatar, ProxyUser("alice"))
+
     def test_brokenAvatar(self) -> None:
         """
         An avatar the proxy cannot use (here without a C{name}) gets the
@@ -1550,6 +1600,57 @@ class BrokenPolicyTests(ProxyTestMixin, SynchronousTestCase):
         self.assertAnswered(self.client)
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
         self.assertEqual(self.connector.targets, [])
+
+    def test_addressDenial(self) -> None:
+        """
+        C{addressDenial} raising (when the connector found no allowed
+        address): a 500 at once, logged; no later answer.
+        """
+        self.brokenPolicy("addressDenial")
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(AddressDenied())
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.clock.advance(60)
+        self.assertEqual(self.client.value().count(b"HTTP/1.1 "), 1)
+
+    def realConnector(self) -> None:
+        """
+        Use the default connector, over a resolver that knows
+        C{target.example} (no DNS), and a policy whose C{checkAddress}
+        raises.
+        """
+        self.factory.connector = HostnameConnector(
+            self.clock,
+            resolver=FakeResolver({"target.example": ["127.0.0.5"]}),
+            timeout=None,
+        )
+        self.brokenPolicy("checkAddress")
+
+    def test_checkAddressLiteral(self) -> None:
+        """
+        C{checkAddress} raising for an address literal: a 500, logged, and
+        no connection attempt.
+        """
+        self.realConnector()
+        self.proxy.dataReceived(
+            b"CONNECT 127.0.0.5:443 HTTP/1.1\r\nHost: 127.0.0.5:443\r\n\r\n"
+        )
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual(self.clock.tcpClients, [])
+
+    def test_checkAddressResolved(self) -> None:
+        """
+        C{checkAddress} raising for an address a name resolved to: a 500 at
+        once (not a wait for the connect timeout), logged, and no
+        connection attempt.
+        """
+        self.realConnector()
+        self.proxy.dataReceived(HEAD)
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual(self.clock.tcpClients, [])
 
     def test_checkClient(self) -> None:
         """

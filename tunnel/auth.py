@@ -25,6 +25,7 @@ __all__ = [
     "ProxyUser",
     "challengeHeaders",
     "checkRealm",
+    "noLogout",
     "parseBasicCredentials",
     "portalFromCheckers",
 ]
@@ -94,6 +95,12 @@ def challengeHeaders(realm: str) -> tuple[tuple[bytes, bytes], ...]:
     )
 
 
+def noLogout() -> None:
+    """
+    The logout of a L{ProxyRealm} login: nothing to do.
+    """
+
+
 class IProxyUser(Interface):
     """
     An authenticated proxy user; the avatar the portal hands out.  The
@@ -143,7 +150,7 @@ class ProxyRealm:
         if IProxyUser not in interfaces:
             raise NotImplementedError("only IProxyUser avatars are available")
         name = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else ""
-        return IProxyUser, ProxyUser(name), lambda: None
+        return IProxyUser, ProxyUser(name), noLogout
 
 
 def portalFromCheckers(checkers: list[Any]) -> Portal:

@@ -44,6 +44,7 @@ from .auth import (
     IProxyUser,
     challengeHeaders,
     checkRealm,
+    noLogout,
     parseBasicCredentials,
 )
 from .connector import HostnameConnector
@@ -274,8 +275,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._status: int | None = None
         self._ended: str | None = None
         self._user: str | None = None
-        # The realm's avatar and logout, once logged in.
-        self._login: tuple[IProxyUser, Callable[[], object]] | None = None
+        # Once logged in: the realm's avatar, or, if its logout does
+        # something, a _Login of both (what an idle tunnel keeps).
+        self._login: IProxyUser | _Login | None = None
         self._admitted = False
         self._connectedTo = "-"
         self._refusal: str | None = None
@@ -517,7 +519,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     ) -> None:
         self.factory.damper.checked(self._clientKey, self._attempt, succeeded=True)
         _, avatar, logout = result
-        self._login = (avatar, logout)
+        self._login = avatar if logout is noLogout else _Login(avatar, logout)
         if self._reading == "done":
             # The client left during the check.
             self._forgetIfDone()
@@ -600,7 +602,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
         )
 
         def allowAddress(address: IPAddress) -> bool:
-            return policy.checkAddress(user, client, host, port, address)
+            try:
+                return policy.checkAddress(user, client, host, port, address)
+            except Exception:
+                self._failedInternally(Failure(), "checking an address")
+                return False
 
         target = TargetProtocol()
         try:
@@ -611,6 +617,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 "Could not start connecting to {target}", target=request.authority
             )
             self._reject(RequestRejected(502, "The proxy could not reach the target."))
+            return
+        if self._reading == "done":
+            # The policy failed (answered 500) while the attempt started.
+            connecting.addErrback(lambda _: None)
+            connecting.cancel()
             return
         self._connecting = connecting
         self._connectStartedAt = factory.clock.seconds()
@@ -663,6 +674,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
     def _targetFailed(self, reason: Failure) -> None:
         self._connecting = None
+        if self._reading == "done":
+            # Answered already, or the client left and the attempt was
+            # cancelled on its behalf, whatever the connector reports.
+            self._end(None, "client-left")
+            return
         if (
             reason.check(CancelledError, ConnectingCancelledError)
             and not self._timedOut
@@ -673,9 +689,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
             return
         if reason.check(AddressDenied):
             assert self._request is not None
-            denial = self.factory.policy.addressDenial(
-                self._request.host, self._request.port
-            )
+            try:
+                denial = self.factory.policy.addressDenial(
+                    self._request.host, self._request.port
+                )
+            except Exception:
+                self._failedInternally(Failure(), "explaining an address denial")
+                return
             self._refusal = denial.reason
             self._reject(RequestRejected(denial.status, denial.detail))
             return
@@ -740,6 +760,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
             LINGER_SECONDS, self._client.abortConnection
         )
         self._end(rejected.status, ended)
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
 
     def _mayLinger(self) -> bool:
         if self._admitted:
@@ -813,9 +836,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if self._clientGone and self._ended is not None:
             self.factory._connectionGone(self)
             login, self._login = self._login, None
-            if login is not None:
+            if isinstance(login, _Login):
                 try:
-                    login[1]()
+                    login.logout()
                 except Exception:
                     self._log.failure(
                         "Logging out {user} failed", user=escapeField(self._user or "-")
@@ -947,7 +970,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
         """
         The realm's avatar once the user is authenticated, else L{None}.
         """
-        return self._login[0] if self._login is not None else None
+        login = self._login
+        return login.avatar if isinstance(login, _Login) else login
 
     @property
     def target(self) -> str | None:
@@ -990,11 +1014,25 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._client.abortConnection()
 
 
+class _Login:
+    """
+    A login whose logout does something: the avatar, and its logout.
+    """
+
+    __slots__ = ("avatar", "logout")
+
+    def __init__(self, avatar: IProxyUser, logout: Callable[[], object]) -> None:
+        self.avatar = avatar
+        self.logout = logout
+
+
 class _SharedLogout:
     """
     A realm's logout shared by the connections that joined one login: it
     runs when the last of them logs out.
     """
+
+    __slots__ = ("_logout", "_users")
 
     def __init__(self, logout: Callable[[], object], users: int) -> None:
         self._logout = logout
@@ -1264,8 +1302,12 @@ class ConnectProxyFactory(Factory):
             if not isinstance(outcome, Failure) and len(waiting) > 1:
                 # One login, one avatar, shared: the realm's logout is due
                 # when the last connection that shares it ends.
-                interface, avatar, logout = outcome
-                outcome = (interface, avatar, _SharedLogout(logout, len(waiting)))
+                try:
+                    interface, avatar, logout = outcome
+                except Exception:
+                    outcome = Failure()
+                else:
+                    outcome = (interface, avatar, _SharedLogout(logout, len(waiting)))
             for waiter in waiting:
                 if isinstance(outcome, Failure):
                     waiter.errback(outcome)

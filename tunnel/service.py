@@ -115,6 +115,7 @@ class ProxyService(MultiService):
         self._reactor = reactor
         self._previousUSR1: Any = None
         self._logsClosed = False
+        self._stopping = False
 
     def startService(self) -> None:
         """
@@ -122,6 +123,11 @@ class ProxyService(MultiService):
         before starts again as new: the factory no longer drains, and the
         access logs closed on stop are opened again.
         """
+        if self._stopping:
+            raise RuntimeError(
+                "ProxyService is still draining: start it again once the "
+                "Deferred of stopService has fired"
+            )
         self.factory.draining = False
         if self._logsClosed:
             self._logsClosed = False
@@ -173,6 +179,7 @@ class ProxyService(MultiService):
         stopped.addCallback(drain)
 
         def cleanUp(result: object) -> object:
+            self._stopping = False
             if self._previousUSR1 is not None:
                 signal.signal(signal.SIGUSR1, self._previousUSR1)
                 self._previousUSR1 = None
@@ -185,4 +192,5 @@ class ProxyService(MultiService):
                     self._logsClosed = True
             return result
 
+        self._stopping = True
         return stopped.addBoth(cleanUp)
