@@ -16,6 +16,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import ThreadPoolReactor
+from tunnel import htpasswd
 from tunnel.auth import (
     FailureDamper,
     IProxyUser,
@@ -122,6 +123,48 @@ class BasicCredentialsTests(SynchronousTestCase):
                 (
                     b"Proxy-Authenticate",
                     b'Basic realm="my \\"proxy\\"", charset="UTF-8"',
+                ),
+            ),
+        )
+
+    def test_onlyBasicScheme(self) -> None:
+        """
+        Credentials are read only from the C{Basic} scheme: another scheme
+        whose token happens to be valid base64 of C{user:password} gives
+        L{None}.
+        """
+        for scheme in [b"Bearer", b"Basicx", b"Digest"]:
+            self.assertIsNone(parseBasicCredentials(basic(b"alice:pw", scheme)), scheme)
+
+    def test_strictBase64(self) -> None:
+        """
+        A token with characters outside the base64 alphabet is malformed,
+        even if dropping them would leave valid credentials.
+        """
+        self.assertIsNotNone(parseBasicCredentials(b"Basic YWxpY2U6cHc="))
+        for token in [b"YWxp!Y2U6cHc=", b"YWxpY2U6cHc=\x00", b"YWxp Y2U6cHc="]:
+            self.assertIsNone(parseBasicCredentials(b"Basic " + token), token)
+
+    def test_spacesBeforeToken(self) -> None:
+        """
+        More than one space may separate the scheme from the token (RFC
+        9110 section 11.4: C{1*SP}).
+        """
+        creds = parseBasicCredentials(b"Basic   " + base64.b64encode(b"alice:pw"))
+        assert creds is not None
+        self.assertEqual((creds.username, creds.password), (b"alice", b"pw"))
+
+    def test_challengeEscapesBackslash(self) -> None:
+        """
+        A backslash in the realm is escaped too, so that it cannot escape
+        the closing quote.
+        """
+        self.assertEqual(
+            challengeHeaders("a\\b\\"),
+            (
+                (
+                    b"Proxy-Authenticate",
+                    b'Basic realm="a\\\\b\\\\", charset="UTF-8"',
                 ),
             ),
         )
@@ -251,6 +294,70 @@ class FailureDamperTests(SynchronousTestCase):
         self.assertIsNotNone(damper.retryAfter("b"))
         self.assertIsNotNone(damper.retryAfter("c"))
 
+    def test_defaults(self) -> None:
+        """
+        By default a client may fail 10 times a minute, and 10000 clients
+        are remembered.
+        """
+        clock = Clock()
+        damper = FailureDamper(clock)
+        for _ in range(10):
+            self.assertIsNone(damper.retryAfter("a"))
+            damper.failed("a")
+        self.assertEqual(damper.retryAfter("a"), 60)
+        clock.advance(60)
+        self.assertIsNone(damper.retryAfter("a"))
+        remembered = FailureDamper(clock, maxFailures=1)
+        for client in range(10001):
+            remembered.failed(str(client))
+        self.assertIsNone(remembered.retryAfter("0"))
+        self.assertEqual(remembered.retryAfter("1"), 60)
+
+    def test_windowStartsAtFirstFailure(self) -> None:
+        """
+        The window runs from the first failure, whatever the clock read
+        when the damper was made.
+        """
+        clock = Clock()
+        clock.advance(1_000_000)
+        damper = FailureDamper(clock, maxFailures=2, window=60)
+        damper.failed("a")
+        clock.advance(30)
+        damper.failed("a")
+        self.assertEqual(damper.retryAfter("a"), 30)
+        clock.advance(29)
+        self.assertEqual(damper.retryAfter("a"), 1)
+        clock.advance(1)
+        self.assertIsNone(damper.retryAfter("a"))
+
+    def test_retryAfterRoundsUp(self) -> None:
+        """
+        The seconds to wait are rounded up, and never 0 while the client is
+        refused: a client that waits as long as it is told is not refused
+        again.
+        """
+        clock = Clock()
+        damper = FailureDamper(clock, maxFailures=1, window=60)
+        damper.failed("a")
+        clock.advance(29.5)
+        self.assertEqual(damper.retryAfter("a"), 31)
+        clock.advance(30.4995)
+        self.assertEqual(damper.retryAfter("a"), 1)
+
+    def test_repeatedFailuresKeepClientRemembered(self) -> None:
+        """
+        When addresses must be forgotten, the one whose last failure is the
+        oldest goes first: a client that keeps failing stays refused.
+        """
+        damper = FailureDamper(Clock(), maxFailures=1, maxClients=2)
+        damper.failed("a")
+        damper.failed("b")
+        damper.failed("a")
+        damper.failed("c")
+        self.assertIsNotNone(damper.retryAfter("a"))
+        self.assertIsNone(damper.retryAfter("b"))
+        self.assertIsNotNone(damper.retryAfter("c"))
+
 
 class ParseHtpasswdTests(SynchronousTestCase):
     """
@@ -316,6 +423,38 @@ class ParseHtpasswdTests(SynchronousTestCase):
         content = bcryptLine(b"a", b"1") + bcryptLine(b"a", b"2")
         e = self.assertRaises(HtpasswdError, parseHtpasswd, content)
         self.assertIn(":2: ", str(e))
+
+    def test_emptyUserName(self) -> None:
+        """
+        A line with a valid hash but no user name is refused: nobody logs in
+        with an empty name.
+        """
+        hashed = bcryptLine(b"x", b"pw").partition(b":")[2]
+        e = self.assertRaises(HtpasswdError, parseHtpasswd, b":" + hashed, "users")
+        self.assertIn("users:1: not a 'user:hash' line", str(e))
+
+    def test_unusableBcryptVariants(self) -> None:
+        """
+        Hashes the bcrypt library cannot check (the C{$2x$} variant, a cost
+        above 31) stop loading, rather than fail each login with a 500.
+        """
+        good = bcryptLine(b"carol", b"c").rstrip(b"\n").partition(b":")[2]
+        for hashed in [
+            b"$2x$" + good[4:],
+            b"$2b$32$" + good[7:],
+            b"$2b$39$" + good[7:],
+        ]:
+            e = self.assertRaises(HtpasswdError, parseHtpasswd, b"carol:" + hashed)
+            self.assertIn("carol", str(e))
+
+    def test_lineLayout(self) -> None:
+        """
+        Spaces around a line are ignored; a user name cannot hold a colon
+        (the first colon ends it), so a line with two is refused.
+        """
+        line = bcryptLine(b"alice", b"a").rstrip(b"\n")
+        self.assertEqual(list(parseHtpasswd(b"  " + line + b" \t\n")), [b"alice"])
+        self.assertRaises(HtpasswdError, parseHtpasswd, b"a:" + line)
 
 
 class HtpasswdCheckerTests(SynchronousTestCase):
@@ -466,3 +605,98 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         self.write(b"alice:{SHA}xyz\n")
         e = self.assertRaises(HtpasswdError, HtpasswdChecker, self.path)
         self.assertIn(f"{self.path}:1: ", str(e))
+
+    def test_unknownUserWithDummyPassword(self) -> None:
+        """
+        An unknown user is checked against a dummy hash for the timing only:
+        even the dummy hash's own password does not log anyone in.
+        """
+        for user in [b"nobody", b""]:
+            result = self.check(user, b"tunnel-dummy-password")
+            self.assertTrue(
+                getattr(result, "check", lambda e: None)(UnauthorizedLogin), result
+            )
+
+    def test_dummyHashAsCostlyAsEntries(self) -> None:
+        """
+        The dummy hash that unknown users are checked against costs as much
+        as the file's costliest entry (at least 4, the least bcrypt allows;
+        10 for a file without entries), capped at 13 since it is made on the
+        reactor thread.
+        """
+        rounds: list[int] = []
+        gensalt = bcrypt.gensalt
+
+        def recordingGensalt(cost: int = 12, prefix: bytes = b"2b") -> bytes:
+            rounds.append(cost)
+            return gensalt(4, prefix)
+
+        self.patch(bcrypt, "gensalt", recordingGensalt)
+        cheap = bcryptLine(b"a", b"pw").rstrip(b"\n")
+        for costs, expected in [
+            ([b"05", b"07", b"06"], 7),
+            ([b"04"], 4),
+            ([b"12", b"14"], 13),
+            ([], 10),
+        ]:
+            self.write(
+                b"".join(
+                    b"u%d:%s%s%s\n" % (i, cheap[2:6], cost, cheap[8:])
+                    for i, cost in enumerate(costs)
+                )
+            )
+            del rounds[:]
+            HtpasswdChecker(self.path, reactor=self.reactor)
+            self.assertEqual(rounds, [expected], costs)
+
+    def test_reloadRaisesFailureTime(self) -> None:
+        """
+        A reload whose dummy hash took longer to make than failures took so
+        far raises the time every failure takes; a quicker one does not
+        lower it.
+        """
+        self.checker._failureTime = 0.2
+        for password, dummyTime, expected in [
+            (b"first", 0.9, 0.9),
+            (b"the second password", 0.1, 0.9),
+        ]:
+            self.patch(htpasswd, "_dummyHash", lambda entries, t=dummyTime: (b"x", t))
+            self.write(bcryptLine(b"alice", password))
+            self.assertEqual(self.check(b"alice", password), b"alice")
+            self.assertEqual(self.checker._failureTime, expected)
+
+    def test_failureTimeNoise(self) -> None:
+        """
+        A failure that takes up to half as long again as the floor is noise:
+        it neither raises the floor nor waits.
+        """
+        slept: list[float] = []
+        self.patch(self.checker, "_sleep", slept.append)
+        self.checker._failureTime = 0.25
+        for spent in [0.3, 0.375]:
+            ticks = iter([0.0, spent])
+            self.patch(self.checker, "_monotonic", lambda t=ticks: next(t))
+            self.check(b"alice", b"wrong")
+            self.assertEqual(self.checker._failureTime, 0.25)
+        self.assertEqual(slept, [])
+
+    def test_cacheKeepsRecentlyUsed(self) -> None:
+        """
+        When the cache is full, the verification used longest ago is
+        forgotten, not one just used.
+        """
+        self.write(
+            bcryptLine(b"alice", b"a")
+            + bcryptLine(b"bob", b"b")
+            + bcryptLine(b"carol", b"c")
+        )
+        self.check(b"alice", b"a")
+        self.check(b"bob", b"b")
+        self.check(b"alice", b"a")
+        self.check(b"carol", b"c")
+        calls = self.reactor.pool.calls
+        self.assertEqual(self.check(b"alice", b"a"), b"alice")
+        self.assertEqual(self.check(b"carol", b"c"), b"carol")
+        self.assertEqual(self.reactor.pool.calls, calls)
+        self.check(b"bob", b"b")
+        self.assertEqual(self.reactor.pool.calls, calls + 1)

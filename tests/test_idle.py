@@ -162,3 +162,59 @@ class IdleWatchTests(SynchronousTestCase):
         self.assertEqual(self.watch.watching, 1)
         self.clock.pump([1] * 10)
         self.assertEqual(other.timedOut, [15])
+
+    def test_firstLookWhenFirstTunnelRunsOut(self) -> None:
+        """
+        The timer set when the first tunnel is watched is due when that
+        tunnel runs out of time, not before.
+        """
+        self.clock.advance(3)
+        self.watch.watch(FakeTunnel(self.clock, self.watch))
+        [call] = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), 13)
+
+    def test_granularityFloor(self) -> None:
+        """
+        After a look, the next is no sooner than C{granularity} (by default
+        a second) later, even when a tunnel runs out of time before that:
+        that tunnel then ends at the next look.
+        """
+        for granularity, ends in [(2.0, 12.0), (None, 11.0)]:
+            clock = Clock()
+            watch = (
+                IdleWatch(clock, 10)
+                if granularity is None
+                else IdleWatch(clock, 10, granularity=granularity)
+            )
+            quiet, busy = FakeTunnel(clock, watch), FakeTunnel(clock, watch)
+            watch.watch(quiet)
+            watch.watch(busy)
+            clock.advance(0.5)
+            busy.active()
+            clock.advance(9.5)
+            self.assertEqual((quiet.timedOut, busy.timedOut), ([10], []))
+            [call] = clock.getDelayedCalls()
+            self.assertEqual(call.getTime(), ends)
+            clock.advance(ends - 10)
+            self.assertEqual(busy.timedOut, [ends])
+
+    def test_watchWhileEnding(self) -> None:
+        """
+        A tunnel watched while another is being ended (by that tunnel's own
+        ending) leaves one timer, not two.
+        """
+        newcomer = FakeTunnel(self.clock, self.watch)
+        watch = self.watch
+
+        class Handover(FakeTunnel):
+            def idleTimedOut(self) -> None:
+                super().idleTimedOut()
+                newcomer.active()
+                watch.watch(newcomer)
+
+        watch.watch(Handover(self.clock, watch))
+        self.clock.advance(10)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(10)
+        self.assertEqual(newcomer.timedOut, [20])
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -6,9 +6,11 @@ service and its graceful drain.
 from __future__ import annotations
 
 import builtins
+import io
 import json
 import os
 import signal
+import sys
 from typing import Any
 
 from twisted.internet import reactor
@@ -28,6 +30,7 @@ from tests.test_server import ProxyTestMixin
 from tunnel.accesslog import (
     ACCESS_FIELDS,
     AccessLogObserver,
+    escapeField,
     formatAccessJSON,
     formatAccessText,
 )
@@ -93,6 +96,50 @@ class AccessLogFormatTests(SynchronousTestCase):
         left = json.loads(formatAccessJSON({**EVENT, "status": "-"}))
         self.assertIsNone(left["status"])
 
+    def test_escapeField(self) -> None:
+        """
+        L{escapeField} leaves visible ASCII other than C{%} alone and
+        percent-encodes C{%}, spaces, controls and non-ASCII (as UTF-8),
+        whatever else the field holds.
+        """
+        for text, escaped in [
+            ("alice", "alice"),
+            ("!~", "!~"),
+            ("%", "%25"),
+            ("50%", "50%25"),
+            (" ", "%20"),
+            ("\n", "%0A"),
+            ("\x7f", "%7F"),
+            ("é", "%C3%A9"),
+            ("a!~ b", "a!~%20b"),
+        ]:
+            self.assertEqual(escapeField(text), escaped, text)
+
+    def test_milliseconds(self) -> None:
+        """
+        The handshake and the duration are given in milliseconds with one
+        decimal, in both formats.
+        """
+        event = {**EVENT, "handshake": 1.23456, "duration": 2.34567}
+        self.assertTrue(formatAccessText(event).endswith(" 1234.6 2345.7 client-eof"))
+        record = json.loads(formatAccessJSON(event))
+        self.assertEqual(
+            (record["handshake_ms"], record["duration_ms"]), (1234.6, 2345.7)
+        )
+
+    def test_jsonUnicode(self) -> None:
+        """
+        The JSON format writes non-ASCII text as UTF-8, not as escapes.
+        """
+        self.assertIn('"user":"zoë"', formatAccessJSON({**EVENT, "user": "zoë"}))
+
+    def test_millisecondsOfTime(self) -> None:
+        """
+        The time has three digits of milliseconds, leading zeros kept.
+        """
+        line = formatAccessText({**EVENT, "log_time": 1795000000.05})
+        self.assertTrue(line.startswith("2026-11-18T11:06:40.050Z "), line)
+
 
 class AccessLogObserverTests(SynchronousTestCase):
     """
@@ -134,9 +181,15 @@ class AccessLogObserverTests(SynchronousTestCase):
         """
         C{-} writes to standard output, which reopen and close leave alone.
         """
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
         observer = AccessLogObserver("-")
+        observer(EVENT)
         observer.reopen()
+        observer(EVENT)
         observer.close()
+        self.assertFalse(stdout.closed)
+        self.assertEqual(stdout.getvalue(), (formatAccessText(EVENT) + "\n") * 2)
 
     def test_badFormat(self) -> None:
         """
@@ -147,6 +200,45 @@ class AccessLogObserverTests(SynchronousTestCase):
         self.assertRaises(
             UsageError, options.parseOptions, ["--access-log-format", "xml"]
         )
+
+    def test_lineBuffered(self) -> None:
+        """
+        Each record reaches the file as soon as it is written, before the
+        log is closed (for C{tail -f}, and so a crash loses nothing).
+        """
+        path = self.mktemp()
+        observer = AccessLogObserver(path)
+        self.addCleanup(observer.close)
+        observer(EVENT)
+        with open(path) as f:
+            self.assertEqual(f.read(), formatAccessText(EVENT) + "\n")
+
+    def test_reopenAndCloseCloseFiles(self) -> None:
+        """
+        C{reopen} closes the file it stops writing to, and C{close} the one
+        it writes to.
+        """
+        observer = AccessLogObserver(self.mktemp())
+        previous = observer._file
+        observer.reopen()
+        self.assertTrue(previous.closed)
+        current = observer._file
+        self.assertFalse(current.closed)
+        observer.close()
+        self.assertTrue(current.closed)
+
+    def test_appends(self) -> None:
+        """
+        An access log that exists is appended to, not replaced (a restart
+        keeps the records before it).
+        """
+        path = self.mktemp()
+        for _ in range(2):
+            observer = AccessLogObserver(path)
+            observer(EVENT)
+            observer.close()
+        with open(path) as f:
+            self.assertEqual(len(f.read().splitlines()), 2)
 
 
 class MetricsTests(SynchronousTestCase):
@@ -382,6 +474,30 @@ class DrainTests(ProxyTestMixin, SynchronousTestCase):
         self.successResultOf(done)
         [event] = self.tunnelEvents()
         self.assertEqual(event["ended"], "shutdown")
+
+    def test_idleConnectionsEndAsShutdown(self) -> None:
+        """
+        A connection that had sent nothing when the drain began is logged as
+        ended by the shutdown, not as left by its client.
+        """
+        done = self.factory.drain(30)
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
+        [event] = self.tunnelEvents()
+        self.assertEqual((event["status"], event["ended"]), ("-", "shutdown"))
+
+    def test_waitingForProxyHeaderClosed(self) -> None:
+        """
+        A connection still waiting for its PROXY header, with nothing sent,
+        is closed when the drain begins.
+        """
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.factory.proxyProtocol = True
+        proxy, client = self.connectClient()
+        done = self.factory.drain(30)
+        self.assertTrue(client.disconnecting)
+        proxy.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
 
 
 class _Echo(Protocol):

@@ -22,6 +22,7 @@ from tunnel.policy import (
     isUnspecified,
     parseAddress,
     parsePortRange,
+    parseRules,
     parseTargetRule,
 )
 from tunnel.request import RequestRejected, parseAuthority
@@ -200,6 +201,47 @@ class DefaultRangesTests(SynchronousTestCase):
         self.assertIsNone(DEFAULT.checkTarget(None, None, "h.example", 443))
         self.assertTrue(allowed(DEFAULT, str(address)), str(address))
 
+    def test_everyDefaultRange(self) -> None:
+        """
+        The first and the last address of each range denied by default are
+        denied, and so are the addresses an IPv6 address carries in one.
+        """
+        for text in [
+            "0.0.0.0/8",
+            "10.0.0.0/8",
+            "100.64.0.0/10",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "172.16.0.0/12",
+            "192.0.0.0/24",
+            "192.0.2.0/24",
+            "192.88.99.0/24",
+            "192.168.0.0/16",
+            "198.18.0.0/15",
+            "198.51.100.0/24",
+            "203.0.113.0/24",
+            "224.0.0.0/4",
+            "240.0.0.0/4",
+            "::/128",
+            "::1/128",
+            "64:ff9b:1::/48",
+            "100::/64",
+            "2001::/23",
+            "2001:db8::/32",
+            "3fff::/20",
+            "5f00::/16",
+            "fc00::/7",
+            "fe80::/10",
+            "fec0::/10",
+            "ff00::/8",
+        ]:
+            network = ipaddress.ip_network(text)
+            for address in [network[0], network[-1]]:
+                self.assertTrue(isDeniedByDefault(address), f"{address} ({text})")
+                if address.version == 4:
+                    mapped = ipaddress.ip_address(f"::ffff:{address}")
+                    self.assertTrue(isDeniedByDefault(mapped), f"{mapped} ({text})")
+
 
 class PortTests(SynchronousTestCase):
     """
@@ -377,6 +419,85 @@ class DestinationRuleTests(SynchronousTestCase):
         """
         self.assertTrue(ITunnelPolicy.providedBy(DEFAULT))
 
+    def test_denialStatuses(self) -> None:
+        """
+        Every refusal of a destination is a 403: a name refused by a
+        C{--deny-to} rule, an address literal refused by one, one in a
+        default-denied range, and the unspecified address.
+        """
+        policy = TunnelPolicy.fromStrings(denyTo=["bad.example", "10.9.0.0/16"])
+        denial = policy.checkTarget(None, None, "bad.example", 443)
+        assert denial is not None
+        self.assertEqual((denial.status, denial.reason), (403, "destination"))
+        for host, reason in [
+            ("10.9.0.1", "destination"),
+            ("10.0.0.1", "address"),
+            ("0.0.0.0", "address"),
+            ("h.example", "address"),
+        ]:
+            denial = policy.addressDenial(host, 443)
+            self.assertEqual((denial.status, denial.reason), (403, reason), host)
+
+    def test_addressDenialNamesOnlyMatchingRule(self) -> None:
+        """
+        A refused address literal is blamed on a C{--deny-to} rule only if
+        that rule covers it; otherwise the client is pointed at C{--allow-to}.
+        """
+        policy = TunnelPolicy.fromStrings(denyTo=["10.9.0.0/16", "bad.example"])
+        denial = policy.addressDenial("10.0.0.1", 443)
+        self.assertEqual(
+            (denial.detail, denial.reason),
+            (
+                "10.0.0.1 is in a range this proxy may not reach "
+                "(see --allow-to 10.0.0.1, unless a --deny-to rule covers it).",
+                "address",
+            ),
+        )
+
+    def test_ruleLabelLength(self) -> None:
+        """
+        A name rule may have labels of up to 63 characters, as a host name
+        may; a longer label could never match a request, so it is an error.
+        """
+        label = "a" * 63
+        self.assertEqual(parseTargetRule(f"{label}.example").name, f"{label}.example")
+        self.assertEqual(parseTargetRule(f"*.{label}.example").name, f"{label}.example")
+        self.assertRaises(ValueError, parseTargetRule, f"a{label}.example")
+
+    def test_unpairedBrackets(self) -> None:
+        """
+        Brackets are taken off an IPv6 rule only in pairs: a rule with one
+        bracket is an error, not the address left once the first and last
+        characters are dropped.
+        """
+        for text in ["[::1", "1::1]", "[2001:db8::1"]:
+            self.assertRaises(ValueError, parseTargetRule, text)
+
+    def test_openPolicyEverything(self) -> None:
+        """
+        L{OPEN_POLICY} allows every port, the highest included, and every
+        IPv6 address, not only those that carry an IPv4 address.
+        """
+        for port in [1, 443, 65535]:
+            self.assertIsNone(OPEN_POLICY.checkTarget(None, None, "h", port), port)
+        for address in ["fd00::1", "fe80::1", "2001:db8::1", "ff02::1"]:
+            self.assertTrue(allowed(OPEN_POLICY, address), address)
+
+    def test_ruleSpellings(self) -> None:
+        """
+        A rule may have surrounding spaces and a name rule a trailing dot
+        (it matches the name with or without one); a rule ending in a
+        hexadecimal number is refused in either case of C{0x}.
+        """
+        self.assertEqual(
+            parseTargetRule(" 10.0.0.0/8 ").network, ipaddress.ip_network("10.0.0.0/8")
+        )
+        policy = TunnelPolicy.fromStrings(allowTo=["intranet.example."])
+        self.assertTrue(allowed(policy, "10.0.0.5", "intranet.example"))
+        self.assertTrue(allowed(policy, "10.0.0.5", "intranet.example."))
+        for text in ["a.0x7f", "a.0X7F", "0X7F000001"]:
+            self.assertRaises(ValueError, parseTargetRule, text)
+
 
 class ClientTests(SynchronousTestCase):
     """
@@ -414,3 +535,69 @@ class ClientTests(SynchronousTestCase):
         policy = TunnelPolicy.fromStrings(allowFrom=["192.0.2.0/24"])
         for text in ["2002:c000:201::1", "64:ff9b::c000:201", "::c000:201"]:
             self.assertIsNotNone(policy.checkClient(ipaddress.ip_address(text)), text)
+
+    def test_allowFromHostBits(self) -> None:
+        """
+        An C{--allow-from} network written with host bits set (an address
+        and its prefix length, C{192.0.2.7/24}) means the network, as
+        C{--allow-to} rules do, on the command line and in a rules file.
+        """
+        policy = TunnelPolicy.fromStrings(allowFrom=["192.0.2.7/24"])
+        self.assertIsNone(policy.checkClient(ipaddress.ip_address("192.0.2.200")))
+        self.assertIsNotNone(policy.checkClient(ipaddress.ip_address("192.0.3.1")))
+        self.assertEqual(
+            parseRules("allow-from 192.0.2.7/24\n")["allow-from"], ["192.0.2.7/24"]
+        )
+
+
+class ParseRulesTests(SynchronousTestCase):
+    """
+    Tests for L{parseRules}.
+    """
+
+    def test_rules(self) -> None:
+        """
+        Each line is a kind and a value; comments and blank lines are
+        skipped; the values of each kind keep their order.
+        """
+        rules = parseRules(
+            "# lab\nallow-port 22\n\nallow-to 10.0.0.0/8  # lab\n"
+            "allow-port 8000-8999\ndeny-to bad.example\n"
+        )
+        self.assertEqual(
+            rules,
+            {
+                "allow-port": ["22", "8000-8999"],
+                "allow-from": [],
+                "allow-to": ["10.0.0.0/8"],
+                "deny-to": ["bad.example"],
+            },
+        )
+
+    def test_unknownKind(self) -> None:
+        """
+        A line whose first word is not a kind of rule is a L{ValueError}
+        naming the file and the line, like any other bad rule.
+        """
+        for line in ["allow-too 10.0.0.0/8", "deny 10.0.0.1", "ports 22"]:
+            e = self.assertRaises(
+                ValueError, parseRules, f"allow-port 22\n{line}\n", "rules.txt"
+            )
+            self.assertIn("rules.txt:2: ", str(e))
+
+    def test_badValues(self) -> None:
+        """
+        A value that does not parse for its kind is a L{ValueError} naming
+        the file and the line, whatever the kind.
+        """
+        for line in [
+            "allow-port http",
+            "allow-from somewhere",
+            "allow-to bad/name",
+            "deny-to bad name",
+            "deny-to a..b",
+        ]:
+            e = self.assertRaises(
+                ValueError, parseRules, f"# rules\n{line}\n", "rules.txt"
+            )
+            self.assertIn("rules.txt:2: ", str(e))

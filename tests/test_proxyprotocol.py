@@ -318,6 +318,46 @@ class ParseV1Tests(ParseTestCase):
         self.assertEqual(self.refusedAfter(b"PROXY TCP4 1 2 3 4 "), 19)
         self.assertEqual(self.refusedAfter(b"PROXY TCP4 1  "), 14)
 
+    def test_bareLineFeedRefused(self) -> None:
+        """
+        A line ending in a bare LF is refused even when dropping its last
+        character would leave a valid line (C{UNKNOWN} ignores what follows
+        it; a port of C{22} would become C{2}).
+        """
+        self.assertInvalid(b"PROXY UNKNOWN x\n")
+        self.assertInvalid(b"PROXY UNKNOWN \n")
+        self.assertInvalid(b"PROXY TCP4 192.0.2.1 192.0.2.2 1 22\n")
+        self.assertInvalid(b"PROXY TCP6 ::1 ::2 1 22\n")
+
+    def test_bareCarriageReturnInUnknown(self) -> None:
+        """
+        A bare CR is refused in an C{UNKNOWN} line too, though the rest of
+        that line is otherwise ignored.
+        """
+        self.assertInvalid(b"PROXY UNKNOWN \r\r\n")
+        self.assertInvalid(b"PROXY UNKNOWN a\rb\r\n")
+
+    def test_refusedEvenIfEndingInCarriageReturn(self) -> None:
+        """
+        A partial line that is already wrong is refused though it ends in the
+        CR that may start its CRLF.
+        """
+        for buffer in [b"PROXY TCP4 192.0.2.x\r", b"PROXY TCP4 x\r", b"PROXY TCP9\r"]:
+            self.assertInvalid(buffer)
+
+    def test_wrongCharactersRefusedInOneRead(self) -> None:
+        """
+        A partial line that arrives in one read is refused for a character
+        its family's addresses cannot hold, even in a field already ended by
+        a space.
+        """
+        for buffer in [
+            b"PROXY TCP4 a ",
+            b"PROXY TCP4 192.0.2.f ",
+            b"PROXY TCP6 fe80::1%1 ",
+        ]:
+            self.assertInvalid(buffer)
+
 
 class ParseV2Tests(ParseTestCase):
     """
@@ -463,6 +503,21 @@ class ParseV2Tests(ParseTestCase):
         tooLong = v2Header(PROXY, UNSPEC, length=longest + 1)
         self.assertEqual(self.refusedAfter(tooLong), 16)
         self.assertInvalid(v2Header(LOCAL, UNSPEC, length=0xFFFF))
+
+    def test_proxyUnspecWithoutPayload(self) -> None:
+        """
+        A PROXY header with C{AF_UNSPEC} needs no address block at all.
+        """
+        self.assertEqual(
+            self.assertParses(v2Header(PROXY, UNSPEC)), ProxyHeader(None, None, 16)
+        )
+
+    def test_longestHeader(self) -> None:
+        """
+        The longest header accepted is 16 KiB in all.
+        """
+        self.assertParses(v2Header(PROXY, UNSPEC, b"\0" * (16384 - 16)))
+        self.assertInvalid(v2Header(PROXY, UNSPEC, length=16384 - 15))
 
 
 class SignatureTests(ParseTestCase):

@@ -445,6 +445,108 @@ class ParseConnectHeadTests(SynchronousTestCase):
         except RequestRejected as rejected:
             self.assertIn(rejected.status, PARSER_STATUSES)
 
+    def test_defaultLimits(self) -> None:
+        """
+        Without explicit limits a request line of 8192 bytes passes the
+        length check (this one is then malformed: 400) and one of 8193 gets
+        414; 100 header fields are accepted and 101 get 431.  The proxy
+        passes its own request-line limit but relies on the default field
+        limit.
+        """
+        line = b"CONNECT " + b"a" * (8192 - len(b"CONNECT  HTTP/1.1")) + b" HTTP/1.1"
+        self.assertEqual(len(line), 8192)
+        for request, status in [(line, 400), (line + b"a", 414)]:
+            rejected = self.assertRaises(
+                RequestRejected, parseConnectHead, request + b"\r\nHost: a\r\n"
+            )
+            self.assertEqual(rejected.status, status)
+        head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 99
+        self.assertEqual(parseConnectHead(head).host, "a.example")
+        rejected = self.assertRaises(
+            RequestRejected, parseConnectHead, head + b"X: y\r\n"
+        )
+        self.assertEqual(rejected.status, 431)
+
+    def test_versionCaseSensitive(self) -> None:
+        """
+        The HTTP version is case-sensitive (RFC 9112 section 2.3): a
+        lower-case C{http/1.x} gets 400 even with everything else right.
+        """
+        for version in [b"http/1.1", b"http/1.0", b"Http/1.1"]:
+            rejected = self.assertRaises(
+                RequestRejected,
+                parseConnectHead,
+                b"CONNECT a.example:443 " + version + b"\r\nHost: a\r\n",
+            )
+            self.assertEqual(rejected.status, 400, version)
+
+    def test_controlCharactersInValues(self) -> None:
+        """
+        Vertical tab and form feed are control characters too: a field
+        value holding one gets 400.
+        """
+        for value in [b"a\x0bb", b"a\x0cb", b"\x0b"]:
+            self.assertRejected(b"CONNECT a.example:443 HTTP/1.1\r\nX: " + value, 400)
+
+    def test_hostNameLength(self) -> None:
+        """
+        A host name may be 253 characters long (RFC 1035), and no longer.
+        """
+        name = b"a" * 63 + b"." + b"b" * 63 + b"." + b"c" * 63 + b"." + b"d" * 61
+        self.assertEqual(len(name), 253)
+        self.assertEqual(parseAuthority(name + b":443"), (name.decode(), 443))
+        for longer in [name + b"d", name + b"."]:
+            rejected = self.assertRaises(
+                RequestRejected, parseAuthority, longer + b":443"
+            )
+            self.assertEqual(rejected.status, 400)
+
+    def test_moreBadTargets(self) -> None:
+        """
+        A host name ending in a hyphen, an IPv6 zone written without
+        percent-encoding, a port of more than five digits, and spellings of
+        IPv4 addresses in hexadecimal (in either case, or just C{0x}) or
+        with a trailing dot all get 400.
+        """
+        for target in [
+            b"example-:443",
+            b"[fe80::1%eth0]:443",
+            b"a.example:000443",
+            b"127.0.0.0X7F:443",
+            b"127.0.0.0x7F:443",
+            b"127.0.0.0x:443",
+            b"0X7F000001:443",
+            b"127.1.:443",
+            b"2130706433.:443",
+        ]:
+            rejected = self.assertRaises(RequestRejected, parseAuthority, target)
+            self.assertEqual(rejected.status, 400, target)
+
+    def test_trailingDot(self) -> None:
+        """
+        A fully qualified name with its trailing dot is a valid host.
+        """
+        self.assertEqual(parseAuthority(b"a.example.:443"), ("a.example.", 443))
+
+    def test_hostValueCharacters(self) -> None:
+        """
+        A Host value holding a character that cannot be in a URI host (each
+        on its own) gets 400.
+        """
+        for value in [b"a/b", b"a?b", b"a#b", b"[ ::1]", b"[::1 ]"]:
+            rejected = self.assertRaises(
+                RequestRejected,
+                parse,
+                b"CONNECT a.example:443 HTTP/1.1\r\nHost: " + value,
+            )
+            self.assertEqual(rejected.status, 400, value)
+
+    def test_contentLengthOne(self) -> None:
+        """
+        Any Content-Length but 0 gets 400, 1 included.
+        """
+        self.assertRejected(b"CONNECT a.example:443 HTTP/1.1\r\nContent-Length: 1", 400)
+
 
 class FindHeadEndTests(SynchronousTestCase):
     """

@@ -9,14 +9,21 @@ import ipaddress
 from typing import Any
 
 from twisted.cred.checkers import (
+    AllowAnonymousAccess,
     ICredentialsChecker,
     InMemoryUsernamePasswordDatabaseDontUse,
 )
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.address import HostnameAddress, IPv4Address
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.address import (
+    HostnameAddress,
+    IPv4Address,
+    IPv6Address,
+    UNIXAddress,
+)
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
@@ -26,28 +33,31 @@ from twisted.internet.error import (
     ConnectionRefusedError,
     DNSLookupError,
 )
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import (
     IHalfCloseableDescriptor,
     IProtocolFactory,
     IStreamClientEndpoint,
+    ITCPTransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import (
     EventLoggingObserver,
     MemoryReactorClock,
     StringTransport,
 )
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tests.fakes import FakeResolver
-from tunnel import ConnectProxyFactory, HostnameConnector, ITargetConnector
+from tunnel import ConnectProxyFactory, HostnameConnector, ITargetConnector, server
 from tunnel.auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from tunnel.connector import AddressDenied
-from tunnel.policy import TunnelPolicy
-from tunnel.relay import TargetProtocol
+from tunnel.policy import PortRange, TunnelPolicy
+from tunnel.relay import Relay, TargetProtocol, canHalfClose
 from tunnel.server import (
     LINGER_BYTES,
     LINGER_SECONDS,
@@ -59,6 +69,14 @@ from tunnel.upstream import UpstreamProtocolError, UpstreamRefused
 
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 HEAD = b"CONNECT target.example:443 HTTP/1.1\r\nHost: target.example:443\r\n\r\n"
+
+
+def headOfLength(length: int) -> bytes:
+    """
+    A request head of C{length} bytes, without the empty line that ends it.
+    """
+    start = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX: "
+    return start + b"p" * (length - len(start) - 2) + b"\r\n"
 
 
 @implementer(IHalfCloseableDescriptor)
@@ -85,6 +103,67 @@ class HalfCloseTransport(StringTransport):
         """
         Part of L{IHalfCloseableDescriptor}; the tests call the protocol.
         """
+
+
+@implementer(ITCPTransport)
+class NoDelayTransport(HalfCloseTransport):
+    """
+    A L{HalfCloseTransport} that is a TCP transport, and records whether
+    Nagle's algorithm was turned off.
+    """
+
+    noDelay: bool | None = None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        """
+        Record the setting.
+        """
+        self.noDelay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        """
+        The recorded setting.
+        """
+        return bool(self.noDelay)
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        """
+        Part of L{ITCPTransport}; the proxy does not use it.
+        """
+
+    def getTcpKeepAlive(self) -> bool:
+        """
+        Part of L{ITCPTransport}; the proxy does not use it.
+        """
+        return False
+
+
+def recordingPolicy(
+    asked: list[tuple[str, tuple[Any, ...]]], **kwargs: Any
+) -> TunnelPolicy:
+    """
+    A L{TunnelPolicy} made with C{kwargs} that appends each question it is
+    asked, and its arguments, to C{asked}.
+    """
+
+    class RecordingPolicy(TunnelPolicy):
+        def checkClient(self, *args: Any) -> Any:
+            asked.append(("checkClient", args))
+            return super().checkClient(*args)
+
+        def checkTarget(self, *args: Any) -> Any:
+            asked.append(("checkTarget", args))
+            return super().checkTarget(*args)
+
+        def checkAddress(self, *args: Any) -> Any:
+            asked.append(("checkAddress", args))
+            return super().checkAddress(*args)
+
+        def addressDenial(self, *args: Any) -> Any:
+            asked.append(("addressDenial", args))
+            return super().addressDenial(*args)
+
+    return RecordingPolicy(**kwargs)
 
 
 @implementer(IStreamClientEndpoint)
@@ -679,6 +758,146 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
             "192.0.2.7:40000 - - - 405 up=0 down=0 0.000s refused",
         )
 
+    def test_unixClient(self) -> None:
+        """
+        A client on a UNIX socket (no IP address) is served and counted
+        under its address as Twisted gives it.
+        """
+        proxy = self.factory.buildProtocol(None)
+        assert isinstance(proxy, ConnectProxy)
+        client = HalfCloseTransport(peerAddress=UNIXAddress(b"/run/client.sock"))
+        proxy.makeConnection(client)
+        self.assertEqual(self.factory._openPerClient["/run/client.sock"], 1)
+        proxy.dataReceived(HEAD)
+        self.reachTarget()
+        self.assertEqual(client.value(), ESTABLISHED)
+
+    def test_noDelay(self) -> None:
+        """
+        Nagle's algorithm is turned off on TCP connections, to the client
+        and to the target.
+        """
+        proxy = self.factory.buildProtocol(None)
+        assert isinstance(proxy, ConnectProxy)
+        client = NoDelayTransport(peerAddress=IPv4Address("TCP", "192.0.2.8", 1))
+        proxy.makeConnection(client)
+        self.assertEqual(client.noDelay, True)
+        proxy.dataReceived(HEAD)
+        factory, d = self.connector.endpoint.attempts[0]
+        target = factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 443))
+        transport = NoDelayTransport()
+        target.makeConnection(transport)
+        d.callback(target)
+        self.assertEqual(transport.noDelay, True)
+
+    def test_headAtSizeLimit(self) -> None:
+        """
+        A head of exactly C{maxHeaderSize} bytes (without the empty line
+        that ends it) is accepted, whether that empty line comes with it or
+        later; one byte more gets 431 even when the empty line arrives in
+        the same write.
+        """
+        self.factory.maxHeaderSize = 100
+        self.proxy.dataReceived(headOfLength(100) + b"\r\n")
+        self.assertEqual(self.connector.targets, [("a.example", 443)])
+        proxy, client = self.connectClient()
+        proxy.dataReceived(headOfLength(100))
+        proxy.dataReceived(b"\r\n")
+        self.assertEqual(self.connector.targets, [("a.example", 443)] * 2)
+        proxy, client = self.connectClient()
+        proxy.dataReceived(headOfLength(101) + b"\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 431 "), client.value())
+        self.assertEqual(len(self.connector.targets), 2)
+
+    def test_headInPiecesThenEarlyData(self) -> None:
+        """
+        Early data that arrives with the end of a head sent in pieces
+        reaches the target whole, and the head is not kept once parsed.
+        """
+        self.proxy.dataReceived(HEAD[:20])
+        self.proxy.dataReceived(HEAD[20:] + b"early")
+        self.assertEqual(self.proxy._buffer, b"")
+        _target, transport = self.reachTarget()
+        self.assertEqual(transport.value(), b"early")
+
+    def test_logEventTimes(self) -> None:
+        """
+        The event gives the handshake time (until the 200), the time taken
+        to reach the target, the whole duration, all counted from when the
+        client connected whatever the clock read before, and the address
+        the tunnel reached.
+        """
+        self.clock.advance(1000)
+        proxy, _client = self.connectClient()
+        self.clock.advance(1)
+        proxy.dataReceived(HEAD)
+        self.clock.advance(2)
+        target, transport = self.reachTarget()
+        self.clock.advance(4)
+        proxy.connectionLost(Failure(ConnectionLost()))
+        target.connectionLost(Failure(ConnectionLost()))
+        # The mixin's own client timed out its head long before.
+        [event] = [e for e in self.tunnelEvents() if e["status"] == 200]
+        self.assertEqual(
+            (event["handshake"], event["connect"], event["duration"]), (3, 2, 7)
+        )
+        self.assertEqual(event["connectedTo"], formatAddress(transport.getPeer()))
+
+    def test_connectorTimeout(self) -> None:
+        """
+        An attempt that times out on its own (the connector's timeout, as
+        when there is no connect timeout) gets a 504 as well.
+        """
+        for timeout in [ConnectTimeoutError(), DeferredTimeoutError()]:
+            proxy, client = self.connectClient()
+            proxy.dataReceived(HEAD)
+            self.connector.endpoint.attempts[-1][1].errback(timeout)
+            self.assertTrue(client.value().startswith(b"HTTP/1.1 504 "), timeout)
+
+    def test_parentFailedSaysSo(self) -> None:
+        """
+        The 502 for a parent proxy that answered nonsense says that the
+        parent proxy failed.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(UpstreamProtocolError())
+        response = self.assertRejected(502, "target-failed")
+        self.assertTrue(response.endswith(b"\r\n\r\nThe parent proxy failed.\n"))
+
+    def test_defaultLimits(self) -> None:
+        """
+        By default the request line may be 8192 bytes, the head 65536, and
+        65536 bytes of early data are held before the client is paused.
+        """
+        self.factory = ConnectProxyFactory(self.connector, reactor=self.clock)
+        line = b"CONNECT " + b"a" * (8192 - len(b"CONNECT  HTTP/1.1")) + b" HTTP/1.1"
+        for request, status in [(line, b"400"), (line + b"a", b"414")]:
+            proxy, client = self.connectClient()
+            proxy.dataReceived(request + b"\r\nHost: a\r\n\r\n")
+            self.assertTrue(client.value().startswith(b"HTTP/1.1 " + status))
+        proxy, client = self.connectClient()
+        proxy.dataReceived(headOfLength(65536) + b"\r\n")
+        self.assertEqual(client.value(), b"")
+        self.assertEqual(self.connector.targets, [("a.example", 443)])
+        proxy, client = self.connectClient()
+        proxy.dataReceived(headOfLength(65537) + b"\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 431 "))
+        proxy, client = self.connectClient()
+        proxy.dataReceived(HEAD + b"x" * 65536)
+        self.assertEqual(client.producerState, "producing")
+        proxy.dataReceived(b"x")
+        self.assertEqual(client.producerState, "paused")
+
+    def test_answeredClientStaysCounted(self) -> None:
+        """
+        A client answered with an error stays among the factory's
+        connections (a drain waits for it) until its connection is closed.
+        """
+        self.proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertIn(self.proxy, self.factory.connections)
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertNotIn(self.proxy, self.factory.connections)
+
 
 class EarlyDataTests(ProxyTestMixin, SynchronousTestCase):
     """
@@ -742,6 +961,17 @@ class EarlyDataTests(ProxyTestMixin, SynchronousTestCase):
         self.assertTrue(transport.writeClosed)
         target.dataReceived(b"reply")
         self.assertEqual(self.client.value(), ESTABLISHED + b"reply")
+
+    def test_earlyDataLimitExact(self) -> None:
+        """
+        Exactly C{maxEarlyData} bytes of early data are held without
+        pausing the client; one more byte pauses it.
+        """
+        self.proxy.dataReceived(HEAD + b"x" * 99)
+        self.proxy.dataReceived(b"x")
+        self.assertEqual(self.client.producerState, "producing")
+        self.proxy.dataReceived(b"y")
+        self.assertEqual(self.client.producerState, "paused")
 
 
 class TunnelTests(ProxyTestMixin, SynchronousTestCase):
@@ -1024,6 +1254,150 @@ class TunnelTests(ProxyTestMixin, SynchronousTestCase):
         [_failure] = self.flushLoggedErrors(RuntimeError)
         self.assertNotIn(self.proxy, self.factory.connections)
 
+    def test_gracefulCloseDeadlineIsIdleTimeout(self) -> None:
+        """
+        A graceful close waits for the whole idle timeout before it aborts;
+        without an idle timeout it waits a minute, not less.
+        """
+        target, transport = self.establish()
+        self.proxy.readConnectionLost()
+        target.readConnectionLost()
+        self.clock.advance(599)
+        self.assertFalse(self.client.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(self.client.disconnected)
+        self.closeBoth(target)
+        self.factory.idleTimeout = None
+        proxy, client = self.connectClient()
+        proxy.dataReceived(HEAD)
+        target, transport = self.reachTarget(1)
+        proxy.readConnectionLost()
+        target.readConnectionLost()
+        self.assertTrue(client.disconnecting)
+        self.clock.advance(59)
+        self.assertFalse(client.disconnected)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(client.disconnected)
+        self.assertTrue(transport.disconnected)
+
+    def test_closeUnregistersProducer(self) -> None:
+        """
+        When the target closes cleanly without a FIN of its own, the client
+        is closed with no producer left registered on it: a TLS transport
+        does not close while one is.
+        """
+        target, _transport = self.establish()
+        target.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.client.disconnecting)
+        self.assertIsNone(self.client.producer)
+        self.assertFalse(self.client.disconnected)
+
+    def test_firstEndKept(self) -> None:
+        """
+        A tunnel whose client sent FIN first, and whose target then closed
+        cleanly without a FIN of its own (as TLS does), ended C{client-eof}.
+        """
+        target, _transport = self.establish()
+        self.proxy.readConnectionLost()
+        target.connectionLost(Failure(ConnectionDone()))
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["ended"], "client-eof")
+
+    def test_endsOnceBothClosed(self) -> None:
+        """
+        A tunnel whose target is lost first ends (its event, the count of
+        relaying tunnels) only once the client connection is closed too.
+        """
+        target, _transport = self.establish()
+        target.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.tunnelEvents(), [])
+        self.assertEqual(self.factory.relaying, 1)
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["ended"], "target-reset")
+        self.assertEqual(self.factory.relaying, 0)
+
+    def test_targetFinBeforeAttach(self) -> None:
+        """
+        A target that sends bytes, in several pieces, and its FIN before
+        the relay is attached has all of it passed on in order: the client
+        gets the bytes, then a FIN, and can still send.
+        """
+        target = TargetProtocol()
+        transport = HalfCloseTransport()
+        target.makeConnection(transport)
+        target.dataReceived(b"one ")
+        target.dataReceived(b"two ")
+        target.dataReceived(b"three")
+        target.readConnectionLost()
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].callback(target)
+        self.assertEqual(self.client.value(), ESTABLISHED + b"one two three")
+        self.assertTrue(self.client.writeClosed)
+        self.assertFalse(self.client.disconnecting)
+        self.proxy.dataReceived(b"up")
+        self.assertEqual(transport.value(), b"up")
+
+    def test_handshakeStateDropped(self) -> None:
+        """
+        Once the tunnel is up, what only the handshake needed (the early
+        data, the request, the client's address) is not kept.
+        """
+        self.proxy.dataReceived(HEAD + b"early")
+        self.reachTarget()
+        self.assertIsNone(self.proxy._early)
+        self.assertIsNone(self.proxy._request)
+        self.assertIsNone(self.proxy._clientIP)
+
+    def test_idleTimeoutChanged(self) -> None:
+        """
+        A new idle timeout applies to the tunnels established after it is
+        set.
+        """
+        self.establish()
+        self.factory.idleTimeout = 30
+        proxy, client = self.connectClient()
+        proxy.dataReceived(HEAD)
+        self.reachTarget(1)
+        self.clock.advance(30)
+        self.assertTrue(client.disconnected)
+        self.assertFalse(self.client.disconnected)
+
+    def test_noSpliceWhenDisabled(self) -> None:
+        """
+        With C{splice} off, tunnels use a L{Relay} even between transports
+        that could splice.
+        """
+        self.patch(server, "canSplice", lambda transport: True)
+        self.factory.splice = False
+        self.establish()
+        self.assertIsInstance(self.proxy._relay, Relay)
+
+    def test_forgottenWithoutLogging(self) -> None:
+        """
+        With no tunnel log and no observers, a tunnel whose target closes
+        last is still forgotten by the factory once both are closed.
+        """
+        self.factory.logTunnels = False
+        target, _transport = self.establish()
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        target.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.factory.connections, set())
+        self.assertEqual(self.factory.relaying, 0)
+
+    def test_earlyDataCounted(self) -> None:
+        """
+        The bytes sent up include the early data.
+        """
+        self.proxy.dataReceived(HEAD + b"early")
+        target, _transport = self.reachTarget()
+        self.proxy.dataReceived(b"late")
+        self.closeBoth(target)
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["bytesUp"], 9)
+
 
 class HelperTests(SynchronousTestCase):
     """
@@ -1130,6 +1504,47 @@ class HelperTests(SynchronousTestCase):
         self.assertIsInstance(proxy, ConnectProxy)
         self.assertIsInstance(proxy, Protocol)
         self.assertIs(proxy.factory, factory)  # type: ignore[union-attr]
+
+    def test_canHalfClose(self) -> None:
+        """
+        A socket transport can half-close; a wrapper around one (TLS is a
+        L{ProtocolWrapper}) cannot, though it claims its transport's
+        interfaces.
+        """
+        wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
+        wrapper.makeConnection(HalfCloseTransport())
+        self.assertTrue(IHalfCloseableDescriptor.providedBy(wrapper))
+        self.assertFalse(canHalfClose(wrapper))
+        self.assertTrue(canHalfClose(HalfCloseTransport()))
+        self.assertFalse(canHalfClose(StringTransport()))
+
+    def test_reasonPhrases(self) -> None:
+        """
+        Each status the proxy answers with has its standard reason phrase;
+        any other gets C{Error}.
+        """
+        for status, reason in [
+            (400, b"Bad Request"),
+            (403, b"Forbidden"),
+            (405, b"Method Not Allowed"),
+            (407, b"Proxy Authentication Required"),
+            (408, b"Request Timeout"),
+            (414, b"URI Too Long"),
+            (429, b"Too Many Requests"),
+            (431, b"Request Header Fields Too Large"),
+            (500, b"Internal Server Error"),
+            (502, b"Bad Gateway"),
+            (503, b"Service Unavailable"),
+            (504, b"Gateway Timeout"),
+            (505, b"HTTP Version Not Supported"),
+            (599, b"Error"),
+        ]:
+            self.assertTrue(
+                errorResponse(status, "x").startswith(
+                    b"HTTP/1.1 %d %s\r\n" % (status, reason)
+                ),
+                status,
+            )
 
 
 def basicHead(
@@ -1384,6 +1799,90 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         # It counts as a failed login: errors must not be free guesses.
         self.assertEqual(self.factory.damper._failures["192.0.2.7"][1], 1)
+
+    def test_successesAreNotFailures(self) -> None:
+        """
+        Successful logins neither count as failures nor stay counted as
+        checks in flight: a client may log in any number of times.
+        """
+        for _ in range(5):
+            proxy, client = self.connectClient()
+            proxy.dataReceived(basicHead(b"alice:s3:cret"))
+            self.assertEqual(client.value(), b"")
+        self.assertEqual(len(self.connector.targets), 5)
+        self.assertEqual(self.factory.damper._checking, {})
+        self.assertEqual(self.factory.damper._failures, {})
+
+    def test_avatarIsTheUser(self) -> None:
+        """
+        The user is the avatar the portal logged in, as the checker names it,
+        not the name the client sent: the policy and the log get that one.
+        """
+
+        @implementer(ICredentialsChecker)
+        class CanonicalChecker:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+                return succeed(b"alice@corp")
+
+        users: list[str | None] = []
+
+        class RecordingPolicy(TunnelPolicy):
+            def checkTarget(self, avatar: Any, *args: Any) -> Any:
+                users.append(avatar.name)
+                return super().checkTarget(avatar, *args)
+
+        self.factory.portal = portalFromCheckers([CanonicalChecker()])
+        self.factory.policy = RecordingPolicy()
+        self.proxy.dataReceived(basicHead(b"ALICE:pw"))
+        target, _transport = self.reachTarget()
+        self.closeBoth(target)
+        self.assertEqual(users, ["alice@corp"])
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["user"], "alice@corp")
+
+    def test_clientLeavesDuringFailedLogin(self) -> None:
+        """
+        A client that leaves while its credentials are checked is not
+        answered when the check fails (wrong credentials, or a checker's
+        bug), and leaves no timer or count behind.
+        """
+        checker = PendingChecker()
+        self.factory.portal = portalFromCheckers([checker])
+        for failure in [UnauthorizedLogin(), ZeroDivisionError()]:
+            proxy, client = self.connectClient()
+            proxy.dataReceived(basicHead(b"alice:wrong"))
+            proxy.connectionLost(Failure(ConnectionLost()))
+            checker.pending[-1].errback(failure)
+            self.assertEqual(client.value(), b"", failure)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.factory.lingeringRefusals, 0)
+        self.assertEqual(self.factory.connections, set())
+
+    def test_differentCredentialsCheckedApart(self) -> None:
+        """
+        Credentials that differ are never joined to the same check, even
+        when user name and password run together the same.
+        """
+        checker = PendingChecker()
+        self.factory.portal = portalFromCheckers([checker])
+        for credentials in [b"alice:s3:cret", b"alices3::cret"]:
+            proxy, _client = self.connectClient()
+            proxy.dataReceived(basicHead(credentials))
+        self.assertEqual(len(checker.pending), 2)
+
+    def test_unhandledCredentials(self) -> None:
+        """
+        A portal that cannot check user names and passwords answers every
+        request with a 407, not a 500.
+        """
+        checker = AllowAnonymousAccess()
+        self.factory.portal = portalFromCheckers([checker])
+        self.proxy.dataReceived(basicHead(b"alice:s3:cret"))
+        self.assertChallenged()
 
 
 @implementer(IProxyUser)
@@ -1718,6 +2217,58 @@ class PolicyTests(ProxyTestMixin, SynchronousTestCase):
         proxy.dataReceived(HEAD)
         self.assertEqual(self.connector.targets, [])
 
+    def test_allowFromLogged(self) -> None:
+        """
+        A client refused by C{--allow-from} is logged as refused by the
+        client rule.
+        """
+        self.factory.policy = TunnelPolicy.fromStrings(allowFrom=["198.51.100.0/24"])
+        proxy, _client = self.connectClient()
+        proxy.connectionLost(Failure(ConnectionDone()))
+        [event] = self.tunnelEvents()
+        self.assertEqual((event["status"], event["refusal"]), (403, "client"))
+        self.assertTrue(event["line"].endswith(" refused (client)"), event["line"])
+
+    def test_addressesDeniedLogged(self) -> None:
+        """
+        A tunnel refused because no address was allowed is logged as refused
+        by the address rules.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(AddressDenied())
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        [event] = self.tunnelEvents()
+        self.assertEqual((event["status"], event["refusal"]), (403, "address"))
+
+    def test_policyAskedAboutThisTunnel(self) -> None:
+        """
+        The policy is asked about the client's address (an IPv6 zone left
+        out), then the target, then each address the target resolves to, for
+        this client; the denial of every address is asked for this target
+        and port.
+        """
+        asked: list[tuple[str, tuple[Any, ...]]] = []
+        self.factory.policy = recordingPolicy(asked, ports=(PortRange(1, 65535),))
+        proxy = self.factory.buildProtocol(None)
+        assert proxy is not None
+        proxy.makeConnection(
+            HalfCloseTransport(peerAddress=IPv6Address("TCP", "fe80::1%eth0", 1))
+        )
+        proxy.dataReceived(b"CONNECT target.example:8443 HTTP/1.1\r\nHost: h\r\n\r\n")
+        public = ipaddress.ip_address("93.184.216.34")
+        self.assertTrue(self.connector.allowAddress(public))
+        self.connector.endpoint.attempts[-1][1].errback(AddressDenied())
+        client = ipaddress.ip_address("fe80::1")
+        self.assertEqual(
+            asked,
+            [
+                ("checkClient", (client,)),
+                ("checkTarget", (None, client, "target.example", 8443)),
+                ("checkAddress", (None, client, "target.example", 8443, public)),
+                ("addressDenial", ("target.example", 8443)),
+            ],
+        )
+
 
 class LimitTests(ProxyTestMixin, SynchronousTestCase):
     """
@@ -1785,6 +2336,71 @@ class LimitTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(otherClient.value(), b"")
         self.proxy.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.factory._openPerClient, {"192.0.2.99": 1})
+
+    def test_ipv4MappedClientsByAddress(self) -> None:
+        """
+        A client an IPv6 socket reports as IPv4-mapped is counted under its
+        IPv4 address, each on its own: the same as over IPv4.
+        """
+        self.factory.maxTunnelsPerClient = 1
+        clients = []
+        for host in ["::ffff:192.0.2.7", "::ffff:192.0.2.8"]:
+            proxy = self.factory.buildProtocol(None)
+            assert proxy is not None
+            client = HalfCloseTransport(peerAddress=IPv6Address("TCP", host, 1))
+            proxy.makeConnection(client)
+            clients.append(client)
+        self.assertTrue(clients[0].value().startswith(b"HTTP/1.1 429 "))
+        self.assertEqual(clients[1].value(), b"")
+        self.assertEqual(self.factory._openPerClient, {"192.0.2.7": 1, "192.0.2.8": 1})
+
+    def test_fullBeforeAllowFrom(self) -> None:
+        """
+        A full proxy answers 503 before it asks the policy about the client.
+        """
+        self.factory.maxTunnels = 1
+        self.factory.policy = TunnelPolicy.fromStrings(allowFrom=["198.51.100.0/24"])
+        _proxy, client = self.connectClient()
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 503 "))
+
+    def test_lingerCountOnlyForRefusals(self) -> None:
+        """
+        Only refusals before admission count as lingering refusals: admitted
+        connections, answered or relayed, leave the count at 0 when closed.
+        """
+        target, _transport = self.establish()
+        self.closeBoth(target)
+        proxy, _client = self.connectClient()
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory.lingeringRefusals, 0)
+
+    def test_admittedClientAlwaysLingers(self) -> None:
+        """
+        An admitted client (counted against the limits) lingers after its
+        error answer however many refused ones linger.
+        """
+        self.factory.maxLingeringRefusals = 0
+        self.proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertTrue(self.client.writeClosed)
+        self.assertFalse(self.client.disconnecting)
+
+    def test_perClientCountFollowsCloses(self) -> None:
+        """
+        A client's count goes down as its connections close, so that it may
+        open new ones up to its limit again.
+        """
+        self.factory.maxTunnelsPerClient = 3
+        second, _ = self.connectClient()
+        third, _ = self.connectClient()
+        second.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory._openPerClient, {"192.0.2.7": 2})
+        fourth, fourthClient = self.connectClient()
+        self.assertEqual(fourthClient.value(), b"")
+        third.connectionLost(Failure(ConnectionDone()))
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        fourth.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory._openPerClient, {})
 
 
 class ProxyProtocolTests(ProxyTestMixin, SynchronousTestCase):
@@ -1890,3 +2506,29 @@ class ProxyProtocolTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(b"PROXY TCP4 ")
         self.clock.advance(10)
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 408 "))
+
+    def test_refusedHeaderAndRequestTogether(self) -> None:
+        """
+        A request that arrives with a header whose source C{--allow-from}
+        refuses is never served.
+        """
+        self.factory.policy = TunnelPolicy.fromStrings(allowFrom=["203.0.113.0/24"])
+        self.proxy.dataReceived(
+            b"PROXY TCP4 198.51.100.9 192.0.2.1 5555 3128\r\n" + HEAD
+        )
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 403 "))
+        self.assertEqual(self.connector.targets, [])
+
+    def test_awaitingHeaderAfterClose(self) -> None:
+        """
+        A connection stops counting as waiting for its header once, when
+        the header arrives or when it closes first.
+        """
+        self.proxy.dataReceived(b"PROXY TCP4 198.51.100.9 192.0.2.1 5555 3128\r\n")
+        self.assertEqual(self.factory.awaitingHeader, 0)
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory.awaitingHeader, 0)
+        proxy, _client = self.connectClient()
+        self.assertEqual(self.factory.awaitingHeader, 1)
+        proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory.awaitingHeader, 0)

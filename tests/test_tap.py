@@ -608,6 +608,53 @@ class RulesFilePolicyTests(SynchronousTestCase):
         self.assertTrue(self.policy.checkAddress(None, None, "h", 22, ip))
         self.assertEqual(self.policy.addressDenial("h", 1).status, 403)
 
+    def test_unchangedFileKeepsRules(self) -> None:
+        """
+        Looking again at a file that did not change since it was last read
+        keeps the rules without re-reading it.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.write("allow-port 8080\n")
+        for _ in range(3):
+            self.clock.advance(1)
+            self.assertEqual(self.ports(), [80, 443, 8080])
+        reloads = [e for e in events if "Reloaded" in formatEvent(e)]
+        self.assertEqual(len(reloads), 1)
+
+    def test_checkedAtMostOncePerInterval(self) -> None:
+        """
+        After a look at the file, the next is no sooner than C{checkInterval}
+        (by default a second) later, however late the first look came.
+        """
+        self.clock.advance(100)
+        self.write("allow-port 8080\n")
+        self.assertEqual(self.ports(), [80, 443, 8080])
+        self.write("allow-port 22\n")
+        self.clock.advance(0.5)
+        self.assertEqual(self.ports(), [80, 443, 8080])
+        self.clock.advance(0.25)
+        self.assertEqual(self.ports(), [80, 443, 8080])
+        self.clock.advance(0.25)
+        self.assertEqual(self.ports(), [22, 80, 443])
+
+    def test_missingFileKeepsRules(self) -> None:
+        """
+        A rules file that disappears (or cannot be read) keeps the last good
+        rules, and says why in the log.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        os.remove(self.path)
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [22, 80, 443])
+        [error] = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertIn(self.path, formatEvent(error))
+
 
 class UpstreamOptionsTests(SynchronousTestCase):
     """
