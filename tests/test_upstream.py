@@ -561,8 +561,12 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         result, protocol, transport = self.connect()
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
         filler = b"X-Filler: " + b"x" * 1000 + b"\r\n"
-        while not transport.disconnected:
+        # Bounded: a head that is never refused fails the test, not hangs it.
+        for _ in range(MAX_RESPONSE_HEAD // len(filler) + 2):
+            if transport.disconnected:
+                break
             protocol.dataReceived(filler)
+        self.assertTrue(transport.disconnected)
         protocol.connectionLost(Failure(ConnectionLost()))
         failure = self.failureResultOf(result, UpstreamProtocolError)
         self.assertIn(str(MAX_RESPONSE_HEAD), str(failure.value))
@@ -574,9 +578,13 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         result, protocol, transport = self.connect()
         interim = b"HTTP/1.1 100 Continue\r\nX: " + b"y" * 1000 + b"\r\n\r\n"
         sent = 0
-        while not transport.disconnected:
+        # Bounded, as in test_headTooLarge.
+        for _ in range(MAX_RESPONSE_HEAD // len(interim) + 2):
+            if transport.disconnected:
+                break
             protocol.dataReceived(interim)
             sent += len(interim)
+        self.assertTrue(transport.disconnected)
         self.assertGreater(sent, MAX_RESPONSE_HEAD)
         self.assertLess(sent, MAX_RESPONSE_HEAD + 2 * len(interim))
         protocol.connectionLost(Failure(ConnectionLost()))
