@@ -5,7 +5,8 @@ Test doubles shared by the test modules.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+import socket
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -114,3 +115,87 @@ class ThreadPoolReactor:
         Call C{f} now.
         """
         f(*args, **kwargs)
+
+
+class ThreadReactor:
+    """
+    The part of a reactor L{ThreadedResolver} uses: C{callFromThread} runs
+    the call at once (the fake workers run jobs in the test's thread), and
+    system event triggers are recorded.
+
+    @ivar triggers: The (phase, event, callable) triggers added.
+    """
+
+    def __init__(self) -> None:
+        self.triggers: list[tuple[str, str, Callable[[], None]]] = []
+
+    def callFromThread(self, f: Callable[..., object], *args: object) -> None:
+        """
+        Call C{f} now.
+        """
+        f(*args)
+
+    def addSystemEventTrigger(
+        self, phase: str, event: str, f: Callable[[], None]
+    ) -> object:
+        """
+        Record the trigger.
+        """
+        self.triggers.append((phase, event, f))
+        return len(self.triggers)
+
+
+class ManualWorkers:
+    """
+    Workers that run a job only when the test says so.
+
+    @ivar jobs: The jobs handed over and not run yet.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[Callable[[], None]] = []
+
+    def run(self, job: Callable[[], None]) -> None:
+        """
+        Keep C{job} for later.
+        """
+        self.jobs.append(job)
+
+    def runNext(self) -> None:
+        """
+        Run the oldest job kept.
+        """
+        self.jobs.pop(0)()
+
+
+class FakeGetaddrinfo:
+    """
+    A C{getaddrinfo} that answers from a map and records its calls; a
+    name mapped to an exception raises it.
+
+    @ivar calls: The arguments of each call.
+    """
+
+    def __init__(self, answers: dict[str, Any]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __call__(
+        self, host: str, port: int, family: int, socketType: int
+    ) -> list[tuple[Any, ...]]:
+        self.calls.append((host, port, family, socketType))
+        answer = self.answers.get(host)
+        if answer is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if isinstance(answer, Exception):
+            raise answer
+        return [
+            (
+                socket.AF_INET6 if ":" in address else socket.AF_INET,
+                socketType,
+                6,
+                "",
+                (address, port, 0, 3) if ":" in address else (address, port),
+            )
+            for address in answer
+        ]

@@ -38,8 +38,9 @@ class PublicNamesTests(SynchronousTestCase):
         """
         What an application needs to plug into each seam is importable from
         C{tunnel} itself: the value a policy returns, the exception a
-        connector raises, the avatar interface, the observers and the
-        signal guard a composed service uses.
+        connector raises, the avatar interface, the observers, the signal
+        guard a composed service uses, and the default connector's
+        resolver.
         """
         for name in (
             "Denial",
@@ -51,6 +52,8 @@ class PublicNamesTests(SynchronousTestCase):
             "ProxyMetrics",
             "metricsResource",
             "StopOnSignals",
+            "ThreadedResolver",
+            "LookupsBusy",
         ):
             self.assertIn(name, tunnel.__all__)
 

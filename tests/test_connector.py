@@ -15,17 +15,24 @@ from twisted.internet.error import (
     NoProtocol,
     UserError,
 )
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHostnameResolver,
+    IHostResolution,
+    IResolutionReceiver,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tests.fakes import FakeResolver
+from tests.fakes import FakeGetaddrinfo, FakeResolver, ManualWorkers, ThreadReactor
 from tunnel import HostnameConnector, ITargetConnector
 from tunnel.connector import AddressDenied
+from tunnel.interfaces import LookupsBusy
 from tunnel.policy import IPAddress, TunnelPolicy
+from tunnel.resolver import ThreadedResolver
 
 
 class HostnameConnectorTests(SynchronousTestCase):
@@ -94,10 +101,15 @@ class HostnameConnectorTests(SynchronousTestCase):
 
     def test_defaultResolver(self) -> None:
         """
-        Without a resolver the reactor's own is used.
+        Without a resolver, names are looked up by a L{ThreadedResolver} of
+        the connector's own, not the reactor's C{nameResolver} (which queues
+        without bound in the pool bcrypt needs); literals are connected to
+        from the bind address without any lookup.
         """
         reactor = MemoryReactorClock()
         connector = HostnameConnector(reactor, bindAddress=("127.0.0.1", 0))
+        self.assertIsInstance(connector.resolver, ThreadedResolver)
+        self.assertIsNot(HostnameConnector(reactor).resolver, connector.resolver)
         endpoint = connector.endpointForTarget("127.0.0.1", 80)
         endpoint.connect(Factory.forProtocol(Protocol))
         reactor.advance(1)
@@ -211,6 +223,151 @@ class VettingTests(SynchronousTestCase):
         """
         _reactor, d = self.connect({}, "nowhere.test")
         self.failureResultOf(d, DNSLookupError)
+
+
+class LookupTests(SynchronousTestCase):
+    """
+    How the connector's endpoints use a L{ThreadedResolver}: a refused
+    lookup is L{LookupsBusy}, and a cancelled connection attempt cancels its
+    lookup.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.workers = ManualWorkers()
+        self.getaddrinfo = FakeGetaddrinfo(
+            {"a.test": ["192.0.2.1"], "b.test": ["192.0.2.2"]}
+        )
+        self.resolver = ThreadedResolver(
+            ThreadReactor(),
+            threads=1,
+            maxWaiting=1,
+            getaddrinfo=self.getaddrinfo,
+            workers=self.workers,
+        )
+        self.connector = HostnameConnector(
+            self.reactor, resolver=self.resolver, timeout=None
+        )
+
+    def connect(self, host: str) -> Deferred[Any]:
+        """
+        Start connecting to C{host}:443.
+        """
+        endpoint = self.connector.endpointForTarget(host, 443, lambda address: True)
+        return endpoint.connect(Factory.forProtocol(Protocol))
+
+    def test_resolved(self) -> None:
+        """
+        Once the lookup is answered, the endpoint connects to the address.
+        """
+        d = self.connect("a.test")
+        self.assertNoResult(d)
+        self.workers.runNext()
+        self.reactor.advance(1)
+        [(host, port, _, _, _)] = self.reactor.tcpClients
+        self.assertEqual((host, port), ("192.0.2.1", 443))
+        d.cancel()
+        self.failureResultOf(d)
+
+    def test_busy(self) -> None:
+        """
+        A lookup refused because too many wait fails the attempt with
+        L{LookupsBusy}, at once.
+        """
+        self.connect("a.test")
+        self.connect("b.test")
+        failure = self.failureResultOf(self.connect("c.test"), LookupsBusy)
+        self.assertIn("c.test", str(failure.value))
+
+    def test_cancelWaiting(self) -> None:
+        """
+        Cancelling an attempt whose lookup waits for a thread cancels the
+        lookup: it never runs, and its place in the queue is free at once.
+        """
+        first = self.connect("a.test")
+        second = self.connect("b.test")
+        second.cancel()
+        self.failureResultOf(second)
+        self.assertEqual(self.resolver.waiting, 0)
+        third = self.connect("c.test")
+        self.assertNoResult(third)
+        self.workers.runNext()
+        self.workers.runNext()
+        self.assertEqual(
+            [call[0] for call in self.getaddrinfo.calls], ["a.test", "c.test"]
+        )
+        # c.test has no address.
+        self.failureResultOf(third, DNSLookupError)
+        first.cancel()
+        self.failureResultOf(first)
+
+    def test_cancelAfterLookup(self) -> None:
+        """
+        Cancelling once the lookup is answered and a connection is being
+        made cancels that connection.
+        """
+        d = self.connect("a.test")
+        self.workers.runNext()
+        self.reactor.advance(1)
+        [connector] = self.reactor.connectors
+        d.cancel()
+        self.failureResultOf(d)
+        self.assertTrue(connector.stoppedConnecting)
+
+    def test_resolverCannotCancel(self) -> None:
+        """
+        A resolver whose resolutions cannot be cancelled (Twisted's own
+        raise L{NotImplementedError}) is no error; any other failure to
+        cancel is logged, and the attempt is cancelled all the same.
+        """
+        for error in (NotImplementedError(), ZeroDivisionError()):
+            resolver = _Unanswered(error)
+            connector = HostnameConnector(self.reactor, resolver=resolver)
+            endpoint = connector.endpointForTarget("a.test", 443)
+            d = endpoint.connect(Factory.forProtocol(Protocol))
+            d.cancel()
+            self.failureResultOf(d)
+            self.assertEqual(resolver.cancels, 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+@implementer(IHostnameResolver)
+class _Unanswered:
+    """
+    A resolver that never answers, and whose resolutions raise when
+    cancelled.
+
+    @ivar cancels: How many times a resolution was cancelled.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        self._error = error
+        self.cancels = 0
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: object = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        """
+        Begin, and never complete.
+        """
+        resolver = self
+
+        @implementer(IHostResolution)
+        class Resolution:
+            name = hostName
+
+            def cancel(self) -> None:
+                resolver.cancels += 1
+                raise resolver._error
+
+        resolution = Resolution()
+        resolutionReceiver.resolutionBegan(resolution)
+        return resolution
 
 
 @implementer(IHalfCloseableProtocol)

@@ -56,6 +56,7 @@ from tests.fakes import FakeResolver
 from tunnel import ConnectProxyFactory, HostnameConnector, ITargetConnector, server
 from tunnel.auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from tunnel.connector import AddressDenied
+from tunnel.interfaces import LookupsBusy
 from tunnel.policy import PortRange, TunnelPolicy
 from tunnel.relay import Relay, TargetProtocol, canHalfClose
 from tunnel.server import (
@@ -567,6 +568,17 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(HEAD)
         self.connector.endpoint.attempts[0][1].errback(DNSLookupError("nope"))
         self.assertIn(b"resolve", self.assertRejected(502, "target-failed"))
+
+    def test_lookupsBusy(self) -> None:
+        """
+        A target name the resolver would not look up, because too many
+        lookups were waiting, gets the client a 503 with C{Retry-After}.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(LookupsBusy())
+        response = self.assertRejected(503, "target-failed")
+        self.assertIn(b"\r\nRetry-After: 1\r\n", response)
+        self.assertIn(b"name lookups", response)
 
     def test_parentRefused(self) -> None:
         """

@@ -19,7 +19,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tunnel import tap
 from tunnel.auth import IProxyUser, ProxyUser
+from tunnel.connector import HostnameConnector
 from tunnel.htpasswd import HtpasswdChecker
+from tunnel.resolver import ThreadedResolver
 from tunnel.rules import RulesFilePolicy
 from tunnel.server import ConnectProxyFactory
 from tunnel.tap import (
@@ -136,6 +138,21 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(factory.idleTimeout, 600)
         self.assertEqual(factory.maxRequestLine, 8192)
         self.assertEqual(factory.maxHeaderSize, 65536)
+
+    def test_resolverThreads(self) -> None:
+        """
+        Target names are looked up by a L{ThreadedResolver} with 20 threads,
+        or as many as C{--resolver-threads} says (1 to 1000).
+        """
+        for argv, threads in [((), 20), (("--resolver-threads", "3"), 3)]:
+            factory = makeFactory(parse(*argv), MemoryReactorClock())
+            connector = factory.connector
+            assert isinstance(connector, HostnameConnector)
+            resolver = connector.resolver
+            assert isinstance(resolver, ThreadedResolver)
+            self.assertEqual((resolver.threads, resolver.maxWaiting), (threads, 1000))
+        for bad in ("0", "1001", "many"):
+            self.assertRaises(UsageError, parse, "--resolver-threads", bad)
 
     def test_values(self) -> None:
         """

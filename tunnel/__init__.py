@@ -6,7 +6,8 @@ The public API (C{__all__}):
     and L{ConnectProxy}, the protocol it builds for each client connection;
   - L{ITargetConnector} and its default L{HostnameConnector}: how targets
     are reached (a connector fails with L{AddressDenied} when the policy
-    left no address);
+    left no address), its names looked up by a L{ThreadedResolver} (which
+    makes it fail with L{LookupsBusy} when too many lookups wait);
   - L{parseConnectHead}, L{ConnectRequest} and L{RequestRejected}: the pure
     request parser;
   - L{Relay} and L{RelayResult}: joining two transports into a tunnel;
@@ -29,11 +30,12 @@ in C{__all__} is public too.
 from .accesslog import AccessLogObserver
 from .auth import IProxyUser, ProxyUser, portalFromCheckers
 from .connector import HostnameConnector
-from .interfaces import AddressDenied, ITargetConnector
+from .interfaces import AddressDenied, ITargetConnector, LookupsBusy
 from .metrics import ProxyMetrics, metricsResource
 from .policy import Denial, ITunnelPolicy, TunnelPolicy
 from .relay import Relay, RelayResult
 from .request import ConnectRequest, RequestRejected, parseConnectHead
+from .resolver import ThreadedResolver
 from .server import ConnectProxy, ConnectProxyFactory
 from .service import ProxyService, StopOnSignals
 from .upstream import (
@@ -56,6 +58,7 @@ __all__ = [
     "IProxyUser",
     "ITargetConnector",
     "ITunnelPolicy",
+    "LookupsBusy",
     "ProxyMetrics",
     "ProxyService",
     "ProxyUser",
@@ -63,6 +66,7 @@ __all__ = [
     "RelayResult",
     "RequestRejected",
     "StopOnSignals",
+    "ThreadedResolver",
     "TunnelPolicy",
     "UpstreamConnector",
     "UpstreamEndpoint",

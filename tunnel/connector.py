@@ -26,14 +26,18 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITransport,
 )
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 # AddressDenied is defined with the seam; importable from here as before.
-from .interfaces import AddressDenied, ITargetConnector
+from .interfaces import AddressDenied, ITargetConnector, LookupsBusy
 from .policy import parseAddress
+from .resolver import Lookup, ThreadedResolver
 
 __all__ = ["AddressDenied", "HostnameConnector"]
+
+_log = Logger(namespace="tunnel.connector")
 
 #: A destination policy for one tunnel: whether it may connect to an address.
 AllowAddress = Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]
@@ -242,8 +246,10 @@ class _VettingReceiver:
         self._allow = allow
         self.allowed = 0
         self.denied = 0
+        self.resolution: IHostResolution | None = None
 
     def resolutionBegan(self, resolution: IHostResolution) -> None:
+        self.resolution = resolution
         self._receiver.resolutionBegan(resolution)
 
     def addressResolved(self, address: IAddress) -> None:
@@ -299,6 +305,36 @@ class _VettingResolver:
             r.allowed for r in self.receivers
         )
 
+    def busy(self) -> bool:
+        """
+        Whether a L{ThreadedResolver} refused a lookup because too many
+        were waiting.
+        """
+        return any(
+            isinstance(r.resolution, Lookup) and r.resolution.busy
+            for r in self.receivers
+        )
+
+    def cancel(self) -> None:
+        """
+        Cancel the lookups in progress: HostnameEndpoint never does, so a
+        lookup still waiting for a thread would otherwise run for a tunnel
+        long gone.
+        """
+        for receiver in self.receivers:
+            resolution, receiver.resolution = receiver.resolution, None
+            if resolution is None:
+                continue
+            try:
+                resolution.cancel()
+            except NotImplementedError:
+                # Twisted's own resolvers cannot cancel.
+                pass
+            except Exception:
+                _log.failure(
+                    "Cancelling the lookup of {name} failed", name=resolution.name
+                )
+
 
 @implementer(IStreamClientEndpoint)
 class _VettedEndpoint:
@@ -335,6 +371,8 @@ class _VettedEndpoint:
         """
 
         def denied(reason: Failure) -> Failure:
+            if self._vetting.busy():
+                raise LookupsBusy(string=f"too many lookups waiting for {self._host}")
             if self._vetting.deniedAll():
                 raise AddressDenied(string=f"no allowed address for {self._host}")
             if reason.check(ValueError):
@@ -344,7 +382,16 @@ class _VettedEndpoint:
                 raise DNSLookupError(f"{self._host} is not a valid host name")
             return reason
 
-        return self._endpoint.connect(protocolFactory).addErrback(denied)
+        def cancel(connected: Deferred[Any]) -> None:
+            self._vetting.cancel()
+            attempt.cancel()
+
+        attempt = self._endpoint.connect(protocolFactory).addErrback(denied)
+        if attempt.called:
+            return attempt
+        connected: Deferred[Any] = Deferred(cancel)
+        attempt.chainDeferred(connected)
+        return connected
 
 
 @implementer(IStreamClientEndpoint)
@@ -368,6 +415,8 @@ class HostnameConnector:
     """
     Reach targets directly with L{HostnameEndpoint}: every allowed address
     the name resolves to is tried, IPv4 and IPv6 raced as RFC 8305 describes.
+
+    @ivar resolver: Looks the target names up.
     """
 
     def __init__(
@@ -379,9 +428,12 @@ class HostnameConnector:
     ) -> None:
         """
         @param reactor: The reactor to connect with.
-        @param resolver: Resolves target names; by default the reactor's own
-            C{nameResolver}.  Tests pass a fake one so that no real DNS
-            query is ever sent.
+        @param resolver: Resolves target names; by default a
+            L{ThreadedResolver} of this connector's own (C{getaddrinfo} in
+            at most 20 threads, bounded and cancellable, apart from the
+            reactor's thread pool), since the reactor's C{nameResolver}
+            queues without bound in the pool bcrypt also needs.  Tests pass
+            a fake one so that no real DNS query is ever sent.
         @param timeout: Seconds allowed for each connection attempt, or
             L{None} for no timer of the connector's own, when the caller
             bounds the attempt itself (L{tunnel.ConnectProxy} does, with
@@ -389,7 +441,9 @@ class HostnameConnector:
         @param bindAddress: The local address to connect from, if any.
         """
         self._reactor = reactor
-        self._resolver = resolver
+        self.resolver: IHostnameResolver = (
+            resolver if resolver is not None else ThreadedResolver(reactor)
+        )
         self._timeout = timeout
         self._bindAddress = bindAddress
 
@@ -424,10 +478,9 @@ class HostnameConnector:
                 self._timeout,
                 self._bindAddress,
             )
-        resolver = self._resolver or self._reactor.nameResolver
         return _VettedEndpoint(
             self._reactor,
-            resolver,
+            self.resolver,
             allowAddress or (lambda address: True),
             host,
             port,

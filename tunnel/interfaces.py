@@ -60,6 +60,14 @@ class AddressDenied(ConnectError):
     """
 
 
+class LookupsBusy(ConnectError):
+    """
+    The target's name was not looked up: too many lookups were waiting for
+    a thread (see L{tunnel.resolver.ThreadedResolver}).  The client gets
+    C{503} with C{Retry-After}.
+    """
+
+
 class UpstreamRefused(ConnectError):
     """
     The parent proxy answered the C{CONNECT} request with a status other

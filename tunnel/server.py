@@ -52,6 +52,7 @@ from .idle import IdleWatch
 from .interfaces import (
     AddressDenied,
     ITargetConnector,
+    LookupsBusy,
     UpstreamProtocolError,
     UpstreamRefused,
 )
@@ -720,6 +721,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
             rejected = RequestRejected(502, "The parent proxy failed.")
         elif self._timedOut or reason.check(ConnectTimeoutError, DeferredTimeoutError):
             rejected = RequestRejected(504, "Connecting to the target timed out.")
+        elif reason.check(LookupsBusy):
+            rejected = RequestRejected(
+                503,
+                "Too many name lookups are waiting; try again.",
+                [(b"Retry-After", b"1")],
+            )
         elif reason.check(DNSLookupError):
             rejected = RequestRejected(502, "The target host name does not resolve.")
         elif reason.check(ConnectionRefusedError):

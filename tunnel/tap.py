@@ -31,7 +31,9 @@ from twisted.web.server import Site
 from . import splice
 from .accesslog import AccessLogObserver
 from .auth import checkRealm, portalFromCheckers
+from .connector import HostnameConnector
 from .htpasswd import HtpasswdError
+from .interfaces import ITargetConnector
 from .metrics import (
     MetricsUnavailable,
     ProxyMetrics,
@@ -45,6 +47,7 @@ from .policy import (
     parseRules,
     parseTargetRule,
 )
+from .resolver import ThreadedResolver
 from .rules import RulesFilePolicy
 from .server import ConnectProxyFactory
 from .service import ProxyService, StopOnSignals
@@ -259,6 +262,14 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             "The most connections at once from one client address (429 beyond)",
             _number(int, 1),
+        ],
+        [
+            "resolver-threads",
+            None,
+            20,
+            "Target name lookups (getaddrinfo) run at once; up to 1000 more "
+            "wait (503 beyond), in threads apart from the password checks",
+            _number(int, 1, 1000),
         ],
         [
             "workers",
@@ -579,10 +590,15 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     @return: The factory.
     """
     checkers = options.get("credCheckers", [])
-    connector = None
+    connector: ITargetConnector = HostnameConnector(
+        reactor,
+        resolver=ThreadedResolver(reactor, threads=options["resolver-threads"]),
+        # The connect timeout bounds each attempt.
+        timeout=None,
+    )
     if options["upstream"] is not None:
         try:
-            connector = UpstreamConnector(
+            upstream = UpstreamConnector(
                 reactor,
                 options["upstream"],
                 caCertificate=options["upstream-ca"],
@@ -592,8 +608,9 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
             raise usage.UsageError(f"--upstream-ca: {e}") from None
         _log.info(
             "Tunnels go through the parent proxy {parent}",
-            parent=connector.upstream.displayURL,
+            parent=upstream.upstream.displayURL,
         )
+        connector = upstream
     return ConnectProxyFactory(
         connector,
         reactor=reactor,

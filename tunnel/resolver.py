@@ -1,0 +1,364 @@
+"""
+Name lookups for the targets: C{getaddrinfo} in threads of their own,
+bounded, shared and cancellable.
+
+Twisted's default resolver runs C{getaddrinfo} in the reactor's thread pool,
+which the htpasswd checker's bcrypt also uses, queues without bound, and
+runs every queued lookup even when whoever asked left long ago.  A client
+that names hosts whose DNS servers do not answer (each lookup then blocks a
+thread for the resolver's timeout, about ten seconds by default) could so
+stall every other client's lookups and logins, and grow a queue of work that
+runs after it is gone.  L{ThreadedResolver} keeps the semantics of
+C{getaddrinfo} (C{/etc/hosts}, C{nsswitch.conf}, search domains) and bounds
+the rest.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import (
+    IAddress,
+    IHostnameResolver,
+    IHostResolution,
+    IResolutionReceiver,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["ThreadedResolver"]
+
+_log = Logger(namespace="tunnel.resolver")
+
+_ANY: frozenset[type[IAddress]] = frozenset([IPv4Address, IPv6Address])
+_FAMILIES: dict[frozenset[type[IAddress]], int] = {
+    frozenset([IPv4Address]): socket.AF_INET,
+    frozenset([IPv6Address]): socket.AF_INET6,
+    _ANY: socket.AF_UNSPEC,
+}
+_ADDRESS_TYPES: dict[int, Any] = {
+    socket.AF_INET: IPv4Address,
+    socket.AF_INET6: IPv6Address,
+}
+_SOCKET_TYPES = {"TCP": socket.SOCK_STREAM, "UDP": socket.SOCK_DGRAM}
+_SEMANTICS = {socket.SOCK_STREAM: "TCP", socket.SOCK_DGRAM: "UDP"}
+
+#: What C{getaddrinfo} gives: (family, type, proto, canonname, sockaddr).
+AddressInfo = list[tuple[Any, Any, int, str, Any]]
+
+
+@implementer(IHostResolution)
+class Lookup:
+    """
+    One caller's lookup of a name, as L{ThreadedResolver.resolveHostName}
+    gives it.
+
+    @ivar name: The name looked up.
+    @ivar cancelled: Whether the caller cancelled it: its receiver hears
+        nothing more.
+    @ivar busy: Whether it was refused because too many lookups were
+        waiting: its receiver was told the lookup completed, with no
+        address.
+    """
+
+    __slots__ = ("_job", "_receiver", "_resolver", "busy", "cancelled", "name")
+
+    def __init__(
+        self, resolver: ThreadedResolver, name: str, receiver: IResolutionReceiver
+    ) -> None:
+        """
+        @param resolver: The resolver that runs it.
+        @param name: The name looked up.
+        @param receiver: Told the addresses.
+        """
+        self._resolver = resolver
+        self.name = name
+        self._receiver = receiver
+        self._job: _Job | None = None
+        self.cancelled = False
+        self.busy = False
+
+    def cancel(self) -> None:
+        """
+        Stop the lookup: its receiver hears nothing more, and if no other
+        caller waits for the same answer and no thread took it yet, it
+        never runs.
+        """
+        if self.cancelled:
+            return
+        self.cancelled = True
+        job, self._job = self._job, None
+        if job is not None:
+            self._resolver._cancelled(job, self)
+
+
+class _Job:
+    """
+    One C{getaddrinfo} call, and the lookups waiting for its answer.
+    """
+
+    __slots__ = ("args", "lookups", "started")
+
+    def __init__(self, args: tuple[str, int, int, int]) -> None:
+        self.args = args
+        self.lookups: list[Lookup] = []
+        self.started = False
+
+
+def _startDaemon(target: Callable[[], None], name: str) -> None:
+    threading.Thread(target=target, name=name, daemon=True).start()
+
+
+class _Workers:
+    """
+    Threads that run jobs handed to them, started as they are needed.
+
+    Written by hand rather than taken from Twisted's C{ThreadPool}: that
+    pool joins its threads when the reactor stops, so a lookup stuck on a
+    DNS server that does not answer would hold the process up after the
+    drain.  These threads are daemons: a stuck lookup dies with the
+    process.  L{ThreadedResolver} hands out no more jobs than there are
+    threads, so the queue between them never holds more than that.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        startThread: Callable[[Callable[[], None], str], None] = _startDaemon,
+    ) -> None:
+        """
+        @param size: The most threads.
+        @param startThread: Starts a thread running its first argument,
+            named by its second (tests pass their own).
+        """
+        self.size = size
+        self._startThread = startThread
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.started = 0
+
+    def run(self, job: Callable[[], None]) -> None:
+        """
+        Run C{job} in a thread: an idle one, or a new one while there are
+        fewer than C{size}.
+
+        @param job: Called with no argument in a worker thread.
+        """
+        self._jobs.put(job)
+        if self.started < self.size:
+            self.started += 1
+            self._startThread(self._work, f"tunnel-resolver-{self.started}")
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job()
+
+    def stop(self) -> None:
+        """
+        Let every thread end once it is done with its job; none is waited
+        for.
+        """
+        for _ in range(self.started):
+            self._jobs.put(None)
+        self.started = 0
+
+
+@implementer(IHostnameResolver)
+class ThreadedResolver:
+    """
+    Resolves names with C{getaddrinfo} in threads of its own, as Twisted's
+    default resolver does, but:
+
+      - in its own threads (at most C{threads}), so that slow lookups never
+        delay the bcrypt checks of logins, nor the reverse;
+      - lookups of the same name, port and kind in progress at once share
+        one C{getaddrinfo} call;
+      - at most C{maxWaiting} lookups wait for a thread; beyond that a
+        lookup completes at once with no address, and its L{Lookup} is
+        C{busy} (L{tunnel.HostnameConnector} then fails with
+        L{tunnel.interfaces.LookupsBusy}, a C{503} for the client);
+      - a cancelled lookup that no thread took yet never runs, and one
+        running tells its receiver nothing.
+
+    What it cannot bound is how long one C{getaddrinfo} call blocks its
+    thread: that is the system resolver's timeout and attempts
+    (C{resolv.conf(5)}).
+
+    @ivar threads: The most lookups that run at once.
+    @ivar maxWaiting: The most lookups that wait for a thread.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        threads: int = 20,
+        maxWaiting: int = 1000,
+        getaddrinfo: Callable[..., AddressInfo] = socket.getaddrinfo,
+        workers: Any = None,
+    ) -> None:
+        """
+        @param reactor: Gets the answers back from the threads
+            (C{callFromThread}), and stops the threads when it shuts down.
+        @param threads: The most lookups that run at once.
+        @param maxWaiting: The most lookups that wait for a thread.
+        @param getaddrinfo: Looks a name up (tests pass a fake one).
+        @param workers: Runs the lookups: an object whose C{run(job)} calls
+            C{job()} in another thread (tests pass one that runs them when
+            told).  By default daemon threads, at most C{threads}, stopped
+            when the reactor shuts down.
+        """
+        if threads < 1:
+            raise ValueError("a resolver needs at least one thread")
+        self._reactor = reactor
+        self.threads = threads
+        self.maxWaiting = maxWaiting
+        self._getaddrinfo = getaddrinfo
+        self._ownWorkers = workers is None
+        self._workers = workers if workers is not None else _Workers(threads)
+        self._jobs: dict[tuple[str, int, int, int], _Job] = {}
+        self._waiting: deque[_Job] = deque()
+        self._running = 0
+        self._backedUp = False
+        self._stopTrigger: Any = None
+
+    @property
+    def running(self) -> int:
+        """
+        How many C{getaddrinfo} calls run now.
+        """
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        """
+        How many C{getaddrinfo} calls wait for a thread.
+        """
+        return len(self._waiting)
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        """
+        Look C{hostName} up.
+
+        @param resolutionReceiver: Told the addresses found.
+        @param hostName: The name.
+        @param portNumber: The port the addresses carry.
+        @param addressTypes: L{IPv4Address}, L{IPv6Address} or both (the
+            default).
+        @param transportSemantics: C{"TCP"} or C{"UDP"}.
+        @return: The L{Lookup}, which may be cancelled.
+        """
+        family = _FAMILIES[
+            frozenset(addressTypes) if addressTypes is not None else _ANY
+        ]
+        key = (hostName, portNumber, family, _SOCKET_TYPES[transportSemantics])
+        lookup = Lookup(self, hostName, resolutionReceiver)
+        resolutionReceiver.resolutionBegan(lookup)
+        job = self._jobs.get(key)
+        if job is None:
+            if self._running >= self.threads and len(self._waiting) >= self.maxWaiting:
+                self._refuse(lookup)
+                return lookup
+            job = self._jobs[key] = _Job(key)
+            if self._running < self.threads:
+                self._start(job)
+            else:
+                self._waiting.append(job)
+        job.lookups.append(lookup)
+        lookup._job = job
+        return lookup
+
+    def _refuse(self, lookup: Lookup) -> None:
+        if not self._backedUp:
+            self._backedUp = True
+            _log.warn(
+                "Name lookups are backed up ({threads} running, {waiting} "
+                "waiting): new ones are refused until they drain",
+                threads=self._running,
+                waiting=len(self._waiting),
+            )
+        lookup.busy = True
+        lookup._receiver.resolutionComplete()
+
+    def _start(self, job: _Job) -> None:
+        if self._ownWorkers and self._stopTrigger is None:
+            self._stopTrigger = self._reactor.addSystemEventTrigger(
+                "during", "shutdown", self._stop
+            )
+        job.started = True
+        self._running += 1
+        self._workers.run(lambda: self._lookUp(job))
+
+    def _stop(self) -> None:
+        self._stopTrigger = None
+        self._workers.stop()
+
+    def _lookUp(self, job: _Job) -> None:
+        # In a worker thread.  Errors other than gaierror (a name IDNA
+        # cannot encode raises UnicodeError) mean no address too: a lookup
+        # must always complete, or its caller waits for nothing.
+        try:
+            result: AddressInfo | Exception = self._getaddrinfo(*job.args)
+        except (OSError, UnicodeError):
+            result = []
+        except Exception as e:
+            result = e
+        self._reactor.callFromThread(self._done, job, result)
+
+    def _done(self, job: _Job, result: AddressInfo | Exception) -> None:
+        self._running -= 1
+        del self._jobs[job.args]
+        self._next()
+        if isinstance(result, Exception):
+            _log.failure("Looking {name} up failed", Failure(result), name=job.args[0])
+            result = []
+        for lookup in job.lookups:
+            if lookup.cancelled:
+                continue
+            lookup._job = None
+            receiver = lookup._receiver
+            try:
+                for family, socketType, _, _, address in result:
+                    addressType = _ADDRESS_TYPES.get(family)
+                    if addressType is not None:
+                        receiver.addressResolved(
+                            addressType(_SEMANTICS.get(socketType, "TCP"), *address)
+                        )
+                receiver.resolutionComplete()
+            except Exception:
+                _log.failure("A receiver of {name} failed", name=job.args[0])
+
+    def _next(self) -> None:
+        while self._waiting and self._running < self.threads:
+            self._start(self._waiting.popleft())
+        self._checkDrained()
+
+    def _checkDrained(self) -> None:
+        if self._backedUp and not self._waiting:
+            self._backedUp = False
+            _log.info("Name lookups are no longer backed up")
+
+    def _cancelled(self, job: _Job, lookup: Lookup) -> None:
+        job.lookups.remove(lookup)
+        if job.lookups or job.started:
+            return
+        # Nobody waits for this answer any more and no thread took it: it
+        # never runs, and its place in the queue is free.
+        del self._jobs[job.args]
+        self._waiting.remove(job)
+        self._checkDrained()
