@@ -26,7 +26,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.server import Site
 
-from tests.test_server import ProxyTestMixin
+from tests.fakes import FakeGetaddrinfo, ManualWorkers, ThreadReactor
+from tests.test_resolver import RecordingReceiver
+from tests.test_server import ProxyTestMixin, RecordingConnector
 from tunnel.accesslog import (
     ACCESS_FIELDS,
     AccessLogObserver,
@@ -34,7 +36,9 @@ from tunnel.accesslog import (
     formatAccessJSON,
     formatAccessText,
 )
+from tunnel.connector import HostnameConnector
 from tunnel.metrics import MetricsUnavailable, ProxyMetrics, metricsResource
+from tunnel.resolver import ThreadedResolver
 from tunnel.server import ConnectProxyFactory
 from tunnel.service import ProxyService, StopOnSignals
 from tunnel.tap import Options
@@ -296,6 +300,35 @@ class MetricsTests(SynchronousTestCase):
         factory.relaying = 1
         self.assertEqual(self.sample(metrics, "tunnel_open"), 1)
         self.assertEqual(self.sample(metrics, "tunnel_handshakes_in_progress"), 0)
+
+    def test_lookupGauges(self) -> None:
+        """
+        The lookup gauges read the running and waiting lookups of the
+        factories' resolvers, each resolver once however many factories
+        share it; a connector without a L{ThreadedResolver} adds nothing.
+        """
+        workers = ManualWorkers()
+        resolver = ThreadedResolver(
+            ThreadReactor(),
+            threads=1,
+            getaddrinfo=FakeGetaddrinfo({}),
+            workers=workers,
+        )
+        clock = MemoryReactorClock()
+        connector = HostnameConnector(clock, resolver=resolver)
+        factories = [
+            ConnectProxyFactory(connector, reactor=clock),
+            ConnectProxyFactory(connector, reactor=clock),
+            ConnectProxyFactory(RecordingConnector(), reactor=clock),
+        ]
+        metrics = ProxyMetrics(factories)
+        receiver = RecordingReceiver()
+        for name in ("a.test", "b.test", "c.test"):
+            resolver.resolveHostName(receiver, name)
+        self.assertEqual(self.sample(metrics, "tunnel_name_lookups_running"), 1)
+        self.assertEqual(self.sample(metrics, "tunnel_name_lookups_waiting"), 2)
+        workers.runNext()
+        self.assertEqual(self.sample(metrics, "tunnel_name_lookups_waiting"), 1)
 
     def test_answeredNotInProgress(self) -> None:
         """

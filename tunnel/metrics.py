@@ -17,6 +17,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from .resolver import ThreadedResolver
+
 if TYPE_CHECKING:
     from .server import ConnectProxyFactory
 
@@ -90,6 +92,24 @@ class _FactoryCollector:
             "tunnel_draining",
             "1 while the proxy is draining for shutdown.",
             value=int(any(f.draining for f in self._factories)),
+        )
+        # Factories may share a connector, and so a resolver: count each once.
+        resolvers = {
+            id(resolver): resolver
+            for resolver in (
+                getattr(f.connector, "resolver", None) for f in self._factories
+            )
+            if isinstance(resolver, ThreadedResolver)
+        }.values()
+        yield gauge(
+            "tunnel_name_lookups_running",
+            "Target name lookups (getaddrinfo) running now.",
+            value=sum(r.running for r in resolvers),
+        )
+        yield gauge(
+            "tunnel_name_lookups_waiting",
+            "Target name lookups waiting for a resolver thread.",
+            value=sum(r.waiting for r in resolvers),
         )
 
 
