@@ -56,12 +56,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.fakes import FakeResolver
+from tests.fakes import FakeGetaddrinfo, FakeResolver, ManualWorkers, ThreadReactor
 from tunnel import ConnectProxy, ConnectProxyFactory, HostnameConnector
 from tunnel.auth import portalFromCheckers
 from tunnel.connector import AddressDenied
 from tunnel.interfaces import ITargetConnector
 from tunnel.policy import TunnelPolicy
+from tunnel.resolver import ThreadedResolver
 from tunnel.upstream import (
     MAX_RESPONSE_HEAD,
     UpstreamConnector,
@@ -916,6 +917,37 @@ class UpstreamConnectorTests(EndpointTestMixin, SynchronousTestCase):
         """
         connector = UpstreamConnector(self.reactor, PARENT)
         self.assertTrue(verifyObject(ITargetConnector, connector))
+
+    def test_defaultResolver(self) -> None:
+        """
+        Without a resolver, the parent's name is looked up by a
+        L{ThreadedResolver} of the connector's own, not the reactor's
+        C{nameResolver} (whose pool the password checks use), and every
+        tunnel's endpoint uses that one resolver.
+        """
+        connector = UpstreamConnector(self.reactor, PARENT)
+        self.assertIsInstance(connector.resolver, ThreadedResolver)
+        given = UpstreamConnector(self.reactor, PARENT, resolver=self.resolver)
+        self.assertIs(given.resolver, self.resolver)
+        workers = ManualWorkers()
+        shared = ThreadedResolver(
+            ThreadReactor(),
+            getaddrinfo=FakeGetaddrinfo({"proxy.example": ["192.0.2.9"]}),
+            workers=workers,
+        )
+        connector = UpstreamConnector(self.reactor, PARENT, resolver=shared)
+        attempts = [
+            connector.endpointForTarget(host, 443).connect(
+                Factory.forProtocol(Protocol)
+            )
+            for host in ("a.example", "b.example")
+        ]
+        # Both tunnels' lookups of the parent share one call.
+        self.assertEqual(shared.running, 1)
+        self.assertEqual(len(workers.jobs), 1)
+        for attempt in attempts:
+            attempt.cancel()
+            self.failureResultOf(attempt)
 
     def test_names(self) -> None:
         """

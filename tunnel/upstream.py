@@ -56,6 +56,7 @@ from .connector import AddressDenied, AllowAddress, _ResolvingReactor
 # The failures are defined with the seam; importable from here as before.
 from .interfaces import ITargetConnector, UpstreamProtocolError, UpstreamRefused
 from .request import HOSTNAME, RequestRejected, findHeadEnd, parseAuthority
+from .resolver import ThreadedResolver
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -728,6 +729,7 @@ class UpstreamConnector:
     parent.
 
     @ivar upstream: The parent proxy (its C{displayURL} is fit for logs).
+    @ivar resolver: Looks the parent's name up.
     """
 
     def __init__(
@@ -755,8 +757,10 @@ class UpstreamConnector:
             file of the certificates to trust (instead of the platform's).
         @param timeout: Seconds allowed to reach the parent and get its
             answer, all told, for each tunnel.
-        @param resolver: Resolves the parent's name; by default the
-            reactor's own C{nameResolver}.
+        @param resolver: Resolves the parent's name; by default a
+            L{ThreadedResolver} of the connector's own, so that the tunnels'
+            lookups of the parent share one call and never wait behind
+            password checks in the reactor's thread pool.
         @param bindAddress: The local address to connect from, if any.
         @raise ValueError: If TLS options are given for an C{http://}
             parent, or C{caCertificate} holds no readable certificate.
@@ -771,7 +775,9 @@ class UpstreamConnector:
         self._reactor = reactor
         self._tlsOptions = tlsOptions
         self._timeout = timeout
-        self._resolver = resolver
+        self.resolver: IHostnameResolver = (
+            resolver if resolver is not None else ThreadedResolver(reactor)
+        )
         self._bindAddress = bindAddress
 
     def endpointForTarget(
@@ -803,6 +809,6 @@ class UpstreamConnector:
             port,
             tlsOptions=self._tlsOptions,
             timeout=self._timeout,
-            resolver=self._resolver,
+            resolver=self.resolver,
             bindAddress=self._bindAddress,
         )
