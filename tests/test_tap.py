@@ -680,14 +680,24 @@ class UpstreamOptionsTests(SynchronousTestCase):
 
     def test_upstream(self) -> None:
         """
-        C{--upstream URL} sends every tunnel through a parent proxy.
+        C{--upstream URL} sends every tunnel through a parent proxy, whose
+        name is looked up with C{--resolver-threads}.
         """
         factory = makeFactory(
-            parse("--upstream", "http://alice:pw@127.0.0.1:3128"), MemoryReactorClock()
+            parse(
+                "--upstream",
+                "http://alice:pw@127.0.0.1:3128",
+                "--resolver-threads",
+                "4",
+            ),
+            MemoryReactorClock(),
         )
         self.assertIsInstance(factory.connector, UpstreamConnector)
         assert isinstance(factory.connector, UpstreamConnector)
         self.assertEqual(factory.connector.upstream.port, 3128)
+        resolver = factory.connector.resolver
+        assert isinstance(resolver, ThreadedResolver)
+        self.assertEqual(resolver.threads, 4)
 
     def test_badUpstream(self) -> None:
         """

@@ -590,9 +590,10 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     @return: The factory.
     """
     checkers = options.get("credCheckers", [])
+    resolver = ThreadedResolver(reactor, threads=options["resolver-threads"])
     connector: ITargetConnector = HostnameConnector(
         reactor,
-        resolver=ThreadedResolver(reactor, threads=options["resolver-threads"]),
+        resolver=resolver,
         # The connect timeout bounds each attempt.
         timeout=None,
     )
@@ -603,6 +604,7 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
                 options["upstream"],
                 caCertificate=options["upstream-ca"],
                 timeout=options["connect-timeout"],
+                resolver=resolver,
             )
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"--upstream-ca: {e}") from None
