@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
@@ -338,6 +338,50 @@ class ThreadedResolverTests(SynchronousTestCase):
         self.workers.runNext()
         self.assertEqual(receiver.completed, 1)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_cancelDuringDelivery(self) -> None:
+        """
+        A receiver that, told its answer, cancels another lookup sharing it
+        leaves that one unanswered, and every other one answered.
+        """
+        resolver = self.makeResolver()
+        lookups: list[Lookup] = []
+
+        class Cancelling(RecordingReceiver):
+            def resolutionComplete(self) -> None:
+                super().resolutionComplete()
+                lookups[1].cancel()
+
+        first = Cancelling()
+        lookups.append(cast(Lookup, resolver.resolveHostName(first, "b.example")))
+        receivers = [first]
+        for _ in range(2):
+            receiver, lookup = self.resolve(resolver, "b.example")
+            receivers.append(receiver)
+            lookups.append(lookup)
+        self.workers.runNext()
+        self.assertEqual([r.completed for r in receivers], [1, 0, 1])
+        self.assertEqual((resolver.running, resolver.waiting), (0, 0))
+
+    def test_newLookupDuringDelivery(self) -> None:
+        """
+        A receiver that, told its answer, looks the same name up again
+        starts a new lookup.
+        """
+        resolver = self.makeResolver()
+        again = RecordingReceiver()
+
+        class Again(RecordingReceiver):
+            def resolutionComplete(self) -> None:
+                super().resolutionComplete()
+                resolver.resolveHostName(again, "b.example")
+
+        resolver.resolveHostName(Again(), "b.example")
+        self.workers.runNext()
+        self.assertEqual(again.completed, 0)
+        self.workers.runNext()
+        self.assertEqual(again.completed, 1)
+        self.assertEqual(len(self.getaddrinfo.calls), 2)
 
     def test_noThreads(self) -> None:
         """

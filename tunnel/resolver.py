@@ -327,7 +327,8 @@ class ThreadedResolver:
         if isinstance(result, Exception):
             _log.failure("Looking {name} up failed", Failure(result), name=job.args[0])
             result = []
-        for lookup in job.lookups:
+        # A copy: a receiver may cancel another lookup of this job.
+        for lookup in list(job.lookups):
             if lookup.cancelled:
                 continue
             lookup._job = None
