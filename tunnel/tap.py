@@ -267,8 +267,9 @@ class Options(usage.Options, AuthOptionMixin):
             "resolver-threads",
             None,
             20,
-            "Target name lookups (getaddrinfo) run at once; up to 1000 more "
-            "wait (503 beyond), in threads apart from the password checks",
+            "Name lookups (getaddrinfo) of targets and the parent proxy that "
+            "may run at once, in threads apart from the password checks; up to "
+            "1000 more wait (503 beyond)",
             _number(int, 1, 1000),
         ],
         [
