@@ -197,13 +197,18 @@ class AccessLogObserverTests(SynchronousTestCase):
 
     def test_badFormat(self) -> None:
         """
-        Only text and json are formats.
+        Only text and json are formats.  (The listener is given, on port 0:
+        the default one, 127.0.0.1:8080, is tried while the options are
+        parsed, and where it is in use that would be the usage error.)
         """
         self.assertRaises(ValueError, AccessLogObserver, self.mktemp(), "xml")
         options = Options()
-        self.assertRaises(
-            UsageError, options.parseOptions, ["--access-log-format", "xml"]
+        e = self.assertRaises(
+            UsageError,
+            options.parseOptions,
+            ["--listen", "tcp:0:interface=127.0.0.1", "--access-log-format", "xml"],
         )
+        self.assertIn("--access-log-format", str(e))
 
     def test_lineBuffered(self) -> None:
         """
@@ -605,6 +610,14 @@ class ServiceTests(TestCase):
         )
         metricsListener.setServiceParent(service)
         service.startService()
+
+        # Should the test end early, stop the service (closing its listeners,
+        # putting SIGUSR1 back, closing the access log) once the client is
+        # gone, as the test itself does.
+        def stopIfRunning() -> Deferred[None] | None:
+            return service.stopService() if service.running else None
+
+        self.addCleanup(stopIfRunning)
         proxyPort = (yield _portOf(listener)).getHost().port
         metricsPort = (yield _portOf(metricsListener)).getHost().port
 
@@ -612,6 +625,14 @@ class ServiceTests(TestCase):
         yield TCP4ClientEndpoint(reactor, "127.0.0.1", proxyPort).connect(
             _OneProtocol(client)
         )
+
+        def abortIfOpen() -> Deferred[None] | None:
+            if client.lost.called:
+                return None
+            client.transport.abortConnection()  # type: ignore[union-attr]
+            return client.lost
+
+        self.addCleanup(abortIfOpen)
         target = b"127.0.0.1:%d" % (echoPort.getHost().port,)
         client.transport.write(  # type: ignore[union-attr]
             b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\nping"

@@ -354,7 +354,7 @@ class ThreadedResolverTests(SynchronousTestCase):
 
         first = Cancelling()
         lookups.append(cast(Lookup, resolver.resolveHostName(first, "b.example")))
-        receivers = [first]
+        receivers: list[RecordingReceiver] = [first]
         for _ in range(2):
             receiver, lookup = self.resolve(resolver, "b.example")
             receivers.append(receiver)

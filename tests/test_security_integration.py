@@ -16,6 +16,7 @@ import base64
 import ipaddress
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest
 from twisted.web.resource import Resource
 from twisted.web.static import Data
@@ -603,14 +605,19 @@ class FailedLoginTests(SecurityTestCase):
     @inlineCallbacks
     def test_badLoginFloodDoesNotStallTunnel(self) -> Yielding[None]:
         """
-        While the proxy checks 100 wrong passwords at a realistic bcrypt cost
-        (10), an established tunnel keeps echoing: once all 100 are being
-        checked, a ping sent on the tunnel comes back before most of them
-        are answered.  Then every one of them gets a 407, and the tunnel
-        still works.
+        While every thread of the reactor's pool is inside bcrypt with one of
+        100 wrong passwords (each check held there, once computed, until the
+        test lets it go), an established tunnel keeps echoing: no check runs
+        on the reactor thread, and none of the 100 is answered before the
+        ping comes back.  Once the checks are let go, every one of them gets
+        a 407, and the tunnel still works.
+
+        Holding the checks, rather than racing real bcrypt time against the
+        echo, makes the outcome the same however loaded the machine is.
         """
-        path = yield self.makeHtpasswd({USER: PASSWORD}, cost=10)
-        checker = CountingChecker(HtpasswdChecker(path, reactor=reactor))
+        path = yield self.makeHtpasswd({USER: PASSWORD}, cost=4)
+        htpasswd = HtpasswdChecker(path, reactor=reactor)
+        checker = CountingChecker(htpasswd)
         proxy = self.runAuthProxy(
             path, checker, damper=FailureDamper(reactor, maxFailures=1000)
         )
@@ -621,6 +628,42 @@ class FailedLoginTests(SecurityTestCase):
         yield self.assertEchoes(tunnel.peer, b"before the flood")
 
         attackers = [Peer() for _ in range(100)]
+        # From here on each bcrypt check, run for real, then waits in its
+        # thread until release is set (at the latest when the test ends; the
+        # wait is bounded anyway).  A check on the reactor thread is never
+        # held, which would hang the reactor: it fails the test at once.
+        reactorThread = threading.get_ident()
+        release = threading.Event()
+        self.addCleanup(release.set)
+        checkThreads: list[int] = []
+        # A check keeps one pool thread until it is let go: the pool is full
+        # once this many are held.
+        poolSize = min(len(attackers), reactor.getThreadPool().max)
+        held = [0]
+        poolFull: Once[None] = Once()
+
+        def heldOne() -> None:
+            held[0] += 1
+            if held[0] >= poolSize:
+                poolFull.fire(None)
+
+        realCheck = bcrypt.checkpw
+
+        def heldCheck(password: bytes, hashed: bytes) -> bool:
+            checkThreads.append(threading.get_ident())
+            valid = realCheck(password, hashed)
+            if threading.get_ident() == reactorThread:
+                poolFull.fail(Failure(self.failureException("bcrypt on the reactor")))
+            else:
+                reactor.callFromThread(heldOne)
+                release.wait(60)
+            return valid
+
+        self.patch(bcrypt, "checkpw", heldCheck)
+        # A held failure would otherwise become the time every later failure
+        # is padded to (tunnel.htpasswd evens out failure times).
+        self.patch(htpasswd, "_sleep", lambda seconds: None)
+
         answered = [0]
 
         def countAnswer(head: bytes) -> bytes:
@@ -635,20 +678,17 @@ class FailedLoginTests(SecurityTestCase):
         # Each a different guess: identical ones would share one check.
         for number, peer in enumerate(attackers):
             peer.tcp.write(authHead(authority, USER, f"wrong password {number}"))
-        # Every bad login has reached the checker: 100 bcrypt checks are
-        # queued or running.
+        # Every bad login has reached the checker, and every pool thread is
+        # busy with one of them.
         yield checker.waitAsked(101)
-        unansweredAtEcho: list[int] = []
+        yield poolFull.wait()
         echoed = tunnel.peer.waitFor(tunnel.peer.count + 4)
-        echoed.addCallback(lambda ignored: unansweredAtEcho.append(100 - answered[0]))
         tunnel.peer.tcp.write(b"ping")
         yield echoed
         self.assertEqual(bytes(tunnel.peer.received[-4:]), b"ping")
-        [unanswered] = unansweredAtEcho
-        self.assertGreater(
-            unanswered, 50, f"only {unanswered} of 100 logins unanswered at the echo"
-        )
+        self.assertEqual(answered[0], 0, "a login was answered while held")
 
+        release.set()
         responses = yield gatherResults(heads)
         self.assertEqual(
             [
@@ -657,6 +697,8 @@ class FailedLoginTests(SecurityTestCase):
             ],
             [407] * 100,
         )
+        self.assertEqual(len(checkThreads), 100)
+        self.assertNotIn(reactorThread, checkThreads)
         yield self.assertEchoes(tunnel.peer, b"after the flood")
         tunnel.peer.tcp.loseConnection()
         events = yield self.proxyEnded(101)

@@ -88,6 +88,12 @@ class BindCheckTests(SynchronousTestCase):
         """
         A TCP port something already listens on is a usage error naming the
         option; a free one is fine.
+
+        The free port stays reserved while it is tried: bound, with
+        C{SO_REUSEADDR} as the check's own probe and Twisted's listening
+        sockets have it, but not listening.  That lets the probe bind it too,
+        while the kernel gives it to no one asking for a free port (port 0),
+        as it could if it were closed before the check.
         """
         with socket.socket() as busy:
             busy.bind(("127.0.0.1", 0))
@@ -104,9 +110,10 @@ class BindCheckTests(SynchronousTestCase):
                 )
                 self.assertIn(f"{option} {description}: cannot listen", str(e))
         with socket.socket() as free:
+            free.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             free.bind(("127.0.0.1", 0))
             port = free.getsockname()[1]
-        Options().parseOptions(["--listen", f"tcp:{port}:interface=127.0.0.1"])
+            Options().parseOptions(["--listen", f"tcp:{port}:interface=127.0.0.1"])
 
     def test_missingDirectory(self) -> None:
         """
