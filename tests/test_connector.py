@@ -101,15 +101,16 @@ class HostnameConnectorTests(SynchronousTestCase):
 
     def test_defaultResolver(self) -> None:
         """
-        Without a resolver, names are looked up by a L{ThreadedResolver} of
-        the connector's own, not the reactor's C{nameResolver} (which queues
+        Without a resolver, names are looked up by the reactor's shared
+        L{ThreadedResolver}, not the reactor's C{nameResolver} (which queues
         without bound in the pool bcrypt needs); literals are connected to
         from the bind address without any lookup.
         """
         reactor = MemoryReactorClock()
         connector = HostnameConnector(reactor, bindAddress=("127.0.0.1", 0))
         self.assertIsInstance(connector.resolver, ThreadedResolver)
-        self.assertIsNot(HostnameConnector(reactor).resolver, connector.resolver)
+        # One per reactor: connectors made per tunnel share its threads.
+        self.assertIs(HostnameConnector(reactor).resolver, connector.resolver)
         endpoint = connector.endpointForTarget("127.0.0.1", 80)
         endpoint.connect(Factory.forProtocol(Protocol))
         reactor.advance(1)

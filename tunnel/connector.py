@@ -33,7 +33,7 @@ from zope.interface import implementer
 # AddressDenied is defined with the seam; importable from here as before.
 from .interfaces import AddressDenied, ITargetConnector, LookupsBusy
 from .policy import parseAddress
-from .resolver import Lookup, ThreadedResolver
+from .resolver import Lookup, sharedResolver
 
 __all__ = ["AddressDenied", "HostnameConnector"]
 
@@ -428,8 +428,8 @@ class HostnameConnector:
     ) -> None:
         """
         @param reactor: The reactor to connect with.
-        @param resolver: Resolves target names; by default a
-            L{ThreadedResolver} of this connector's own (C{getaddrinfo} in
+        @param resolver: Resolves target names; by default the reactor's
+            shared L{ThreadedResolver} (C{getaddrinfo} in
             at most 20 threads, bounded and cancellable, apart from the
             reactor's thread pool), since the reactor's C{nameResolver}
             queues without bound in the pool bcrypt also needs.  Tests pass
@@ -442,7 +442,7 @@ class HostnameConnector:
         """
         self._reactor = reactor
         self.resolver: IHostnameResolver = (
-            resolver if resolver is not None else ThreadedResolver(reactor)
+            resolver if resolver is not None else sharedResolver(reactor)
         )
         self._timeout = timeout
         self._bindAddress = bindAddress

@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import socket
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -150,10 +151,16 @@ class _Workers:
 
         @param job: Called with no argument in a worker thread.
         """
-        self._jobs.put(job)
         if self.started < self.size:
-            self.started += 1
-            self._startThread(self._work, f"tunnel-resolver-{self.started}")
+            try:
+                self._startThread(self._work, f"tunnel-resolver-{self.started + 1}")
+            except Exception:
+                if self.started == 0:
+                    raise
+                # Existing threads take it once they are free.
+            else:
+                self.started += 1
+        self._jobs.put(job)
 
     def _work(self) -> None:
         while True:
@@ -161,6 +168,9 @@ class _Workers:
             if job is None:
                 return
             job()
+            # Let go of it before waiting: an idle thread must not keep the
+            # job's lookups (and their receivers) alive.
+            del job
 
     def stop(self) -> None:
         """
@@ -269,16 +279,26 @@ class ThreadedResolver:
         key = (hostName, portNumber, family, _SOCKET_TYPES[transportSemantics])
         lookup = Lookup(self, hostName, resolutionReceiver)
         resolutionReceiver.resolutionBegan(lookup)
+        if lookup.cancelled:
+            return lookup
         job = self._jobs.get(key)
         if job is None:
             if self._running >= self.threads and len(self._waiting) >= self.maxWaiting:
                 self._refuse(lookup)
                 return lookup
-            job = self._jobs[key] = _Job(key)
+            job = _Job(key)
             if self._running < self.threads:
-                self._start(job)
+                try:
+                    self._start(job)
+                except Exception:
+                    _log.failure(
+                        "Could not start a thread to look {name} up", name=hostName
+                    )
+                    self._refuse(lookup)
+                    return lookup
             else:
                 self._waiting.append(job)
+            self._jobs[key] = job
         job.lookups.append(lookup)
         lookup._job = job
         return lookup
@@ -300,9 +320,9 @@ class ThreadedResolver:
             self._stopTrigger = self._reactor.addSystemEventTrigger(
                 "during", "shutdown", self._stop
             )
+        self._workers.run(lambda: self._lookUp(job))
         job.started = True
         self._running += 1
-        self._workers.run(lambda: self._lookUp(job))
 
     def _stop(self) -> None:
         self._stopTrigger = None
@@ -336,13 +356,19 @@ class ThreadedResolver:
             try:
                 for family, socketType, _, _, address in result:
                     addressType = _ADDRESS_TYPES.get(family)
-                    if addressType is not None:
+                    if addressType is not None and not lookup.cancelled:
                         receiver.addressResolved(
                             addressType(_SEMANTICS.get(socketType, "TCP"), *address)
                         )
+            except Exception:
+                _log.failure("A receiver of {name} failed", name=job.args[0])
+            if lookup.cancelled:
+                continue
+            try:
                 receiver.resolutionComplete()
             except Exception:
                 _log.failure("A receiver of {name} failed", name=job.args[0])
+        job.lookups.clear()
 
     def _next(self) -> None:
         while self._waiting and self._running < self.threads:
@@ -363,3 +389,26 @@ class ThreadedResolver:
         del self._jobs[job.args]
         self._waiting.remove(job)
         self._checkDrained()
+
+
+_shared: weakref.WeakKeyDictionary[Any, ThreadedResolver] = weakref.WeakKeyDictionary()
+
+
+def sharedResolver(reactor: Any) -> ThreadedResolver:
+    """
+    The one default L{ThreadedResolver} of C{reactor}, so that connectors
+    made without a resolver share its threads (and its lookups): a
+    connector made per tunnel must not leave a thread behind each.
+
+    @param reactor: The reactor.
+    @return: Its shared resolver (a new one for a reactor that cannot be
+        weakly referred to).
+    """
+    try:
+        resolver = _shared.get(reactor)
+    except TypeError:
+        # A reactor that cannot be weakly referred to (a test double).
+        return ThreadedResolver(reactor)
+    if resolver is None:
+        resolver = _shared[reactor] = ThreadedResolver(reactor)
+    return resolver

@@ -51,12 +51,17 @@ from twisted.internet.ssl import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .connector import AddressDenied, AllowAddress, _ResolvingReactor
+from .connector import AddressDenied, AllowAddress, _ResolvingReactor, _VettingResolver
 
 # The failures are defined with the seam; importable from here as before.
-from .interfaces import ITargetConnector, UpstreamProtocolError, UpstreamRefused
+from .interfaces import (
+    ITargetConnector,
+    LookupsBusy,
+    UpstreamProtocolError,
+    UpstreamRefused,
+)
 from .request import HOSTNAME, RequestRejected, findHeadEnd, parseAuthority
-from .resolver import ThreadedResolver
+from .resolver import sharedResolver
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -343,6 +348,7 @@ class _Attempt:
         self.handshake: _Handshake | None = None
         self.stage = "connecting"
         self.finished = False
+        self.cancelLookups: Any = None
 
     def _cancel(self, result: Deferred[IProtocol]) -> None:
         self.finished = True
@@ -350,6 +356,8 @@ class _Attempt:
             self.handshake.abort()
         elif self.connecting is not None:
             connecting, self.connecting = self.connecting, None
+            if self.cancelLookups is not None:
+                self.cancelLookups()
             connecting.cancel()
         self.factory.doStop()
 
@@ -658,8 +666,13 @@ class UpstreamEndpoint:
             parseAuthority(authority.encode("ascii"))
         except (UnicodeEncodeError, RequestRejected) as e:
             raise ValueError(f"not a valid target: {authority!r} ({e})") from None
+        self._vetting = (
+            None if resolver is None else _VettingResolver(resolver, lambda a: True)
+        )
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            reactor if resolver is None else _ResolvingReactor(reactor, resolver),
+            reactor
+            if self._vetting is None
+            else _ResolvingReactor(reactor, self._vetting),
             upstream.host,
             upstream.port,
             timeout=timeout,
@@ -694,6 +707,16 @@ class UpstreamEndpoint:
         protocolFactory.doStart()
         attempt.result.addTimeout(self._timeout, self._reactor, _timedOut(attempt))
         connecting = self._parent.connect(_HandshakeFactory(attempt))
+        vetting = self._vetting
+        if vetting is not None:
+            attempt.cancelLookups = vetting.cancel
+
+            def busy(reason: Failure) -> Failure:
+                if vetting.busy():
+                    raise LookupsBusy(string="too many lookups waiting for the parent")
+                return reason
+
+            connecting.addErrback(busy)
         attempt.connecting = connecting
         connecting.addCallbacks(attempt.connected, attempt.connectFailed)
         return attempt.result
@@ -776,7 +799,7 @@ class UpstreamConnector:
         self._tlsOptions = tlsOptions
         self._timeout = timeout
         self.resolver: IHostnameResolver = (
-            resolver if resolver is not None else ThreadedResolver(reactor)
+            resolver if resolver is not None else sharedResolver(reactor)
         )
         self._bindAddress = bindAddress
 
