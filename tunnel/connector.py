@@ -43,6 +43,10 @@ _log = Logger(namespace="tunnel.connector")
 AllowAddress = Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]
 
 
+def _allowAll(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return True
+
+
 @implementer(IProtocol, ILoggingContext)
 class _Announcing:
     """
@@ -340,7 +344,8 @@ class _VettingResolver:
 class _VettedEndpoint:
     """
     A L{HostnameEndpoint} over vetted addresses that fails with
-    L{AddressDenied} when the policy left none.
+    L{AddressDenied} when the policy left none, and with L{LookupsBusy} when
+    the resolver refused the lookup; cancelling it cancels the lookup.
     """
 
     def __init__(
@@ -481,7 +486,7 @@ class HostnameConnector:
         return _VettedEndpoint(
             self._reactor,
             self.resolver,
-            allowAddress or (lambda address: True),
+            allowAddress or _allowAll,
             host,
             port,
             self._timeout,

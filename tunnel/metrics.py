@@ -93,14 +93,14 @@ class _FactoryCollector:
             "1 while the proxy is draining for shutdown.",
             value=int(any(f.draining for f in self._factories)),
         )
-        # Factories may share a connector, and so a resolver: count each once.
+        # A set: factories may share a connector, or a resolver.
         resolvers = {
-            id(resolver): resolver
+            resolver
             for resolver in (
                 getattr(f.connector, "resolver", None) for f in self._factories
             )
             if isinstance(resolver, ThreadedResolver)
-        }.values()
+        }
         yield gauge(
             "tunnel_name_lookups_running",
             "Target name lookups (getaddrinfo) running now.",

@@ -347,28 +347,35 @@ class ThreadedResolver:
         if isinstance(result, Exception):
             _log.failure("Looking {name} up failed", Failure(result), name=job.args[0])
             result = []
+        addresses = [
+            _ADDRESS_TYPES[family](_SEMANTICS.get(socketType, "TCP"), *address)
+            for family, socketType, _, _, address in result
+            if family in _ADDRESS_TYPES
+        ]
         # A copy: a receiver may cancel another lookup of this job.
         for lookup in list(job.lookups):
-            if lookup.cancelled:
-                continue
             lookup._job = None
-            receiver = lookup._receiver
-            try:
-                for family, socketType, _, _, address in result:
-                    addressType = _ADDRESS_TYPES.get(family)
-                    if addressType is not None and not lookup.cancelled:
-                        receiver.addressResolved(
-                            addressType(_SEMANTICS.get(socketType, "TCP"), *address)
-                        )
-            except Exception:
-                _log.failure("A receiver of {name} failed", name=job.args[0])
-            if lookup.cancelled:
-                continue
-            try:
-                receiver.resolutionComplete()
-            except Exception:
-                _log.failure("A receiver of {name} failed", name=job.args[0])
+            self._deliver(lookup, addresses)
         job.lookups.clear()
+
+    def _deliver(self, lookup: Lookup, addresses: list[IAddress]) -> None:
+        # Until it is cancelled, even from inside its own receiver; a
+        # receiver that fails is still told the lookup completed, or its
+        # caller would wait for ever.
+        receiver = lookup._receiver
+        try:
+            for address in addresses:
+                if lookup.cancelled:
+                    return
+                receiver.addressResolved(address)
+        except Exception:
+            _log.failure("A receiver of {name} failed", name=lookup.name)
+        if lookup.cancelled:
+            return
+        try:
+            receiver.resolutionComplete()
+        except Exception:
+            _log.failure("A receiver of {name} failed", name=lookup.name)
 
     def _next(self) -> None:
         while self._waiting and self._running < self.threads:

@@ -592,13 +592,11 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     """
     checkers = options.get("credCheckers", [])
     resolver = ThreadedResolver(reactor, threads=options["resolver-threads"])
-    connector: ITargetConnector = HostnameConnector(
-        reactor,
-        resolver=resolver,
+    connector: ITargetConnector
+    if options["upstream"] is None:
         # The connect timeout bounds each attempt.
-        timeout=None,
-    )
-    if options["upstream"] is not None:
+        connector = HostnameConnector(reactor, resolver=resolver, timeout=None)
+    else:
         try:
             upstream = UpstreamConnector(
                 reactor,

@@ -51,15 +51,10 @@ from twisted.internet.ssl import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .connector import AddressDenied, AllowAddress, _ResolvingReactor, _VettingResolver
+from .connector import AddressDenied, AllowAddress, _allowAll, _VettedEndpoint
 
 # The failures are defined with the seam; importable from here as before.
-from .interfaces import (
-    ITargetConnector,
-    LookupsBusy,
-    UpstreamProtocolError,
-    UpstreamRefused,
-)
+from .interfaces import ITargetConnector, UpstreamProtocolError, UpstreamRefused
 from .request import HOSTNAME, RequestRejected, findHeadEnd, parseAuthority
 from .resolver import sharedResolver
 
@@ -348,7 +343,6 @@ class _Attempt:
         self.handshake: _Handshake | None = None
         self.stage = "connecting"
         self.finished = False
-        self.cancelLookups: Any = None
 
     def _cancel(self, result: Deferred[IProtocol]) -> None:
         self.finished = True
@@ -356,8 +350,6 @@ class _Attempt:
             self.handshake.abort()
         elif self.connecting is not None:
             connecting, self.connecting = self.connecting, None
-            if self.cancelLookups is not None:
-                self.cancelLookups()
             connecting.cancel()
         self.factory.doStop()
 
@@ -666,17 +658,27 @@ class UpstreamEndpoint:
             parseAuthority(authority.encode("ascii"))
         except (UnicodeEncodeError, RequestRejected) as e:
             raise ValueError(f"not a valid target: {authority!r} ({e})") from None
-        self._vetting = (
-            None if resolver is None else _VettingResolver(resolver, lambda a: True)
-        )
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            reactor
-            if self._vetting is None
-            else _ResolvingReactor(reactor, self._vetting),
-            upstream.host,
-            upstream.port,
-            timeout=timeout,
-            bindAddress=bindAddress,
+        # With a resolver of its own, the parent's name is reached as a
+        # target's is: the lookup is cancelled with the attempt, and a
+        # refused one is LookupsBusy.
+        endpoint: IStreamClientEndpoint = (
+            HostnameEndpoint(
+                reactor,
+                upstream.host,
+                upstream.port,
+                timeout=timeout,
+                bindAddress=bindAddress,
+            )
+            if resolver is None
+            else _VettedEndpoint(
+                reactor,
+                resolver,
+                _allowAll,
+                upstream.host,
+                upstream.port,
+                timeout,
+                bindAddress,
+            )
         )
         if upstream.tls:
             if tlsOptions is None:
@@ -707,16 +709,6 @@ class UpstreamEndpoint:
         protocolFactory.doStart()
         attempt.result.addTimeout(self._timeout, self._reactor, _timedOut(attempt))
         connecting = self._parent.connect(_HandshakeFactory(attempt))
-        vetting = self._vetting
-        if vetting is not None:
-            attempt.cancelLookups = vetting.cancel
-
-            def busy(reason: Failure) -> Failure:
-                if vetting.busy():
-                    raise LookupsBusy(string="too many lookups waiting for the parent")
-                return reason
-
-            connecting.addErrback(busy)
         attempt.connecting = connecting
         connecting.addCallbacks(attempt.connected, attempt.connectFailed)
         return attempt.result
@@ -780,8 +772,8 @@ class UpstreamConnector:
             file of the certificates to trust (instead of the platform's).
         @param timeout: Seconds allowed to reach the parent and get its
             answer, all told, for each tunnel.
-        @param resolver: Resolves the parent's name; by default a
-            L{ThreadedResolver} of the connector's own, so that the tunnels'
+        @param resolver: Resolves the parent's name; by default the
+            reactor's shared L{ThreadedResolver}, so that the tunnels'
             lookups of the parent share one call and never wait behind
             password checks in the reactor's thread pool.
         @param bindAddress: The local address to connect from, if any.
