@@ -398,8 +398,9 @@ class _Recorder(Protocol):
 
 class AddressEndpointTests(SynchronousTestCase):
     """
-    The endpoint for address literals connects with C{connectTCP} and keeps
-    only a small announcing protocol per connection.
+    Where it cannot connect by hand (here, on a memory reactor), the endpoint
+    for address literals connects with C{connectTCP} and keeps only a small
+    announcing protocol per connection.
     """
 
     def connect(

@@ -56,6 +56,7 @@ from tests.test_integration import (
     reactor,
 )
 from tunnel import ConnectProxyFactory, splice
+from tunnel.direct import DirectEndpoint, DirectTransport
 from tunnel.relay import Relay, RelayResult
 from tunnel.splice import (
     PIPE_SIZE,
@@ -1354,6 +1355,22 @@ class CanSpliceTests(TestCase):
         self.assertIsInstance(server.transport, tcp.Server)
         self.assertIsInstance(client.transport, tcp.Client)
         self.assertTrue(canSplice(server.transport))
+        self.assertTrue(canSplice(client.transport))
+        assert client.transport is not None
+        client.transport.loseConnection()
+        self.assertFalse(canSplice(client.transport))
+
+    @inlineCallbacks
+    def test_direct(self) -> Yielding[None]:
+        """
+        A connection L{DirectEndpoint} made (how the proxy reaches address
+        literals) qualifies, until it starts closing.
+        """
+        _, client = yield self.connected(
+            lambda factory: reactor.listenTCP(0, factory, interface="127.0.0.1"),
+            lambda port: DirectEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        )
+        self.assertIs(type(client.transport), DirectTransport)
         self.assertTrue(canSplice(client.transport))
         assert client.transport is not None
         client.transport.loseConnection()

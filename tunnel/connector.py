@@ -26,11 +26,13 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITransport,
 )
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 # AddressDenied is defined with the seam; importable from here as before.
+from .direct import DirectEndpoint
 from .interfaces import AddressDenied, ITargetConnector, LookupsBusy
 from .policy import parseAddress
 from .resolver import Lookup, sharedResolver
@@ -169,7 +171,9 @@ class _AnnouncingFactory:
 @implementer(IStreamClientEndpoint)
 class _AddressEndpoint:
     """
-    Connects to one IP address with C{connectTCP}.
+    Connects to one IP address with C{connectTCP}: what L{HostnameConnector}
+    uses for address literals where L{DirectEndpoint} cannot serve (a
+    reactor that is not a POSIX one, or a local address to bind to).
 
     Written by hand rather than taken from C{TCP4ClientEndpoint}: a tunnel
     keeps its target connection open for as long as it lasts, thousands at
@@ -420,6 +424,8 @@ class HostnameConnector:
     """
     Reach targets directly with L{HostnameEndpoint}: every allowed address
     the name resolves to is tried, IPv4 and IPv6 raced as RFC 8305 describes.
+    An address literal needs no lookup: it is vetted at once and connected
+    to by a L{DirectEndpoint}.
 
     @ivar resolver: Looks the target names up.
     """
@@ -451,6 +457,9 @@ class HostnameConnector:
         )
         self._timeout = timeout
         self._bindAddress = bindAddress
+        # Connecting by hand gives the same transports as a POSIX reactor's
+        # connectTCP (see tunnel.direct); binding is left to connectTCP.
+        self._direct = bindAddress is None and isinstance(reactor, PosixReactorBase)
 
     def endpointForTarget(
         self, host: str, port: int, allowAddress: AllowAddress | None = None
@@ -476,6 +485,8 @@ class HostnameConnector:
             # machinery on every handshake.
             if allowAddress is not None and not allowAddress(literal):
                 return _DeniedEndpoint(host)
+            if self._direct:
+                return DirectEndpoint(self._reactor, str(literal), port, self._timeout)
             return _AddressEndpoint(
                 self._reactor,
                 host if literal.version == 4 else str(literal),

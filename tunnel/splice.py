@@ -70,6 +70,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .direct import DirectTransport
 from .idle import IdleWatch
 from .relay import RelayLifecycle, RelayResult, StreamTransport
 
@@ -126,24 +127,26 @@ def spliceAvailable() -> bool:
 
 _SPLICE_AVAILABLE = spliceAvailable()
 
+_TCP_TRANSPORTS = (tcp.Server, tcp.Client, DirectTransport)
+
 
 def canSplice(transport: object) -> bool:
     """
     Whether a L{SpliceRelay} can take over C{transport}.
 
-    Only the reactor's own plain TCP transports (exactly L{tcp.Server} and
-    L{tcp.Client}) on an IPv4 or IPv6 stream socket qualify, while they are
-    connected, not closing and not running TLS.  Wrapped transports (TLS,
-    other L{twisted.protocols.policies.ProtocolWrapper}s) and UNIX sockets
-    do not.
+    Only the reactor's own plain TCP transports (exactly L{tcp.Server},
+    L{tcp.Client} and L{DirectTransport}) on an IPv4 or IPv6 stream socket
+    qualify, while they are connected, not closing and not running TLS.
+    Wrapped transports (TLS, other
+    L{twisted.protocols.policies.ProtocolWrapper}s) and UNIX sockets do not.
 
     @param transport: A connected transport.
     @return: C{True} if a L{SpliceRelay} can take C{transport} over.
     """
-    # Exactly these two classes (not subclasses such as unix.Server) only
+    # Exactly these classes (not other subclasses such as unix.Server) only
     # ever hold IPv4 and IPv6 stream sockets: the socket's family and type
     # need not be asked (each an enum conversion, twice a handshake).
-    if not _SPLICE_AVAILABLE or type(transport) not in (tcp.Server, tcp.Client):
+    if not _SPLICE_AVAILABLE or type(transport) not in _TCP_TRANSPORTS:
         return False
     t = cast(Any, transport)
     return bool(

@@ -1,0 +1,410 @@
+"""
+Tests for L{tunnel.direct}.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any, cast
+
+from twisted.internet import reactor as globalReactor
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionLost,
+    ConnectionRefusedError,
+    NoProtocol,
+    NoRouteError,
+    TimeoutError,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.fakes import FakeResolver
+from tunnel.connector import HostnameConnector, _AddressEndpoint
+from tunnel.direct import DirectEndpoint, DirectTransport
+
+
+class FakeSocket:
+    """
+    Just enough of a non-blocking socket for L{DirectEndpoint} and the
+    transport it makes: C{connect_ex} answers C{connectResult}, C{SO_ERROR}
+    reads C{error}.
+
+    @ivar made: The C{(family, type)} it was made with.
+    @ivar connectedTo: The address given to C{connect_ex}.
+    @ivar closed: Whether it was closed.
+    """
+
+    def __init__(self, connectResult: int = errno.EINPROGRESS) -> None:
+        self.connectResult = connectResult
+        self.error = 0
+        self.made: tuple[int, int] | None = None
+        self.connectedTo: object = None
+        self.closed = False
+
+    def __call__(self, family: int, type: int) -> FakeSocket:
+        self.made = (family, type)
+        return self
+
+    def connect_ex(self, address: object) -> int:
+        self.connectedTo = address
+        return self.connectResult
+
+    def getsockopt(self, level: int, option: int) -> int:
+        assert (level, option) == (socket.SOL_SOCKET, socket.SO_ERROR)
+        return self.error
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return -1 if self.closed else 42
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class CountingFactory(Factory):
+    """
+    A factory that records the addresses it builds protocols for and how
+    often it is started and stopped.
+    """
+
+    def __init__(self, protocol: Protocol | None) -> None:
+        self.built = protocol
+        self.addresses: list[object] = []
+        self.calls: list[str] = []
+
+    def doStart(self) -> None:
+        self.calls.append("start")
+
+    def doStop(self) -> None:
+        self.calls.append("stop")
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        self.addresses.append(addr)
+        return self.built
+
+
+class DirectEndpointTests(SynchronousTestCase):
+    """
+    L{DirectEndpoint} connects with one C{connect}, waits for the socket to
+    be writable, and reads the outcome from C{SO_ERROR}.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.socket = FakeSocket()
+        self.protocol = Protocol()
+        self.factory = CountingFactory(self.protocol)
+
+    def connect(
+        self, host: str = "192.0.2.1", timeout: float | None = None
+    ) -> tuple[Deferred[Any], Any]:
+        """
+        Start connecting to C{host} port 443.
+
+        @return: The Deferred and the attempt registered with the reactor.
+        """
+        endpoint = DirectEndpoint(
+            self.reactor, host, 443, timeout, newSocket=cast(Any, self.socket)
+        )
+        d = endpoint.connect(self.factory)
+        writers = list(self.reactor.getWriters())
+        attempt = writers[0] if writers else None
+        return d, attempt
+
+    def test_connected(self) -> None:
+        """
+        A non-blocking IPv4 socket is made and connected; once it is
+        writable without error, the attempt leaves the reactor, the protocol
+        is built for the target's address and connected to a
+        L{DirectTransport} that reads, the Deferred fires with it, and the
+        factory was started and then stopped.
+        """
+        d, attempt = self.connect()
+        self.assertEqual(
+            self.socket.made,
+            (
+                socket.AF_INET,
+                socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            ),
+        )
+        self.assertEqual(self.socket.connectedTo, ("192.0.2.1", 443))
+        self.assertEqual(attempt.fileno(), 42)
+        self.assertEqual(attempt.logPrefix(), "DirectEndpoint")
+        self.assertNoResult(d)
+        self.assertEqual(self.factory.calls, ["start"])
+        attempt.doWrite()
+        self.assertIs(self.successResultOf(d), self.protocol)
+        transport = self.protocol.transport
+        self.assertIs(type(transport), DirectTransport)
+        self.assertEqual(list(self.reactor.getWriters()), [])
+        self.assertEqual(list(self.reactor.getReaders()), [transport])
+        self.assertEqual(self.factory.addresses, [IPv4Address("TCP", "192.0.2.1", 443)])
+        assert transport is not None
+        self.assertEqual(transport.getPeer(), IPv4Address("TCP", "192.0.2.1", 443))
+        self.assertEqual(repr(transport), "<Protocol to 192.0.2.1:443>")
+        self.assertEqual(self.factory.calls, ["start", "stop"])
+        self.assertFalse(self.socket.closed)
+
+    def test_ipv6(self) -> None:
+        """
+        An IPv6 literal makes an IPv6 socket, connects to the four-part
+        address, and the transport's peer is an L{IPv6Address}.
+        """
+        d, attempt = self.connect("2001:db8::1")
+        self.assertEqual(self.socket.made and self.socket.made[0], socket.AF_INET6)
+        self.assertEqual(self.socket.connectedTo, ("2001:db8::1", 443, 0, 0))
+        attempt.doWrite()
+        self.successResultOf(d)
+        self.assertEqual(
+            self.protocol.transport.getPeer(),  # type: ignore[union-attr]
+            IPv6Address("TCP", "2001:db8::1", 443),
+        )
+        self.assertEqual(
+            self.factory.addresses, [IPv6Address("TCP", "2001:db8::1", 443)]
+        )
+
+    def test_refused(self) -> None:
+        """
+        A handshake that ends with C{ECONNREFUSED} in C{SO_ERROR} fails the
+        Deferred with L{ConnectionRefusedError}, as C{connectTCP} would; the
+        socket is closed and nothing stays registered.
+        """
+        d, attempt = self.connect()
+        self.socket.error = errno.ECONNREFUSED
+        attempt.doWrite()
+        self.failureResultOf(d, ConnectionRefusedError)
+        self.assertTrue(self.socket.closed)
+        self.assertEqual(list(self.reactor.getWriters()), [])
+        self.assertEqual(list(self.reactor.getReaders()), [])
+        self.assertEqual(self.factory.calls, ["start", "stop"])
+        self.assertEqual(self.factory.addresses, [])
+
+    def test_failsAtOnce(self) -> None:
+        """
+        A C{connect} that fails at once (no route) fails the Deferred at
+        once with the matching error; the socket is never registered.
+        """
+        self.socket.connectResult = errno.ENETUNREACH
+        d, attempt = self.connect()
+        self.assertIsNone(attempt)
+        self.failureResultOf(d, NoRouteError)
+        self.assertTrue(self.socket.closed)
+
+    def test_hangUp(self) -> None:
+        """
+        When the reactor reports the socket lost (it reports a refused
+        handshake as a hang-up, without calling C{doWrite}), the socket's
+        own error is the reason if it has one, the reactor's otherwise.
+        """
+        d, attempt = self.connect()
+        self.socket.error = errno.ECONNREFUSED
+        self.reactor.removeWriter(attempt)
+        attempt.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(d, ConnectionRefusedError)
+        self.assertTrue(self.socket.closed)
+
+        self.socket = FakeSocket()
+        d, attempt = self.connect()
+        self.reactor.removeWriter(attempt)
+        attempt.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(d, ConnectionLost)
+
+    def test_timeout(self) -> None:
+        """
+        With a timeout, an attempt still connecting when it passes fails
+        with L{TimeoutError}, leaves the reactor and closes its socket.
+        """
+        d, _ = self.connect(timeout=5)
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.failureResultOf(d, TimeoutError)
+        self.assertEqual(list(self.reactor.getWriters()), [])
+        self.assertTrue(self.socket.closed)
+        self.assertEqual(self.factory.calls, ["start", "stop"])
+
+    def test_connectedStopsTimer(self) -> None:
+        """
+        An attempt that connects in time leaves no timer behind.
+        """
+        d, attempt = self.connect(timeout=5)
+        attempt.doWrite()
+        self.successResultOf(d)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_cancel(self) -> None:
+        """
+        Cancelling abandons the attempt: L{CancelledError}, nothing
+        registered, no timer, the socket closed, the factory stopped.
+        """
+        d, _ = self.connect(timeout=5)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(list(self.reactor.getWriters()), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertTrue(self.socket.closed)
+        self.assertEqual(self.factory.calls, ["start", "stop"])
+
+    def test_noProtocol(self) -> None:
+        """
+        A factory that builds no protocol fails the Deferred with
+        L{NoProtocol} and the socket is closed.
+        """
+        self.factory.built = None
+        d, attempt = self.connect()
+        attempt.doWrite()
+        self.failureResultOf(d, NoProtocol)
+        self.assertTrue(self.socket.closed)
+        self.assertEqual(list(self.reactor.getReaders()), [])
+
+    def test_makeConnectionRaises(self) -> None:
+        """
+        A protocol that raises as it is connected fails the Deferred with
+        that error; its transport is taken off the reactor and the socket
+        closed.
+        """
+
+        class Broken(Protocol):
+            def connectionMade(self) -> None:
+                raise ZeroDivisionError()
+
+        self.factory.built = Broken()
+        d, attempt = self.connect()
+        attempt.doWrite()
+        self.failureResultOf(d, ZeroDivisionError)
+        self.assertEqual(list(self.reactor.getReaders()), [])
+        self.assertTrue(self.socket.closed)
+
+    def test_noSocket(self) -> None:
+        """
+        When no socket can be made (out of descriptors), the Deferred fails
+        with a L{ConnectError} and the factory is never started.
+        """
+
+        def noSocket(family: int, type: int) -> socket.socket:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        endpoint = DirectEndpoint(self.reactor, "192.0.2.1", 443, newSocket=noSocket)
+        self.failureResultOf(endpoint.connect(self.factory), ConnectError)
+        self.assertEqual(self.factory.calls, [])
+
+
+class ConnectorChoiceTests(TestCase):
+    """
+    L{HostnameConnector} connects to address literals by hand on POSIX
+    reactors (here the running one, though nothing connects), and with
+    C{connectTCP} where it cannot.
+    """
+
+    def test_posixReactor(self) -> None:
+        """
+        On the running POSIX reactor, a literal gets a L{DirectEndpoint}.
+        """
+        connector = HostnameConnector(globalReactor, resolver=FakeResolver())
+        self.assertIsInstance(
+            connector.endpointForTarget("127.0.0.1", 443), DirectEndpoint
+        )
+        self.assertIsInstance(connector.endpointForTarget("::1", 443), DirectEndpoint)
+
+    def test_bindAddress(self) -> None:
+        """
+        With a local address to bind to, C{connectTCP} connects.
+        """
+        connector = HostnameConnector(
+            globalReactor, resolver=FakeResolver(), bindAddress=("127.0.0.1", 0)
+        )
+        self.assertIsInstance(
+            connector.endpointForTarget("127.0.0.1", 443), _AddressEndpoint
+        )
+
+    def test_otherReactor(self) -> None:
+        """
+        A reactor that is not a POSIX one (here a memory reactor) gets
+        C{connectTCP}.
+        """
+        connector = HostnameConnector(MemoryReactorClock(), resolver=FakeResolver())
+        self.assertIsInstance(
+            connector.endpointForTarget("127.0.0.1", 443), _AddressEndpoint
+        )
+
+
+class Collect(Protocol):
+    """
+    Records what it receives and fires C{done} when the connection ends.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.done: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.done.callback(None)
+
+
+class LoopbackTests(TestCase):
+    """
+    L{DirectEndpoint} on the real reactor, over loopback.
+    """
+
+    @inlineCallbacks
+    def test_exchange(self) -> Any:
+        """
+        A connection made by hand carries bytes both ways; its peer is the
+        listener and its host a loopback address.
+        """
+        accepted: list[Collect] = []
+
+        def build(addr: object) -> Collect:
+            protocol = Collect()
+            accepted.append(protocol)
+            return protocol
+
+        serverFactory = Factory()
+        serverFactory.buildProtocol = build  # type: ignore[method-assign]
+        port = yield TCP4ServerEndpoint(globalReactor, 0, interface="127.0.0.1").listen(
+            serverFactory
+        )
+        self.addCleanup(port.stopListening)
+        portNumber = port.getHost().port
+        client = Collect()
+        endpoint = DirectEndpoint(globalReactor, "127.0.0.1", portNumber)
+        connected = yield endpoint.connect(CountingFactory(client))
+        self.assertIs(connected, client)
+        transport: Any = client.transport
+        self.assertEqual(
+            transport.getPeer(), IPv4Address("TCP", "127.0.0.1", portNumber)
+        )
+        self.assertEqual(transport.getHost().host, "127.0.0.1")
+        transport.write(b"hello")
+        transport.loseConnection()
+        yield client.done
+        [server] = accepted
+        yield server.done
+        self.assertEqual(server.received, b"hello")
+
+    @inlineCallbacks
+    def test_refused(self) -> Any:
+        """
+        Connecting to a port nobody listens on fails with
+        L{ConnectionRefusedError}.
+        """
+        # A bound socket that does not listen: its port refuses, and stays
+        # ours for the test.
+        closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(closed.close)
+        closed.bind(("127.0.0.1", 0))
+        endpoint = DirectEndpoint(globalReactor, "127.0.0.1", closed.getsockname()[1])
+        with self.assertRaises(ConnectionRefusedError):
+            yield endpoint.connect(CountingFactory(Protocol()))

@@ -1,0 +1,288 @@
+"""
+Connecting to one IP address in as few system calls as the kernel allows.
+
+Written by hand rather than taken from C{connectTCP}, because the proxy
+opens one such connection per tunnel and C{connectTCP} pays, each time, for
+generality a tunnel does not use: a L{tcp.Connector} kept for the life of
+the connection, a C{callLater(0)} before it starts, the socket made
+non-blocking twice, C{SO_ERROR} read and C{connect} called both before and
+after the TCP handshake, and five C{epoll_ctl} calls where two do (it
+registers for reading and writing while connecting, then unregisters both
+and registers for reading again).  A L{DirectEndpoint} creates the socket
+non-blocking, calls C{connect} once, waits for it to become writable, reads
+C{SO_ERROR}, and gives the connected socket to a L{DirectTransport}: which
+is Twisted's own L{tcp.Server} transport, the one C{adoptStreamConnection}
+also wraps around any connected TCP socket.  From then on everything is
+Twisted's (and L{tunnel.splice} takes it over like any other TCP transport).
+
+Measured on the handshake benchmark (CONNECT, 200, 16-byte echo, close; 50
+clients; eight alternating runs): five system calls fewer per handshake, and
+the proxy's user CPU time per handshake down from 114 to 100 microseconds.
+
+It needs a reactor that provides
+L{twisted.internet.interfaces.IReactorFDSet} and
+L{twisted.internet.interfaces.IReactorTime}, as every POSIX reactor does;
+L{tunnel.connector.HostnameConnector} uses it for address literals on
+L{twisted.internet.posixbase.PosixReactorBase} reactors and C{connectTCP}
+otherwise.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import NoProtocol, TimeoutError, getConnectError
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    IWriteDescriptor,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["DirectEndpoint", "DirectTransport"]
+
+_NEW_SOCKET = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+
+
+class DirectTransport(tcp.Server):
+    """
+    The transport of a TCP connection a L{DirectEndpoint} opened.
+
+    L{tcp.Server} serves any connected TCP socket (it does not care who
+    called C{connect}); this subclass only names the connection for what it
+    is in C{repr}.  Its peer is the address connected to, its host the
+    socket's own address.
+    """
+
+    def __repr__(self) -> str:
+        """
+        @return: The protocol's class and the address connected to.
+        """
+        peer = self.getPeer()
+        return f"<{type(self.protocol).__name__} to {peer.host}:{peer.port}>"
+
+
+def _connectError(number: int) -> Exception:
+    """
+    The Twisted exception for a failed C{connect}, as C{connectTCP} would
+    report it (C{ConnectionRefusedError} for C{ECONNREFUSED}, and so on).
+    """
+    return getConnectError((number, os.strerror(number)))  # type: ignore[no-any-return]
+
+
+@implementer(IWriteDescriptor)
+class _Connecting:
+    """
+    One connection attempt: registered with the reactor as the writer of
+    its socket until the TCP handshake ends one way or the other.
+
+    @ivar connected: Fires with the protocol once connected; fails with the
+        reason the attempt failed, or is cancelled.
+    """
+
+    __slots__ = ("_address", "_factory", "_reactor", "_socket", "_timer", "connected")
+
+    def __init__(
+        self,
+        reactor: Any,
+        sock: socket.socket,
+        address: tuple[Any, ...],
+        factory: IProtocolFactory,
+    ) -> None:
+        self._reactor = reactor
+        self._socket = sock
+        self._address = address
+        self._factory: IProtocolFactory | None = factory
+        self._timer: IDelayedCall | None = None
+        self.connected: Deferred[Any] = Deferred(self._cancel)
+
+    def fileno(self) -> int:
+        """
+        @return: The socket's descriptor, or -1 once it is closed.
+        """
+        return self._socket.fileno()
+
+    def logPrefix(self) -> str:
+        """
+        @return: What the reactor logs this attempt's errors as.
+        """
+        return "DirectEndpoint"
+
+    def start(self, timeout: float | None) -> None:
+        """
+        Send the SYN and wait for the handshake to end.
+
+        @param timeout: Seconds to wait, or L{None} for as long as the
+            kernel tries.
+        """
+        number = self._socket.connect_ex(self._address)
+        if number and number != errno.EINPROGRESS:
+            self._fail(_connectError(number))
+            return
+        # Writable once the handshake ended, whether it succeeded or not.
+        self._reactor.addWriter(self)
+        if timeout is not None:
+            self._timer = self._reactor.callLater(timeout, self._timedOut)
+
+    def doWrite(self) -> None:
+        """
+        The handshake ended: connected, or failed with the socket's error.
+        """
+        self._reactor.removeWriter(self)
+        number = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if number:
+            self._fail(_connectError(number))
+        else:
+            self._connected()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The reactor saw the socket fail (it reports a refused handshake as
+        a hang-up, before any C{doWrite}) and unregistered it.
+
+        @param reason: What the reactor saw; the socket's own error, if it
+            has one, says more.
+        """
+        number = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._fail(_connectError(number) if number else reason)
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self._reactor.removeWriter(self)
+        self._fail(TimeoutError())
+
+    def _cancel(self, connected: Deferred[Any]) -> None:
+        # Deferred.cancel fails the Deferred with CancelledError next.
+        self._reactor.removeWriter(self)
+        self._finish()
+        self._socket.close()
+
+    def _finish(self) -> None:
+        """
+        Stop the timer and let go of the factory, stopping it as a
+        connector stops its factory after each attempt.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        factory, self._factory = self._factory, None
+        if factory is not None:
+            factory.doStop()
+
+    def _fail(self, reason: Exception | Failure) -> None:
+        self._finish()
+        self._socket.close()
+        if not self.connected.called:
+            self.connected.errback(reason)
+
+    def _connected(self) -> None:
+        factory = self._factory
+        assert factory is not None
+        sock, address = self._socket, self._address
+        addressType = IPv4Address if len(address) == 2 else IPv6Address
+        transport = None
+        try:
+            protocol = factory.buildProtocol(addressType("TCP", *address[:2]))
+            if protocol is None:
+                raise NoProtocol()
+            # No listening port, as for adoptStreamConnection's transports.
+            transport = DirectTransport(
+                sock,
+                protocol,
+                address,
+                None,  # type: ignore[arg-type]
+                0,
+                self._reactor,
+            )
+            protocol.makeConnection(transport)
+        except BaseException:
+            reason = Failure()
+            if transport is not None:
+                transport.stopReading()
+                transport.stopWriting()
+            self._fail(reason)
+            return
+        self._finish()
+        self.connected.callback(protocol)
+
+
+@implementer(IStreamClientEndpoint)
+class DirectEndpoint:
+    """
+    Connects to one IP address and port over TCP, by hand (see the module's
+    docstring for why).
+
+    Like C{connectTCP}, the factory is started for each attempt; unlike
+    it, the factory is stopped as soon as the attempt ends, connected or
+    not, and keeps nothing alive for the connection's sake.
+    """
+
+    __slots__ = ("_address", "_family", "_newSocket", "_reactor", "_timeout")
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        timeout: float | None = 30,
+        newSocket: Callable[[int, int], socket.socket] = socket.socket,
+    ) -> None:
+        """
+        @param reactor: A reactor providing
+            L{twisted.internet.interfaces.IReactorFDSet} and
+            L{twisted.internet.interfaces.IReactorTime}.
+        @param host: An IPv4 or IPv6 address literal (without brackets; an
+            IPv6 one may carry a zone, C{fe80::1%eth0}).
+        @param port: The port.
+        @param timeout: Seconds allowed for the TCP handshake, or L{None}
+            when the caller bounds the attempt itself.
+        @param newSocket: Makes the socket from an address family and a
+            socket type; tests pass a fake.
+        """
+        self._reactor = reactor
+        self._newSocket = newSocket
+        self._timeout = timeout
+        if ":" in host:
+            self._family = socket.AF_INET6
+            # A numeric lookup (no DNS) turns a zone into the scope number
+            # connect needs.
+            self._address: tuple[Any, ...] = socket.getaddrinfo(
+                host,
+                port,
+                socket.AF_INET6,
+                socket.SOCK_STREAM,
+                0,
+                socket.AI_NUMERICHOST,
+            )[0][4]
+        else:
+            self._family = socket.AF_INET
+            self._address = (host, port)
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        """
+        Connect, and fire with the protocol C{protocolFactory} built once
+        connected.
+
+        @param protocolFactory: Builds the connection's protocol.
+        @return: A L{Deferred} that fires with the connected protocol, or
+            fails as C{connectTCP}'s attempts do (C{ConnectionRefusedError},
+            C{TimeoutError}, other L{twisted.internet.error.ConnectError}s);
+            cancelling it abandons the attempt.
+        """
+        try:
+            sock = self._newSocket(self._family, _NEW_SOCKET)
+        except OSError as e:
+            return fail(getConnectError(e))
+        protocolFactory.doStart()
+        attempt = _Connecting(self._reactor, sock, self._address, protocolFactory)
+        attempt.start(self._timeout)
+        return attempt.connected
