@@ -31,8 +31,10 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, readBody
 from zope.interface import provider
 
+from tests.test_workermetrics import tunnelsCounted
 from tunnel.tap import Options, makeService
 from tunnel.workers import (
     WorkerSupervisor,
@@ -112,17 +114,11 @@ class WorkerArgumentsTests(SynchronousTestCase):
 
     def test_options(self) -> None:
         """
-        C{--workers} makes a supervisor; metrics are refused with workers
-        (each would count only its own tunnels).
+        C{--workers} makes a supervisor; a TLS listener cannot be shared.
         """
         options = Options()
         options.parseOptions(["--workers", "3", "--listen", "tcp:0"])
         self.assertIsInstance(makeService(options, reactor), WorkerSupervisor)
-        self.assertRaises(
-            UsageError,
-            Options().parseOptions,
-            ["--workers", "2", "--listen", "tcp:0", "--metrics", "tcp:9100"],
-        )
         # A worker adopting a TLS listener's socket would serve it in clear.
         e = self.assertRaises(
             UsageError,
@@ -381,6 +377,19 @@ class _Client(Protocol):
         self.lost.callback(None)
 
 
+#: Two workers on a TCP port of loopback that may tunnel to loopback.
+TWO_TCP_WORKERS = (
+    "--workers",
+    "2",
+    "--listen",
+    "tcp:0:interface=127.0.0.1",
+    "--allow-port",
+    "any",
+    "--allow-to",
+    "127.0.0.0/8",
+)
+
+
 class SupervisorTests(TestCase):
     """
     Real worker processes on loopback.
@@ -456,16 +465,7 @@ class SupervisorTests(TestCase):
         Start two workers on a TCP port of loopback that may tunnel to
         loopback.
         """
-        return self.startSupervisor(
-            "--workers",
-            "2",
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
-            "--allow-port",
-            "any",
-            "--allow-to",
-            "127.0.0.0/8",
-        )
+        return self.startSupervisor(*TWO_TCP_WORKERS)
 
     @inlineCallbacks
     def test_workersServeAndAreReplaced(self) -> Any:
@@ -499,6 +499,51 @@ class SupervisorTests(TestCase):
             connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), _Client()),
             ConnectionRefusedError,
         )
+
+    @inlineCallbacks
+    def test_totals(self) -> Any:
+        """
+        The main process serves the sum of both workers' counts: after four
+        tunnels through two workers, C{/metrics} shows four, and two
+        workers reporting.
+        """
+        targetPort = self.startTarget()
+        options = Options()
+        options.parseOptions(
+            [*TWO_TCP_WORKERS, "--metrics", "tcp:0:interface=127.0.0.1"]
+        )
+        service: Any = makeService(options, reactor)
+        [supervisor, listener] = list(service)
+        ready = [self.waitForLog("Starting factory") for _ in range(2)]
+        service.startService()
+        self.addCleanup(service.stopService)
+        yield gatherResults(ready)
+        port = supervisor._ports[0][0].getHost().port
+        for _ in range(4):
+            answer = yield self.connectThrough(port, targetPort)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        # Each worker reports within a second of a change: wait until the
+        # main process has counted all four.
+        counted: Deferred[None] = Deferred()
+        metrics = supervisor._metrics
+        report = metrics.report
+
+        def reportAndCheck(worker: int, snapshot: str) -> None:
+            report(worker, snapshot)
+            if tunnelsCounted(metrics) == 4 and not counted.called:
+                counted.callback(None)
+
+        metrics.report = reportAndCheck
+        if tunnelsCounted(metrics) != 4:
+            yield counted
+        metricsPort = listener._waitingForPort.result.getHost().port
+        url = f"http://127.0.0.1:{metricsPort}/metrics".encode()
+        response = yield Agent(reactor).request(b"GET", url)
+        body = yield readBody(response)
+        self.assertIn(
+            b'tunnel_connections_total{ended="client-eof",status="200"} 4.0', body
+        )
+        self.assertIn(b"tunnel_workers_reporting 2.0", body)
 
     @inlineCallbacks
     def test_sharedUNIXSocket(self) -> Any:

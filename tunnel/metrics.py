@@ -5,14 +5,22 @@ Needs the optional C{prometheus_client} package (C{pip install
 '.[metrics]'} in the checkout).  Counters and histograms are fed by the proxy's one log
 event per connection, so the relay's hot path pays nothing for them; the
 gauges are read from the factory when scraped.
+
+With C{--workers}, each worker keeps its own L{ProxyMetrics} and a
+L{MetricsReporter} sends a snapshot of them to the main process every
+second; the main process serves the sum (L{WorkerMetrics}).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from twisted.logger import ILogObserver, LogEvent
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -22,7 +30,15 @@ from .resolver import ThreadedResolver
 if TYPE_CHECKING:
     from .server import ConnectProxyFactory
 
-__all__ = ["MetricsUnavailable", "ProxyMetrics", "metricsResource", "requirePrometheus"]
+__all__ = [
+    "MetricsReporter",
+    "MetricsUnavailable",
+    "ProxyMetrics",
+    "WorkerMetrics",
+    "metricsResource",
+    "requirePrometheus",
+    "snapshotMetrics",
+]
 
 
 class MetricsUnavailable(Exception):
@@ -209,13 +225,204 @@ class _MetricsPage(Resource):
         return prometheus.generate_latest(self._registry)  # type: ignore[no-any-return]
 
 
-def metricsResource(metrics: ProxyMetrics) -> Resource:
+def metricsResource(metrics: ProxyMetrics | WorkerMetrics) -> Resource:
     """
     A twisted.web resource tree that serves C{metrics} at C{/metrics}.
 
-    @param metrics: The metrics to serve.
+    @param metrics: The metrics to serve (anything with a C{registry}).
     @return: The root resource, for a L{twisted.web.server.Site}.
     """
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(metrics.registry))
     return root
+
+
+def snapshotMetrics(registry: Any) -> str:
+    """
+    Every sample of a registry, as JSON text: a list of families, each with
+    its C{name}, C{type}, C{help} and C{samples} (C{[name, labels,
+    value]}).  The C{_created} samples (a timestamp per counter) are left
+    out: they cannot be added up across processes.
+
+    @param registry: A C{prometheus_client} registry.
+    @return: The JSON text (one line).
+    """
+    families = [
+        {
+            "name": family.name,
+            "type": family.type,
+            "help": family.documentation,
+            "samples": [
+                [sample.name, sample.labels, sample.value]
+                for sample in family.samples
+                if not sample.name.endswith("_created")
+            ],
+        }
+        for family in registry.collect()
+    ]
+    return json.dumps(families, separators=(",", ":"))
+
+
+class MetricsReporter(Service):
+    """
+    Sends a snapshot of a worker's metrics (L{snapshotMetrics}) every
+    C{interval} seconds while running, when it changed, and once more as
+    it stops.
+    """
+
+    def __init__(
+        self,
+        registry: Any,
+        send: Callable[[str], None],
+        clock: IReactorTime,
+        interval: float = 1.0,
+    ) -> None:
+        """
+        @param registry: The worker's registry (L{ProxyMetrics.registry}).
+        @param send: Takes each snapshot's text.
+        @param clock: Schedules the snapshots.
+        @param interval: Seconds between snapshots.
+        """
+        self._registry = registry
+        self._send = send
+        self._interval = interval
+        self._loop = LoopingCall(self._report)
+        self._loop.clock = clock
+        self._last: str | None = None
+
+    def startService(self) -> None:
+        """
+        Send a first snapshot now, then every C{interval} seconds.
+        """
+        super().startService()
+        self._loop.start(self._interval, now=True)
+
+    def stopService(self) -> None:
+        """
+        Send the last counts.
+        """
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        self._report()
+
+    def _report(self) -> None:
+        text = snapshotMetrics(self._registry)
+        if text != self._last:
+            self._last = text
+            self._send(text)
+
+
+# Gauges whose total over the workers is their largest value, not their sum.
+_LARGEST = {"tunnel_draining"}
+
+_SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]
+
+
+class WorkerMetrics:
+    """
+    The metrics of a proxy run with C{--workers}, in the main process: the
+    sum of the last snapshot each worker sent (see L{MetricsReporter}).
+
+    Counters and histograms stay monotonic when a worker ends and is
+    replaced: what the ended worker last reported is kept and added to the
+    totals.  Its gauges go with it.  Counts a worker had not yet reported
+    when it ended (at most a second's worth, for a worker that crashed) are
+    lost.
+
+    @ivar registry: The registry to serve (see L{metricsResource}).
+    """
+
+    _log = Logger(namespace="tunnel.metrics")
+
+    def __init__(self) -> None:
+        """
+        @raise MetricsUnavailable: Without C{prometheus_client}.
+        """
+        self._prometheus = prometheus = requirePrometheus()
+        self.registry = prometheus.CollectorRegistry()
+        # Family name -> (type, help), and every sample key ever seen, in
+        # the order first seen (histogram buckets stay in order).
+        self._families: dict[str, tuple[str, str]] = {}
+        self._keys: dict[_SampleKey, None] = {}
+        self._live: dict[int, dict[_SampleKey, float]] = {}
+        self._retired: dict[_SampleKey, float] = {}
+        self._exits = 0
+        self.registry.register(self)
+
+    def report(self, worker: int, snapshot: str) -> None:
+        """
+        Take a worker's snapshot, in place of its previous one.
+
+        @param worker: The worker's number.
+        @param snapshot: The text L{snapshotMetrics} made.
+        """
+        samples: dict[_SampleKey, float] = {}
+        try:
+            families = json.loads(snapshot)
+            if not isinstance(families, list):
+                raise ValueError(snapshot)
+            for family in families:
+                name = str(family["name"])
+                if name not in self._families:
+                    self._families[name] = (str(family["type"]), str(family["help"]))
+                for sampleName, labels, value in family["samples"]:
+                    key = (name, str(sampleName), tuple(sorted(labels.items())))
+                    samples[key] = float(value)
+                    self._keys.setdefault(key, None)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            self._log.warn("Worker {worker} sent unreadable metrics", worker=worker)
+            return
+        self._live[worker] = samples
+
+    def retire(self, worker: int) -> None:
+        """
+        A worker ended: keep its counters and histograms in the totals,
+        drop its gauges.
+
+        @param worker: The worker's number.
+        """
+        self._exits += 1
+        for key, value in self._live.pop(worker, {}).items():
+            if self._families[key[0]][0] != "gauge":
+                self._retired[key] = self._retired.get(key, 0.0) + value
+
+    def collect(self) -> Iterator[Any]:
+        """
+        The totals, as the registry asks a collector for them.
+
+        @return: The metric families.
+        """
+        metricsCore = self._prometheus.metrics_core
+        # A gauge no running worker reports (all of them gone) reads 0.
+        totals: dict[_SampleKey, float] = {
+            key: 0.0 for key in self._keys if self._families[key[0]][0] == "gauge"
+        }
+        totals.update(self._retired)
+        for samples in self._live.values():
+            for key, value in samples.items():
+                if key[0] in _LARGEST:
+                    totals[key] = max(totals.get(key, value), value)
+                else:
+                    totals[key] = totals.get(key, 0.0) + value
+        families: dict[str, Any] = {}
+        for key in self._keys:
+            if key not in totals:
+                continue
+            name, sampleName, labels = key
+            family = families.get(name)
+            if family is None:
+                kind, documentation = self._families[name]
+                family = families[name] = metricsCore.Metric(name, documentation, kind)
+            family.add_sample(sampleName, dict(labels), totals[key])
+        yield from families.values()
+        yield metricsCore.GaugeMetricFamily(
+            "tunnel_workers_reporting",
+            "Worker processes running whose metrics are in these totals.",
+            value=len(self._live),
+        )
+        yield metricsCore.CounterMetricFamily(
+            "tunnel_worker_exits",
+            "Worker processes that ended (and were replaced, unless stopping).",
+            value=self._exits,
+        )

@@ -35,8 +35,10 @@ from .connector import HostnameConnector
 from .htpasswd import HtpasswdError
 from .interfaces import ITargetConnector
 from .metrics import (
+    MetricsReporter,
     MetricsUnavailable,
     ProxyMetrics,
+    WorkerMetrics,
     metricsResource,
     requirePrometheus,
 )
@@ -56,6 +58,7 @@ from .workers import (
     SHAREABLE_KINDS,
     WorkerSupervisor,
     adoptListeningSocket,
+    formatMetricsRecord,
     inheritedPorts,
     workerArguments,
 )
@@ -330,6 +333,7 @@ class Options(usage.Options, AuthOptionMixin):
             self[name] = []
         self["inherit-fd"] = []
         self["worker-of"] = 1
+        self["report-metrics"] = False
         self.argv: list[str] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -351,6 +355,13 @@ class Options(usage.Options, AuthOptionMixin):
         FD:FAMILY.
         """
         self["inherit-fd"].append(value)
+
+    def opt_report_metrics(self) -> None:
+        """
+        Internal (used by --workers with --metrics): send a snapshot of the
+        metrics to the main process every second.
+        """
+        self["report-metrics"] = True
 
     def opt_worker_of(self, value: str) -> None:
         """
@@ -470,11 +481,6 @@ class Options(usage.Options, AuthOptionMixin):
                     "tcp6:8080:interface=\\:\\:1)"
                 ) from None
             _checkBindable("--listen", description, endpoint)
-        if self["workers"] > 1 and self["metrics"] is not None:
-            raise usage.UsageError(
-                "--metrics cannot be combined with --workers yet: each worker "
-                "would count only its own tunnels"
-            )
         if self["rules"] is not None:
             try:
                 with open(self["rules"], encoding="utf-8") as f:
@@ -688,13 +694,24 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             makePolicy(options, reactor),
         )
         reactor.callWhenRunning(StopOnSignals(reactor).install)
-        return WorkerSupervisor(
+        workerMetrics = None if options["metrics"] is None else WorkerMetrics()
+        supervisor = WorkerSupervisor(
             reactor,
             options["listen"],
             workerArguments(options.argv),
             options["workers"],
             stopTimeout=options["drain-timeout"] + 5,
+            metrics=workerMetrics,
         )
+        if workerMetrics is None:
+            return supervisor
+        # The main process serves the workers' metrics, added up.
+        parent = MultiService()
+        supervisor.setServiceParent(parent)
+        _listen(
+            reactor, options["metrics"], Site(metricsResource(workerMetrics)), parent
+        )
+        return parent
     service = makeWorkerService(options, reactor)
     if not options["inherit-fd"]:
         # A second SIGTERM during the drain must not be a critical error
@@ -738,14 +755,18 @@ def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
             AccessLogObserver(options["access-log"], options["access-log-format"])
         )
     metrics = None
-    if options["metrics"] is not None:
+    if options["metrics"] is not None or options["report-metrics"]:
         metrics = ProxyMetrics([factory])
         observers.append(metrics)
     service = ProxyService(
         factory, options["drain-timeout"], observers=observers, reactor=reactor
     )
-    if metrics is not None:
+    if metrics is not None and options["metrics"] is not None:
         _listen(reactor, options["metrics"], Site(metricsResource(metrics)), service)
+    if metrics is not None and options["report-metrics"]:
+        MetricsReporter(metrics.registry, _sendMetrics, reactor).setServiceParent(
+            service
+        )
     _warnIfOpen(options["listen"], factory.portal is not None, factory.policy)
     for description in options["listen"]:
         _listen(reactor, description, factory, service)
@@ -779,6 +800,13 @@ class _InheritedPorts(Service):
     def stopService(self) -> Any:
         super().stopService()
         return DeferredList([maybeDeferred(port.stopListening) for port in self._ports])
+
+
+def _sendMetrics(snapshot: str) -> None:
+    # A worker's standard output is the pipe its log records go to the
+    # main process through (see tunnel.workers).
+    sys.stdout.write(formatMetricsRecord(snapshot))
+    sys.stdout.flush()
 
 
 def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:

@@ -7,7 +7,8 @@ C{IReactorSocket.adoptStreamPort}; the kernel hands each new connection to
 one of the workers.  The main process supervises: a worker that dies is
 replaced, SIGTERM drains every worker, SIGUSR1 is passed on (to reopen
 access logs), and the workers' log lines come out of the main process's log
-tagged with the worker's number.
+tagged with the worker's number.  With metrics on, each worker also sends a
+snapshot of its metrics every second, which the main process adds up.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 if TYPE_CHECKING:
+    from .metrics import WorkerMetrics
     from .service import StopOnSignals
 
 __all__ = [
     "WorkerSupervisor",
     "adoptListeningSocket",
+    "formatMetricsRecord",
     "formatWorkerRecord",
     "workerArguments",
 ]
@@ -208,6 +211,21 @@ def formatWorkerRecord(event: LogEvent) -> str:
 
 _RECORD_END = "\x1e"
 
+# The first field of a record carrying metrics (not a log level's name).
+_METRICS = "metrics"
+
+
+def formatMetricsRecord(snapshot: str) -> str:
+    """
+    Format a worker's metrics snapshot for the main process, as a record
+    among its log records.
+
+    @param snapshot: The snapshot (L{tunnel.metrics.snapshotMetrics}: JSON,
+        so without tabs, newlines or record separators).
+    @return: The record.
+    """
+    return f"{_METRICS}\t-\t{snapshot}{_RECORD_END}\n"
+
 
 class _WorkerProtocol(ProcessProtocol):
     """
@@ -242,6 +260,9 @@ class _WorkerProtocol(ProcessProtocol):
         level, namespace, text = LogLevel.warn, "-", record
         if structured:
             fields = record.split("\t", 2)
+            if fields[0] == _METRICS and len(fields) == 3:
+                self._supervisor.workerMetrics(self.number, fields[2])
+                return
             with contextlib.suppress(ValueError, IndexError, InvalidLogLevelError):
                 level, namespace, text = (
                     LogLevel.levelWithName(fields[0]),
@@ -284,6 +305,7 @@ class WorkerSupervisor(Service):
         count: int,
         stopTimeout: float,
         respawnDelay: float = 1.0,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         """
         @param reactor: The reactor (spawnProcess, callLater).
@@ -296,6 +318,8 @@ class WorkerSupervisor(Service):
         @param respawnDelay: Seconds before a dead worker is replaced;
             doubled each time it ends again within 10 seconds of starting,
             up to a minute.
+        @param metrics: Adds up the metrics the workers report, if they
+            are to report them.
         """
         self._reactor = reactor
         self._listen = listen
@@ -303,6 +327,7 @@ class WorkerSupervisor(Service):
         self._count = count
         self._stopTimeout = stopTimeout
         self._respawnDelay = respawnDelay
+        self._metrics = metrics
         self._ports: list[tuple[IListeningPort, int]] = []
         self.workers: dict[int, Any] = {}
         self._protocols: dict[int, _WorkerProtocol] = {}
@@ -373,6 +398,8 @@ class WorkerSupervisor(Service):
             childFDs[fd] = fd
             inherit += ["--inherit-fd", f"{fd}:{int(family)}"]
         inherit += ["--worker-of", str(self._count)]
+        if self._metrics is not None:
+            inherit.append("--report-metrics")
         protocol = _WorkerProtocol(self, number)
         argv = [
             sys.executable,
@@ -401,6 +428,8 @@ class WorkerSupervisor(Service):
         """
         number = protocol.number
         self.workers.pop(number, None)
+        if self._metrics is not None:
+            self._metrics.retire(number)
         if not self.running:
             return
         lived = self._reactor.seconds() - self._startedAt.get(number, 0)
@@ -418,6 +447,16 @@ class WorkerSupervisor(Service):
             why=reason.getErrorMessage(),
             delay=delay,
         )
+
+    def workerMetrics(self, number: int, snapshot: str) -> None:
+        """
+        A worker sent a snapshot of its metrics.
+
+        @param number: The worker's number.
+        @param snapshot: The snapshot's text.
+        """
+        if self._metrics is not None:
+            self._metrics.report(number, snapshot)
 
     def _respawnDelayFor(self, number: int) -> float:
         # A worker that keeps ending right after it starts (a file it

@@ -1,0 +1,254 @@
+"""
+Tests for the metrics of C{--workers}: L{snapshotMetrics},
+L{MetricsReporter}, L{WorkerMetrics}, and how the supervisor and the workers
+carry them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.test_operations import EVENT
+from tunnel.metrics import (
+    MetricsReporter,
+    ProxyMetrics,
+    WorkerMetrics,
+    snapshotMetrics,
+)
+from tunnel.server import ConnectProxyFactory
+from tunnel.tap import Options, makeService
+from tunnel.workers import WorkerSupervisor, formatMetricsRecord
+
+
+def workerSnapshot(
+    tunnels: int = 0, open: int = 0, draining: bool = False, bytesUp: int = 517
+) -> str:
+    """
+    The snapshot of a worker that ended C{tunnels} tunnels (each C{EVENT}
+    with C{bytesUp} bytes up) and has C{open} tunnels open.
+    """
+    factory = ConnectProxyFactory(reactor=Clock())
+    factory.relaying = open
+    factory.draining = draining
+    metrics = ProxyMetrics([factory])
+    for _ in range(tunnels):
+        metrics({**EVENT, "bytesUp": bytesUp})
+    return snapshotMetrics(metrics.registry)
+
+
+def tunnelsCounted(metrics: WorkerMetrics) -> float:
+    """
+    The tunnels the totals count, whatever their status and ending.
+    """
+    return sum(
+        float(s.value)
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == "tunnel_connections_total"
+    )
+
+
+def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float | None:
+    """
+    Read one sample of the totals.
+    """
+    value = metrics.registry.get_sample_value(name, labels)
+    return None if value is None else float(value)
+
+
+class SnapshotTests(SynchronousTestCase):
+    """
+    Tests for L{snapshotMetrics}.
+    """
+
+    def test_families(self) -> None:
+        """
+        A snapshot is one line of JSON with every family's name, type, help
+        and samples, without the C{_created} timestamps.
+        """
+        text = workerSnapshot(tunnels=2, open=3)
+        self.assertNotIn("\n", text)
+        families = {f["name"]: f for f in json.loads(text)}
+        connections = families["tunnel_connections"]
+        self.assertEqual(connections["type"], "counter")
+        self.assertIn("Client connections ended", connections["help"])
+        self.assertIn(
+            ["tunnel_connections_total", {"status": "200", "ended": "client-eof"}, 2.0],
+            connections["samples"],
+        )
+        self.assertEqual(families["tunnel_open"]["samples"], [["tunnel_open", {}, 3.0]])
+        self.assertNotIn("_created", text)
+
+
+class ReporterTests(SynchronousTestCase):
+    """
+    Tests for L{MetricsReporter}.
+    """
+
+    def test_reportsChanges(self) -> None:
+        """
+        The reporter sends a snapshot at start, then each interval only if
+        the metrics changed, and once more when it stops.
+        """
+        clock = Clock()
+        metrics = ProxyMetrics()
+        sent: list[str] = []
+        reporter = MetricsReporter(metrics.registry, sent.append, clock, interval=1)
+        reporter.startService()
+        self.assertEqual(len(sent), 1)
+        clock.advance(1)
+        self.assertEqual(len(sent), 1)
+        metrics(EVENT)
+        clock.advance(1)
+        self.assertEqual(len(sent), 2)
+        self.assertEqual(sent[1], snapshotMetrics(metrics.registry))
+        metrics(EVENT)
+        reporter.stopService()
+        self.assertEqual(len(sent), 3)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class WorkerMetricsTests(SynchronousTestCase):
+    """
+    Tests for L{WorkerMetrics}.
+    """
+
+    def test_sum(self) -> None:
+        """
+        Counters, histograms and gauges are the sums of the workers' last
+        snapshots; C{tunnel_draining} is the largest, not the sum.
+        """
+        metrics = WorkerMetrics()
+        metrics.report(0, workerSnapshot(tunnels=1, open=1))
+        metrics.report(0, workerSnapshot(tunnels=2, open=2, draining=True))
+        metrics.report(1, workerSnapshot(tunnels=5, open=4, draining=True))
+        labels = {"status": "200", "ended": "client-eof"}
+        self.assertEqual(sample(metrics, "tunnel_connections_total", **labels), 7)
+        self.assertEqual(sample(metrics, "tunnel_bytes_total", direction="up"), 517 * 7)
+        self.assertEqual(sample(metrics, "tunnel_connect_seconds_count"), 7)
+        self.assertEqual(
+            sample(metrics, "tunnel_duration_seconds_bucket", le="+Inf"), 7
+        )
+        self.assertEqual(sample(metrics, "tunnel_open"), 6)
+        self.assertEqual(sample(metrics, "tunnel_draining"), 1)
+        self.assertEqual(sample(metrics, "tunnel_workers_reporting"), 2)
+
+    def test_retiredWorkerKeepsCounts(self) -> None:
+        """
+        When a worker ends, its counters and histograms stay in the totals
+        (so they never go down) and its gauges leave them; its replacement
+        counts on top.
+        """
+        metrics = WorkerMetrics()
+        metrics.report(0, workerSnapshot(tunnels=3, open=2))
+        metrics.report(1, workerSnapshot(tunnels=1, open=1))
+        metrics.retire(0)
+        labels = {"status": "200", "ended": "client-eof"}
+        self.assertEqual(sample(metrics, "tunnel_connections_total", **labels), 4)
+        self.assertEqual(sample(metrics, "tunnel_open"), 1)
+        self.assertEqual(sample(metrics, "tunnel_workers_reporting"), 1)
+        self.assertEqual(sample(metrics, "tunnel_worker_exits_total"), 1)
+        metrics.report(0, workerSnapshot(tunnels=1, open=0))
+        self.assertEqual(sample(metrics, "tunnel_connections_total", **labels), 5)
+        self.assertEqual(sample(metrics, "tunnel_open"), 1)
+
+    def test_bucketsInOrder(self) -> None:
+        """
+        A histogram's buckets come out in the order the worker sent them,
+        followed by its count and sum, as the exposition format expects.
+        """
+        prometheus = __import__("prometheus_client")
+        metrics = WorkerMetrics()
+        metrics.report(0, workerSnapshot(tunnels=1))
+        text = prometheus.generate_latest(metrics.registry).decode()
+        lines = [
+            line.split("{")[0].split(" ")[0]
+            for line in text.splitlines()
+            if line.startswith("tunnel_connect_seconds")
+        ]
+        self.assertEqual(
+            lines[-2:], ["tunnel_connect_seconds_count", "tunnel_connect_seconds_sum"]
+        )
+        buckets = [
+            line.split('le="')[1].split('"')[0]
+            for line in text.splitlines()
+            if line.startswith("tunnel_connect_seconds_bucket")
+        ]
+        self.assertEqual(buckets[-1], "+Inf")
+        self.assertEqual(
+            [float(b) for b in buckets[:-1]], sorted(float(b) for b in buckets[:-1])
+        )
+
+    def test_unreadable(self) -> None:
+        """
+        A snapshot that is not what L{snapshotMetrics} makes is logged and
+        ignored: the worker's previous one stays.
+        """
+        metrics = WorkerMetrics()
+        metrics.report(0, workerSnapshot(tunnels=1))
+        for bad in ("not json", "[1]", '[{"name": "x"}]', "{}"):
+            metrics.report(0, bad)
+        labels = {"status": "200", "ended": "client-eof"}
+        self.assertEqual(sample(metrics, "tunnel_connections_total", **labels), 1)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+
+class _Protocol:
+    number = 0
+
+
+class SupervisorMetricsTests(SynchronousTestCase):
+    """
+    The supervisor hands the workers' metrics records to its
+    L{WorkerMetrics}, and retires a worker's metrics when it ends.
+    """
+
+    def test_records(self) -> None:
+        """
+        A metrics record among a worker's log records reaches the metrics
+        and is not logged; the worker's end retires its snapshot.
+        """
+        from tunnel.workers import _WorkerProtocol
+
+        metrics = WorkerMetrics()
+        supervisor = WorkerSupervisor(
+            Clock(), [], ["--allow-port", "443"], 1, 1, metrics=metrics
+        )
+        protocol = _WorkerProtocol(supervisor, 3)
+        record = formatMetricsRecord(workerSnapshot(tunnels=2, open=1)).encode()
+        # Split across reads, as a pipe may deliver it.
+        protocol.childDataReceived(1, record[:10])
+        protocol.childDataReceived(1, record[10:])
+        self.assertEqual(sample(metrics, "tunnel_open"), 1)
+        supervisor.workerEnded(protocol, Failure(Exception("gone")))
+        self.assertEqual(sample(metrics, "tunnel_open"), 0)
+        labels = {"status": "200", "ended": "client-eof"}
+        self.assertEqual(sample(metrics, "tunnel_connections_total", **labels), 2)
+
+    def test_workerArguments(self) -> None:
+        """
+        With C{--metrics}, C{--workers} makes a service that runs the
+        supervisor and serves the totals, and each worker is told to
+        report its metrics (and not to serve them itself).
+        """
+        options = Options()
+        options.parseOptions(
+            ["--workers", "2", "--listen", "tcp:0", "--metrics", "tcp:0"]
+        )
+        service: Any = makeService(options, MemoryReactorClock())
+        [supervisor, listener] = list(service)
+        self.assertIsInstance(supervisor, WorkerSupervisor)
+        self.assertIsNotNone(supervisor._metrics)
+        self.assertIsInstance(listener, StreamServerEndpointService)
+        self.assertNotIn("--metrics", supervisor._workerArgv)
+        worker = Options()
+        worker.parseOptions(["--report-metrics", "--allow-port", "443"])
+        self.assertTrue(worker["report-metrics"])
+        self.assertFalse(Options()["report-metrics"])
