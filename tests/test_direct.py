@@ -33,8 +33,10 @@ from tunnel.direct import DirectEndpoint, DirectTransport
 class FakeSocket:
     """
     Just enough of a non-blocking socket for L{DirectEndpoint} and the
-    transport it makes: C{connect_ex} answers C{connectResult}, C{SO_ERROR}
-    reads C{error}.
+    transport it makes, answering as Linux does: C{connect_ex} answers
+    C{connectResult} the first time; asked again it answers C{again} if
+    set, otherwise the handshake's C{error} (which it then clears, as the
+    kernel does) or C{EISCONN}; C{SO_ERROR} reads C{error}.
 
     @ivar made: The C{(family, type)} it was made with.
     @ivar connectedTo: The address given to C{connect_ex}.
@@ -44,6 +46,7 @@ class FakeSocket:
     def __init__(self, connectResult: int = errno.EINPROGRESS) -> None:
         self.connectResult = connectResult
         self.error = 0
+        self.again: int | None = None
         self.made: tuple[int, int] | None = None
         self.connectedTo: object = None
         self.closed = False
@@ -53,8 +56,13 @@ class FakeSocket:
         return self
 
     def connect_ex(self, address: object) -> int:
-        self.connectedTo = address
-        return self.connectResult
+        if self.connectedTo is None:
+            self.connectedTo = address
+            return self.connectResult
+        if self.again is not None:
+            return self.again
+        error, self.error = self.error, 0
+        return error or errno.EISCONN
 
     def getsockopt(self, level: int, option: int) -> int:
         assert (level, option) == (socket.SOL_SOCKET, socket.SO_ERROR)
@@ -297,6 +305,59 @@ class DirectEndpointTests(SynchronousTestCase):
         self.failureResultOf(endpoint.connect(self.factory), ConnectError)
         self.assertEqual(self.factory.calls, [])
 
+    def test_staleWritableKeepsWaiting(self) -> None:
+        """
+        A writability notification that comes while the handshake is still
+        under way (a second C{connect} says C{EALREADY}; the epoll reactor
+        delivers a stale event this way when the descriptor of an attempt
+        closed earlier in the same poll is reused) does not count as
+        connected: the attempt stays registered, and connects once the
+        handshake ends.
+        """
+        d, attempt = self.connect()
+        self.socket.again = errno.EALREADY
+        attempt.doWrite()
+        self.assertNoResult(d)
+        self.assertEqual(list(self.reactor.getWriters()), [attempt])
+        self.assertIsNone(self.protocol.transport)
+        self.socket.again = None
+        attempt.doWrite()
+        self.assertIs(self.successResultOf(d), self.protocol)
+
+    def test_errorLeftInSocket(self) -> None:
+        """
+        Where a second C{connect} does not answer the handshake's error
+        itself, the error C{SO_ERROR} holds is the reason.
+        """
+        d, attempt = self.connect()
+        self.socket.error = errno.ECONNREFUSED
+        self.socket.again = errno.ECONNABORTED
+        attempt.doWrite()
+        self.failureResultOf(d, ConnectionRefusedError)
+        self.assertTrue(self.socket.closed)
+
+    def test_connectRaises(self) -> None:
+        """
+        A C{connect} that raises instead of answering an error number (here
+        a port out of range, which C{HostnameConnector} does not check)
+        fails the Deferred instead of raising; the socket is closed and the
+        factory stopped as often as it was started.
+        """
+
+        class Raising(FakeSocket):
+            def connect_ex(self, address: object) -> int:
+                raise OverflowError("connect_ex(): port must be 0-65535.")
+
+        sock = Raising()
+        endpoint = DirectEndpoint(
+            self.reactor, "192.0.2.1", 70000, None, newSocket=cast(Any, sock)
+        )
+        d = endpoint.connect(self.factory)
+        self.failureResultOf(d, OverflowError)
+        self.assertTrue(sock.closed)
+        self.assertEqual(self.factory.calls, ["start", "stop"])
+        self.assertEqual(list(self.reactor.getWriters()), [])
+
 
 class ConnectorChoiceTests(TestCase):
     """
@@ -408,3 +469,75 @@ class LoopbackTests(TestCase):
         endpoint = DirectEndpoint(globalReactor, "127.0.0.1", closed.getsockname()[1])
         with self.assertRaises(ConnectionRefusedError):
             yield endpoint.connect(CountingFactory(Protocol()))
+
+
+class PortabilityTests(SynchronousTestCase):
+    """
+    L{tunnel.direct} on systems without C{SOCK_NONBLOCK}/C{SOCK_CLOEXEC}.
+    """
+
+    def test_importWithoutSockFlags(self) -> None:
+        """
+        The package imports where the socket module has no
+        C{SOCK_NONBLOCK} or C{SOCK_CLOEXEC} (macOS, Windows: Linux-only
+        constants), as it did before L{tunnel.direct}; checked in a child
+        Python with the constants removed.
+        """
+        import subprocess
+        import sys
+
+        code = (
+            "import socket\n"
+            "del socket.SOCK_NONBLOCK, socket.SOCK_CLOEXEC\n"
+            "import tunnel.connector\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+
+class HandshakingTests(SynchronousTestCase):
+    """
+    L{DirectEndpoint} with a real socket over loopback, driven by a memory
+    reactor (so the test decides when the attempt is told it is writable).
+    """
+
+    def test_notifiedWhileHandshaking(self) -> None:
+        """
+        A real socket whose SYN the target dropped (its accept queue is
+        full) reads 0 from C{SO_ERROR} while it is still connecting; a
+        writability notification then (a stale epoll event) must not hand
+        the unconnected socket to the protocol as connected.
+        """
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        # Fills the accept queue of a listen(0) socket: the next SYN is
+        # dropped and the next connect stays in SYN_SENT.
+        queued = socket.create_connection(listener.getsockname())
+        self.addCleanup(queued.close)
+        made: list[socket.socket] = []
+
+        def newSocket(family: int, type: int) -> socket.socket:
+            made.append(socket.socket(family, type))
+            self.addCleanup(made[-1].close)
+            return made[-1]
+
+        reactor = MemoryReactorClock()
+        protocol = Protocol()
+        endpoint = DirectEndpoint(
+            reactor, "127.0.0.1", listener.getsockname()[1], None, newSocket
+        )
+        d = endpoint.connect(CountingFactory(protocol))
+        self.addCleanup(lambda: d.cancel() if not d.called else None)
+        self.addCleanup(lambda: d.addErrback(lambda f: None))
+        [attempt] = list(reactor.getWriters())
+        attempt.doWrite()
+        [sock] = made
+        with self.assertRaises(OSError) as raised:
+            sock.getpeername()
+        self.assertEqual(raised.exception.errno, errno.ENOTCONN)
+        self.assertNoResult(d)
+        self.assertIsNone(protocol.transport)

@@ -10,12 +10,15 @@ import json
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_operations import EVENT
+from tunnel import tap
 from tunnel.metrics import (
     MetricsReporter,
     ProxyMetrics,
@@ -252,3 +255,48 @@ class SupervisorMetricsTests(SynchronousTestCase):
         worker.parseOptions(["--report-metrics", "--allow-port", "443"])
         self.assertTrue(worker["report-metrics"])
         self.assertFalse(Options()["report-metrics"])
+
+
+class DrainReportTests(SynchronousTestCase):
+    """
+    A worker's metrics reporter and its drain.
+    """
+
+    def test_reportsWhatEndsDuringDrain(self) -> None:
+        """
+        A connection that ends while the worker drains (here a request
+        whose head completes after the stop, answered 503) is in the last
+        snapshot the worker sends: the reporter keeps going until the drain
+        is over, and its final snapshot comes after it.
+        """
+        sent: list[str] = []
+        self.patch(tap, "_sendMetrics", sent.append)
+        options = Options()
+        options.parseOptions(
+            [
+                "--report-metrics",
+                "--allow-port",
+                "443",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            ]
+        )
+        reactor = MemoryReactorClock()
+        service = tap.makeWorkerService(options, reactor)
+        service.startService()
+        protocol = service.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"CONNECT 192.0.2.1:443 HTTP/1.1\r\n")
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        protocol.dataReceived(b"Host: 192.0.2.1:443\r\n\r\n")
+        self.assertIn(b" 503 ", transport.value())
+        protocol.connectionLost(Failure(ConnectionDone()))
+        reactor.advance(1)
+        self.successResultOf(stopped)
+        self.assertTrue(sent)
+        total = WorkerMetrics()
+        total.report(0, sent[-1])
+        self.assertEqual(tunnelsCounted(total), 1)

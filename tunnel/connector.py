@@ -29,6 +29,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.runtime import platformType
 from zope.interface import implementer
 
 # AddressDenied is defined with the seam; importable from here as before.
@@ -459,7 +460,13 @@ class HostnameConnector:
         self._bindAddress = bindAddress
         # Connecting by hand gives the same transports as a POSIX reactor's
         # connectTCP (see tunnel.direct); binding is left to connectTCP.
-        self._direct = bindAddress is None and isinstance(reactor, PosixReactorBase)
+        # (Windows' select reactor is a PosixReactorBase too, but its connect
+        # reports failures otherwise.)
+        self._direct = (
+            bindAddress is None
+            and platformType == "posix"
+            and isinstance(reactor, PosixReactorBase)
+        )
 
     def endpointForTarget(
         self, host: str, port: int, allowAddress: AllowAddress | None = None

@@ -50,7 +50,15 @@ from zope.interface import implementer
 
 __all__ = ["DirectEndpoint", "DirectTransport"]
 
-_NEW_SOCKET = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+# SOCK_NONBLOCK and SOCK_CLOEXEC are Linux (and BSD) flags; elsewhere the
+# socket is made non-blocking after the fact (and Python makes every socket
+# close-on-exec anyway).
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_NEW_SOCKET = socket.SOCK_STREAM | _NONBLOCK | getattr(socket, "SOCK_CLOEXEC", 0)
+
+# What connect answers while the handshake is still under way (not
+# EAGAIN, which on Linux means no local port is free).
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
 
 
 class DirectTransport(tcp.Server):
@@ -124,8 +132,12 @@ class _Connecting:
         @param timeout: Seconds to wait, or L{None} for as long as the
             kernel tries.
         """
-        number = self._socket.connect_ex(self._address)
-        if number and number != errno.EINPROGRESS:
+        try:
+            number = self._socket.connect_ex(self._address)
+        except BaseException:
+            self._fail(Failure())
+            return
+        if number and number not in _IN_PROGRESS:
             self._fail(_connectError(number))
             return
         # Writable once the handshake ended, whether it succeeded or not.
@@ -135,14 +147,25 @@ class _Connecting:
 
     def doWrite(self) -> None:
         """
-        The handshake ended: connected, or failed with the socket's error.
+        The socket is writable: the handshake ended, or the reactor passed
+        on a stale event (the descriptor of an attempt closed earlier in the
+        same poll, reused by this one).  C{SO_ERROR} reads 0 both when
+        connected and while still connecting; a second C{connect} tells all
+        three apart in one call, as C{connectTCP}'s does: C{EISCONN}
+        connected, C{EALREADY} under way, anything else the handshake's
+        error.
         """
+        number = self._socket.connect_ex(self._address)
+        if number in _IN_PROGRESS:
+            return
         self._reactor.removeWriter(self)
-        number = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if number:
-            self._fail(_connectError(number))
-        else:
+        if number in (0, errno.EISCONN):
             self._connected()
+        else:
+            # Linux answers the handshake's error itself; be ready for a
+            # system that leaves it in SO_ERROR.
+            pending = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._fail(_connectError(pending or number))
 
     def connectionLost(self, reason: Failure) -> None:
         """
@@ -280,6 +303,8 @@ class DirectEndpoint:
         """
         try:
             sock = self._newSocket(self._family, _NEW_SOCKET)
+            if not _NONBLOCK:
+                sock.setblocking(False)
         except OSError as e:
             return fail(getConnectError(e))
         protocolFactory.doStart()

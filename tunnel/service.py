@@ -86,6 +86,9 @@ class ProxyService(MultiService):
         factory's C{tunnelObservers} while the service runs.
     @ivar listenersStopped: Once L{stopService} was called, a Deferred that
         fires when no listener accepts connections any more.
+    @ivar afterDrain: Services started with this one but stopped only once
+        the drain is over (a metrics reporter, whose last report must count
+        the connections that ended during the drain).
     """
 
     _log = Logger(namespace="tunnel")
@@ -116,6 +119,7 @@ class ProxyService(MultiService):
         self._previousUSR1: Any = None
         self._logsClosed = False
         self._stopping = False
+        self.afterDrain: list[Any] = []
 
     def startService(self) -> None:
         """
@@ -136,6 +140,8 @@ class ProxyService(MultiService):
                     observer.reopen()
         self.factory.tunnelObservers.extend(self.observers)
         super().startService()
+        for service in self.afterDrain:
+            service.startService()
         if self._reactor is not None:
             # Installed even without an access log: SIGUSR1 is what
             # logrotate and "systemctl reload" send, and its default action
@@ -180,6 +186,9 @@ class ProxyService(MultiService):
 
         def cleanUp(result: object) -> object:
             self._stopping = False
+            for service in self.afterDrain:
+                if service.running:
+                    service.stopService()
             if self._previousUSR1 is not None:
                 signal.signal(signal.SIGUSR1, self._previousUSR1)
                 self._previousUSR1 = None

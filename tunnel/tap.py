@@ -764,8 +764,10 @@ def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
     if metrics is not None and options["metrics"] is not None:
         _listen(reactor, options["metrics"], Site(metricsResource(metrics)), service)
     if metrics is not None and options["report-metrics"]:
-        MetricsReporter(metrics.registry, _sendMetrics, reactor).setServiceParent(
-            service
+        # Stopped after the drain, so its last report counts the connections
+        # that ended during it.
+        service.afterDrain.append(
+            MetricsReporter(metrics.registry, _sendMetrics, reactor)
         )
     _warnIfOpen(options["listen"], factory.portal is not None, factory.policy)
     for description in options["listen"]:
