@@ -42,6 +42,16 @@ def _resolver(workers: Any, threads: int = 1, maxWaiting: int = 1) -> ThreadedRe
     )
 
 
+class CancelAtOnce(RecordingReceiver):
+    """
+    A receiver that cancels its lookup as soon as it begins.
+    """
+
+    def resolutionBegan(self, resolution: Any) -> None:
+        super().resolutionBegan(resolution)
+        resolution.cancel()
+
+
 class ThreadStartFailureTests(SynchronousTestCase):
     """
     F1: a thread that cannot be started (RuntimeError: can't start new
@@ -142,11 +152,6 @@ class CancelledLookupSilenceTests(SynchronousTestCase):
         workers = ManualWorkers()
         resolver = _resolver(workers, threads=1, maxWaiting=1)
 
-        class CancelAtOnce(RecordingReceiver):
-            def resolutionBegan(self, resolution: Any) -> None:
-                super().resolutionBegan(resolution)
-                resolution.cancel()
-
         receiver = CancelAtOnce()
         resolver.resolveHostName(receiver, "a.example")
         # A lookup cancelled before anything ran should never run...
@@ -160,11 +165,6 @@ class CancelledLookupSilenceTests(SynchronousTestCase):
         """
         resolver = _resolver(ManualWorkers(), threads=1, maxWaiting=0)
         resolver.resolveHostName(RecordingReceiver(), "a.example")
-
-        class CancelAtOnce(RecordingReceiver):
-            def resolutionBegan(self, resolution: Any) -> None:
-                super().resolutionBegan(resolution)
-                resolution.cancel()
 
         receiver = CancelAtOnce()
         resolver.resolveHostName(receiver, "b.example")
