@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import hashlib
 import inspect
 import mmap
@@ -163,6 +164,10 @@ class SpliceLoopbackTestCase(integration.LoopbackTestCase):
     skip = skipUnlessSplice
     pipeSize = PIPE_SIZE
 
+    #: L{SpliceRelay.copySmallReads} for the test: off, so that every byte
+    #: goes through the pipes, unless the class says otherwise.
+    copySmallReads = False
+
     def setUp(self) -> None:
         """
         Route the proxy's tunnels through L{SpliceRelay} and count relays.
@@ -170,6 +175,7 @@ class SpliceLoopbackTestCase(integration.LoopbackTestCase):
         # Registered first, so run last: after every connection is closed.
         self.addCleanup(self._checkSpliced)
         super().setUp()
+        self.patch(SpliceRelay, "copySmallReads", self.copySmallReads)
         self.pool = PipePool(self.pipeSize)
         self.patch(splice, "defaultPool", self.pool)
         self.spliceRelays: list[SpliceRelay] = []
@@ -229,10 +235,12 @@ class SpliceFlowTests(SpliceLoopbackTestCase, integration.FlowTests):
         While the client does not read, the proxy stops reading from the
         target: the target, sending 256 MiB through a streaming producer,
         ends up paused by backpressure, while the proxy holds no tunnel byte
-        in Python (its Twisted transports' buffers and the relay's own stay
-        empty) and at most one pipe's worth per direction in the kernel.
-        Once the client reads again, data flows again.
+        in Twisted's transports' buffers, at most one pipe's worth per
+        direction in the kernel, and in the relay's own, none (or, when it
+        copies small reads, at most one read of 64 KiB).  Once the client
+        reads again, data flows again.
         """
+        mostInPython = splice._PYTHON_READ if self.copySmallReads else 0
         proxy = self.startProxy()
         targets = self.serve(lambda: Peer(keep=False))
         client = yield self.connectThrough(
@@ -257,7 +265,7 @@ class SpliceFlowTests(SpliceLoopbackTestCase, integration.FlowTests):
             registered = {*reactor.getReaders(), *reactor.getWriters()}
             if (
                 any(inTwisted)
-                or any(inPython)
+                or max(inPython) > mostInPython
                 or max(inPipes) > PIPE_SIZE
                 or {proxyClientSide, proxyTargetSide} & registered
             ):
@@ -291,6 +299,27 @@ class SpliceFlowTests(SpliceLoopbackTestCase, integration.FlowTests):
         alreadyReceived = client.count
         client.tcp.resumeProducing()
         yield gatherResults([resumed.wait(), client.waitFor(alreadyReceived + MiB)])
+
+
+class CopyingTunnelTests(SpliceLoopbackTestCase, integration.TunnelTests):
+    """
+    L{integration.TunnelTests} through L{SpliceRelay} as the proxy runs it:
+    small reads through Python, bulk through the pipes.
+    """
+
+    copySmallReads = True
+
+
+class CopyingFlowTests(SpliceLoopbackTestCase, integration.FlowTests):
+    """
+    L{integration.FlowTests} through L{SpliceRelay} as the proxy runs it:
+    the first reads of each direction through Python, then the pipes.
+    """
+
+    copySmallReads = True
+    test_slowReaderBoundsProxyBuffers = (
+        SpliceFlowTests.test_slowReaderBoundsProxyBuffers
+    )
 
 
 class SpliceRealClientTests(SpliceLoopbackTestCase, integration.RealClientTests):
@@ -542,8 +571,10 @@ class SpliceRelayTests(TestCase):
 
     def setUp(self) -> None:
         """
-        Track connections; close them all at the end.
+        Track connections; close them all at the end.  Relays splice every
+        read, unless a test says otherwise.
         """
+        self.patch(SpliceRelay, "copySmallReads", False)
         self.open: list[Any] = []
         self.pool = PipePool()
         self.results: list[RelayResult] = []
@@ -866,6 +897,25 @@ class SpliceRelayTests(TestCase):
             self.assertIsInstance(side.lostReason.value, ConnectionDone)
 
     @inlineCallbacks
+    def test_noCycleAfterEnd(self) -> Yielding[None]:
+        """
+        Once the tunnel ends, nothing the relay holds refers back to it:
+        reference counting alone frees a finished tunnel, and no tunnel
+        leaves garbage for Python's cycle collector, whose passes stall
+        every other tunnel while they run.
+        """
+        client, target, relay, ended = yield self.relayed()
+        client.tcp.write(b"ping")
+        yield target.waitFor(4)
+        client.tcp.loseWriteConnection()
+        target.tcp.loseWriteConnection()
+        yield ended.wait()
+        referrers = gc.get_referrers(relay)
+        self.assertEqual(
+            [r for r in referrers if isinstance(r, (SpliceEnd, splice._Flow))], []
+        )
+
+    @inlineCallbacks
     def test_finsWithForkedCopies(self) -> Yielding[None]:
         """
         Both FINs reach the peers while another process holds copies of
@@ -1067,6 +1117,35 @@ class SpliceRelayTests(TestCase):
         result = yield ended.wait()
         self.assertEqual(result, RelayResult(34, 19, "client-eof"))
         self.assertEqual([e for e in events if e.get("log_failure")], [])
+
+    @inlineCallbacks
+    def test_smallReadsCopied(self) -> Yielding[None]:
+        """
+        With C{copySmallReads}, small pieces each way go through Python
+        without borrowing a pipe; once a read fills 64 KiB, that direction
+        goes through a pipe for the rest of the tunnel, and every byte
+        arrives in order and is counted.
+        """
+        self.patch(SpliceRelay, "copySmallReads", True)
+        client, target, relay, ended = yield self.relayed()
+        client.tcp.write(b"request")
+        yield target.waitFor(7)
+        target.tcp.write(b"response")
+        yield client.waitFor(8)
+        self.assertEqual(self.pool.opened, 0)
+        self.assertEqual(relay.pipeBytes(), (0, 0))
+        bulk = hashlib.shake_256(b"bulk").digest(4 * MiB)
+        target.tcp.write(bulk)
+        yield client.waitFor(8 + len(bulk))
+        self.assertEqual(client.received, b"response" + bulk)
+        self.assertEqual(self.pool.opened, 1)
+        client.tcp.write(b"still small")
+        yield target.waitFor(18)
+        self.assertEqual(self.pool.opened, 1)
+        client.tcp.loseConnection()
+        target.tcp.loseConnection()
+        result = yield ended.wait()
+        self.assertEqual(result, RelayResult(18, 8 + len(bulk), "client-eof"))
 
 
 class CountingPoller:

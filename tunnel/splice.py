@@ -106,8 +106,9 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 # when a destination keeps taking small pieces).
 _ROUNDS = 64
 
-# How much one read takes into Python when no pipe can be had: what the
-# ordinary relay (Twisted's tcp transport) reads at once.
+# How much one read takes into Python (see _Flow.copying, and when no pipe
+# can be had): what the ordinary relay (Twisted's tcp transport) reads at
+# once.
 _PYTHON_READ = 65536
 
 
@@ -388,7 +389,7 @@ class SpliceEnd:
         @param transport: A transport that L{canSplice} accepts.
         @param reactor: The reactor that runs C{transport}.
         """
-        self._relay = relay
+        self._relay: SpliceRelay | None = relay
         self.side = side
         self.transport = transport
         self._socket: socket.socket = cast(Any, transport).socket
@@ -507,11 +508,25 @@ class SpliceEnd:
         """
         self._socket.shutdown(socket.SHUT_WR)
 
+    def detach(self) -> None:
+        """
+        Stop driving the socket, for good: unregister it, and forget the
+        relay.  The relay holds this object, so the reference back would
+        make a cycle that only Python's cycle collector frees; with it
+        dropped, a finished tunnel's objects go at once, by reference
+        counting, and no tunnel leaves work for a collector pass that
+        would stall every other tunnel while it runs.
+        """
+        self.setReading(False)
+        self.setWriting(False)
+        self.attached = False
+        self._relay = None
+
     def doRead(self) -> None:
         """
         The socket is readable: move the direction it is the source of.
         """
-        if self.attached:
+        if self._relay is not None:
             self._relay._readable(self)
 
     def doWrite(self) -> None:
@@ -519,7 +534,7 @@ class SpliceEnd:
         The socket is writable: move the direction it is the destination
         of.
         """
-        if self.attached:
+        if self._relay is not None:
             self._relay._writable(self)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -531,7 +546,7 @@ class SpliceEnd:
         @param reason: Why.
         """
         self.reading = self.writing = False
-        if self.attached:
+        if self._relay is not None:
             self._relay._endFailed(self)
 
 
@@ -549,11 +564,29 @@ class _Flow:
     @ivar moved: Bytes that entered this direction.
     @ivar eof: Whether the source sent FIN.
     @ivar done: Whether the FIN was passed on to the destination.
+    @ivar copying: Whether reads still go through Python (C{recv} and
+        C{send}) rather than a pipe.  Every direction starts so and switches
+        to the pipe for good once one read fills C{_PYTHON_READ}: most
+        tunnels carry a request and a response in a few small pieces, and
+        for those a read and a send cost no more system calls than two
+        splices, without borrowing a pipe or the kernel copying small
+        packets into pipe pages; bulk transfers go through the pipe after
+        their first 64 KiB.
     """
 
-    __slots__ = ("done", "dst", "eof", "inPipe", "moved", "pipe", "spill", "src")
+    __slots__ = (
+        "copying",
+        "done",
+        "dst",
+        "eof",
+        "inPipe",
+        "moved",
+        "pipe",
+        "spill",
+        "src",
+    )
 
-    def __init__(self, src: SpliceEnd, dst: SpliceEnd) -> None:
+    def __init__(self, src: SpliceEnd, dst: SpliceEnd, copying: bool) -> None:
         self.src = src
         self.dst = dst
         self.pipe: Pipe | None = None
@@ -564,6 +597,7 @@ class _Flow:
         self.moved = 0
         self.eof = False
         self.done = False
+        self.copying = copying
 
 
 def _takeUnwritten(transport: Any) -> bytes:
@@ -597,9 +631,14 @@ class SpliceRelay(RelayLifecycle):
     calls only happen before L{start} (Twisted may have read bytes before
     the switch); they are honoured, in order, at any time.
 
+    @cvar copySmallReads: Whether each direction starts by reading through
+        Python, and splices only once one read fills 64 KiB (see
+        C{_Flow.copying}); otherwise every read goes through the pipe.
     @ivar clientEnd: The L{SpliceEnd} of the client's socket.
     @ivar targetEnd: The L{SpliceEnd} of the target's socket.
     """
+
+    copySmallReads = True
 
     __slots__ = (
         "_down",
@@ -642,8 +681,8 @@ class SpliceRelay(RelayLifecycle):
         self._pool = pool if pool is not None else defaultPool
         self.clientEnd = SpliceEnd(self, "client", client, reactor)
         self.targetEnd = SpliceEnd(self, "target", target, reactor)
-        self._up = _Flow(self.clientEnd, self.targetEnd)
-        self._down = _Flow(self.targetEnd, self.clientEnd)
+        self._up = _Flow(self.clientEnd, self.targetEnd, self.copySmallReads)
+        self._down = _Flow(self.targetEnd, self.clientEnd, self.copySmallReads)
         self._started = False
 
     @property
@@ -826,18 +865,20 @@ class SpliceRelay(RelayLifecycle):
                 src.setReading(True)
                 return moved
             readable = False
-            pipe = self._borrow(flow)
+            # Without a pipe (none to be had: out of descriptors) the read
+            # goes through Python, as on the ordinary relay, rather than end
+            # a tunnel that works.
+            pipe = None if flow.copying else self._borrow(flow)
             try:
                 if pipe is not None:
                     n = os.splice(src.fd, pipe.writeFD, pipe.size, flags=_FLAGS)
                     flow.inPipe += n
                 else:
-                    # No pipe to be had (out of descriptors): this read goes
-                    # through Python, as on the ordinary relay, rather than
-                    # end a tunnel that works.
                     data = src.recv(_PYTHON_READ)
                     flow.spill = data
                     n = len(data)
+                    if n == _PYTHON_READ:
+                        flow.copying = False
             except BlockingIOError:
                 continue
             except OSError:
@@ -921,10 +962,8 @@ class SpliceRelay(RelayLifecycle):
         Take both sockets off the reactor and give the pipes back: from now
         on the sockets belong to their transports again.
         """
-        for end in (self.clientEnd, self.targetEnd):
-            end.setReading(False)
-            end.setWriting(False)
-            end.attached = False
+        self.clientEnd.detach()
+        self.targetEnd.detach()
         for flow in (self._up, self._down):
             if flow.pipe is not None:
                 self._pool.release(flow.pipe, flow.inPipe == 0)
