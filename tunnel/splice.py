@@ -560,7 +560,8 @@ class _Flow:
     @ivar inPipe: Bytes in the pipe.
     @ivar spill: Bytes held in Python, waiting for the destination socket
         to take them: what Twisted read (or was given to write) before the
-        relay started, or, while no pipe can be had, one read of the source.
+        relay started, or one read of the source while C{copying} or no
+        pipe can be had.
     @ivar moved: Bytes that entered this direction.
     @ivar eof: Whether the source sent FIN.
     @ivar done: Whether the FIN was passed on to the destination.
@@ -711,8 +712,9 @@ class SpliceRelay(RelayLifecycle):
         """
         @return: The bytes this relay holds in Python now, upstream and
             downstream: what Twisted had read or was given to write before
-            the relay started, or while no pipe can be had one read (64 KiB
-            at most) a direction, until the destination socket takes it.
+            the relay started, or one read (64 KiB at most) a direction
+            while it copies small reads (see L{copySmallReads}) or no pipe
+            can be had, until the destination socket takes it.
         """
         return len(self._up.spill), len(self._down.spill)
 
