@@ -4,8 +4,10 @@ Tests for L{tunnel.resolver}.
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -261,6 +263,26 @@ class ThreadedResolverTests(SynchronousTestCase):
             [call[0] for call in self.getaddrinfo.calls],
             ["a.example", "b.example"],
         )
+
+    def test_receiverFreedWhenDone(self) -> None:
+        """
+        Once its receiver has heard the end (the addresses, a refusal, or
+        its cancellation), a lookup no longer holds it: a receiver that
+        keeps its lookup (to cancel it, as the connector's does) is freed by
+        reference counting, not left in a cycle for the cycle collector.
+        """
+        gc.disable()
+        self.addCleanup(gc.enable)
+        resolver = self.makeResolver(threads=1, maxWaiting=1)
+        delivered, _ = self.resolve(resolver, "a.example")
+        waiting, cancelled = self.resolve(resolver, "b.example")
+        refused, _ = self.resolve(resolver, "c.example")
+        cancelled.cancel()
+        self.workers.runNext()
+        self.assertEqual(delivered.completed, 1)
+        receivers = [weakref.ref(r) for r in (delivered, waiting, refused)]
+        del delivered, waiting, refused
+        self.assertEqual([r() for r in receivers], [None, None, None])
 
     def test_noWaiting(self) -> None:
         """

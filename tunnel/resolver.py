@@ -81,7 +81,11 @@ class Lookup:
         """
         self._resolver = resolver
         self.name = name
-        self._receiver = receiver
+        # Dropped once the receiver has heard the end: the receiver usually
+        # holds this lookup too (to cancel it), and the reference back
+        # would make a cycle that keeps the caller's objects until Python's
+        # cycle collector runs.
+        self._receiver: IResolutionReceiver | None = receiver
         self._job: _Job | None = None
         self.cancelled = False
         self.busy = False
@@ -95,6 +99,7 @@ class Lookup:
         if self.cancelled:
             return
         self.cancelled = True
+        self._receiver = None
         job, self._job = self._job, None
         if job is not None:
             self._resolver._cancelled(job, self)
@@ -284,7 +289,7 @@ class ThreadedResolver:
         job = self._jobs.get(key)
         if job is None:
             if self._running >= self.threads and len(self._waiting) >= self.maxWaiting:
-                self._refuse(lookup)
+                self._refuse(lookup, resolutionReceiver)
                 return lookup
             job = _Job(key)
             if self._running < self.threads:
@@ -294,7 +299,7 @@ class ThreadedResolver:
                     _log.failure(
                         "Could not start a thread to look {name} up", name=hostName
                     )
-                    self._refuse(lookup)
+                    self._refuse(lookup, resolutionReceiver)
                     return lookup
             else:
                 self._waiting.append(job)
@@ -303,7 +308,7 @@ class ThreadedResolver:
         lookup._job = job
         return lookup
 
-    def _refuse(self, lookup: Lookup) -> None:
+    def _refuse(self, lookup: Lookup, receiver: IResolutionReceiver) -> None:
         if not self._backedUp:
             self._backedUp = True
             _log.warn(
@@ -313,7 +318,8 @@ class ThreadedResolver:
                 waiting=len(self._waiting),
             )
         lookup.busy = True
-        lookup._receiver.resolutionComplete()
+        lookup._receiver = None
+        receiver.resolutionComplete()
 
     def _start(self, job: _Job) -> None:
         if self._ownWorkers and self._stopTrigger is None:
@@ -363,6 +369,8 @@ class ThreadedResolver:
         # receiver that fails is still told the lookup completed, or its
         # caller would wait for ever.
         receiver = lookup._receiver
+        if receiver is None:
+            return
         try:
             for address in addresses:
                 if lookup.cancelled:
@@ -372,6 +380,7 @@ class ThreadedResolver:
             _log.failure("A receiver of {name} failed", name=lookup.name)
         if lookup.cancelled:
             return
+        lookup._receiver = None
         try:
             receiver.resolutionComplete()
         except Exception:
