@@ -27,13 +27,14 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.runtime import platformType
 from zope.interface import implementer
 
 # AddressDenied is defined with the seam; importable from here as before.
-from .direct import DirectEndpoint
+from .direct import DirectConnector, DirectEndpoint
 from .interfaces import AddressDenied, ITargetConnector, LookupsBusy
 from .policy import parseAddress
 from .resolver import Lookup, sharedResolver
@@ -227,11 +228,45 @@ class _ResolvingReactor:
 
     C{HostnameEndpoint} takes its resolver from the reactor it is given; this
     lets one endpoint use another resolver without installing it reactor-wide.
+    It also connects to each address through this reactor's C{connectTCP},
+    which, when told to, connects by hand (L{DirectConnector}) as
+    L{DirectEndpoint} does for address literals.
     """
 
-    def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
+    def __init__(
+        self, reactor: Any, resolver: IHostnameResolver, direct: bool = False
+    ) -> None:
+        """
+        @param reactor: The real reactor.
+        @param resolver: The resolver to answer lookups with.
+        @param direct: Whether C{connectTCP} connects by hand (the real
+            reactor must be one that L{DirectEndpoint} serves, and no local
+            address be given to bind to).
+        """
         self._reactor = reactor
         self.nameResolver = resolver
+        self._direct = direct
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: ClientFactory,
+        timeout: float | None = 30,
+        bindAddress: tuple[str, int] | None = None,
+    ) -> IConnector:
+        """
+        Connect as the real reactor's C{connectTCP} does, by hand if told to.
+
+        @return: The connector.
+        """
+        if not self._direct:
+            return self._reactor.connectTCP(  # type: ignore[no-any-return]
+                host, port, factory, timeout, bindAddress
+            )
+        connector = DirectConnector(self._reactor, host, port, factory, timeout)
+        connector.connect()
+        return connector
 
     def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
         """
@@ -362,10 +397,11 @@ class _VettedEndpoint:
         port: int,
         timeout: float | None,
         bindAddress: tuple[str, int] | None,
+        direct: bool = False,
     ) -> None:
         self._vetting = _VettingResolver(resolver, allow)
         self._endpoint = HostnameEndpoint(
-            _ResolvingReactor(reactor, self._vetting),
+            _ResolvingReactor(reactor, self._vetting, direct),
             host,
             port,
             # Typed as a float, but passed on to connectTCP as it is, where
@@ -509,4 +545,5 @@ class HostnameConnector:
             port,
             self._timeout,
             self._bindAddress,
+            self._direct,
         )
