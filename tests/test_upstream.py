@@ -60,6 +60,7 @@ from tests.fakes import FakeGetaddrinfo, FakeResolver, ManualWorkers, ThreadReac
 from tunnel import ConnectProxy, ConnectProxyFactory, HostnameConnector
 from tunnel.auth import portalFromCheckers
 from tunnel.connector import AddressDenied
+from tunnel.direct import DirectTransport
 from tunnel.interfaces import ITargetConnector
 from tunnel.policy import TunnelPolicy
 from tunnel.resolver import ThreadedResolver
@@ -369,6 +370,23 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
     L{UpstreamEndpoint} asks the parent for a tunnel and hands over the
     connection.
     """
+
+    def test_attemptLetsGoOfHandshake(self) -> None:
+        """
+        Once an attempt ended, established or refused, it no longer holds
+        the handshake protocol (which holds it): a finished tunnel through
+        the parent is freed by reference counting, not left in a cycle for
+        Python's cycle collector.
+        """
+        protocol, _, _ = self.establish()
+        handshake = protocol._wrappedProtocol
+        self.assertNotIn(handshake, vars(handshake._attempt).values())
+        refused, protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(refused, UpstreamRefused)
+        handshake = protocol._wrappedProtocol
+        self.assertNotIn(handshake, vars(handshake._attempt).values())
 
     def test_connectsToParent(self) -> None:
         """
@@ -1557,6 +1575,28 @@ class ChainTests(TestCase):
             echoPort,
         )
         peer = yield self.connectEndpoint(endpoint)
+        peer.tcp.write(b"hello")
+        received = yield peer.until(lambda received: received == b"hello")
+        self.assertEqual(received, b"hello")
+
+    @inlineCallbacks
+    def test_parentReachedByHand(self) -> Yielding:
+        """
+        With a resolver of its own, an L{UpstreamEndpoint} on a POSIX
+        reactor reaches the parent's address by hand, as a target's: the
+        connection is a L{DirectTransport}.
+        """
+        echoPort = self.echoServer()
+        parentPort = self.startParent()
+        endpoint = UpstreamEndpoint(
+            reactor,
+            parseUpstreamURL(f"http://localhost:{parentPort}"),
+            "127.0.0.1",
+            echoPort,
+            resolver=FakeResolver({"localhost": ["127.0.0.1"]}),
+        )
+        peer = yield self.connectEndpoint(endpoint)
+        self.assertIs(type(peer.tcp), DirectTransport)
         peer.tcp.write(b"hello")
         received = yield peer.until(lambda received: received == b"hello")
         self.assertEqual(received, b"hello")

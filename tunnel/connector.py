@@ -456,6 +456,26 @@ class _DeniedEndpoint:
         return fail(AddressDenied(string=f"{self._host} is not allowed"))
 
 
+def canConnectDirectly(reactor: object, bindAddress: object = None) -> bool:
+    """
+    Whether connections on C{reactor} can be made by hand (L{DirectEndpoint},
+    L{DirectConnector}) rather than with C{connectTCP}.
+
+    Connecting by hand gives the same transports as a POSIX reactor's
+    C{connectTCP} (see L{tunnel.direct}); binding to a local address is
+    left to C{connectTCP}.  (Windows' select reactor is a
+    L{PosixReactorBase} too, but its C{connect} reports failures otherwise.)
+
+    @param reactor: The reactor to connect with.
+    @param bindAddress: The local address to bind to, if any.
+    """
+    return (
+        bindAddress is None
+        and platformType == "posix"
+        and isinstance(reactor, PosixReactorBase)
+    )
+
+
 @implementer(ITargetConnector)
 class HostnameConnector:
     """
@@ -494,15 +514,7 @@ class HostnameConnector:
         )
         self._timeout = timeout
         self._bindAddress = bindAddress
-        # Connecting by hand gives the same transports as a POSIX reactor's
-        # connectTCP (see tunnel.direct); binding is left to connectTCP.
-        # (Windows' select reactor is a PosixReactorBase too, but its connect
-        # reports failures otherwise.)
-        self._direct = (
-            bindAddress is None
-            and platformType == "posix"
-            and isinstance(reactor, PosixReactorBase)
-        )
+        self._direct = canConnectDirectly(reactor, bindAddress)
 
     def endpointForTarget(
         self, host: str, port: int, allowAddress: AllowAddress | None = None

@@ -51,7 +51,13 @@ from twisted.internet.ssl import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .connector import AddressDenied, AllowAddress, _allowAll, _VettedEndpoint
+from .connector import (
+    AddressDenied,
+    AllowAddress,
+    _allowAll,
+    _VettedEndpoint,
+    canConnectDirectly,
+)
 
 # The failures are defined with the seam; importable from here as before.
 from .interfaces import ITargetConnector, UpstreamProtocolError, UpstreamRefused
@@ -376,6 +382,10 @@ class _Attempt:
         The tunnel is established and C{protocol} connected to it.
         """
         self.finished = True
+        # The handshake keeps this attempt: without its own reference back,
+        # a finished tunnel is freed at once rather than by the cycle
+        # collector.
+        self.handshake = None
         self.result.callback(protocol)
 
     def fail(self, reason: Failure) -> None:
@@ -384,6 +394,7 @@ class _Attempt:
         """
         if not self.finished:
             self.finished = True
+            self.handshake = None
             self.factory.doStop()
             self.result.errback(reason)
 
@@ -678,6 +689,7 @@ class UpstreamEndpoint:
                 upstream.port,
                 timeout,
                 bindAddress,
+                canConnectDirectly(reactor, bindAddress),
             )
         )
         if upstream.tls:
