@@ -578,7 +578,8 @@ class LoopbackTests(TestCase):
     def test_exchange(self) -> Any:
         """
         A connection made by hand carries bytes both ways; its peer is the
-        listener and its host a loopback address.
+        listener and its host a loopback address; once closed, its C{repr}
+        still names the address.
         """
         accepted: list[Collect] = []
 
@@ -609,6 +610,9 @@ class LoopbackTests(TestCase):
         [server] = accepted
         yield server.done
         self.assertEqual(server.received, b"hello")
+        self.assertEqual(
+            repr(transport), f"<closed connection to 127.0.0.1:{portNumber}>"
+        )
 
     @inlineCallbacks
     def test_refused(self) -> Any:

@@ -5,6 +5,7 @@ Tests for L{tunnel.server}: the handshake protocol, without sockets.
 from __future__ import annotations
 
 import base64
+import gc
 import ipaddress
 from typing import Any
 
@@ -1409,6 +1410,46 @@ class TunnelTests(ProxyTestMixin, SynchronousTestCase):
         self.closeBoth(target)
         [event] = self.tunnelEvents()
         self.assertEqual(event["bytesUp"], 9)
+
+
+class RelayCycleTests(SynchronousTestCase):
+    """
+    A finished L{Relay} is freed by reference counting.
+    """
+
+    def test_closeDeadlineLeavesNoCycle(self) -> None:
+        """
+        A tunnel whose graceful close ran into the close deadline (a peer
+        that never reads) leaves no reference cycle once it ended: the
+        fired deadline, which holds the relay's C{abort}, goes with it.
+        """
+        clock = MemoryReactorClock()
+        results: list[object] = []
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+
+        def closeLate() -> None:
+            relay = Relay(
+                HalfCloseTransport(), HalfCloseTransport(), clock, 10, results.append
+            )
+            relay.start()
+            relay.clientFinished()
+            relay.targetFinished()
+            clock.advance(10)
+            relay.clientLost(Failure(ConnectionAborted()))
+            relay.targetLost(Failure(ConnectionAborted()))
+
+        closeLate()
+        self.assertEqual(len(results), 1)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            left = [o for o in gc.garbage if isinstance(o, Relay)]
+        finally:
+            gc.set_debug(0)
+            del gc.garbage[:]
+        self.assertEqual(left, [])
 
 
 class HelperTests(SynchronousTestCase):

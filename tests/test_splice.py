@@ -165,8 +165,9 @@ class SpliceLoopbackTestCase(integration.LoopbackTestCase):
     pipeSize = PIPE_SIZE
 
     #: L{SpliceRelay.copySmallReads} for the test: off, so that every byte
-    #: goes through the pipes, unless the class says otherwise.
-    copySmallReads = False
+    #: goes through the pipes, unless the class says otherwise (L{None}:
+    #: the relay's own default, as the proxy runs).
+    copySmallReads: bool | None = False
 
     def setUp(self) -> None:
         """
@@ -175,7 +176,8 @@ class SpliceLoopbackTestCase(integration.LoopbackTestCase):
         # Registered first, so run last: after every connection is closed.
         self.addCleanup(self._checkSpliced)
         super().setUp()
-        self.patch(SpliceRelay, "copySmallReads", self.copySmallReads)
+        if self.copySmallReads is not None:
+            self.patch(SpliceRelay, "copySmallReads", self.copySmallReads)
         self.pool = PipePool(self.pipeSize)
         self.patch(splice, "defaultPool", self.pool)
         self.spliceRelays: list[SpliceRelay] = []
@@ -240,7 +242,7 @@ class SpliceFlowTests(SpliceLoopbackTestCase, integration.FlowTests):
         copies small reads, at most one read of 64 KiB).  Once the client
         reads again, data flows again.
         """
-        mostInPython = splice._PYTHON_READ if self.copySmallReads else 0
+        mostInPython = splice._PYTHON_READ if SpliceRelay.copySmallReads else 0
         proxy = self.startProxy()
         targets = self.serve(lambda: Peer(keep=False))
         client = yield self.connectThrough(
@@ -307,7 +309,22 @@ class CopyingTunnelTests(SpliceLoopbackTestCase, integration.TunnelTests):
     small reads through Python, bulk through the pipes.
     """
 
-    copySmallReads = True
+    copySmallReads = None
+
+    @inlineCallbacks
+    def test_smallExchangeBorrowsNoPipe(self) -> Yielding[None]:
+        """
+        By default a tunnel whose bytes come in small pieces never borrows
+        a pipe: an echo round trip leaves the pool without any.
+        """
+        proxy = self.startProxy()
+        echo = self.serve(Echo)
+        client = yield self.connectThrough(proxy.port, f"127.0.0.1:{echo.port}", Peer())
+        client.tcp.write(b"there and back")
+        yield client.waitFor(14)
+        self.assertEqual(self.pool.opened, 0)
+        client.tcp.loseConnection()
+        yield self.proxyEnded(1)
 
 
 class CopyingFlowTests(SpliceLoopbackTestCase, integration.FlowTests):
@@ -316,7 +333,7 @@ class CopyingFlowTests(SpliceLoopbackTestCase, integration.FlowTests):
     the first reads of each direction through Python, then the pipes.
     """
 
-    copySmallReads = True
+    copySmallReads = None
     test_slowReaderBoundsProxyBuffers = (
         SpliceFlowTests.test_slowReaderBoundsProxyBuffers
     )

@@ -89,10 +89,14 @@ class DirectTransport(tcp.Server):
 
     def __repr__(self) -> str:
         """
-        @return: The protocol's class and the address connected to.
+        @return: The protocol's class (once closed, C{closed connection})
+            and the address connected to.
         """
         peer = self.getPeer()
-        return f"<{type(self.protocol).__name__} to {peer.host}:{peer.port}>"
+        # Twisted's connectionLost deletes the protocol attribute.
+        protocol = getattr(self, "protocol", None)
+        name = "closed connection" if protocol is None else type(protocol).__name__
+        return f"<{name} to {peer.host}:{peer.port}>"
 
 
 def _connectError(number: int) -> Exception:

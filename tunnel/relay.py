@@ -418,7 +418,9 @@ class RelayLifecycle:
     def _reportIfDone(self) -> None:
         if self._clientOpen or self._targetOpen:
             return
-        deadline = self._closeDeadline
+        # Dropped, not only cancelled: a deadline that fired still holds
+        # its function (this relay's abort), a cycle for the collector.
+        deadline, self._closeDeadline = self._closeDeadline, None
         if deadline is not None and deadline.active():
             deadline.cancel()
         if self._onEnd is not None:
