@@ -610,7 +610,13 @@ def run_limit(cfg, default):
 
 def loadgen_args(proc, workload, cfg, extra=()):
     if proc.kind == "connect":
-        dest = ["--connect", f"{HOST}:{proc.port}", "--target", f"{HOST}:{TARGET_PORT}"]
+        target = getattr(cfg, "target_host", None) or HOST
+        dest = [
+            "--connect",
+            f"{HOST}:{proc.port}",
+            "--target",
+            f"{target}:{TARGET_PORT}",
+        ]
     else:
         dest = ["--connect", f"{HOST}:{proc.port}", "--direct"]
     if workload in ("down", "up", "both"):
@@ -1124,6 +1130,12 @@ def render_markdown(procs, summary, cfg, meta, sanity, runs, workloads):
         f" handshake C={cfg.hs_conc} for {cfg.hs_secs}s,"
         f" latency N={cfg.lat_n} x 64 B, idle N={cfg.idle_n}"
         f" held {cfg.idle_hold}s (in-flight {cfg.idle_conc})."
+        + (
+            f" CONNECT target: **{cfg.target_host}**:{TARGET_PORT}, a name each"
+            " proxy resolves (from /etc/hosts)."
+            if getattr(cfg, "target_host", None)
+            else ""
+        )
     )
     L.append(
         "MB = 10^6 bytes. CPU-s = CPU seconds of the proxy's processes (all"
@@ -1616,15 +1628,47 @@ def parse_args():
         " (default 180 / 120)",
     )
     ap.add_argument(
+        "--target-host",
+        metavar="NAME",
+        default=None,
+        help="ask the CONNECT proxies for NAME:PORT instead of"
+        f" {HOST}:PORT, so that each resolves the name (NAME must map to"
+        f" {HOST} only in /etc/hosts: no proxy then sends a DNS query)",
+    )
+    ap.add_argument(
         "--render",
         metavar="JSON",
         help="only re-render the markdown of an earlier results JSON",
     )
     cfg = ap.parse_args()
+    if cfg.target_host is not None:
+        check_target_host(cfg.target_host)
     if cfg.quick:
         cfg.bytes, cfg.k8_bytes, cfg.hs_secs, cfg.lat_n = "128M", "16M", 2, 2000
         cfg.idle_n, cfg.idle_hold, cfg.rounds = 500, 1, 1
     return cfg
+
+
+def hosts_addresses(name, path="/etc/hosts"):
+    """The addresses /etc/hosts gives NAME (names compared without case)."""
+    found = set()
+    with open(path) as f:
+        for line in f:
+            fields = line.split("#", 1)[0].split()
+            if len(fields) > 1 and name.lower() in (n.lower() for n in fields[1:]):
+                found.add(fields[0])
+    return found
+
+
+def check_target_host(name):
+    """Refuse a --target-host that could make a proxy query DNS: it must be
+    in /etc/hosts, with HOST as its only address."""
+    found = hosts_addresses(name)
+    if found != {HOST}:
+        sys.exit(
+            f"--target-host {name}: /etc/hosts gives it {sorted(found) or 'nothing'};"
+            f" it must give {HOST} only, so that no proxy sends a DNS query"
+        )
 
 
 def parse_extra(spec):
