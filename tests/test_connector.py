@@ -4,15 +4,20 @@ Tests for L{tunnel.connector}.
 
 from __future__ import annotations
 
+import errno
+import gc
+import weakref
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
+    ConnectingCancelledError,
     ConnectionDone,
     ConnectionRefusedError,
     DNSLookupError,
     NoProtocol,
+    TCPTimedOutError,
     UserError,
 )
 from twisted.internet.interfaces import (
@@ -28,8 +33,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tests.fakes import FakeGetaddrinfo, FakeResolver, ManualWorkers, ThreadReactor
+from tests.test_direct import CountingFactory, FakeSocket
 from tunnel import HostnameConnector, ITargetConnector
-from tunnel.connector import AddressDenied
+from tunnel.connector import ATTEMPT_DELAY, AddressDenied, _AddressRace
 from tunnel.interfaces import LookupsBusy
 from tunnel.policy import IPAddress, TunnelPolicy
 from tunnel.resolver import ThreadedResolver
@@ -547,3 +553,203 @@ class AddressEndpointTests(SynchronousTestCase):
         connector = HostnameConnector(reactor)
         d = connector.endpointForTarget("192.0.2.1", 443).connect(Factory())
         self.failureResultOf(d, OSError)
+
+
+class AddressRaceTests(SynchronousTestCase):
+    """
+    L{_AddressRace}: the connector's own Happy Eyeballs race over
+    L{DirectEndpoint}s, for names on reactors that connect by hand.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.sockets: list[FakeSocket] = []
+        self.resolver = FakeResolver(
+            {
+                "two.test": ["192.0.2.1", "2001:db8::1"],
+                "one.test": ["192.0.2.9"],
+            }
+        )
+        self.protocol = Protocol()
+        self.factory = CountingFactory(self.protocol)
+
+    def newSocket(self, family: int, type: int) -> Any:
+        """
+        Make a fake socket, and keep it.
+        """
+        made = FakeSocket()
+        made(family, type)
+        self.sockets.append(made)
+        return made
+
+    def race(self, host: str) -> Deferred[Any]:
+        """
+        Race the addresses of C{host}, port 443.
+        """
+        endpoint = _AddressRace(
+            self.reactor, self.resolver, host, 443, None, self.newSocket
+        )
+        return endpoint.connect(self.factory)
+
+    def attempts(self) -> list[Any]:
+        """
+        The attempts waiting for their handshake, by the address they
+        connect to.
+        """
+        return sorted(
+            self.reactor.getWriters(), key=lambda attempt: str(attempt._address)
+        )
+
+    def assertNothingLeft(self) -> None:
+        """
+        No attempt is registered and no timer is pending.
+        """
+        self.assertEqual(list(self.reactor.getWriters()), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_firstAddressWins(self) -> None:
+        """
+        The first address is tried at once; when it connects, the race is
+        won with the factory's protocol and no later attempt starts.
+        """
+        d = self.race("two.test")
+        [only] = self.sockets
+        self.assertEqual(only.connectedTo, ("192.0.2.1", 443))
+        self.assertNoResult(d)
+        [attempt] = self.attempts()
+        attempt.doWrite()
+        self.assertIs(self.successResultOf(d), self.protocol)
+        self.assertNothingLeft()
+        self.assertEqual(len(self.sockets), 1)
+        self.assertEqual(self.resolver.queries, ["two.test"])
+
+    def test_nextAfterDelay(self) -> None:
+        """
+        An attempt that has not connected after L{ATTEMPT_DELAY} seconds is
+        joined by one to the next address; the first to connect wins, and
+        the other is abandoned (its socket closed), the factory started and
+        stopped once for each attempt.
+        """
+        d = self.race("two.test")
+        self.reactor.advance(ATTEMPT_DELAY - 0.01)
+        self.assertEqual(len(self.sockets), 1)
+        self.reactor.advance(0.01)
+        first, second = self.sockets
+        self.assertEqual(second.connectedTo, ("2001:db8::1", 443, 0, 0))
+        ipv6 = [a for a in self.attempts() if a._socket is second]
+        ipv6[0].doWrite()
+        self.assertIs(self.successResultOf(d), self.protocol)
+        self.assertTrue(first.closed)
+        self.assertFalse(second.closed)
+        self.assertNothingLeft()
+        self.assertEqual(self.factory.calls, ["start", "start", "stop", "stop"])
+
+    def test_nextAtOnceWhenAllFailed(self) -> None:
+        """
+        When every attempt under way failed, the next address is tried at
+        once, without waiting for the delay.
+        """
+        d = self.race("two.test")
+        first = self.sockets[0]
+        first.error = errno.ECONNREFUSED
+        [attempt] = self.attempts()
+        attempt.doWrite()
+        self.assertEqual(len(self.sockets), 2)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertNoResult(d)
+
+    def test_allFail(self) -> None:
+        """
+        When every address refuses, the race fails with the last failure.
+        """
+        d = self.race("two.test")
+        self.sockets[0].error = errno.ECONNREFUSED
+        self.attempts()[0].doWrite()
+        second = self.sockets[1]
+        second.error = errno.ETIMEDOUT
+        self.attempts()[0].doWrite()
+        self.failureResultOf(d, TCPTimedOutError)
+        self.assertNothingLeft()
+
+    def test_noAddresses(self) -> None:
+        """
+        A name without addresses fails with L{DNSLookupError}, naming it,
+        and makes no socket.
+        """
+        failure = self.failureResultOf(self.race("none.test"), DNSLookupError)
+        self.assertIn("none.test", str(failure.value))
+        self.assertEqual(self.sockets, [])
+
+    def test_invalidName(self) -> None:
+        """
+        A name that is not valid IDNA fails with C{ValueError} before any
+        lookup, as C{HostnameEndpoint}'s does.
+        """
+        self.failureResultOf(self.race("ab--c.test"), ValueError)
+        self.assertEqual(self.resolver.queries, [])
+
+    def test_cancelDuringRace(self) -> None:
+        """
+        Cancelling the race abandons every attempt and the timer, and fails
+        it with L{ConnectingCancelledError}.
+        """
+        self.resolver.hostMap["three.test"] = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+        d = self.race("three.test")
+        self.reactor.advance(ATTEMPT_DELAY)
+        d.cancel()
+        self.failureResultOf(d, ConnectingCancelledError)
+        self.assertEqual([s.closed for s in self.sockets], [True, True])
+        self.assertNothingLeft()
+
+    def test_cancelDuringLookup(self) -> None:
+        """
+        Cancelled before the name is resolved, the race fails at once and
+        never starts an attempt, even if the addresses come later.
+        """
+        unanswered = _Unanswered(ZeroDivisionError())
+        endpoint = _AddressRace(
+            self.reactor, unanswered, "late.test", 443, None, self.newSocket
+        )
+        d = endpoint.connect(self.factory)
+        d.cancel()
+        self.failureResultOf(d, ConnectingCancelledError)
+        self.assertEqual(self.sockets, [])
+
+    def test_throughVettedEndpoint(self) -> None:
+        """
+        On a reactor that connects by hand, the connector's endpoint for a
+        name races only the addresses the policy allows, and fails with
+        L{AddressDenied} when it allows none.
+        """
+        connector = HostnameConnector(self.reactor, resolver=self.resolver)
+        connector._direct = True
+        endpoint = connector.endpointForTarget(
+            "two.test", 443, lambda address: address.version == 6
+        )
+        self.assertIsInstance(endpoint._endpoint, _AddressRace)  # type: ignore[attr-defined]
+        endpoint._endpoint._newSocket = self.newSocket  # type: ignore[attr-defined]
+        endpoint.connect(self.factory)
+        [only] = self.sockets
+        self.assertEqual(only.connectedTo, ("2001:db8::1", 443, 0, 0))
+        denied = connector.endpointForTarget("one.test", 443, lambda address: False)
+        self.failureResultOf(denied.connect(self.factory), AddressDenied)
+
+    def test_noCycleAfterWin(self) -> None:
+        """
+        A won race leaves no reference cycle: with Python's cycle collector
+        off, the connector's endpoint, the race and the factory are freed
+        as soon as the caller lets go of them.
+        """
+        gc.disable()
+        self.addCleanup(gc.enable)
+        connector = HostnameConnector(self.reactor, resolver=self.resolver)
+        connector._direct = True
+        factory = CountingFactory(self.protocol)
+        endpoint: Any = connector.endpointForTarget("one.test", 443)
+        endpoint._endpoint._newSocket = self.newSocket
+        d = endpoint.connect(factory)
+        self.attempts()[0].doWrite()
+        self.assertIs(self.successResultOf(d), self.protocol)
+        freed = weakref.ref(factory)
+        del endpoint, d, factory
+        self.assertIsNone(freed())

@@ -18,20 +18,16 @@ from twisted.internet.error import (
     ConnectionRefusedError,
     NoProtocol,
     NoRouteError,
-    NotConnectingError,
     TimeoutError,
-    UserError,
 )
-from twisted.internet.interfaces import IConnector
-from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface.verify import verifyObject
 
 from tests.fakes import FakeResolver
 from tunnel.connector import HostnameConnector, _AddressEndpoint
-from tunnel.direct import DirectConnector, DirectEndpoint, DirectTransport
+from tunnel.direct import DirectEndpoint, DirectTransport
 
 
 class FakeSocket:
@@ -363,135 +359,6 @@ class DirectEndpointTests(SynchronousTestCase):
         self.assertEqual(list(self.reactor.getWriters()), [])
 
 
-class RecordingClientFactory(ClientFactory):
-    """
-    A client factory that builds one given protocol and records what its
-    connector tells it.
-
-    @ivar events: C{("started", connector)} and C{("failed", connector,
-        reason)}, in order.
-    """
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.built = protocol
-        self.events: list[tuple[Any, ...]] = []
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self.built
-
-    def startedConnecting(self, connector: Any) -> None:
-        self.events.append(("started", connector))
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.events.append(("failed", connector, reason))
-
-
-class DirectConnectorTests(SynchronousTestCase):
-    """
-    L{DirectConnector} tells its factory what a C{connectTCP} connector
-    would, around one L{DirectEndpoint} attempt.
-    """
-
-    def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.socket = FakeSocket()
-        self.protocol = Protocol()
-        self.factory = RecordingClientFactory(self.protocol)
-
-    def start(self, host: str = "192.0.2.1") -> tuple[DirectConnector, Any]:
-        """
-        Make a connector for C{host} port 443 and connect it.
-
-        @return: The connector and the attempt registered with the reactor.
-        """
-        connector = DirectConnector(
-            self.reactor, host, 443, self.factory, None, cast(Any, self.socket)
-        )
-        connector.connect()
-        writers = list(self.reactor.getWriters())
-        return connector, writers[0] if writers else None
-
-    def test_connected(self) -> None:
-        """
-        The factory hears C{startedConnecting}, then its protocol is
-        connected to a L{DirectTransport}; it never hears of a failure,
-        and connecting again starts nothing.
-        """
-        connector, attempt = self.start()
-        self.assertTrue(verifyObject(IConnector, connector))
-        self.assertEqual(self.factory.events, [("started", connector)])
-        attempt.doWrite()
-        self.assertIs(type(self.protocol.transport), DirectTransport)
-        connector.connect()
-        connector.disconnect()
-        self.assertEqual(list(self.reactor.getWriters()), [])
-        self.assertEqual(self.factory.events, [("started", connector)])
-        self.assertFalse(self.socket.closed)
-        self.assertEqual(
-            connector.getDestination(), IPv4Address("TCP", "192.0.2.1", 443)
-        )
-
-    def test_failed(self) -> None:
-        """
-        A failed attempt reaches the factory's C{clientConnectionFailed},
-        with the connector and the reason C{connectTCP} would give.
-        """
-        connector, attempt = self.start("2001:db8::1")
-        self.socket.error = errno.ECONNREFUSED
-        attempt.doWrite()
-        self.assertEqual(self.factory.events[0], ("started", connector))
-        [(what, who, reason)] = self.factory.events[1:]
-        self.assertEqual((what, who), ("failed", connector))
-        reason.trap(ConnectionRefusedError)
-        self.assertEqual(
-            connector.getDestination(), IPv6Address("TCP", "2001:db8::1", 443)
-        )
-
-    def test_noSocket(self) -> None:
-        """
-        When no socket can be made, the factory hears of the failure at
-        once.
-        """
-
-        def noSocket(family: int, type: int) -> Any:
-            raise OSError(errno.EMFILE, "Too many open files")
-
-        connector = DirectConnector(
-            self.reactor, "192.0.2.1", 443, self.factory, None, noSocket
-        )
-        connector.connect()
-        self.assertEqual(self.factory.events[0], ("started", connector))
-        [(what, who, reason)] = self.factory.events[1:]
-        self.assertEqual((what, who), ("failed", connector))
-        reason.trap(ConnectError)
-
-    def test_stopConnecting(self) -> None:
-        """
-        Stopping the attempt closes its socket and tells the factory, once,
-        of a L{UserError}, as C{connectTCP}'s connectors do; stopping again
-        raises L{NotConnectingError}.
-        """
-        connector, _ = self.start()
-        connector.stopConnecting()
-        self.assertTrue(self.socket.closed)
-        self.assertEqual(list(self.reactor.getWriters()), [])
-        [(what, who, reason)] = self.factory.events[1:]
-        self.assertEqual((what, who), ("failed", connector))
-        reason.trap(UserError)
-        self.assertRaises(NotConnectingError, connector.stopConnecting)
-        connector.connect()
-        self.assertEqual(len(self.factory.events), 2)
-
-    def test_disconnectWhileConnecting(self) -> None:
-        """
-        C{disconnect} while the attempt is under way stops it.
-        """
-        connector, _ = self.start()
-        connector.disconnect()
-        self.assertTrue(self.socket.closed)
-        self.assertEqual(self.factory.events[-1][0], "failed")
-
-
 class ConnectorChoiceTests(TestCase):
     """
     L{HostnameConnector} connects to address literals by hand on POSIX
@@ -512,9 +379,8 @@ class ConnectorChoiceTests(TestCase):
     @inlineCallbacks
     def test_namesConnectDirectly(self) -> Any:
         """
-        A name's addresses are connected to by hand too, through
-        C{HostnameEndpoint}'s race: the target's transport is a
-        L{DirectTransport}.
+        A name's addresses are connected to by hand too, by the connector's
+        own race: the target's transport is a L{DirectTransport}.
         """
         port = yield TCP4ServerEndpoint(globalReactor, 0, interface="127.0.0.1").listen(
             Factory.forProtocol(Collect)

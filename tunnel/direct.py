@@ -26,13 +26,7 @@ L{twisted.internet.interfaces.IReactorTime}, as every POSIX reactor does;
 L{tunnel.connector.HostnameConnector} uses it on
 L{twisted.internet.posixbase.PosixReactorBase} reactors and C{connectTCP}
 otherwise: for address literals directly, and for the addresses of a name
-through L{DirectConnector}, behind the C{connectTCP} that
-C{HostnameEndpoint}'s race calls.  There the system calls saved are offset
-by the extra layer (CPU per tunnel to a name unchanged, as measured); what
-it gains is that a finished tunnel to a name is freed at once, where
-C{connectTCP}'s C{Connector}, which keeps its transport and is kept by the
-endpoint's wrapping factory, held the whole tunnel in a reference cycle
-until Python's cycle collector ran.
+through its own Happy Eyeballs race (C{tunnel.connector._AddressRace}).
 """
 
 from __future__ import annotations
@@ -45,26 +39,18 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.error import (
-    NoProtocol,
-    NotConnectingError,
-    TimeoutError,
-    UserError,
-    getConnectError,
-)
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import NoProtocol, TimeoutError, getConnectError
 from twisted.internet.interfaces import (
-    IConnector,
     IDelayedCall,
     IProtocolFactory,
     IStreamClientEndpoint,
     IWriteDescriptor,
 )
-from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["DirectConnector", "DirectEndpoint", "DirectTransport"]
+__all__ = ["DirectEndpoint", "DirectTransport"]
 
 # SOCK_NONBLOCK and SOCK_CLOEXEC are Linux (and BSD) flags; elsewhere the
 # socket is made non-blocking after the fact (and Python makes every socket
@@ -331,99 +317,3 @@ class DirectEndpoint:
         attempt = _Connecting(self._reactor, sock, self._address, protocolFactory)
         attempt.start(self._timeout)
         return attempt.connected
-
-
-@implementer(IConnector)
-class DirectConnector:
-    """
-    One L{DirectEndpoint} attempt behind C{connectTCP}'s interface, for code
-    written against C{IReactorTCP.connectTCP}: C{HostnameEndpoint} connects
-    to each address it resolved through its reactor's C{connectTCP}, and
-    L{tunnel.connector.HostnameConnector} gives it a reactor whose
-    C{connectTCP} makes one of these, so that tunnels to names connect by
-    hand too.
-
-    The factory hears what a C{tcp.Connector} would tell it:
-    C{startedConnecting} when the attempt starts, C{clientConnectionFailed}
-    if it fails or is stopped.  Unlike a C{tcp.Connector}, it makes one
-    attempt only (C{connect} again does nothing), and it lets go of the
-    factory as soon as the attempt ends, so that nothing of the connection
-    hangs on it: the connected transport is a L{DirectTransport}, which
-    knows no connector, so C{disconnect} after the connection is made does
-    nothing (close the transport instead) and C{clientConnectionLost} is
-    never called.
-    """
-
-    __slots__ = ("_attempt", "_destination", "_endpoint", "_factory")
-
-    def __init__(
-        self,
-        reactor: Any,
-        host: str,
-        port: int,
-        factory: ClientFactory,
-        timeout: float | None = 30,
-        newSocket: Callable[[int, int], socket.socket] = socket.socket,
-    ) -> None:
-        """
-        @param reactor: As for L{DirectEndpoint}.
-        @param host: An IPv4 or IPv6 address literal.
-        @param port: The port.
-        @param factory: Builds the protocol, and hears how the attempt went.
-        @param timeout: Seconds allowed for the TCP handshake, or L{None}.
-        @param newSocket: As for L{DirectEndpoint}.
-        """
-        self._endpoint = DirectEndpoint(reactor, host, port, timeout, newSocket)
-        addressType = IPv6Address if ":" in host else IPv4Address
-        self._destination = addressType("TCP", host, port)
-        self._factory: ClientFactory | None = factory
-        self._attempt: Deferred[Any] | None = None
-
-    def connect(self) -> None:
-        """
-        Start the attempt, if it has not started yet.
-        """
-        factory = self._factory
-        if factory is None or self._attempt is not None:
-            return
-        factory.startedConnecting(self)
-        self._attempt = self._endpoint.connect(factory)
-        # An attempt that failed at once (no socket to be had) is reported
-        # at once.
-        self._attempt.addCallbacks(self._connected, self._failed)
-
-    def _connected(self, protocol: object) -> None:
-        self._factory = self._attempt = None
-
-    def _failed(self, reason: Failure) -> None:
-        factory, self._factory = self._factory, None
-        self._attempt = None
-        if factory is not None and not reason.check(CancelledError):
-            factory.clientConnectionFailed(self, reason)
-
-    def stopConnecting(self) -> None:
-        """
-        Abandon the attempt: the socket is closed and the factory hears
-        C{clientConnectionFailed} with L{UserError}, as from C{connectTCP}.
-
-        @raise NotConnectingError: The attempt already ended.
-        """
-        attempt, factory = self._attempt, self._factory
-        if attempt is None or factory is None:
-            raise NotConnectingError()
-        self._factory = self._attempt = None
-        attempt.cancel()
-        factory.clientConnectionFailed(self, Failure(UserError()))
-
-    def disconnect(self) -> None:
-        """
-        Abandon the attempt if it is still under way; otherwise nothing.
-        """
-        if self._attempt is not None:
-            self.stopConnecting()
-
-    def getDestination(self) -> IPv4Address | IPv6Address:
-        """
-        @return: The address connected to.
-        """
-        return self._destination
