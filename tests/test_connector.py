@@ -658,6 +658,19 @@ class AddressRaceTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertNoResult(d)
 
+    def test_unusableAddress(self) -> None:
+        """
+        An address no socket can connect to (an IPv6 zone naming no
+        interface) fails its attempt at once, and the race goes on to the
+        next address.
+        """
+        self.resolver.hostMap["odd.test"] = ["fe80::1%nosuchif0", "192.0.2.5"]
+        d = self.race("odd.test")
+        [only] = self.sockets
+        self.assertEqual(only.connectedTo, ("192.0.2.5", 443))
+        self.attempts()[0].doWrite()
+        self.assertIs(self.successResultOf(d), self.protocol)
+
     def test_allFail(self) -> None:
         """
         When every address refuses, the race fails with the last failure.

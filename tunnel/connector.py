@@ -435,7 +435,12 @@ class _AddressRace:
         )
 
         def attempt(host: str) -> Deferred[Any]:
-            endpoint = DirectEndpoint(reactor, host, port, timeout, newSocket)
+            try:
+                endpoint = DirectEndpoint(reactor, host, port, timeout, newSocket)
+            except Exception:
+                # An address DirectEndpoint cannot use (an IPv6 zone that
+                # names no interface): that attempt fails, the race goes on.
+                return fail()
             return endpoint.connect(protocolFactory)
 
         race = _Race(reactor, hostBytes, name, port, attempt)
