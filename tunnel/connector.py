@@ -485,6 +485,7 @@ class _Race:
         self._pending: list[Deferred[Any]] = []
         self._timer: Any = None
         self._done = False
+        self._resolved = False
         self.result: Deferred[Any] | None = Deferred(self._cancel)
 
     def _end(self) -> Deferred[Any]:
@@ -505,17 +506,20 @@ class _Race:
 
     def addressResolved(self, address: IAddress) -> None:
         """
-        Keep an IP address to try.
+        Keep an IP address to try (until the resolution completed: the list
+        is taken once, as C{HostnameEndpoint} takes it).
         """
-        if isinstance(address, (IPv4Address, IPv6Address)):
+        if not self._resolved and isinstance(address, (IPv4Address, IPv6Address)):
             self._addresses.append(address.host)
 
     def resolutionComplete(self) -> None:
         """
         Start the first attempt, or fail for want of an address.
         """
-        if self._done:
+        if self._done or self._resolved:
+            # Cancelled already, or a resolver that completes twice.
             return
+        self._resolved = True
         if not self._addresses:
             self._end().errback(
                 DNSLookupError(f"no results for hostname lookup: {self._name}")
@@ -526,6 +530,8 @@ class _Race:
 
     def _next(self) -> None:
         self._timer = None
+        if self._done:
+            return
         attempt = self._attempt(self._addresses.pop())
         self._pending.append(attempt)
         if self._addresses:
