@@ -38,11 +38,25 @@ class FakeResolver:
     (which endpoints report as a failed lookup).
 
     @ivar queries: The names asked for, in order.
+    @ivar receivers: The receivers given, in order.
+    @ivar completions: How many times a receiver is told its lookup
+        completed (more than once plays a resolver that misbehaves).
+    @ivar later: Whether lookups wait for L{answerWaiting} rather than
+        answer at once.
     """
 
-    def __init__(self, hostMap: Mapping[str, Sequence[str]] | None = None) -> None:
+    def __init__(
+        self,
+        hostMap: Mapping[str, Sequence[str]] | None = None,
+        completions: int = 1,
+        later: bool = False,
+    ) -> None:
         self.hostMap = dict(hostMap or {})
+        self.completions = completions
+        self.later = later
         self.queries: list[str] = []
+        self.receivers: list[IResolutionReceiver] = []
+        self._waiting: list[tuple[IResolutionReceiver, str, int]] = []
 
     def resolveHostName(
         self,
@@ -53,22 +67,40 @@ class FakeResolver:
         transportSemantics: str = "TCP",
     ) -> IHostResolution:
         """
-        Resolve at once from the map.
+        Resolve from the map, at once unless told to wait.
         """
         self.queries.append(hostName)
+        self.receivers.append(resolutionReceiver)
         resolution = _Resolution(hostName)
         resolutionReceiver.resolutionBegan(resolution)
+        if self.later:
+            self._waiting.append((resolutionReceiver, hostName, portNumber))
+        else:
+            self._answer(resolutionReceiver, hostName, portNumber)
+        return resolution
+
+    def answerWaiting(self) -> None:
+        """
+        Answer the lookups made while C{later} was set.
+        """
+        waiting, self._waiting = self._waiting, []
+        for receiver, hostName, portNumber in waiting:
+            self._answer(receiver, hostName, portNumber)
+
+    def _answer(
+        self, receiver: IResolutionReceiver, hostName: str, portNumber: int
+    ) -> None:
         try:
             addresses = [str(ipaddress.ip_address(hostName))]
         except ValueError:
             addresses = list(self.hostMap.get(hostName, ()))
         for text in addresses:
             if ":" in text:
-                resolutionReceiver.addressResolved(IPv6Address("TCP", text, portNumber))
+                receiver.addressResolved(IPv6Address("TCP", text, portNumber))
             else:
-                resolutionReceiver.addressResolved(IPv4Address("TCP", text, portNumber))
-        resolutionReceiver.resolutionComplete()
-        return resolution
+                receiver.addressResolved(IPv4Address("TCP", text, portNumber))
+        for _ in range(self.completions):
+            receiver.resolutionComplete()
 
 
 class SynchronousThreadPool:

@@ -9,7 +9,7 @@ import gc
 import weakref
 from typing import Any
 
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
     ConnectingCancelledError,
@@ -555,54 +555,6 @@ class AddressEndpointTests(SynchronousTestCase):
         self.failureResultOf(d, OSError)
 
 
-@implementer(IHostnameResolver)
-class ScriptedResolver:
-    """
-    A resolver (no DNS) that tells each receiver the given addresses and
-    then completes, C{completions} times; with C{later}, only when the test
-    calls L{answer}.
-
-    @ivar receivers: The receivers it was given.
-    """
-
-    def __init__(
-        self, addresses: list[str], completions: int = 1, later: bool = False
-    ) -> None:
-        self.addresses = addresses
-        self.completions = completions
-        self.later = later
-        self.receivers: list[IResolutionReceiver] = []
-
-    def resolveHostName(
-        self,
-        receiver: IResolutionReceiver,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: object = None,
-        transportSemantics: str = "TCP",
-    ) -> IHostResolution:
-        """
-        Begin, and answer at once unless told to wait.
-        """
-        resolution = _Unanswered(ZeroDivisionError()).resolveHostName(
-            receiver, hostName
-        )
-        self.receivers.append(receiver)
-        if not self.later:
-            self.answer(receiver)
-        return resolution
-
-    def answer(self, receiver: IResolutionReceiver) -> None:
-        """
-        Tell C{receiver} the addresses, then complete.
-        """
-        for text in self.addresses:
-            kind = IPv6Address if ":" in text else IPv4Address
-            receiver.addressResolved(kind("TCP", text, 443))
-        for _ in range(self.completions):
-            receiver.resolutionComplete()
-
-
 class AddressRaceTests(SynchronousTestCase):
     """
     L{_AddressRace}: the connector's own Happy Eyeballs race over
@@ -803,7 +755,9 @@ class AddressRaceTests(SynchronousTestCase):
         """
         gc.disable()
         self.addCleanup(gc.enable)
-        connector = HostnameConnector(self.reactor, resolver=self.resolver)
+        # A resolver of its own: the shared one records its receivers.
+        resolver = FakeResolver({"one.test": ["192.0.2.9"]})
+        connector = HostnameConnector(self.reactor, resolver=resolver)
         connector._direct = True
         factory = CountingFactory(self.protocol)
         endpoint: Any = connector.endpointForTarget("one.test", 443)
@@ -812,7 +766,7 @@ class AddressRaceTests(SynchronousTestCase):
         self.attempts()[0].doWrite()
         self.assertIs(self.successResultOf(d), self.protocol)
         freed = weakref.ref(factory)
-        del endpoint, d, factory
+        del endpoint, d, factory, connector, resolver
         self.assertIsNone(freed())
 
     def test_secondCompletionStartsNothing(self) -> None:
@@ -821,15 +775,12 @@ class AddressRaceTests(SynchronousTestCase):
         starts no second round of attempts: only the first address is tried
         at once, and once it wins no timer is left and nothing more starts.
         """
-        resolver = ScriptedResolver(
-            ["192.0.2.1", "192.0.2.2", "192.0.2.3"], completions=2
-        )
-        endpoint = _AddressRace(
-            self.reactor, resolver, "three.test", 443, None, self.newSocket
-        )
-        d = endpoint.connect(self.factory)
+        self.resolver.hostMap["three.test"] = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+        self.resolver.completions = 2
+        d = self.race("three.test")
         self.assertEqual([s.connectedTo for s in self.sockets], [("192.0.2.1", 443)])
-        resolver.receivers[0].addressResolved(IPv4Address("TCP", "192.0.2.4", 443))
+        [receiver] = self.resolver.receivers
+        receiver.addressResolved(IPv4Address("TCP", "192.0.2.4", 443))
         self.attempts()[0].doWrite()
         self.assertIs(self.successResultOf(d), self.protocol)
         self.assertNothingLeft()
@@ -839,15 +790,14 @@ class AddressRaceTests(SynchronousTestCase):
     def test_addressesAfterCancel(self) -> None:
         """
         Cancelled while the lookup is under way, with a resolver that cannot
-        stop it, the race starts no attempt when the addresses come later.
+        stop it, the race does nothing when the answer comes later, with
+        addresses or without.
         """
-        resolver = ScriptedResolver(["192.0.2.1"], later=True)
-        endpoint = _AddressRace(
-            self.reactor, resolver, "late.test", 443, None, self.newSocket
-        )
-        d = endpoint.connect(self.factory)
-        d.cancel()
-        self.failureResultOf(d, ConnectingCancelledError)
-        resolver.answer(resolver.receivers[0])
+        self.resolver.later = True
+        for name in ["one.test", "none.test"]:
+            d = self.race(name)
+            d.cancel()
+            self.failureResultOf(d, ConnectingCancelledError)
+        self.resolver.answerWaiting()
         self.assertEqual(self.sockets, [])
         self.assertNothingLeft()

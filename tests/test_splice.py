@@ -207,6 +207,22 @@ class SpliceLoopbackTestCase(integration.LoopbackTestCase):
             cast(Any, proxy.factory).splice = True
         return proxy
 
+    @inlineCallbacks
+    def echoedTunnel(self) -> Yielding[Peer]:
+        """
+        Open a tunnel through a new proxy to an echo server and make one
+        small round trip; the tunnel stays open.
+
+        @return: Fires with the client L{Peer}.
+        """
+        proxy = self.startProxy()
+        echo = self.serve(Echo)
+        client = Peer()
+        yield self.connectThrough(proxy.port, f"127.0.0.1:{echo.port}", client)
+        client.tcp.write(b"there and back")
+        yield client.waitFor(14)
+        return client
+
     def _checkSpliced(self) -> None:
         established = [e for e in self.proxyEvents if e["status"] == 200]
         self.assertEqual(len(self.spliceRelays), len(established))
@@ -317,11 +333,7 @@ class CopyingTunnelTests(SpliceLoopbackTestCase, integration.TunnelTests):
         By default a tunnel whose bytes come in small pieces never borrows
         a pipe: an echo round trip leaves the pool without any.
         """
-        proxy = self.startProxy()
-        echo = self.serve(Echo)
-        client = yield self.connectThrough(proxy.port, f"127.0.0.1:{echo.port}", Peer())
-        client.tcp.write(b"there and back")
-        yield client.waitFor(14)
+        client = yield self.echoedTunnel()
         self.assertEqual(self.pool.opened, 0)
         client.tcp.loseConnection()
         yield self.proxyEnded(1)
@@ -434,11 +446,7 @@ class SpliceProxyTests(SpliceLoopbackTestCase):
         trip, while the tunnel stays open, the pool has lent nothing, and
         the tunnel costs the proxy only its two sockets.
         """
-        proxy = self.startProxy()
-        echo = self.serve(Echo)
-        client = yield self.connectThrough(proxy.port, f"127.0.0.1:{echo.port}", Peer())
-        client.tcp.write(b"there and back")
-        yield client.waitFor(14)
+        client = yield self.echoedTunnel()
         self.assertEqual(self.pool.lent, 0)
         self.assertGreater(self.pool.idle, 0)
         [relay] = self.spliceRelays

@@ -1561,23 +1561,36 @@ class ChainTests(TestCase):
         return peer
 
     @inlineCallbacks
-    def test_endpoint(self) -> Yielding:
+    def echoThroughEndpoint(self, parentHost: str, **kwargs: Any) -> Yielding:
         """
-        An L{UpstreamEndpoint} on its own connects any protocol to the target
-        through the parent.
+        Connect a L{Peer} through an L{UpstreamEndpoint} to an echo server,
+        via a parent at C{parentHost}, and check a round trip.
+
+        @param kwargs: More arguments for the endpoint.
+        @return: Fires with the peer.
         """
         echoPort = self.echoServer()
         parentPort = self.startParent()
         endpoint = UpstreamEndpoint(
             reactor,
-            parseUpstreamURL(f"http://127.0.0.1:{parentPort}"),
+            parseUpstreamURL(f"http://{parentHost}:{parentPort}"),
             "127.0.0.1",
             echoPort,
+            **kwargs,
         )
         peer = yield self.connectEndpoint(endpoint)
         peer.tcp.write(b"hello")
         received = yield peer.until(lambda received: received == b"hello")
         self.assertEqual(received, b"hello")
+        return peer
+
+    @inlineCallbacks
+    def test_endpoint(self) -> Yielding:
+        """
+        An L{UpstreamEndpoint} on its own connects any protocol to the target
+        through the parent.
+        """
+        yield self.echoThroughEndpoint("127.0.0.1")
 
     @inlineCallbacks
     def test_parentReachedByHand(self) -> Yielding:
@@ -1586,20 +1599,10 @@ class ChainTests(TestCase):
         reactor reaches the parent's address by hand, as a target's: the
         connection is a L{DirectTransport}.
         """
-        echoPort = self.echoServer()
-        parentPort = self.startParent()
-        endpoint = UpstreamEndpoint(
-            reactor,
-            parseUpstreamURL(f"http://localhost:{parentPort}"),
-            "127.0.0.1",
-            echoPort,
-            resolver=FakeResolver({"localhost": ["127.0.0.1"]}),
+        peer = yield self.echoThroughEndpoint(
+            "localhost", resolver=FakeResolver({"localhost": ["127.0.0.1"]})
         )
-        peer = yield self.connectEndpoint(endpoint)
         self.assertIs(type(peer.tcp), DirectTransport)
-        peer.tcp.write(b"hello")
-        received = yield peer.until(lambda received: received == b"hello")
-        self.assertEqual(received, b"hello")
 
     @inlineCallbacks
     def test_endpointRefused(self) -> Yielding:

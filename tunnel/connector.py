@@ -484,17 +484,16 @@ class _Race:
         self._addresses: list[str] = []
         self._pending: list[Deferred[Any]] = []
         self._timer: Any = None
-        self._done = False
         self._resolved = False
         self.result: Deferred[Any] | None = Deferred(self._cancel)
 
     def _end(self) -> Deferred[Any]:
         """
-        Finish the race: no attempt or timer may act any more.
+        Finish the race (C{result} becomes L{None}): no attempt or timer may
+        act any more.
 
         @return: The result, to fire.
         """
-        self._done = True
         result, self.result = self.result, None
         assert result is not None
         return result
@@ -516,7 +515,7 @@ class _Race:
         """
         Start the first attempt, or fail for want of an address.
         """
-        if self._done or self._resolved:
+        if self.result is None or self._resolved:
             # Cancelled already, or a resolver that completes twice.
             return
         self._resolved = True
@@ -530,7 +529,7 @@ class _Race:
 
     def _next(self) -> None:
         self._timer = None
-        if self._done:
+        if self.result is None:
             return
         attempt = self._attempt(self._addresses.pop())
         self._pending.append(attempt)
@@ -555,7 +554,7 @@ class _Race:
         result.callback(protocol)
 
     def _lost(self, reason: Failure, attempt: Deferred[Any]) -> None:
-        if self._done:
+        if self.result is None:
             return
         self._pending.remove(attempt)
         if self._pending:
@@ -568,7 +567,6 @@ class _Race:
         self._end().errback(reason)
 
     def _cancel(self, result: Deferred[Any]) -> None:
-        self._done = True
         self.result = None
         self._stopTimer()
         pending, self._pending = self._pending, []

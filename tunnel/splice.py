@@ -360,15 +360,12 @@ class SpliceEnd:
     @ivar fd: The socket's descriptor.
     @ivar reading: Whether it is registered as a reader.
     @ivar writing: Whether it is registered as a writer.
-    @ivar attached: Whether the relay still drives the socket; once not, it
-        is never registered again.
     """
 
     __slots__ = (
         "_reactor",
         "_relay",
         "_socket",
-        "attached",
         "fd",
         "reading",
         "side",
@@ -397,7 +394,6 @@ class SpliceEnd:
         self._reactor = reactor
         self.reading = False
         self.writing = False
-        self.attached = True
 
     def fileno(self) -> int:
         """
@@ -423,7 +419,7 @@ class SpliceEnd:
 
         @param on: Whether to be registered.
         """
-        if on and not self.attached:
+        if on and self._relay is None:
             return
         if on != self.reading:
             self.reading = on
@@ -438,7 +434,7 @@ class SpliceEnd:
 
         @param on: Whether to be registered.
         """
-        if on and not self.attached:
+        if on and self._relay is None:
             return
         if on != self.writing:
             self.writing = on
@@ -511,7 +507,8 @@ class SpliceEnd:
     def detach(self) -> None:
         """
         Stop driving the socket, for good: unregister it, and forget the
-        relay.  The relay holds this object, so the reference back would
+        relay (without one it is never registered again).  The relay holds
+        this object, so the reference back would
         make a cycle that only Python's cycle collector frees; with it
         dropped, a finished tunnel's objects go at once, by reference
         counting, and no tunnel leaves work for a collector pass that
@@ -519,7 +516,6 @@ class SpliceEnd:
         """
         self.setReading(False)
         self.setWriting(False)
-        self.attached = False
         self._relay = None
 
     def doRead(self) -> None:
