@@ -203,6 +203,32 @@ BUILTIN = {
         "note": "twisted_ref.py, epoll reactor, tunnel bytes moved with os.splice "
         "(twisted_splice.py, pooled pipes)",
     },
+    "python-floor": {
+        "kind": "connect",
+        "group": "ref",
+        "port": 18019,
+        "needs": [],
+        "cmd": "{python} {bench}/python_floor.py --port {port}",
+        "note": "python_floor.py: a CONNECT relay on bare select.epoll, no framework,"
+        " checks, timeouts or logging: the least CPython does per tunnel",
+    },
+    "python-floor-w2": {
+        "kind": "connect",
+        "group": "ref",
+        "port": 18022,
+        "needs": [],
+        "cmd": "{python} {bench}/python_floor.py --port {port} --workers 2",
+        "note": "python_floor.py --workers 2 (forked after listen, one shared socket)",
+    },
+    "reactor-floor": {
+        "kind": "connect",
+        "group": "ref",
+        "port": 18029,
+        "needs": [],
+        "cmd": "{python} {bench}/python_floor.py --port {port} --reactor",
+        "note": "python_floor.py --reactor: the same sockets dispatched by Twisted's"
+        " epoll reactor, without Twisted's transports or protocols",
+    },
     "ours": {
         "kind": "connect",
         "group": "ours",
