@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tunnel import request as requestModule
 from tunnel.request import (
     ConnectRequest,
     RequestRejected,
@@ -546,6 +547,153 @@ class ParseConnectHeadTests(SynchronousTestCase):
         Any Content-Length but 0 gets 400, 1 included.
         """
         self.assertRejected(b"CONNECT a.example:443 HTTP/1.1\r\nContent-Length: 1", 400)
+
+
+def referenceParse(head: bytes, maxFields: int = 100) -> ConnectRequest:
+    """
+    L{parseConnectHead} as it was written before it remembered request
+    lines and handled CRs in one pass: each line on its own, each check in
+    its turn.
+    """
+    lines = head.split(b"\n")
+    del lines[-1]
+    for index, line in enumerate(lines):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if b"\r" in line:
+            raise RequestRejected(400, "A bare CR is not a line ending.")
+        lines[index] = line
+    while lines and not lines[0]:
+        del lines[0]
+    if not lines:
+        raise RequestRejected(400, "The request line is missing.")
+    if len(lines[0]) > 8192:
+        raise RequestRejected(414, "The request line is too long.")
+    version, target = requestModule._parseRequestLine(lines[0])
+    if len(lines) - 1 > maxFields:
+        raise RequestRejected(431, "Too many header fields.")
+    headers = tuple(requestModule._parseFieldLine(line) for line in lines[1:])
+    requestModule._checkFraming(headers, version)
+    host, port = parseAuthority(target)
+    return ConnectRequest(host=host, port=port, version=version, headers=headers)
+
+
+def outcome(parser: object, head: bytes, maxFields: int) -> object:
+    """
+    What C{parser} makes of C{head}: the request, or the status and detail
+    of the refusal.
+    """
+    try:
+        return parser(head, maxFields=maxFields)  # type: ignore[operator]
+    except RequestRejected as rejected:
+        return (rejected.status, rejected.detail)
+
+
+# Pieces of heads, right and wrong, that the parser's checks tell apart.
+_requestLines = st.sampled_from(
+    [
+        b"CONNECT a.example:443 HTTP/1.1",
+        b"CONNECT 127.0.0.1:443 HTTP/1.0",
+        b"CONNECT [::1]:8443 HTTP/1.1",
+        b"CONNECT a..example:443 HTTP/1.1",
+        b"CONNECT 127.1:443 HTTP/1.1",
+        b"CONNECT a.example:0 HTTP/1.1",
+        b"CONNECT a.example HTTP/1.1",
+        b"GET / HTTP/1.1",
+        b"CONNECT a.example:443 HTTP/2.0",
+        b"CONNECT a.example:443 HTTP/1.1 x",
+        b"CONNECT a.exa\rmple:443 HTTP/1.1",
+        b"CONNECT " + b"a" * 600 + b":443 HTTP/1.1",
+    ]
+)
+_fieldLines = st.sampled_from(
+    [
+        b"Host: a.example:443",
+        b"Host: a/b",
+        b"Content-Length: 0",
+        b"Content-Length: 1",
+        b"Transfer-Encoding: chunked",
+        b" folded",
+        b"No colon",
+        b"X: y\rz",
+        b"X: \x01",
+        b"",
+    ]
+)
+_lineEnds = st.sampled_from([b"\r\n", b"\n", b"\r\r\n", b"\n\r"])
+
+
+class RememberedLinesTests(SynchronousTestCase):
+    """
+    L{parseConnectHead} remembers the request lines it accepted, and reads
+    CRs in one pass; neither changes what it answers.
+    """
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(st.one_of(_requestLines, _fieldLines), _lineEnds),
+            min_size=1,
+            max_size=5,
+        ),
+        st.integers(min_value=0, max_value=4),
+    )
+    def test_sameAsReference(
+        self, pieces: list[tuple[bytes, bytes]], maxFields: int
+    ) -> None:
+        """
+        Heads assembled from right and wrong lines and line endings get the
+        same request, or the same refusal in the same order of checks, as
+        from the parser written line by line, the first time and again
+        once their request line is remembered.
+        """
+        head = b"".join(line + end for line, end in pieces)
+        if not head.endswith(b"\n"):
+            # As findHeadEnd cuts them: a head ends with its last line's LF.
+            head += b"\n"
+        expected = outcome(referenceParse, head, maxFields)
+        self.assertEqual(outcome(parseConnectHead, head, maxFields), expected)
+        self.assertEqual(outcome(parseConnectHead, head, maxFields), expected)
+
+    def test_rememberedLineFieldsStillChecked(self) -> None:
+        """
+        A request line accepted before does not spare the rest of the head
+        its checks.
+        """
+        parse(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443")
+        self.assertRaises(
+            RequestRejected,
+            parse,
+            b"CONNECT a.example:443 HTTP/1.1\r\nHost: a/b",
+        )
+
+    def test_refusedLineKeepsItsTurn(self) -> None:
+        """
+        A refused request target is still reported after the head's other
+        refusals (too many fields: 431), also once the line was seen.
+        """
+        head = b"CONNECT a..example:443 HTTP/1.1\r\nHost: h\r\nX: y"
+        for _ in range(2):
+            rejected = self.assertRaises(RequestRejected, parse, head, maxFields=1)
+            self.assertEqual(rejected.status, 431)
+
+    def test_bounded(self) -> None:
+        """
+        At most 1,024 request lines are remembered, and none longer than
+        512 bytes.
+        """
+        requestModule._acceptedLine.cache_clear()
+        for number in range(1100):
+            parse(b"CONNECT a%d.example:443 HTTP/1.1" % (number,))
+        self.assertEqual(requestModule._acceptedLine.cache_info().currsize, 1024)
+        requestModule._acceptedLine.cache_clear()
+        longName = b".".join([b"a" * 63] * 4)[:250]
+        parse(b"CONNECT " + longName + b":443 HTTP/1.1")
+        self.assertEqual(requestModule._acceptedLine.cache_info().currsize, 1)
+        self.assertRaises(
+            RequestRejected, parse, b"CONNECT " + b"a" * 600 + b":443 HTTP/1.1"
+        )
+        self.assertEqual(requestModule._acceptedLine.cache_info().currsize, 1)
 
 
 class FindHeadEndTests(SynchronousTestCase):
