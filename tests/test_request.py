@@ -551,9 +551,8 @@ class ParseConnectHeadTests(SynchronousTestCase):
 
 def referenceParse(head: bytes, maxFields: int = 100) -> ConnectRequest:
     """
-    L{parseConnectHead} as it was written before it remembered request
-    lines and handled CRs in one pass: each line on its own, each check in
-    its turn.
+    L{parseConnectHead} as it was written before it handled CRs in one
+    pass: each line on its own, each check in its turn.
     """
     lines = head.split(b"\n")
     del lines[-1]
@@ -623,10 +622,10 @@ _fieldLines = st.sampled_from(
 _lineEnds = st.sampled_from([b"\r\n", b"\n", b"\r\r\n", b"\n\r"])
 
 
-class RememberedLinesTests(SynchronousTestCase):
+class OnePassTests(SynchronousTestCase):
     """
-    L{parseConnectHead} remembers the request lines it accepted, and reads
-    CRs in one pass; neither changes what it answers.
+    L{parseConnectHead} reads CRs in one pass over the head, without
+    changing what it answers.
     """
 
     @settings(max_examples=400, deadline=None)
@@ -644,8 +643,7 @@ class RememberedLinesTests(SynchronousTestCase):
         """
         Heads assembled from right and wrong lines and line endings get the
         same request, or the same refusal in the same order of checks, as
-        from the parser written line by line, the first time and again
-        once their request line is remembered.
+        from the parser written line by line.
         """
         head = b"".join(line + end for line, end in pieces)
         if not head.endswith(b"\n"):
@@ -653,47 +651,15 @@ class RememberedLinesTests(SynchronousTestCase):
             head += b"\n"
         expected = outcome(referenceParse, head, maxFields)
         self.assertEqual(outcome(parseConnectHead, head, maxFields), expected)
-        self.assertEqual(outcome(parseConnectHead, head, maxFields), expected)
-
-    def test_rememberedLineFieldsStillChecked(self) -> None:
-        """
-        A request line accepted before does not spare the rest of the head
-        its checks.
-        """
-        parse(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443")
-        self.assertRaises(
-            RequestRejected,
-            parse,
-            b"CONNECT a.example:443 HTTP/1.1\r\nHost: a/b",
-        )
 
     def test_refusedLineKeepsItsTurn(self) -> None:
         """
-        A refused request target is still reported after the head's other
-        refusals (too many fields: 431), also once the line was seen.
+        A refused request target is reported after the head's other
+        refusals (too many fields: 431).
         """
         head = b"CONNECT a..example:443 HTTP/1.1\r\nHost: h\r\nX: y"
-        for _ in range(2):
-            rejected = self.assertRaises(RequestRejected, parse, head, maxFields=1)
-            self.assertEqual(rejected.status, 431)
-
-    def test_bounded(self) -> None:
-        """
-        At most 1,024 request lines are remembered, and none longer than
-        512 bytes.
-        """
-        requestModule._acceptedLine.cache_clear()
-        for number in range(1100):
-            parse(b"CONNECT a%d.example:443 HTTP/1.1" % (number,))
-        self.assertEqual(requestModule._acceptedLine.cache_info().currsize, 1024)
-        requestModule._acceptedLine.cache_clear()
-        longName = b".".join([b"a" * 63] * 4)[:250]
-        parse(b"CONNECT " + longName + b":443 HTTP/1.1")
-        self.assertEqual(requestModule._acceptedLine.cache_info().currsize, 1)
-        self.assertRaises(
-            RequestRejected, parse, b"CONNECT " + b"a" * 600 + b":443 HTTP/1.1"
-        )
-        self.assertEqual(requestModule._acceptedLine.cache_info().currsize, 1)
+        rejected = self.assertRaises(RequestRejected, parse, head, maxFields=1)
+        self.assertEqual(rejected.status, 431)
 
 
 class FindHeadEndTests(SynchronousTestCase):

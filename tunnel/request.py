@@ -12,7 +12,6 @@ requires for CONNECT.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -340,51 +339,12 @@ def parseConnectHead(
         del lines[0]
     if not lines:
         raise RequestRejected(400, "The request line is missing.")
-    line = lines[0]
-    if len(line) > maxRequestLine:
+    if len(lines[0]) > maxRequestLine:
         raise RequestRejected(414, "The request line is too long.")
-    accepted = _acceptedLine(line) if len(line) <= _CACHED_LINE else None
-    if accepted is None:
-        # Refused (or too long to remember): parse it again, so that its
-        # refusal comes in its turn among the head's other checks.
-        version, target = _parseRequestLine(line)
-    else:
-        version = accepted[0]
+    version, target = _parseRequestLine(lines[0])
     if len(lines) - 1 > maxFields:
         raise RequestRejected(431, "Too many header fields.")
     headers = tuple(_parseFieldLine(line) for line in lines[1:])
     _checkFraming(headers, version)
-    if accepted is None:
-        host, port = parseAuthority(target)
-    else:
-        host, port = accepted[1], accepted[2]
+    host, port = parseAuthority(target)
     return ConnectRequest(host=host, port=port, version=version, headers=headers)
-
-
-# Request lines up to this long are remembered by _acceptedLine: the
-# remembered ones then take at most about a megabyte (a line, its host name
-# and the cache's own entry: under 0.9 KiB each, measured).
-_CACHED_LINE = 512
-
-
-@functools.lru_cache(maxsize=1024)
-def _acceptedLine(line: bytes) -> tuple[tuple[int, int], str, int] | None:
-    """
-    The version and target of a request line, or L{None} if it is refused;
-    the last 1,024 lines asked about are remembered.
-
-    Checking a request line and its target is half the work of parsing a
-    typical head, and clients ask for the same few targets again and again.
-    Where every client asks for the same target (the benchmark's
-    handshakes) a head takes 2.6 microseconds to parse instead of 5.5, and
-    the proxy about 7 microseconds less CPU time per handshake.  The answer
-    depends on nothing but the line, which holds no credentials; a refusal
-    is remembered as L{None}, and the caller parses the line again to
-    report it in its turn.
-    """
-    try:
-        version, target = _parseRequestLine(line)
-        host, port = parseAuthority(target)
-    except RequestRejected:
-        return None
-    return version, host, port
