@@ -407,7 +407,8 @@ def missing_needs(needs):
 
 # ---------------------------------------------------------------- /proc readers
 def read_procs():
-    """pid -> (ppid, sid, cpu_ticks incl. reaped children, state, starttime)"""
+    """pid -> (ppid, sid, cpu_ticks incl. reaped children, state, starttime,
+    user-mode share of cpu_ticks)"""
     out = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -424,6 +425,7 @@ def read_procs():
             sum(int(x) for x in rest[11:15]),
             rest[0],
             int(rest[19]),
+            int(rest[11]) + int(rest[13]),
         )
     return out
 
@@ -448,6 +450,18 @@ def cpu_seconds(root):
         return 0.0
     procs = read_procs()
     return sum(procs[p][2] for p in tree_pids(root, procs)) / CLK
+
+
+def cpu_split(root):
+    """(CPU seconds, of which in user mode) of root's tree."""
+    if root is None:
+        return 0.0, 0.0
+    procs = read_procs()
+    tree = tree_pids(root, procs)
+    return (
+        sum(procs[p][2] for p in tree) / CLK,
+        sum(procs[p][5] for p in tree) / CLK,
+    )
 
 
 def settle_tree(root, timeout=1.0):
@@ -788,8 +802,8 @@ def measured_run(
         return rec
     rec["proxy_rss_kib_before"] = rss_kib(proxy_pid)
     settle_tree(proxy_pid)
-    c_p0, c_t0, sys0 = (
-        cpu_seconds(proxy_pid),
+    (c_p0, u_p0), c_t0, sys0 = (
+        cpu_split(proxy_pid),
         cpu_seconds(target.pid),
         system_busy_seconds(),
     )
@@ -799,8 +813,8 @@ def measured_run(
     wall = time.monotonic() - t0
     settle_tree(proxy_pid)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    c_p1, c_t1, sys1 = (
-        cpu_seconds(proxy_pid),
+    (c_p1, u_p1), c_t1, sys1 = (
+        cpu_split(proxy_pid),
         cpu_seconds(target.pid),
         system_busy_seconds(),
     )
@@ -810,6 +824,7 @@ def measured_run(
         rc=rc,
         loadgen=res,
         proxy_cpu_s=round(c_p1 - c_p0, 3),
+        proxy_user_cpu_s=round(u_p1 - u_p0, 3),
         target_cpu_s=round(c_t1 - c_t0, 3),
         loadgen_cpu_s=round(lg_cpu, 3),
         system_busy_cpu_s=round(sys1 - sys0, 3),
@@ -893,6 +908,15 @@ def metric_values(runs):
                 rec["proxy_cpu_s"] / (r["completed"] / 1000) if r["completed"] else None
             )
             m["proxy_cores"] = rec["proxy_cpu_s"] / r["secs"] if r["secs"] else None
+            if r["completed"] and "proxy_user_cpu_s" in rec:
+                # In microseconds per handshake: what the proxy spends in
+                # its own code (user) and in the kernel on its behalf.
+                m["user_us"] = rec["proxy_user_cpu_s"] / r["completed"] * 1e6
+                m["sys_us"] = (
+                    (rec["proxy_cpu_s"] - rec["proxy_user_cpu_s"])
+                    / r["completed"]
+                    * 1e6
+                )
             m["errors"] = sum(r["errors"].values())
         elif w == "latency":
             m["p50_us"], m["p99_us"], m["p999_us"] = (
@@ -981,6 +1005,15 @@ def build_summary(procs, runs, workloads, baseline):
                 "range": {k: spread(vals, k) for k in keys},
             }
     return summary
+
+
+def user_sys(summary, name):
+    """The handshake's CPU per handshake in user and in system mode."""
+    user = cell(summary, name, "handshake", "user_us")
+    system = cell(summary, name, "handshake", "sys_us")
+    if user is None or system is None:
+        return "-"
+    return f"{user:.0f} / {system:.0f}"
 
 
 def cell(summary, name, w, key):
@@ -1279,6 +1312,8 @@ def render_markdown(procs, summary, cfg, meta, sanity, runs, workloads):
     L.append("")
     L.append(
         "proxy cores = proxy CPU-s / wall-s during the run (2.0 = both cores)."
+        " hs user / sys µs = the proxy's CPU time per handshake in its own"
+        " code (user mode) / in the kernel on its behalf (system mode)."
         " MB/CPU-s = work per proxy CPU-second (fairer than raw speed on a 2-core"
         " box where loadgen+target need CPU too). other = CPU used on the machine"
         " by everything except proxy, target and loadgen (other tenants, also in"
@@ -1290,10 +1325,10 @@ def render_markdown(procs, summary, cfg, meta, sanity, runs, workloads):
     L.append("")
     L.append(
         "| proxy | down MB/CPU-s | down proxy cores | up MB/CPU-s | K8 MB/CPU-s"
-        " | K8 proxy cores | hs proxy cores | lat CPU-s/1k msgs | other cores"
-        " | max other cores |"
+        " | K8 proxy cores | hs proxy cores | hs user / sys µs | lat CPU-s/1k msgs"
+        " | other cores | max other cores |"
     )
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for p in procs:
         mine = [r for r in runs if r["proxy"] == p.name and r.get("wall_s")]
         others = [r["other_cpu_s"] / r["wall_s"] for r in mine if r["wall_s"] >= 1]
@@ -1310,6 +1345,7 @@ def render_markdown(procs, summary, cfg, meta, sanity, runs, workloads):
                     fmt(cell(summary, p.name, "k8", "MB_per_cpu_s"), "{:.0f}"),
                     fmt(cell(summary, p.name, "k8", "proxy_cores"), "{:.2f}"),
                     fmt(cell(summary, p.name, "handshake", "proxy_cores"), "{:.2f}"),
+                    user_sys(summary, p.name),
                     fmt(cell(summary, p.name, "latency", "cpu_s_per_1k"), "{:.3f}"),
                     fmt(other_avg, "{:.2f}"),
                     fmt(max(others) if others else None, "{:.2f}"),
