@@ -446,10 +446,7 @@ def tree_pids(root, procs):
 
 
 def cpu_seconds(root):
-    if root is None:
-        return 0.0
-    procs = read_procs()
-    return sum(procs[p][2] for p in tree_pids(root, procs)) / CLK
+    return cpu_split(root)[0]
 
 
 def cpu_split(root):

@@ -5,6 +5,7 @@ Tests for L{tunnel.request}: the pure CONNECT head parser.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -577,13 +578,15 @@ def referenceParse(head: bytes, maxFields: int = 100) -> ConnectRequest:
     return ConnectRequest(host=host, port=port, version=version, headers=headers)
 
 
-def outcome(parser: object, head: bytes, maxFields: int) -> object:
+def outcome(
+    parser: Callable[..., ConnectRequest], head: bytes, maxFields: int
+) -> object:
     """
     What C{parser} makes of C{head}: the request, or the status and detail
     of the refusal.
     """
     try:
-        return parser(head, maxFields=maxFields)  # type: ignore[operator]
+        return parser(head, maxFields=maxFields)
     except RequestRejected as rejected:
         return (rejected.status, rejected.detail)
 

@@ -863,9 +863,9 @@ class SpliceRelay(RelayLifecycle):
                 src.setReading(True)
                 return moved
             readable = False
-            # Without a pipe (none to be had: out of descriptors) the read
-            # goes through Python, as on the ordinary relay, rather than end
-            # a tunnel that works.
+            # Through Python while the direction copies small reads, and
+            # when no pipe can be had (out of descriptors): as on the
+            # ordinary relay, rather than end a tunnel that works.
             pipe = None if flow.copying else self._borrow(flow)
             try:
                 if pipe is not None:
