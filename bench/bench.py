@@ -5,7 +5,8 @@ Builds the C load generator and target into the work dir, starts the target,
 starts every selected proxy on its own loopback port, checks each one for
 correctness (sanity phase), then runs every workload interleaved across
 proxies (round r runs proxies in an order rotated by r) for --rounds rounds,
-and finally the idle-tunnel memory test, one freshly started proxy at a time.
+and finally the idle-tunnel and stalled-tunnel (slow reader) memory tests, one
+freshly started proxy at a time.
 For every run it records the load generator's JSON plus the CPU time of the
 proxy's processes (/proc/PID/stat utime+stime+cutime+cstime of every process
 in the proxy's setsid group and its descendants), of the target, of the load
@@ -268,11 +269,13 @@ DEFAULT_PROXIES = ["direct", "ours", "squid", "tinyproxy", "proxypy", "twisted"]
 DEFAULT_SUBJECT = "ours"
 
 STEADY_WORKLOADS = ["down", "up", "k8", "both", "latency", "handshake"]
-DEFAULT_WORKLOADS = ["down", "up", "k8", "latency", "handshake", "idle"]
+DEFAULT_WORKLOADS = ["down", "up", "k8", "latency", "handshake", "idle", "stall"]
+# Each run on a freshly started proxy, after the steady workloads.
+FRESH_WORKLOADS = ["idle", "stall"]
 KIND_WORKLOADS = {
     "direct": {"down", "up", "k8", "both", "latency", "handshake"},
     "relay": {"down", "up", "k8", "both", "latency"},
-    "connect": {"down", "up", "k8", "both", "latency", "handshake", "idle"},
+    "connect": {"down", "up", "k8", "both", "latency", "handshake", "idle", "stall"},
 }
 
 
@@ -704,6 +707,19 @@ def loadgen_args(proc, workload, cfg, extra=()):
             "--timeout",
             str(cfg.hs_secs + 30),
         ]
+    elif workload == "stall":
+        w = [
+            "--mode",
+            "stall",
+            "--n",
+            str(cfg.stall_n),
+            "--hold",
+            str(cfg.stall_hold),
+            "--bytes",
+            str(cfg.stall_bytes),
+            "--timeout",
+            "150",
+        ]
     elif workload == "idle":
         w = [
             "--mode",
@@ -872,6 +888,12 @@ def summarize_run(rec):
             f"{r['established']}/{r['requested']} up, {r['alive_after_hold']} alive; "
             f"{rec.get('idle_kib_per_tunnel', float('nan')):.2f} KiB/tunnel"
         )
+    if w == "stall":
+        return (
+            f"{r['established']}/{r['requested']} up, {r['alive_after_hold']} alive; "
+            f"{rec.get('stall_kib_per_tunnel', float('nan')):.1f} KiB/tunnel RSS, "
+            f"{rec.get('stall_tcp_kib_per_tunnel', float('nan')):.0f} KiB/tunnel TCP"
+        )
     return "ok"
 
 
@@ -928,6 +950,12 @@ def metric_values(runs):
             m["alive"] = r["alive_after_hold"]
             m["rss_mib_held"] = rec.get("idle_rss_kib_held", 0) / 1024
             m["establish_s"] = r["establish_s"]
+        elif w == "stall":
+            m["kib_per_stalled"] = rec.get("stall_kib_per_tunnel")
+            m["tcp_kib_per_stalled"] = rec.get("stall_tcp_kib_per_tunnel")
+            m["stall_cores"] = rec.get("stall_proxy_cores")
+            m["established"] = r["established"]
+            m["alive"] = r["alive_after_hold"]
         m["other_cores"] = rec["other_cpu_s"] / rec["wall_s"] if rec["wall_s"] else None
         # the load generator's own CPU (its getrusage) per wall second: near 1.0
         # means it was the busy party, far below means it was waiting
@@ -966,6 +994,7 @@ COLS = [  # (header, workload, key, fmt, higher_is_better)
     ("lat p99 µs", "latency", "p99_us", "{:.0f}", False),
     ("lat p99.9 µs", "latency", "p999_us", "{:.0f}", False),
     ("idle KiB/tunnel", "idle", "kib_per_tunnel", "{:.2f}", False),
+    ("stalled KiB/tunnel", "stall", "kib_per_stalled", "{:.1f}", False),
     ("CPU-s/GiB down", "down", "cpu_s_per_gib", "{:.2f}", False),
     ("CPU-s/GiB up", "up", "cpu_s_per_gib", "{:.2f}", False),
     ("CPU-s/GiB K8", "k8", "cpu_s_per_gib", "{:.2f}", False),
@@ -980,6 +1009,7 @@ RATIO_COLS = [
     "lat p50 µs",
     "lat p99 µs",
     "idle KiB/tunnel",
+    "stalled KiB/tunnel",
     "CPU-s/GiB down",
     "CPU-s/1k hs",
 ]
@@ -1185,7 +1215,8 @@ def render_markdown(procs, summary, cfg, meta, sanity, runs, workloads):
         f" K8 = {cfg.k8_tunnels} x {cfg.k8_bytes} down,"
         f" handshake C={cfg.hs_conc} for {cfg.hs_secs}s,"
         f" latency N={cfg.lat_n} x 64 B, idle N={cfg.idle_n}"
-        f" held {cfg.idle_hold}s (in-flight {cfg.idle_conc})."
+        f" held {cfg.idle_hold}s (in-flight {cfg.idle_conc}),"
+        f" stall N={cfg.stall_n} x {cfg.stall_bytes} held {cfg.stall_hold}s."
         + (
             f" CONNECT target: **{cfg.target_host}**:{TARGET_PORT}, a name each"
             " proxy resolves (from /etc/hosts)."
@@ -1258,7 +1289,7 @@ def render_markdown(procs, summary, cfg, meta, sanity, runs, workloads):
             c
             for c in rcols
             if cell(summary, baseline, c[1], c[2])
-            and not c[0].startswith(("CPU", "idle"))
+            and not c[0].startswith(("CPU", "idle", "stalled"))
         ]
         L.append("| proxy | " + " | ".join(c[0] for c in bcols) + " |")
         L.append("|---|" + "---|" * len(bcols))
@@ -1367,6 +1398,7 @@ def render_markdown(procs, summary, cfg, meta, sanity, runs, workloads):
             "lat p50 µs",
             "lat p99 µs",
             "idle KiB/tunnel",
+            "stalled KiB/tunnel",
         )
     ]
     L.append("| proxy | " + " | ".join(c[0] for c in scols) + " |")
@@ -1412,6 +1444,52 @@ def render_markdown(procs, summary, cfg, meta, sanity, runs, workloads):
                         fmt(cell(summary, p.name, "idle", "rss_mib_held"), "{:.1f}"),
                         fmt(cell(summary, p.name, "idle", "establish_s"), "{:.2f}"),
                         fmt(cell(summary, p.name, "idle", "kib_per_tunnel"), "{:.2f}"),
+                    ]
+                )
+                + " |"
+            )
+        L.append("")
+
+    if "stall" in workloads:
+        L.append("## Slow readers (stalled tunnels)")
+        L.append("")
+        L.append(
+            "Each client asks the target for a download and reads none of it, so"
+            " the target sends until backpressure stops it. KiB/tunnel (RSS) ="
+            " (proxy RSS while stalled - RSS before, after a small warm-up) /"
+            " tunnels established, on a freshly started proxy: what the proxy"
+            " buffers in its own memory. Host TCP KiB/tunnel = growth of the"
+            " kernel's TCP buffer memory (/proc/net/sockstat) / tunnels: the"
+            " socket buffers of the client, the proxy and the target together,"
+            " set by the kernel's autotuning (pipes are not in it). Proxy cores"
+            " = its CPU use while the tunnels stay stalled (a proxy that spins"
+            " shows here). Alive = tunnels that still delivered the download's"
+            " next bytes, intact, once read after the hold."
+        )
+        L.append("")
+        L.append(
+            "| proxy | established (median) | alive after hold | KiB/tunnel (RSS)"
+            " | host TCP KiB/tunnel | proxy cores while stalled |"
+        )
+        L.append("|---|---|---|---|---|---|")
+        for p in procs:
+            if "stall" not in summary.get(p.name, {}):
+                continue
+            L.append(
+                "| "
+                + " | ".join(
+                    [
+                        p.name,
+                        fmt(cell(summary, p.name, "stall", "established"), "{:.0f}"),
+                        fmt(cell(summary, p.name, "stall", "alive"), "{:.0f}"),
+                        fmt(
+                            cell(summary, p.name, "stall", "kib_per_stalled"), "{:.1f}"
+                        ),
+                        fmt(
+                            cell(summary, p.name, "stall", "tcp_kib_per_stalled"),
+                            "{:.0f}",
+                        ),
+                        fmt(cell(summary, p.name, "stall", "stall_cores"), "{:.3f}"),
                     ]
                 )
                 + " |"
@@ -1637,7 +1715,7 @@ def parse_args():
     ap.add_argument(
         "--workloads",
         default=",".join(DEFAULT_WORKLOADS),
-        help="comma list from: down,up,k8,both,latency,handshake,idle",
+        help="comma list from: down,up,k8,both,latency,handshake,idle,stall",
     )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--bytes", default="1G")
@@ -1653,6 +1731,19 @@ def parse_args():
         type=int,
         default=64,
         help="tunnels being opened at once in the idle test",
+    )
+    ap.add_argument(
+        "--stall-n",
+        type=int,
+        default=20,
+        help="tunnels whose client stops reading in the stall test",
+    )
+    ap.add_argument("--stall-hold", type=float, default=4)
+    ap.add_argument(
+        "--stall-bytes",
+        default="64M",
+        help="download each stalled client asks for (bounds what a proxy"
+        " without flow control can buffer: stall-n times this)",
     )
     ap.add_argument("--baseline", default="direct")
     ap.add_argument(
@@ -1705,6 +1796,7 @@ def parse_args():
     if cfg.quick:
         cfg.bytes, cfg.k8_bytes, cfg.hs_secs, cfg.lat_n = "128M", "16M", 2, 2000
         cfg.idle_n, cfg.idle_hold, cfg.rounds = 500, 1, 1
+        cfg.stall_n, cfg.stall_bytes = 4, "16M"
     return cfg
 
 
@@ -1787,7 +1879,7 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     workloads = [w for w in cfg.workloads.split(",") if w]
     for w in workloads:
-        if w not in [*STEADY_WORKLOADS, "idle"]:
+        if w not in [*STEADY_WORKLOADS, *FRESH_WORKLOADS]:
             sys.exit(f"unknown workload {w}")
 
     procs, skipped = [], {}
@@ -1914,7 +2006,7 @@ def main():
                 sanity[p.name] = run_sanity(p, target, cfg)
                 log(f"sanity {p.name}: {sanity[p.name]}")
 
-        steady = [w for w in workloads if w != "idle"]
+        steady = [w for w in workloads if w not in FRESH_WORKLOADS]
         plan = []
         for rnd in range(cfg.rounds):
             for w in steady:
@@ -1949,16 +2041,18 @@ def main():
                 f"[{i + 1}/{len(plan)}] r{rnd} {w:9s} {p.name:15s} {summarize_run(rec)}"
             )
 
-        if "idle" in workloads:
-            elig = [p for p in procs if "idle" in KIND_WORKLOADS.get(p.kind, ())]
+        for w, fresh_run in (("idle", idle_run), ("stall", stall_run)):
+            if w not in workloads:
+                continue
+            elig = [p for p in procs if w in KIND_WORKLOADS.get(p.kind, ())]
             for rnd in range(cfg.rounds):
                 k = rnd % len(elig) if elig else 0
                 for p in elig[k:] + elig[:k]:
                     if time.monotonic() > deadline:
                         break
-                    rec = idle_run(p, target, cfg, rnd)
+                    rec = fresh_run(p, target, cfg, rnd)
                     runs.append(rec)
-                    log(f"[idle] r{rnd} {p.name:15s} {summarize_run(rec)}")
+                    log(f"[{w}] r{rnd} {p.name:15s} {summarize_run(rec)}")
     except (Interrupted, KeyboardInterrupt) as e:
         log(
             f"!! interrupted ({e.__class__.__name__} {e}); stopping everything,"
@@ -2033,15 +2127,18 @@ def run_sanity(p, target, cfg):
     return res
 
 
-def idle_run(p, target, cfg, rnd):
-    """Fresh proxy, warm-up, RSS before, open N tunnels, RSS while held."""
+def fresh_start(p, workload, cfg, rnd):
+    """
+    Restart P, warm it up with a second of handshakes, let it settle: returns
+    (its RSS in KiB then, None), or (None, a failed run record).
+    """
     p.stop()
     try:
         p.start()
     except RuntimeError as e:
-        return {
+        return None, {
             "proxy": p.name,
-            "workload": "idle",
+            "workload": workload,
             "round": rnd,
             "ok": False,
             "error": str(e),
@@ -2055,7 +2152,25 @@ def idle_run(p, target, cfg, rnd):
     for _ in range(3):
         samples.append(rss_kib(p.pid))
         time.sleep(0.1)
-    rss0 = statistics.median(samples)
+    return statistics.median(samples), None
+
+
+def tcp_mem_kib():
+    """The kernel's TCP buffer memory, all sockets (/proc/net/sockstat), KiB."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                pages = int(fields[fields.index("mem") + 1])
+                return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+    return 0
+
+
+def idle_run(p, target, cfg, rnd):
+    """Fresh proxy, warm-up, RSS before, open N tunnels, RSS while held."""
+    rss0, failed = fresh_start(p, "idle", cfg, rnd)
+    if failed:
+        return failed
     held = {}
 
     def on_ready(_line):
@@ -2070,6 +2185,40 @@ def idle_run(p, target, cfg, rnd):
         rec["idle_rss_kib_held"] = held["rss"]
         rec["idle_procs_threads_held"] = held["procs"]
         rec["idle_kib_per_tunnel"] = (held["rss"] - rss0) / est if est else None
+    else:
+        rec["ok"] = False
+        rec.setdefault("error", "no READY line from loadgen")
+    return rec
+
+
+def stall_run(p, target, cfg, rnd):
+    """
+    Fresh proxy, warm-up, RSS before; N clients ask for a download and read
+    nothing; once the floods have had half the hold to fill every buffer,
+    the proxy's RSS, the host's TCP memory and the proxy's CPU over a second.
+    """
+    rss0, failed = fresh_start(p, "stall", cfg, rnd)
+    if failed:
+        return failed
+    tcp0 = tcp_mem_kib()
+    held = {}
+
+    def on_ready(_line):
+        time.sleep(max(0.5, cfg.stall_hold / 2))
+        cpu0, rss1, tcp1 = cpu_seconds(p.pid), rss_kib(p.pid), tcp_mem_kib()
+        time.sleep(1.0)
+        cpu1, rss2, tcp2 = cpu_seconds(p.pid), rss_kib(p.pid), tcp_mem_kib()
+        held["rss"], held["tcp"] = max(rss1, rss2), max(tcp1, tcp2)
+        held["cores"] = cpu1 - cpu0
+
+    rec = measured_run(p, target, "stall", cfg, rnd, on_ready=on_ready, timeout=200)
+    rec["stall_rss_kib_before"] = rss0
+    if "rss" in held and rec.get("loadgen"):
+        est = rec["loadgen"]["established"]
+        rec["stall_rss_kib_held"] = held["rss"]
+        rec["stall_proxy_cores"] = held["cores"]
+        rec["stall_kib_per_tunnel"] = (held["rss"] - rss0) / est if est else None
+        rec["stall_tcp_kib_per_tunnel"] = (held["tcp"] - tcp0) / est if est else None
     else:
         rec["ok"] = False
         rec.setdefault("error", "no READY line from loadgen")
