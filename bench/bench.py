@@ -1417,43 +1417,24 @@ def render_markdown(procs, summary, cfg, meta, sanity, runs, workloads):
         L.append("| " + " | ".join(row) + " |")
     L.append("")
 
-    if "idle" in workloads:
-        L.append("## Idle tunnels")
-        L.append("")
-        L.append(
+    fresh_tables = (
+        (
+            "idle",
+            "Idle tunnels",
             "KiB/tunnel = (proxy RSS with all tunnels held - RSS before, after a"
             " small warm-up) / tunnels established, on a freshly started proxy."
-            " Kernel socket/pipe memory is not in RSS."
-        )
-        L.append("")
-        L.append(
-            "| proxy | established (median) | alive after hold | RSS held MiB"
-            " | establish s | KiB/tunnel |"
-        )
-        L.append("|---|---|---|---|---|---|")
-        for p in procs:
-            if "idle" not in summary.get(p.name, {}):
-                continue
-            L.append(
-                "| "
-                + " | ".join(
-                    [
-                        p.name,
-                        fmt(cell(summary, p.name, "idle", "established"), "{:.0f}"),
-                        fmt(cell(summary, p.name, "idle", "alive"), "{:.0f}"),
-                        fmt(cell(summary, p.name, "idle", "rss_mib_held"), "{:.1f}"),
-                        fmt(cell(summary, p.name, "idle", "establish_s"), "{:.2f}"),
-                        fmt(cell(summary, p.name, "idle", "kib_per_tunnel"), "{:.2f}"),
-                    ]
-                )
-                + " |"
-            )
-        L.append("")
-
-    if "stall" in workloads:
-        L.append("## Slow readers (stalled tunnels)")
-        L.append("")
-        L.append(
+            " Kernel socket/pipe memory is not in RSS.",
+            [
+                ("established (median)", "established", "{:.0f}"),
+                ("alive after hold", "alive", "{:.0f}"),
+                ("RSS held MiB", "rss_mib_held", "{:.1f}"),
+                ("establish s", "establish_s", "{:.2f}"),
+                ("KiB/tunnel", "kib_per_tunnel", "{:.2f}"),
+            ],
+        ),
+        (
+            "stall",
+            "Slow readers (stalled tunnels)",
             "Each client asks the target for a download and reads none of it, so"
             " the target sends until backpressure stops it. KiB/tunnel (RSS) ="
             " (proxy RSS while stalled - RSS before, after a small warm-up) /"
@@ -1464,36 +1445,27 @@ def render_markdown(procs, summary, cfg, meta, sanity, runs, workloads):
             " set by the kernel's autotuning (pipes are not in it). Proxy cores"
             " = its CPU use while the tunnels stay stalled (a proxy that spins"
             " shows here). Alive = tunnels that still delivered the download's"
-            " next bytes, intact, once read after the hold."
-        )
-        L.append("")
-        L.append(
-            "| proxy | established (median) | alive after hold | KiB/tunnel (RSS)"
-            " | host TCP KiB/tunnel | proxy cores while stalled |"
-        )
-        L.append("|---|---|---|---|---|---|")
+            " next bytes, intact, once read after the hold.",
+            [
+                ("established (median)", "established", "{:.0f}"),
+                ("alive after hold", "alive", "{:.0f}"),
+                ("KiB/tunnel (RSS)", "kib_per_stalled", "{:.1f}"),
+                ("host TCP KiB/tunnel", "tcp_kib_per_stalled", "{:.0f}"),
+                ("proxy cores while stalled", "stall_cores", "{:.3f}"),
+            ],
+        ),
+    )
+    for w, title, explanation, columns in fresh_tables:
+        if w not in workloads:
+            continue
+        L.extend([f"## {title}", "", explanation, ""])
+        L.append("| proxy | " + " | ".join(c[0] for c in columns) + " |")
+        L.append("|---|" + "---|" * len(columns))
         for p in procs:
-            if "stall" not in summary.get(p.name, {}):
+            if w not in summary.get(p.name, {}):
                 continue
-            L.append(
-                "| "
-                + " | ".join(
-                    [
-                        p.name,
-                        fmt(cell(summary, p.name, "stall", "established"), "{:.0f}"),
-                        fmt(cell(summary, p.name, "stall", "alive"), "{:.0f}"),
-                        fmt(
-                            cell(summary, p.name, "stall", "kib_per_stalled"), "{:.1f}"
-                        ),
-                        fmt(
-                            cell(summary, p.name, "stall", "tcp_kib_per_stalled"),
-                            "{:.0f}",
-                        ),
-                        fmt(cell(summary, p.name, "stall", "stall_cores"), "{:.3f}"),
-                    ]
-                )
-                + " |"
-            )
+            cells = [fmt(cell(summary, p.name, w, key), f) for _, key, f in columns]
+            L.append("| " + " | ".join([p.name, *cells]) + " |")
         L.append("")
 
     if sanity:
