@@ -274,7 +274,7 @@ DEFAULT_WORKLOADS = ["down", "up", "k8", "latency", "handshake", "idle", "stall"
 FRESH_WORKLOADS = ["idle", "stall"]
 KIND_WORKLOADS = {
     "direct": {"down", "up", "k8", "both", "latency", "handshake"},
-    "relay": {"down", "up", "k8", "both", "latency"},
+    "relay": {"down", "up", "k8", "both", "latency", "stall"},
     "connect": {"down", "up", "k8", "both", "latency", "handshake", "idle", "stall"},
 }
 
