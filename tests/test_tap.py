@@ -313,6 +313,20 @@ class MakeServiceTests(SynchronousTestCase):
             self.assertEqual(splice.defaultPool.processes, processes)
         self.assertRaises(UsageError, parse, "--worker-of", "0")
 
+    def test_pipeSize(self) -> None:
+        """
+        C{--pipe-size} sets the capacity the pipe pool asks for each new
+        pipe (1 MiB unless given), within one page and 64 MiB.
+        """
+        from tunnel import splice
+
+        for argv, size in [((), 1 << 20), (("--pipe-size", "262144"), 262144)]:
+            self.patch(splice, "defaultPool", splice.PipePool())
+            makeService(parse(*argv), MemoryReactorClock())
+            self.assertEqual(splice.defaultPool.pipeSize, size)
+        for wrong in ("4095", str((1 << 26) + 1), "1M"):
+            self.assertRaises(UsageError, parse, "--pipe-size", wrong)
+
     def test_bindFailureIsFatal(self) -> None:
         """
         A listener that cannot bind makes start-up fail instead of running

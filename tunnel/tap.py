@@ -267,6 +267,15 @@ class Options(usage.Options, AuthOptionMixin):
             _number(int, 1),
         ],
         [
+            "pipe-size",
+            None,
+            splice.PIPE_SIZE,
+            "Bytes each pipe of a spliced tunnel holds, and so the most one "
+            "splice(2) moves. Smaller pipes cost throughput, and leave the "
+            "kernel less to buffer for a client that stops reading",
+            _number(int, 4096, 1 << 26),
+        ],
+        [
             "resolver-threads",
             None,
             20,
@@ -745,6 +754,7 @@ def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
     factory = makeFactory(options, reactor)
     # The workers' idle pipes share one user's pipe quota.
     splice.defaultPool.processes = options["worker-of"]
+    splice.defaultPool.pipeSize = options["pipe-size"]
     # Everything made while starting (modules, options, the factory) lives
     # as long as the process: keep it out of the cyclic collector's way, or
     # each full collection walks it again and stalls handshakes (the p99).
