@@ -1215,8 +1215,13 @@ def render_markdown(procs, summary, cfg, meta, sanity, runs, workloads):
         f" K8 = {cfg.k8_tunnels} x {cfg.k8_bytes} down,"
         f" handshake C={cfg.hs_conc} for {cfg.hs_secs}s,"
         f" latency N={cfg.lat_n} x 64 B, idle N={cfg.idle_n}"
-        f" held {cfg.idle_hold}s (in-flight {cfg.idle_conc}),"
-        f" stall N={cfg.stall_n} x {cfg.stall_bytes} held {cfg.stall_hold}s."
+        f" held {cfg.idle_hold}s (in-flight {cfg.idle_conc})"
+        + (
+            # Results from before the stall test have no stall settings.
+            f", stall N={cfg.stall_n} x {cfg.stall_bytes} held {cfg.stall_hold}s."
+            if "stall" in workloads
+            else "."
+        )
         + (
             f" CONNECT target: **{cfg.target_host}**:{TARGET_PORT}, a name each"
             " proxy resolves (from /etc/hosts)."
