@@ -1715,7 +1715,13 @@ def parse_args():
         default=20,
         help="tunnels whose client stops reading in the stall test",
     )
-    ap.add_argument("--stall-hold", type=float, default=4)
+    ap.add_argument(
+        "--stall-hold",
+        type=float,
+        default=4,
+        help="seconds the stalled tunnels are held (at least 2: the proxy is"
+        " measured over the second that ends half a second before)",
+    )
     ap.add_argument(
         "--stall-bytes",
         default="64M",
@@ -1768,6 +1774,8 @@ def parse_args():
         help="only re-render the markdown of an earlier results JSON",
     )
     cfg = ap.parse_args()
+    if cfg.stall_hold < 2:
+        ap.error("--stall-hold must be at least 2 (seconds)")
     if cfg.target_host is not None:
         check_target_host(cfg.target_host)
     if cfg.quick:
@@ -2171,8 +2179,9 @@ def idle_run(p, target, cfg, rnd):
 def stall_run(p, target, cfg, rnd):
     """
     Fresh proxy, warm-up, RSS before; N clients ask for a download and read
-    nothing; once the floods have had half the hold to fill every buffer,
-    the proxy's RSS, the host's TCP memory and the proxy's CPU over a second.
+    nothing; once the floods have had most of the hold to fill every buffer,
+    the proxy's RSS, the host's TCP memory and the proxy's CPU over a second
+    that ends before the hold does.
     """
     rss0, failed = fresh_start(p, "stall", cfg, rnd)
     if failed:
@@ -2181,7 +2190,9 @@ def stall_run(p, target, cfg, rnd):
     held = {}
 
     def on_ready(_line):
-        time.sleep(max(0.5, cfg.stall_hold / 2))
+        # Let the floods fill every buffer, and end the second of samples
+        # half a second before the hold does (--stall-hold is at least 2).
+        time.sleep(max(0.5, cfg.stall_hold - 1.5))
         cpu0, rss1, tcp1 = cpu_seconds(p.pid), rss_kib(p.pid), tcp_mem_kib()
         time.sleep(1.0)
         cpu1, rss2, tcp2 = cpu_seconds(p.pid), rss_kib(p.pid), tcp_mem_kib()

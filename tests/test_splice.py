@@ -1251,6 +1251,27 @@ class PipePoolTests(SynchronousTestCase):
         pool.release(pipe, empty=False)
         self.assertEqual(pool.opened, 0)
 
+    def test_pipeSizeBeyondTheLimit(self) -> None:
+        """
+        A capacity beyond C{/proc/sys/fs/pipe-max-size} (which binds a
+        process without C{CAP_SYS_RESOURCE}) gives a pipe of at least that
+        limit, not the kernel's 64 KiB default.
+        """
+        limit = splice._pipeMaxSize()
+        pool = PipePool(limit * 4)
+        self.addCleanup(pool.clear)
+        pipe = pool.acquire()
+        self.assertEqual(pipe.size, fcntl.fcntl(pipe.writeFD, fcntl.F_GETPIPE_SZ))
+        self.assertGreaterEqual(pipe.size, limit)
+        pool.release(pipe, empty=True)
+
+    def test_pipeMaxSizeUnknown(self) -> None:
+        """
+        Where the kernel does not tell its pipe size limit, the limit is
+        taken to be L{splice.PIPE_SIZE}.
+        """
+        self.assertEqual(splice._pipeMaxSize(self.mktemp()), splice.PIPE_SIZE)
+
     def test_reuse(self) -> None:
         """
         A pipe given back empty is lent again, not a new one.

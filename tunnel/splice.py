@@ -268,10 +268,15 @@ class PipePool:
         if self.short:
             self.short = False
             self._log.info("Pipes for spliced tunnels can be made again")
-        # Beyond /proc/sys/fs/pipe-max-size or the user's pipe quota, keep
-        # the size the kernel gave.
-        with contextlib.suppress(OSError):
+        try:
             fcntl.fcntl(writeFD, fcntl.F_SETPIPE_SZ, self.pipeSize)
+        except OSError:
+            # Beyond /proc/sys/fs/pipe-max-size, which binds a process
+            # without CAP_SYS_RESOURCE: the largest allowed.  Over the
+            # user's pipe quota that fails too, and the pipe keeps the size
+            # the kernel gave.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(writeFD, fcntl.F_SETPIPE_SZ, _pipeMaxSize())
         size = fcntl.fcntl(writeFD, fcntl.F_GETPIPE_SZ)
         self._fullSize = max(self._fullSize, size)
         self.opened += 1
@@ -303,6 +308,20 @@ class PipePool:
         for pipe in idle:
             self.opened -= 1
             pipe.close()
+
+
+def _pipeMaxSize(path: str = "/proc/sys/fs/pipe-max-size") -> int:
+    """
+    The largest pipe a process without C{CAP_SYS_RESOURCE} may ask for.
+
+    @param path: Where the kernel tells it.
+    @return: That size in bytes, or L{PIPE_SIZE} if it cannot be read.
+    """
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return PIPE_SIZE
 
 
 def idleLimit(

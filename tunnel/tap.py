@@ -271,7 +271,8 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             splice.PIPE_SIZE,
             "Bytes each pipe of a spliced tunnel holds, and so the most one "
-            "splice(2) moves. Smaller pipes cost throughput, and leave the "
+            "splice(2) moves (at most /proc/sys/fs/pipe-max-size without "
+            "CAP_SYS_RESOURCE). Smaller pipes cost throughput, and leave the "
             "kernel less to buffer for a client that stops reading",
             _number(int, 4096, 1 << 26),
         ],
