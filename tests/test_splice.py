@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import mmap
 import os
+import socket
 import sys
 import termios
 from typing import Any, cast
@@ -1069,6 +1070,49 @@ class SpliceRelayTests(TestCase):
         self.assertEqual(bytes(client.received), greeting)
         self.assertEqual(relay.pythonBytes(), (0, 0))
         self.assertEqual((relay.bytesUp, relay.bytesDown), (len(early), 0))
+        relay.abort()
+        yield ended.wait()
+
+    @inlineCallbacks
+    def test_readsWhilePipesFill(self) -> Yielding[None]:
+        """
+        One readiness event of a source with more than a pipe's worth
+        waiting moves several pipes' worth: the relay reads again after
+        each read that filled the pipe, up to C{_READS} reads, then waits
+        for the reactor again.
+        """
+        self.pool = PipePool(SMALL_PIPE)
+        client, target = Peer(), Peer()
+        clientSide, targetSide = yield self.connectPair(client, target)
+        proxyClient = cast(Any, clientSide.transport)
+        # The bytes wait in the socket, unread by Twisted, until the relay
+        # reads them; the target's side has room for all it will send.
+        proxyClient.stopReading()
+        cast(Any, targetSide.transport).socket.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20
+        )
+        waiting = (splice._READS + 2) * SMALL_PIPE
+        client.tcp.write(b"x" * waiting)
+
+        def queued() -> int:
+            raw = fcntl.ioctl(proxyClient.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            return int.from_bytes(raw, sys.byteorder)
+
+        for _ in range(100_000):
+            if queued() >= waiting:
+                break
+            yield deferLater(reactor, 0, lambda: None)
+        self.assertEqual(queued(), waiting)
+        relay, ended = self.relayBetween(clientSide, targetSide)
+        relay.start()
+        self.assertEqual(relay.bytesUp, 0)
+        relay._readable(relay.clientEnd)
+        self.assertGreater(relay.bytesUp, SMALL_PIPE)
+        self.assertEqual(relay.bytesUp, splice._READS * SMALL_PIPE)
+        self.assertEqual(queued(), 2 * SMALL_PIPE)
+        self.assertTrue(relay.clientEnd.reading, "not waiting for the rest")
+        yield target.waitFor(waiting)
+        self.assertEqual(bytes(target.received), b"x" * waiting)
         relay.abort()
         yield ended.wait()
 

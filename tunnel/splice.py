@@ -106,6 +106,15 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 # when a destination keeps taking small pieces).
 _ROUNDS = 64
 
+# The most reads one call splices from a source while each of them fills the
+# pipe.  A full pipe means more is waiting in the socket, and reading it at
+# once saves a turn of the reactor (a wait and a dispatch) per pipe's worth:
+# eight tunnels together moved a third more bytes for a third less CPU per
+# GiB, side by side, than with one read a call.  Bounded, so that one bulk
+# tunnel holds the reactor for a few pipes' worth (about 1.5 ms for 1 MiB
+# pipes here) before the others have their turn.
+_READS = 4
+
 # How much one read takes into Python (see _Flow.copying, and when no pipe
 # can be had): what the ordinary relay (Twisted's tcp transport) reads at
 # once.
@@ -837,7 +846,8 @@ class SpliceRelay(RelayLifecycle):
         """
         Move one direction as far as it can go now: drain its pipe into the
         destination, then send it the bytes Python holds, and, if
-        C{readable}, splice one read from the source.  Leaves the source
+        C{readable}, splice a read from the source, and another after each
+        that filled the pipe, up to L{_READS}.  Leaves the source
         registered for reading only while the pipe is empty, and the
         destination registered for writing only while bytes wait for it.
 
@@ -845,6 +855,7 @@ class SpliceRelay(RelayLifecycle):
         """
         src, dst = flow.src, flow.dst
         moved = False
+        reads = _READS
         for _ in range(_ROUNDS):
             if flow.inPipe or flow.spill:
                 try:
@@ -890,6 +901,8 @@ class SpliceRelay(RelayLifecycle):
                 if pipe is not None:
                     n = os.splice(src.fd, pipe.writeFD, pipe.size, flags=_FLAGS)
                     flow.inPipe += n
+                    reads -= 1
+                    readable = n == pipe.size and reads > 0
                 else:
                     data = src.recv(_PYTHON_READ)
                     flow.spill = data
