@@ -109,7 +109,7 @@ _ROUNDS = 64
 # The most reads one call splices from a source while each of them fills the
 # pipe.  A full pipe means more is waiting in the socket, and reading it at
 # once saves a turn of the reactor (a wait and a dispatch) per pipe's worth:
-# eight tunnels together moved a third more bytes for a third less CPU per
+# eight tunnels together moved two fifths more bytes for a third less CPU per
 # GiB, side by side, than with one read a call.  Bounded, so that one bulk
 # tunnel holds the reactor for a few pipes' worth (about 1.5 ms for 1 MiB
 # pipes here) before the others have their turn.
