@@ -234,6 +234,9 @@ class PipePool:
         self.processes = 1
         # The largest size a pipe was given: what pipeSize comes to here.
         self._fullSize = 0
+        # /proc/sys/fs/pipe-max-size, read once the first pipe is refused
+        # pipeSize.
+        self._maxSize: int | None = None
         self._idle: list[Pipe] = []
 
     @property
@@ -284,8 +287,10 @@ class PipePool:
             # without CAP_SYS_RESOURCE: the largest allowed.  Over the
             # user's pipe quota that fails too, and the pipe keeps the size
             # the kernel gave.
+            if self._maxSize is None:
+                self._maxSize = _pipeMaxSize()
             with contextlib.suppress(OSError):
-                fcntl.fcntl(writeFD, fcntl.F_SETPIPE_SZ, _pipeMaxSize())
+                fcntl.fcntl(writeFD, fcntl.F_SETPIPE_SZ, self._maxSize)
         size = fcntl.fcntl(writeFD, fcntl.F_GETPIPE_SZ)
         self._fullSize = max(self._fullSize, size)
         self.opened += 1
@@ -319,6 +324,20 @@ class PipePool:
             pipe.close()
 
 
+def _procNumber(path: str) -> int | None:
+    """
+    The number a kernel setting file holds.
+
+    @param path: The file, under C{/proc/sys}.
+    @return: The number, or L{None} if it cannot be read.
+    """
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def _pipeMaxSize(path: str = "/proc/sys/fs/pipe-max-size") -> int:
     """
     The largest pipe a process without C{CAP_SYS_RESOURCE} may ask for.
@@ -326,11 +345,8 @@ def _pipeMaxSize(path: str = "/proc/sys/fs/pipe-max-size") -> int:
     @param path: Where the kernel tells it.
     @return: That size in bytes, or L{PIPE_SIZE} if it cannot be read.
     """
-    try:
-        with open(path) as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return PIPE_SIZE
+    size = _procNumber(path)
+    return PIPE_SIZE if size is None else size
 
 
 def idleLimit(
@@ -362,13 +378,9 @@ def idleLimit(
         privileged = os.geteuid() == 0
     if privileged:
         return maxIdle
-    try:
-        with open(quotaPath) as f:
-            pages = int(f.read())
-    except (OSError, ValueError):
-        return maxIdle
-    if pages <= 0:
-        # No quota.
+    pages = _procNumber(quotaPath)
+    if pages is None or pages <= 0:
+        # Unknown, or no quota.
         return maxIdle
     return max(1, min(maxIdle, pages * mmap.PAGESIZE // 4 // processes // pipeSize))
 
