@@ -116,6 +116,11 @@ class AccessLogFormatTests(SynchronousTestCase):
             ("\x7f", "%7F"),
             ("é", "%C3%A9"),
             ("a!~ b", "a!~%20b"),
+            ("$&", "$&"),
+            ("\x00", "%00"),
+            ("\x80", "%C2%80"),
+            ("a%b%", "a%25b%25"),
+            ("\u2028\U0001f600", "%E2%80%A8%F0%9F%98%80"),
         ]:
             self.assertEqual(escapeField(text), escaped, text)
 
@@ -143,6 +148,22 @@ class AccessLogFormatTests(SynchronousTestCase):
         """
         line = formatAccessText({**EVENT, "log_time": 1795000000.05})
         self.assertTrue(line.startswith("2026-11-18T11:06:40.050Z "), line)
+
+    def test_timeOfEachRecord(self) -> None:
+        """
+        Each record has its own time, to the millisecond, whether it falls
+        in the same second as the record before, the next one, or (the
+        clock set back) an earlier one.
+        """
+        for when, shown in [
+            (1795000000.999, "2026-11-18T11:06:40.999Z"),
+            (1795000000.001, "2026-11-18T11:06:40.001Z"),
+            (1795000001.25, "2026-11-18T11:06:41.250Z"),
+            (1795000000.5, "2026-11-18T11:06:40.500Z"),
+            (1795086400.0, "2026-11-19T11:06:40.000Z"),
+        ]:
+            line = formatAccessText({**EVENT, "log_time": when})
+            self.assertEqual(line.split(" ")[0], shown)
 
 
 class AccessLogObserverTests(SynchronousTestCase):
