@@ -23,7 +23,7 @@ peers' virtualenv (proxy.py) is --peers-venv, else $PEERS_VENV, else
 <workdir>/peers-venv; setup-peers.sh creates it.  Built-in proxies whose
 program is missing are skipped with a note.
 
-Ports: target 18000; built-in proxies 18011-18029; --extra proxies from 18030.
+Ports: target 18000; built-in proxies 18011-18030; --extra proxies from 18040.
 
     tox -e bench                                   # the default, 3 rounds
     tox -e bench -- --quick                        # smoke test (~2 min)
@@ -63,7 +63,7 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 WORK = BUILD = LOGDIR = CONFDIR = VENV = LOADGEN = TARGET = None
 HOST = "127.0.0.1"
 TARGET_PORT = 18000
-EXTRA_PORT_BASE = 18030
+EXTRA_PORT_BASE = 18040
 CLK = os.sysconf("SC_CLK_TCK")
 GIB = float(1 << 30)
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra"]
@@ -154,6 +154,16 @@ BUILTIN = {
         "config": "squid.conf",
         "cmd": "squid -N -f {config}",
         "note": "-N single process, memory-only, no access log",
+    },
+    "squid-logged": {
+        "kind": "connect",
+        "group": "peer",
+        "port": 18017,
+        "needs": ["bin:squid"],
+        "config": "squid-logged.conf",
+        "cmd": "squid -N -f {config}",
+        "note": "squid with its access log, as installed (access_log daemon:, the"
+        " squid format, written by its log_file_daemon helper)",
     },
     "proxypy": {
         "kind": "connect",
@@ -262,6 +272,15 @@ BUILTIN = {
         "cmd": OURS,
         "note": "this repository as `ours`, but with its default line per"
         " connection in the twistd log (to the bench's log file)",
+    },
+    "ours-access": {
+        "kind": "connect",
+        "group": "ours",
+        "port": 18030,
+        "needs": ["self:twistd", "flag:--access-log", "flag:--no-tunnel-log"],
+        "cmd": OURS + " --no-tunnel-log --access-log {logdir}/access-ours.log",
+        "note": "this repository as `ours`, with a line per connection in an"
+        " access log file (--access-log) instead of the twistd log",
     },
 }
 DEFAULT_PROXIES = ["direct", "ours", "squid", "tinyproxy", "proxypy", "twisted"]
@@ -1580,7 +1599,7 @@ def versions(procs):
     names = {p.name for p in procs}
     probes = {
         "tinyproxy": (["tinyproxy", "-v"], "", {"tinyproxy"}),
-        "squid": (["squid", "-v"], "Version", {"squid"}),
+        "squid": (["squid", "-v"], "Version", {"squid", "squid-logged"}),
         "haproxy": (["haproxy", "-v"], "version", {"haproxy", "haproxy-splice"}),
         "socat": (["socat", "-V"], "version", {"socat", "socat-128k"}),
         "proxy.py": (
@@ -1603,6 +1622,7 @@ def versions(procs):
                 "ours-w2",
                 "ours-nosplice",
                 "ours-logged",
+                "ours-access",
             },
         ),
         "tunnel": (
@@ -1613,7 +1633,7 @@ def versions(procs):
                 " print(m.version('tunnel'), tunnel.__file__)",
             ],
             "",
-            {"ours", "ours-w2", "ours-nosplice", "ours-logged"},
+            {"ours", "ours-w2", "ours-nosplice", "ours-logged", "ours-access"},
         ),
     }
     return {
