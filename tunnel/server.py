@@ -921,13 +921,16 @@ class ConnectProxy(Protocol, TimeoutMixin):
             "parentStatus": self._parentStatus,
             "ended": ended,
         }
+        # Each reading of self._log makes a new Logger (it is a descriptor
+        # that binds the source): once will do.
+        log = self._log
         if factory.logTunnels:
-            self._log.info("{line}", **fields)
+            log.info("{line}", **fields)
         if factory.tunnelObservers:
             fields.update(
-                log_logger=self._log,
+                log_logger=log,
                 log_level=LogLevel.info,
-                log_namespace=self._log.namespace,
+                log_namespace=log.namespace,
                 log_source=self,
                 log_format="{line}",
                 log_time=time.time(),
