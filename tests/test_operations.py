@@ -142,6 +142,22 @@ class AccessLogFormatTests(SynchronousTestCase):
         """
         self.assertIn('"user":"zoë"', formatAccessJSON({**EVENT, "user": "zoë"}))
 
+    def test_jsonLineBreaks(self) -> None:
+        """
+        A user name holding characters that readers take for line breaks
+        (NEL, U+2028, U+2029) or that reorder text on a terminal (U+202E,
+        and the tag characters beyond the Basic Multilingual Plane) is
+        written with JSON escapes: the record stays one line, by any
+        reader's count, and reads back as the same name.
+        """
+        user = "a\x85b\u2028c\u2029d\u202ee\U000e0001f\x9b"
+        line = formatAccessJSON({**EVENT, "user": user})
+        self.assertEqual(line.splitlines(), [line])
+        self.assertTrue(line.isprintable())
+        self.assertEqual(json.loads(line)["user"], user)
+        self.assertIn("\\u2028", line)
+        self.assertIn("\\udb40\\udc01", line)
+
     def test_millisecondsOfTime(self) -> None:
         """
         The time has three digits of milliseconds, leading zeros kept.

@@ -142,6 +142,19 @@ class ParseConnectHeadTests(SynchronousTestCase):
         """
         parse(b"CONNECT a.example:1 HTTP/1.1\r\nContent-Length: 0")
 
+    def test_longContentLength(self) -> None:
+        """
+        A Content-Length of more digits than Python converts to an integer
+        (4300) is read all the same: zero spelled with 5000 digits is
+        accepted, and any other number of that length gets 400, rather than
+        a C{ValueError} from C{int}.
+        """
+        parse(b"CONNECT a.example:1 HTTP/1.1\r\nContent-Length: " + b"0" * 5000)
+        for value in [b"0" * 4999 + b"1", b"9" * 5000, b"1" + b"0" * 4999]:
+            self.assertRejected(
+                b"CONNECT a.example:1 HTTP/1.1\r\nContent-Length: " + value, 400
+            )
+
     def test_otherMethod(self) -> None:
         """
         Another method gets 405 with C{Allow: CONNECT}.
@@ -206,8 +219,32 @@ class ParseConnectHeadTests(SynchronousTestCase):
             b"x_y%41",
             b"::1:443",
             b"2001:db8::1",
+            b":",
+            b"::",
+            b"1.2.3.4:5",
         ]:
             parse(b"CONNECT a.example:443 HTTP/1.1\r\nHost: " + value)
+
+    def test_hostValueOfManyColons(self) -> None:
+        """
+        A Host value of tens of thousands of colons that ends in a character
+        no address has gets 400 like a short one.  The pattern that accepts
+        unbracketed IPv6 addresses once took time growing with the square
+        of such a value (seconds for these, on the reactor's one thread);
+        the test shows the answer, not the time, which is measured apart.
+        """
+        for value in [
+            b":" * 65000 + b"x",
+            b"a:" * 32000 + b"x",
+            b"[" + b":" * 65000 + b"x",
+        ]:
+            rejected = self.assertRaises(
+                RequestRejected,
+                parseConnectHead,
+                b"CONNECT a.example:443 HTTP/1.1\r\nHost: " + value + b"\r\n",
+            )
+            self.assertEqual(rejected.status, 400)
+            self.assertIn("Host", rejected.detail)
 
     def test_malformedRequestLines(self) -> None:
         """

@@ -626,6 +626,24 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertRejected(502, "target-failed")
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
+    def test_parserFails(self) -> None:
+        """
+        A request head the parser fails on unexpectedly (an exception other
+        than L{RequestRejected}) gets a 500 and a closed connection, and
+        the failure is logged for the operator, rather than an unhandled
+        error and a silent close; no target is reached.
+        """
+
+        def broken(head: bytes, maxRequestLine: int) -> Any:
+            raise ValueError("not foreseen")
+
+        self.patch(server, "parseConnectHead", broken)
+        self.proxy.dataReceived(HEAD)
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertAnswered(self.client)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(self.connector.targets, [])
+
     def test_brokenConnector(self) -> None:
         """
         A connector that raises gets the client a 502, not a traceback to

@@ -131,7 +131,23 @@ def formatAccessJSON(event: LogEvent) -> str:
     record = accessRecord(event)
     if record["status"] == "-":
         record["status"] = None
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    if text.isprintable():
+        return text
+    # json.dumps escapes only C0 controls: a user name a client claimed may
+    # hold others that readers take for a line break (NEL, U+2028, U+2029)
+    # or that reorder what a terminal shows (U+202E).  Outside strings JSON
+    # is printable ASCII, so this escapes inside strings only.
+    return "".join(c if c.isprintable() else _jsonEscape(c) for c in text)
+
+
+def _jsonEscape(character: str) -> str:
+    code = ord(character)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    # Beyond the Basic Multilingual Plane JSON escapes a surrogate pair.
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 _FORMATS = {"text": formatAccessText, "json": formatAccessJSON}

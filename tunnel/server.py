@@ -452,6 +452,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
         except RequestRejected as rejected:
             self._reject(rejected)
             return
+        except Exception:
+            # A request the parser did not foresee is answered, not left to
+            # the reactor's "Unhandled Error" and a silent close.
+            self._failedInternally(Failure(), "parsing the request head")
+            return
         # The same timer now bounds authentication and reaching the target.
         self.setTimeout(factory.connectTimeout)
         self._request = request
