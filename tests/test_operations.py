@@ -609,9 +609,10 @@ class ServiceTests(TestCase):
     def test_drainRealSockets(self) -> Any:
         """
         Stopping the service stops accepting at once, lets an open tunnel
-        keep working until it ends, and fires when it has; the access log
-        and the metrics saw the tunnel, though the factory writes no tunnel
-        line to the global log.
+        keep working until it ends, and fires when it has; the metrics
+        listener (of C{afterDrain}) answers during the drain, showing it,
+        and is closed after; the access log and the metrics saw the tunnel,
+        though the factory writes no tunnel line to the global log.
         """
         from tests.fakes import FakeResolver
         from tunnel import HostnameConnector
@@ -645,7 +646,8 @@ class ServiceTests(TestCase):
             TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
             Site(metricsResource(metrics)),
         )
-        metricsListener.setServiceParent(service)
+        # As makeService has it: answering until the drain is over.
+        service.afterDrain.append(metricsListener)
         service.startService()
 
         # Should the test end early, stop the service (closing its listeners,
@@ -695,6 +697,10 @@ class ServiceTests(TestCase):
             ConnectionRefusedError,
         )
         self.assertNoResult(stopped)
+        # The metrics still answer, and show the drain and the open tunnel.
+        body = yield _scrape(metricsPort)
+        self.assertIn(b"tunnel_draining 1.0", body)
+        self.assertIn(b"tunnel_open 1.0", body)
         client.received = b""
         client.gotData = Deferred()
         client.transport.write(b"pong")  # type: ignore[union-attr]
@@ -702,6 +708,14 @@ class ServiceTests(TestCase):
         client.transport.loseConnection()  # type: ignore[union-attr]
         yield client.lost
         yield stopped
+        # Once the drain is over, the metrics listener is closed too.
+        self.assertFalse(metricsListener.running)
+        yield self.assertFailure(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", metricsPort).connect(
+                Factory.forProtocol(Protocol)
+            ),
+            ConnectionRefusedError,
+        )
         with open(logPath) as f:
             [line] = f.read().splitlines()
         record = json.loads(line)

@@ -263,6 +263,30 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(len(factories), 1)
         self.assertIsInstance(factories.pop(), ConnectProxyFactory)
 
+    def test_metricsOutliveTheDrain(self) -> None:
+        """
+        With C{--metrics}, a single process's metrics listener is not one of
+        the listeners that stop when the drain begins, but a service of
+        C{afterDrain}, which stop once it is over: the metrics answer while
+        connections drain.
+        """
+        from twisted.application.internet import StreamServerEndpointService
+        from twisted.web.server import Site
+
+        reactor = MemoryReactorClock()
+        service = makeService(
+            parse("--metrics", "tcp:9100:interface=127.0.0.1"), reactor
+        )
+        assert isinstance(service, tap.ProxyService)
+        [listener] = service.afterDrain
+        self.assertIsInstance(listener, StreamServerEndpointService)
+        self.assertIsInstance(listener.factory, Site)
+        self.assertNotIn(listener, list(service))
+        service.startService()
+        self.addCleanup(service.stopService)
+        ports = [port for port, _, _, _ in reactor.tcpServers]
+        self.assertEqual(ports, [8080, 9100])
+
     def test_freezeOnceRunning(self) -> None:
         """
         Once the reactor runs, the objects made at start-up are frozen out
@@ -775,3 +799,57 @@ class UpstreamOptionsTests(SynchronousTestCase):
         with open(path, "w"):
             pass
         parse("--access-log", path)
+
+
+class StopInTurnTests(SynchronousTestCase):
+    """
+    Tests for L{tap._StopInTurn}, which runs the C{--workers} supervisor and
+    the metrics listener of the main process.
+    """
+
+    def test_lastAddedStopsFirst(self) -> None:
+        """
+        The last child added stops first, and the one before only once it
+        has stopped; the parent's Deferred fires once all have.
+        """
+        from twisted.application.service import Service
+        from twisted.internet.defer import Deferred
+
+        first, second = Service(), Service()
+        secondStopped: Deferred[None] = Deferred()
+        second.stopService = lambda: (  # type: ignore[method-assign]
+            Service.stopService(second),
+            secondStopped,
+        )[1]
+        parent = tap._StopInTurn()
+        first.setServiceParent(parent)
+        second.setServiceParent(parent)
+        parent.startService()
+        stopped = parent.stopService()
+        self.assertFalse(second.running)
+        self.assertTrue(first.running)
+        self.assertNoResult(stopped)
+        secondStopped.callback(None)
+        self.assertFalse(first.running)
+        self.assertIsNone(self.successResultOf(stopped))
+
+    def test_failureToStop(self) -> None:
+        """
+        A child that fails to stop is logged, and the next one stops all
+        the same.
+        """
+        from twisted.application.service import Service
+
+        first, second = Service(), Service()
+
+        def fail() -> None:
+            raise ZeroDivisionError()
+
+        second.stopService = fail  # type: ignore[method-assign]
+        parent = tap._StopInTurn()
+        first.setServiceParent(parent)
+        second.setServiceParent(parent)
+        parent.startService()
+        self.assertIsNone(self.successResultOf(parent.stopService()))
+        self.assertFalse(first.running)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

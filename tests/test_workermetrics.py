@@ -246,7 +246,7 @@ class SupervisorMetricsTests(SynchronousTestCase):
             ["--workers", "2", "--listen", "tcp:0", "--metrics", "tcp:0"]
         )
         service: Any = makeService(options, MemoryReactorClock())
-        [supervisor, listener] = list(service)
+        [listener, supervisor] = list(service)
         self.assertIsInstance(supervisor, WorkerSupervisor)
         self.assertIsNotNone(supervisor._metrics)
         self.assertIsInstance(listener, StreamServerEndpointService)

@@ -513,7 +513,7 @@ class SupervisorTests(TestCase):
             [*TWO_TCP_WORKERS, "--metrics", "tcp:0:interface=127.0.0.1"]
         )
         service: Any = makeService(options, reactor)
-        [supervisor, listener] = list(service)
+        [listener, supervisor] = list(service)
         ready = [self.waitForLog("Starting factory") for _ in range(2)]
         service.startService()
         self.addCleanup(service.stopService)

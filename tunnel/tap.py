@@ -22,7 +22,7 @@ from twisted.cred.checkers import (
 )
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.strcred import AuthOptionMixin, UnsupportedInterfaces, makeChecker
-from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -715,12 +715,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         )
         if workerMetrics is None:
             return supervisor
-        # The main process serves the workers' metrics, added up.
-        parent = MultiService()
-        supervisor.setServiceParent(parent)
+        # The main process serves the workers' metrics, added up, until the
+        # workers have drained: stopped in turn, the supervisor first.
+        parent = _StopInTurn()
         _listen(
             reactor, options["metrics"], Site(metricsResource(workerMetrics)), parent
         )
+        supervisor.setServiceParent(parent)
         return parent
     service = makeWorkerService(options, reactor)
     if not options["inherit-fd"]:
@@ -773,7 +774,11 @@ def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
         factory, options["drain-timeout"], observers=observers, reactor=reactor
     )
     if metrics is not None and options["metrics"] is not None:
-        _listen(reactor, options["metrics"], Site(metricsResource(metrics)), service)
+        # Stopped after the drain, so that it answers while the drain goes
+        # on (tunnel_draining, and the tunnels still open).
+        service.afterDrain.append(
+            _listener(reactor, options["metrics"], Site(metricsResource(metrics)))
+        )
     if metrics is not None and options["report-metrics"]:
         # Stopped after the drain, so its last report counts the connections
         # that ended during it.
@@ -822,14 +827,49 @@ def _sendMetrics(snapshot: str) -> None:
     sys.stdout.flush()
 
 
-def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
+def _listener(
+    reactor: Any, description: str, factory: Any
+) -> StreamServerEndpointService:
     listener = StreamServerEndpointService(
         serverFromString(reactor, description), factory
     )
     # Fail start-up loudly if a listener cannot bind, instead of logging the
     # error and running with fewer listeners than configured.
     listener._raiseSynchronously = True
-    listener.setServiceParent(parent)
+    return listener
+
+
+def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
+    _listener(reactor, description, factory).setServiceParent(parent)
+
+
+def _stopService(_: object, service: IService) -> Deferred[Any] | None:
+    return service.stopService()  # type: ignore[no-any-return]
+
+
+class _StopInTurn(MultiService):
+    """
+    A L{MultiService} that stops its children one after another, the last
+    added first, each once the one before has stopped (L{MultiService}
+    stops them all at once).
+    """
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop the children in turn.
+
+        @return: A Deferred that fires once the first child added has
+            stopped.
+        """
+        Service.stopService(self)
+        stopped: Deferred[Any] = succeed(None)
+        for child in reversed(list(self)):
+            stopped.addCallback(_stopService, child)
+            # One that fails to stop must not keep the next one running.
+            stopped.addErrback(
+                lambda reason: _log.failure("Stopping a service failed", reason)
+            )
+        return stopped
 
 
 def _restrictsClients(policy: ITunnelPolicy) -> bool:
