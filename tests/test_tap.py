@@ -24,6 +24,7 @@ from tunnel.htpasswd import HtpasswdChecker
 from tunnel.resolver import ThreadedResolver
 from tunnel.rules import RulesFilePolicy
 from tunnel.server import ConnectProxyFactory
+from tunnel.service import ProxyService
 from tunnel.tap import (
     DEFAULT_LISTEN,
     Options,
@@ -277,7 +278,7 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(
             parse("--metrics", "tcp:9100:interface=127.0.0.1"), reactor
         )
-        assert isinstance(service, tap.ProxyService)
+        assert isinstance(service, ProxyService)
         [listener] = service.afterDrain
         self.assertIsInstance(listener, StreamServerEndpointService)
         self.assertIsInstance(listener.factory, Site)
