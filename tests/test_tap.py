@@ -264,6 +264,27 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(len(factories), 1)
         self.assertIsInstance(factories.pop(), ConnectProxyFactory)
 
+    def test_proxyProtocolNotOverTLS(self) -> None:
+        """
+        C{--proxy-protocol} with an C{ssl:} listener is a usage error that
+        says why (balancers send the header before TLS, the proxy would
+        look for it inside); with C{tcp:} listeners it is accepted.
+        """
+        e = self.assertRaises(
+            UsageError,
+            parse,
+            "--proxy-protocol",
+            "--listen",
+            "tcp:8081",
+            "--listen",
+            "ssl:8443:privateKey=k.pem",
+        )
+        self.assertIn("--proxy-protocol cannot be used with an ssl: listener", str(e))
+        self.assertIn("before the TLS handshake", str(e))
+        self.assertTrue(
+            parse("--proxy-protocol", "--listen", "tcp:8081")["proxy-protocol"]
+        )
+
     def test_metricsOutliveTheDrain(self) -> None:
         """
         With C{--metrics}, a single process's metrics listener is not one of

@@ -126,6 +126,14 @@ class WorkerArgumentsTests(SynchronousTestCase):
             ["--workers", "2", "--listen", "ssl:8443:privateKey=k.pem"],
         )
         self.assertIn("without TLS", str(e))
+        # Nor can a systemd socket, for a reason of its own.
+        e = self.assertRaises(
+            UsageError,
+            Options().parseOptions,
+            ["--workers", "2", "--listen", "systemd:domain=INET:index=0"],
+        )
+        self.assertIn("not systemd:domain=INET:index=0", str(e))
+        self.assertNotIn("TLS", str(e))
 
 
 class _FakeProcess:
@@ -207,6 +215,42 @@ class RespawnTests(SynchronousTestCase):
         self.assertIn(0, self.supervisor.workers)
         self.assertIn(1, self.supervisor.workers)
 
+    def test_endingsWhileStopping(self) -> None:
+        """
+        While the supervisor stops, each worker's end is logged: a worker
+        that drained and exited as an info, one killed after the drain
+        timeout as a warning that says so; neither is replaced.
+        """
+        from twisted.internet.error import ProcessDone
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.supervisor.stopService()
+        self.clock.advance(5)
+        self.assertEqual(
+            [p.signals for p in self.supervisor.workers.values()],
+            [[signal.SIGTERM, signal.SIGKILL]] * 2,
+        )
+        self.supervisor._protocols[0].processEnded(Failure(ProcessDone(0)))
+        self.supervisor._protocols[1].processEnded(
+            Failure(ProcessTerminated(signal=signal.SIGKILL))
+        )
+        logged = [
+            (e["log_level"], formatEvent(e))
+            for e in events
+            if formatEvent(e).startswith("Worker ")
+        ]
+        self.assertEqual(logged[0], (LogLevel.info, "Worker 0 drained and exited"))
+        self.assertEqual(logged[1][0], LogLevel.warn)
+        self.assertIn("Worker 1 ended while stopping", logged[1][1])
+        self.assertIn("signal 9", logged[1][1])
+        self.clock.advance(60)
+        self.assertEqual(self.supervisor.workers, {})
+
     def test_usr1OnlyToReadyWorkers(self) -> None:
         """
         SIGUSR1 goes only to workers that have logged a record, that is,
@@ -246,6 +290,34 @@ class RespawnTests(SynchronousTestCase):
         self.clock.advance(2)
         self.assertIn(0, self.supervisor.workers)
         self.assertEqual(len(self.clock.spawned), 3)
+
+
+class FirstSpawnTests(SynchronousTestCase):
+    """
+    Workers that cannot be started when the supervisor starts.
+    """
+
+    def test_firstSpawnFailureRetried(self) -> None:
+        """
+        A worker that cannot be started with the supervisor (its
+        interpreter not executable by the C{-u} user, say) does not make
+        C{startService} raise: the failure is logged, the other workers
+        start, and it is tried again later, less and less often.
+        """
+        clock = _SpawningClock()
+        clock.failing = True
+        supervisor = WorkerSupervisor(clock, [], [], 2, stopTimeout=5)
+        supervisor.startService()
+        self.addCleanup(supervisor.stopService)
+        self.assertEqual(supervisor.workers, {})
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+        clock.advance(1)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+        clock.failing = False
+        clock.advance(1)
+        self.assertEqual(supervisor.workers, {})
+        clock.advance(1)
+        self.assertEqual(sorted(supervisor.workers), [0, 1])
 
 
 class WorkerLogTests(SynchronousTestCase):

@@ -470,13 +470,30 @@ class Options(usage.Options, AuthOptionMixin):
         """
         if not self["listen"] and not self["inherit-fd"]:
             self["listen"] = [DEFAULT_LISTEN]
+        kinds = [
+            description.partition(":")[0].lower() for description in self["listen"]
+        ]
         if self["workers"] > 1:
-            for description in self["listen"]:
-                if description.partition(":")[0].lower() not in SHAREABLE_KINDS:
+            for description, kind in zip(self["listen"], kinds, strict=True):
+                if kind not in SHAREABLE_KINDS:
+                    why = (
+                        " (a worker would serve it without TLS)"
+                        if kind == "ssl"
+                        else ""
+                    )
                     raise usage.UsageError(
                         f"--workers shares only tcp:, tcp6: and unix: listeners, "
-                        f"not {description} (a worker would serve it without TLS)"
+                        f"not {description}{why}"
                     )
+        if self["proxy-protocol"] and "ssl" in kinds:
+            # Twisted's ssl: listener decrypts before the proxy reads a byte,
+            # so the header would be looked for inside TLS.
+            raise usage.UsageError(
+                "--proxy-protocol cannot be used with an ssl: listener: load "
+                "balancers send the PROXY header before the TLS handshake, "
+                "and the proxy would look for it inside TLS; end TLS on the "
+                "balancer and listen with tcp:"
+            )
         from twisted.internet import reactor
 
         for description in self["listen"]:

@@ -24,7 +24,7 @@ from twisted.application.service import Service
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ProcessDone
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReadDescriptor
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import (
@@ -364,7 +364,11 @@ class WorkerSupervisor(Service):
         super().startService()
         self._previousUSR1 = signal.signal(signal.SIGUSR1, self._onUSR1)
         for number in range(self._count):
-            self._spawn(number)
+            # A worker that cannot be started (the interpreter not
+            # executable by the -u user, fork failing) is logged and tried
+            # again later, as a replacement would be, rather than fail the
+            # start of the others.
+            self._respawnIfRunning(number)
 
     def _onUSR1(self, signum: int, frame: Any) -> None:
         self._reactor.callFromThread(self.signalWorkers, signal.SIGUSR1, True)
@@ -431,6 +435,16 @@ class WorkerSupervisor(Service):
         if self._metrics is not None:
             self._metrics.retire(number)
         if not self.running:
+            # Stopping: say whether it drained, or was killed once the drain
+            # timeout had passed (or ended otherwise).
+            if reason.check(ProcessDone):
+                self._log.info("Worker {number} drained and exited", number=number)
+            else:
+                self._log.warn(
+                    "Worker {number} ended while stopping ({why})",
+                    number=number,
+                    why=reason.getErrorMessage(),
+                )
             return
         lived = self._reactor.seconds() - self._startedAt.get(number, 0)
         if lived >= _STEADY_AFTER:
