@@ -442,6 +442,35 @@ class ServiceObserverTests(SynchronousTestCase):
         self.successResultOf(service.stopService())
         self.assertEqual(factory.tunnelObservers, [])
 
+    def test_afterDrainPrivilegedStart(self) -> None:
+        """
+        The services of C{afterDrain} get their C{privilegedStartService}
+        with the listeners (twistd calls it before dropping privileges, and
+        the metrics listener binds then), and are started and stopped with
+        the service.
+        """
+        from twisted.application.service import Service
+
+        calls: list[str] = []
+
+        class Recording(Service):
+            def privilegedStartService(self) -> None:
+                calls.append("privileged")
+
+            def startService(self) -> None:
+                calls.append("start")
+                super().startService()
+
+        recording = Recording()
+        service = ProxyService(ConnectProxyFactory(reactor=MemoryReactorClock()))
+        service.afterDrain.append(recording)
+        service.privilegedStartService()
+        self.assertEqual(calls, ["privileged"])
+        service.startService()
+        self.assertEqual(calls, ["privileged", "start"])
+        self.successResultOf(service.stopService())
+        self.assertFalse(recording.running)
+
     def test_restart(self) -> None:
         """
         A service stopped and started again serves as before: requests are

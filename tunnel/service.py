@@ -123,6 +123,16 @@ class ProxyService(MultiService):
         self._stopping = False
         self.afterDrain: list[Any] = []
 
+    def privilegedStartService(self) -> None:
+        """
+        Let the listeners, and the services of L{afterDrain} (the metrics
+        listener), bind while the process may still use privileged ports,
+        before twistd drops privileges (C{-u}).
+        """
+        super().privilegedStartService()
+        for service in self.afterDrain:
+            service.privilegedStartService()
+
     def startService(self) -> None:
         """
         Add the observers, then start the listeners.  A service stopped
