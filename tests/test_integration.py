@@ -892,6 +892,39 @@ class TunnelTests(LoopbackTestCase):
         self.assertEqual((event["bytesUp"], event["bytesDown"]), (8, 16))
 
     @inlineCallbacks
+    def test_urgentData(self) -> Yielding[None]:
+        """
+        TCP urgent data (C{MSG_OOB}) in the middle of a long stream, each
+        way, is passed over as a plain socket read does: the urgent byte
+        itself is dropped, and every byte before and after it arrives, then
+        the FIN, all counted.  (The kernel stops C{splice} at the urgent
+        mark: read as an end of file, that cut the stream short behind a
+        clean FIN, and before the FIN came it made the relay spin.)
+        """
+        proxy = self.startProxy()
+        targets = self.serve(lambda: Peer(closeOnEOF=False))
+        client = yield self.connectThrough(
+            proxy.port, f"127.0.0.1:{targets.port}", Peer(closeOnEOF=False)
+        )
+        target = yield targets.accepted.get()
+        # More than one 64 KiB read first, so that a splicing relay splices.
+        before, after = b"a" * 200_000, b"b" * 100_000 + b"END"
+        for sender, receiver in [(client, target), (target, client)]:
+            sender.tcp.write(before)
+            yield receiver.waitFor(len(before))
+            sender.tcp.socket.send(b"!", socket.MSG_OOB)
+            sender.tcp.write(after)
+            sender.tcp.loseWriteConnection()
+            yield receiver.eof.wait()
+            self.assertEqual(bytes(receiver.received), before + after)
+        client.tcp.loseConnection()
+        target.tcp.loseConnection()
+        yield gatherResults([client.lost.wait(), target.lost.wait()])
+        [event] = yield self.proxyEnded(1)
+        self.assertEqual(event["ended"], "client-eof")
+        self.assertEqual((event["bytesUp"], event["bytesDown"]), (300_003, 300_003))
+
+    @inlineCallbacks
     def test_targetHalfCloses(self) -> Yielding[None]:
         """
         When the target shuts down its sending side, the client sees EOF and

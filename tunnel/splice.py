@@ -910,12 +910,25 @@ class SpliceRelay(RelayLifecycle):
             # ordinary relay, rather than end a tunnel that works.
             pipe = None if flow.copying else self._borrow(flow)
             try:
+                n = 0
                 if pipe is not None:
-                    n = os.splice(src.fd, pipe.writeFD, pipe.size, flags=_FLAGS)
+                    try:
+                        n = os.splice(src.fd, pipe.writeFD, pipe.size, flags=_FLAGS)
+                    except BlockingIOError:
+                        if reads < _READS:
+                            # Reading on after a full pipe: drained.
+                            raise
                     flow.inPipe += n
                     reads -= 1
                     readable = n == pipe.size and reads > 0
-                else:
+                if not n:
+                    # Through Python, too, when splice found nothing where
+                    # the reactor saw bytes, or an end of file: TCP urgent
+                    # data stops splice at its mark (EAGAIN, or 0 once the
+                    # FIN is in), which would spin the reactor or cut the
+                    # stream short; recv passes the mark, dropping the
+                    # urgent byte as the ordinary relay does, and tells a
+                    # real end of file.
                     data = src.recv(_PYTHON_READ)
                     flow.spill = data
                     n = len(data)
