@@ -885,6 +885,36 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
             self.connector.endpoint.attempts[-1][1].errback(timeout)
             self.assertTrue(client.value().startswith(b"HTTP/1.1 504 "), timeout)
 
+    def test_parentUnreachableSaysSo(self) -> None:
+        """
+        A parent proxy that cannot be reached gets the client a 502 that
+        says so (not that the target refused or does not resolve), and a
+        log line that gives the reason.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from tunnel.interfaces import UpstreamUnreachable
+
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(
+            UpstreamUnreachable(string="Connection refused")
+        )
+        response = self.assertRejected(502, "target-failed")
+        self.assertTrue(
+            response.endswith(b"\r\n\r\nThe parent proxy could not be reached.\n")
+        )
+        [line] = [
+            formatEvent(e)
+            for e in events
+            if "Parent proxy unreachable" in formatEvent(e)
+        ]
+        self.assertIn("Connection refused", line)
+
     def test_parentFailedSaysSo(self) -> None:
         """
         The 502 for a parent proxy that answered nonsense says that the

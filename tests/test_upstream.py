@@ -36,7 +36,6 @@ from twisted.internet.error import (
     ConnectionDone,
     ConnectionLost,
     ConnectionRefusedError,
-    DNSLookupError,
     NoProtocol,
     TimeoutError,
 )
@@ -71,6 +70,7 @@ from tunnel.upstream import (
     UpstreamProtocolError,
     UpstreamProxy,
     UpstreamRefused,
+    UpstreamUnreachable,
     parseUpstreamURL,
 )
 
@@ -552,6 +552,19 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         refused = self.failureResultOf(result, UpstreamRefused).value
         self.assertEqual((refused.status, refused.reason), (407, "Who?is?[31m there"))
 
+    def test_refusedReasonBounded(self) -> None:
+        """
+        A reason phrase longer than C{MAX_REASON} bytes is cut to that many,
+        so a parent cannot fill the client's 502 and the log with its text.
+        """
+        from tunnel.upstream import MAX_REASON
+
+        result, protocol, _transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 403 " + b"A" * 60000 + b"\r\n\r\n")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        refused = self.failureResultOf(result, UpstreamRefused).value
+        self.assertEqual((refused.status, refused.reason), (403, "A" * MAX_REASON))
+
     def test_malformed(self) -> None:
         """
         An answer that is not an HTTP/1.x response fails the Deferred with
@@ -649,8 +662,10 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
 
     def test_parentUnreachable(self) -> None:
         """
-        When the parent cannot be reached the Deferred fails with the
-        connection error.
+        When the parent cannot be reached the Deferred fails with
+        L{UpstreamUnreachable} (a C{ConnectError}), whose message holds the
+        connection error: not with the bare error, which the proxy would
+        report as the target's.
         """
         result = self.endpoint().connect(self.factory)
         [(_, _, factory, _, _)] = self.reactor.tcpClients
@@ -658,16 +673,20 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
         # HostnameEndpoint reports once its (single) address was tried.
         self.reactor.advance(1)
-        self.failureResultOf(result, ConnectionRefusedError)
+        failure = self.failureResultOf(result, UpstreamUnreachable)
+        self.assertIsInstance(failure.value, ConnectError)
+        self.assertIn("could not be reached", str(failure.value))
+        self.assertIn("refused", str(failure.value))
 
     def test_parentNameUnknown(self) -> None:
         """
         A parent name that does not resolve fails the Deferred with
-        L{DNSLookupError}.
+        L{UpstreamUnreachable}, whose message holds the lookup's error.
         """
         upstream = parseUpstreamURL("http://nowhere.example:3128")
         result = self.endpoint(upstream).connect(self.factory)
-        self.failureResultOf(result, DNSLookupError)
+        failure = self.failureResultOf(result, UpstreamUnreachable)
+        self.assertIn("nowhere.example", str(failure.value))
         self.assertEqual(self.reactor.tcpClients, [])
 
     def test_timeoutWaitingForAnswer(self) -> None:

@@ -21,7 +21,8 @@ The public API (C{__all__}):
   - L{UpstreamEndpoint} and L{UpstreamConnector}: reaching targets through a
     parent CONNECT proxy, an L{UpstreamProxy} (see L{parseUpstreamURL});
     they fail with L{UpstreamRefused} when the parent refuses, and with
-    L{UpstreamProtocolError} when it gives no usable answer.
+    L{UpstreamProtocolError} when it gives no usable answer, and with
+    L{UpstreamUnreachable} when it cannot be reached.
 
 The submodules hold more, for those who build on the parts; what they list
 in C{__all__} is public too.
@@ -44,6 +45,7 @@ from .upstream import (
     UpstreamProtocolError,
     UpstreamProxy,
     UpstreamRefused,
+    UpstreamUnreachable,
     parseUpstreamURL,
 )
 
@@ -73,6 +75,7 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamProxy",
     "UpstreamRefused",
+    "UpstreamUnreachable",
     "metricsResource",
     "parseConnectHead",
     "parseUpstreamURL",

@@ -97,3 +97,13 @@ class UpstreamProtocolError(ConnectError):
     """
 
     MESSAGE = "The parent proxy did not answer properly"
+
+
+class UpstreamUnreachable(ConnectError):
+    """
+    The parent proxy could not be reached: its name did not resolve, it
+    refused the connection, or the network failed before a connection was
+    made.  The message holds the underlying error.
+    """
+
+    MESSAGE = "The parent proxy could not be reached"

@@ -55,6 +55,7 @@ from .interfaces import (
     LookupsBusy,
     UpstreamProtocolError,
     UpstreamRefused,
+    UpstreamUnreachable,
 )
 from .policy import IPAddress, ITunnelPolicy, TunnelPolicy, parseAddress
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
@@ -717,6 +718,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
             rejected = RequestRejected(
                 502, f"The parent proxy refused: {refused.status} {refused.reason}"
             )
+        elif reason.check(UpstreamUnreachable):
+            self._log.info(
+                "Parent proxy unreachable for {target}: {why}",
+                target=self._targetName,
+                why=str(reason.value),
+            )
+            rejected = RequestRejected(502, "The parent proxy could not be reached.")
         elif reason.check(UpstreamProtocolError):
             self._log.info(
                 "Parent proxy failed for {target}: {why}",

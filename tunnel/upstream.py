@@ -31,7 +31,13 @@ from service_identity import VerificationError
 from twisted.internet.address import HostnameAddress
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import NoProtocol, TimeoutError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+    NoProtocol,
+    TimeoutError,
+)
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHostnameResolver,
@@ -60,7 +66,13 @@ from .connector import (
 )
 
 # The failures are defined with the seam; importable from here as before.
-from .interfaces import ITargetConnector, UpstreamProtocolError, UpstreamRefused
+from .interfaces import (
+    ITargetConnector,
+    LookupsBusy,
+    UpstreamProtocolError,
+    UpstreamRefused,
+    UpstreamUnreachable,
+)
 from .request import HOSTNAME, RequestRejected, findHeadEnd, parseAuthority
 from .resolver import sharedResolver
 
@@ -72,6 +84,7 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamProxy",
     "UpstreamRefused",
+    "UpstreamUnreachable",
     "parseUpstreamURL",
     "upstreamTLSOptions",
 ]
@@ -294,6 +307,10 @@ def upstreamTLSOptions(
     )
 
 
+#: The most of a parent's reason phrase kept, in bytes.
+MAX_REASON = 128
+
+
 def _parseStatusLine(head: bytes) -> tuple[int, str]:
     """
     The status code and reason phrase of a response head.
@@ -305,7 +322,9 @@ def _parseStatusLine(head: bytes) -> tuple[int, str]:
     if match is None or not 100 <= int(match.group(1)) <= 599:
         shown = _CONTROL.sub("?", line[:80].decode("latin-1"))
         raise UpstreamProtocolError(string=f"not an HTTP/1.x status line: {shown!r}")
-    reason = (match.group(2) or b"").decode("latin-1")
+    # The parent's words reach the client's 502 and the log: as many as a
+    # reason phrase needs, not the 64 KiB a head may hold.
+    reason = (match.group(2) or b"")[:MAX_REASON].decode("latin-1")
     return int(match.group(1)), _CONTROL.sub("?", reason).strip()
 
 
@@ -375,6 +394,12 @@ class _Attempt:
         The parent could not be reached.
         """
         self.connecting = None
+        if reason.check(ConnectError, DNSLookupError) and not reason.check(
+            TimeoutError, ConnectingCancelledError, LookupsBusy
+        ):
+            # Said of the parent, not left to read as the target's refusal
+            # or unknown name.
+            reason = Failure(UpstreamUnreachable(string=reason.getErrorMessage()))
         self.fail(reason)
 
     def succeed(self, protocol: IProtocol) -> None:
@@ -623,9 +648,10 @@ class UpstreamEndpoint:
         (or TLS fails) before it;
       - L{twisted.internet.error.TimeoutError} when the parent was not
         reached, or did not answer, within C{timeout};
-      - the L{twisted.internet.error.ConnectError} of L{HostnameEndpoint}
+      - L{UpstreamUnreachable} (a L{twisted.internet.error.ConnectError})
         when the parent cannot be reached (its name does not resolve, it
-        refuses the connection...).
+        refuses the connection...), with the underlying error's message;
+      - L{tunnel.interfaces.LookupsBusy} when too many name lookups wait.
     On each of these the connection to the parent is already closed.  The
     Deferred can be cancelled at any time before it fires: the connection
     attempt is cancelled or the connection aborted.
