@@ -718,20 +718,20 @@ class ConnectProxy(Protocol, TimeoutMixin):
             rejected = RequestRejected(
                 502, f"The parent proxy refused: {refused.status} {refused.reason}"
             )
-        elif reason.check(UpstreamUnreachable):
+        elif reason.check(UpstreamUnreachable, UpstreamProtocolError):
+            unreachable = reason.check(UpstreamUnreachable) is not None
             self._log.info(
-                "Parent proxy unreachable for {target}: {why}",
+                "Parent proxy {what} for {target}: {why}",
+                what="unreachable" if unreachable else "failed",
                 target=self._targetName,
                 why=str(reason.value),
             )
-            rejected = RequestRejected(502, "The parent proxy could not be reached.")
-        elif reason.check(UpstreamProtocolError):
-            self._log.info(
-                "Parent proxy failed for {target}: {why}",
-                target=self._targetName,
-                why=str(reason.value),
+            rejected = RequestRejected(
+                502,
+                "The parent proxy could not be reached."
+                if unreachable
+                else "The parent proxy failed.",
             )
-            rejected = RequestRejected(502, "The parent proxy failed.")
         elif self._timedOut or reason.check(ConnectTimeoutError, DeferredTimeoutError):
             rejected = RequestRejected(504, "Connecting to the target timed out.")
         elif reason.check(LookupsBusy):
