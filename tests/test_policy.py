@@ -150,6 +150,13 @@ class DefaultRangesTests(SynchronousTestCase):
             self.assertEqual(embeddedIPv4(ipaddress.ip_address(text)), v4, text)
         self.assertIsNone(embeddedIPv4(ipaddress.ip_address("2606:4700::1")))
         self.assertIsNone(embeddedIPv4(v4))
+        # IPv6's own unspecified and loopback addresses carry no IPv4 one.
+        for text in ["::", "::1", "0::1", "::0.0.0.1"]:
+            self.assertIsNone(embeddedIPv4(ipaddress.ip_address(text)), text)
+        self.assertEqual(
+            embeddedIPv4(ipaddress.ip_address("::0.0.0.2")),
+            ipaddress.IPv4Address("0.0.0.2"),
+        )
 
     @settings(max_examples=400, deadline=None)
     @given(deniedAddresses)
@@ -354,6 +361,21 @@ class DestinationRuleTests(SynchronousTestCase):
         for address in ["8.8.8.8", "::2", "::ffff:8.8.8.8", "2606:2800:220:1::1"]:
             self.assertTrue(allowed(policy, address), address)
             self.assertFalse(isUnspecified(ipaddress.ip_address(address)), address)
+
+    def test_ipv6LoopbackNotOpenedByIPv4Rules(self) -> None:
+        """
+        Allowing every IPv4 address but loopback (C{--allow-to 0.0.0.0/0
+        --deny-to 127.0.0.0/8}) does not open IPv6 loopback, however it is
+        spelled: C{::1} is not the IPv4-compatible form of C{0.0.0.1}.
+        """
+        policy = TunnelPolicy.fromStrings(
+            ports=["any"], allowTo=["0.0.0.0/0"], denyTo=["127.0.0.0/8"]
+        )
+        for address in ["::1", "0::1", "0:0:0:0:0:0:0:1", "::0.0.0.1"]:
+            self.assertFalse(allowed(policy, address), address)
+        for address in ["::ffff:127.0.0.1", "::127.0.0.1", "64:ff9b::7f00:1"]:
+            self.assertFalse(allowed(policy, address), address)
+        self.assertTrue(allowed(policy, "8.8.8.8"))
 
     def test_addressDenial(self) -> None:
         """

@@ -143,7 +143,9 @@ def embeddedIPv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     @param address: An address.
     @return: The IPv4 address carried by an IPv4-mapped (C{::ffff:a.b.c.d}),
         IPv4-compatible (C{::a.b.c.d}), NAT64 (C{64:ff9b::a.b.c.d}) or 6to4
-        (C{2002:AABB:CCDD::}) address; L{None} otherwise.
+        (C{2002:AABB:CCDD::}) address; L{None} otherwise, and for C{::} and
+        C{::1}, the unspecified and loopback addresses of IPv6 itself (RFC
+        4291 section 2.5.5.1), not IPv4's C{0.0.0.0} and C{0.0.0.1}.
     """
     if not isinstance(address, ipaddress.IPv6Address):
         return None
@@ -151,7 +153,10 @@ def embeddedIPv4(address: IPAddress) -> ipaddress.IPv4Address | None:
         return address.ipv4_mapped
     if address.sixtofour is not None:
         return address.sixtofour
-    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+    # Read as IPv4-compatible, ::1 would be 0.0.0.1, which an IPv4 rule such
+    # as --allow-to 0.0.0.0/0 covers: IPv6 loopback opened by a rule that
+    # says nothing of IPv6.
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None
 
