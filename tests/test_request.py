@@ -362,11 +362,13 @@ class ParseConnectHeadTests(SynchronousTestCase):
 
     def test_framingFields(self) -> None:
         """
-        A second Host, any Transfer-Encoding, or a Content-Length that is not
-        zero gets 400: a CONNECT request has no content.
+        A second Host or Proxy-Authorization, any Transfer-Encoding, or a
+        Content-Length that is not zero gets 400: a CONNECT request has no
+        content, and one set of credentials.
         """
         for fields in [
             b"Host: a\r\nHost: a",
+            b"Proxy-Authorization: Basic YTpi\r\nProxy-Authorization: Basic YTpj",
             b"Transfer-Encoding: chunked",
             b"Transfer-Encoding: identity",
             b"Content-Length: 5",

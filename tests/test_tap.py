@@ -623,6 +623,42 @@ class OpenProxyWarningTests(SynchronousTestCase):
             self.assertEqual(listensBeyondLoopback(description), beyond, description)
 
 
+class FileStampTests(SynchronousTestCase):
+    """
+    Tests for L{tunnel.filestamp.fileStamp}, which tells the rules and
+    htpasswd files' readers that a file changed.
+    """
+
+    def test_statusChangeCounts(self) -> None:
+        """
+        A file rewritten in place with the same size and its modification
+        time set back has a new stamp all the same: its status change time
+        (which no one can set back) differs.
+        """
+        from types import SimpleNamespace
+
+        from tunnel import filestamp
+
+        def status(ctime: int) -> SimpleNamespace:
+            return SimpleNamespace(
+                st_mtime_ns=10**18, st_size=42, st_ino=7, st_ctime_ns=ctime
+            )
+
+        statuses = iter([status(1), status(1), status(2)])
+        self.patch(filestamp, "os", SimpleNamespace(stat=lambda path: next(statuses)))
+        first = filestamp.fileStamp("rules")
+        self.assertEqual(filestamp.fileStamp("rules"), first)
+        self.assertNotEqual(filestamp.fileStamp("rules"), first)
+
+    def test_missing(self) -> None:
+        """
+        A file that cannot be examined has no stamp.
+        """
+        from tunnel.filestamp import fileStamp
+
+        self.assertIsNone(fileStamp(self.mktemp()))
+
+
 class RulesFilePolicyTests(SynchronousTestCase):
     """
     Tests for L{RulesFilePolicy}.

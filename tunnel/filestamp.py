@@ -10,10 +10,12 @@ import os
 __all__ = ["fileStamp"]
 
 
-def fileStamp(path: str) -> tuple[int, int, int] | None:
+def fileStamp(path: str) -> tuple[int, int, int, int] | None:
     """
     What identifies a version of a file: its modification time, size and
-    inode (a file replaced by a rename has a new inode).
+    inode (a file replaced by a rename has a new inode), and its status
+    change time, which a rewrite in place changes even when it keeps the
+    size and sets the modification time back.
 
     @param path: The file.
     @return: The stamp, or L{None} if the file cannot be examined.
@@ -22,4 +24,4 @@ def fileStamp(path: str) -> tuple[int, int, int] | None:
         status = os.stat(path)
     except OSError:
         return None
-    return (status.st_mtime_ns, status.st_size, status.st_ino)
+    return (status.st_mtime_ns, status.st_size, status.st_ino, status.st_ctime_ns)

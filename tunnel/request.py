@@ -288,14 +288,23 @@ def _checkFraming(
     Refuse header fields that make no sense on a CONNECT request.
 
     @raise RequestRejected: 400 for a missing (HTTP/1.1), repeated or
-        malformed Host, any Transfer-Encoding, or
-        a Content-Length other than 0 (a CONNECT request has no content, and
-        a proxy that believed otherwise could be made to read tunnel bytes as
-        a body).
+        malformed Host, a repeated Proxy-Authorization, any
+        Transfer-Encoding, or a Content-Length other than 0 (a CONNECT
+        request has no content, and a proxy that believed otherwise could be
+        made to read tunnel bytes as a body).
     """
     hosts = 0
+    credentials = 0
     for name, value in headers:
-        if name == b"host":
+        if name == b"proxy-authorization":
+            # One set of credentials (RFC 9110 section 11.7.1): with two, a
+            # proxy in front that read the other would disagree on who asks.
+            credentials += 1
+            if credentials > 1:
+                raise RequestRejected(
+                    400, "More than one Proxy-Authorization header field."
+                )
+        elif name == b"host":
             hosts += 1
             if hosts > 1:
                 raise RequestRejected(400, "More than one Host header field.")
