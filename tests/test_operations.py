@@ -442,6 +442,19 @@ class ServiceObserverTests(SynchronousTestCase):
         self.successResultOf(service.stopService())
         self.assertEqual(factory.tunnelObservers, [])
 
+    def test_listenersStoppedOnceStopping(self) -> None:
+        """
+        C{listenersStopped} is L{None} until C{stopService} is called, then a
+        Deferred that fires once the listeners are closed.
+        """
+        service = ProxyService(ConnectProxyFactory(reactor=MemoryReactorClock()))
+        self.assertIsNone(service.listenersStopped)
+        service.startService()
+        stopped = service.stopService()
+        assert service.listenersStopped is not None
+        self.assertIsNone(self.successResultOf(service.listenersStopped))
+        self.successResultOf(stopped)
+
     def test_afterDrainPrivilegedStart(self) -> None:
         """
         The services of C{afterDrain} get their C{privilegedStartService}

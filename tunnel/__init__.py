@@ -33,7 +33,7 @@ from .auth import IProxyUser, ProxyUser, portalFromCheckers
 from .connector import HostnameConnector
 from .interfaces import AddressDenied, ITargetConnector, LookupsBusy
 from .metrics import ProxyMetrics, metricsResource
-from .policy import Denial, ITunnelPolicy, TunnelPolicy
+from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy
 from .relay import Relay, RelayResult
 from .request import ConnectRequest, RequestRejected, parseConnectHead
 from .resolver import ThreadedResolver
@@ -57,6 +57,7 @@ __all__ = [
     "ConnectRequest",
     "Denial",
     "HostnameConnector",
+    "IPAddress",
     "IProxyUser",
     "ITargetConnector",
     "ITunnelPolicy",

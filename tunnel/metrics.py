@@ -59,8 +59,9 @@ def requirePrometheus() -> Any:
         import prometheus_client.metrics_core
     except ImportError:
         raise MetricsUnavailable(
-            "--metrics needs the prometheus_client package: pip install "
-            "'.[metrics]' in a checkout of tunnel, or pip install prometheus_client"
+            "the metrics (--metrics, ProxyMetrics) need the prometheus_client "
+            "package: pip install '.[metrics]' in a checkout of tunnel, or pip "
+            "install prometheus_client"
         ) from None
     return prometheus_client
 

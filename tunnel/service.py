@@ -85,7 +85,7 @@ class ProxyService(MultiService):
     @ivar observers: The observers of the tunnel events, added to the
         factory's C{tunnelObservers} while the service runs.
     @ivar listenersStopped: Once L{stopService} was called, a Deferred that
-        fires when no listener accepts connections any more.
+        fires when no listener accepts connections any more; L{None} before.
     @ivar afterDrain: Services started with this one but stopped only once
         the drain is over: a metrics reporter, whose last report must count
         the connections that ended during the drain, and the metrics
@@ -122,6 +122,7 @@ class ProxyService(MultiService):
         self._logsClosed = False
         self._stopping = False
         self.afterDrain: list[Any] = []
+        self.listenersStopped: Deferred[None] | None = None
 
     def privilegedStartService(self) -> None:
         """
@@ -188,10 +189,11 @@ class ProxyService(MultiService):
             the observers are removed.
         """
         stopped: Deferred[Any] = super().stopService()
-        self.listenersStopped: Deferred[None] = Deferred()
+        listenersStopped: Deferred[None] = Deferred()
+        self.listenersStopped = listenersStopped
 
         def drain(result: object) -> Deferred[None]:
-            self.listenersStopped.callback(None)
+            listenersStopped.callback(None)
             return self.factory.drain(self.drainTimeout)
 
         stopped.addCallback(drain)
