@@ -12,7 +12,8 @@ The public API (C{__all__}):
     request parser;
   - L{Relay} and L{RelayResult}: joining two transports into a tunnel;
   - L{ITunnelPolicy} and its default L{TunnelPolicy}: who may tunnel where
-    (a policy refuses with a L{Denial});
+    (a policy refuses with a L{Denial}; the addresses it judges are
+    L{IPAddress}es);
   - L{IProxyUser}, L{ProxyUser} and L{portalFromCheckers}: authentication
     through C{twisted.cred};
   - L{ProxyService}: listeners, access log (L{AccessLogObserver}), metrics
