@@ -288,9 +288,10 @@ class MakeServiceTests(SynchronousTestCase):
     def test_metricsOutliveTheDrain(self) -> None:
         """
         With C{--metrics}, a single process's metrics listener is not one of
-        the listeners that stop when the drain begins, but a service of
-        C{afterDrain}, which stop once it is over: the metrics answer while
-        connections drain.
+        the listeners that stop when the drain begins: it runs beside the
+        proxy's service, which stops first (L{tap._StopInTurn}), so the
+        metrics answer while connections drain.  The listener is bound with
+        the proxy's listeners.
         """
         from twisted.application.internet import StreamServerEndpointService
         from twisted.web.server import Site
@@ -299,15 +300,15 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(
             parse("--metrics", "tcp:9100:interface=127.0.0.1"), reactor
         )
-        assert isinstance(service, ProxyService)
-        [listener] = service.afterDrain
+        self.assertIsInstance(service, tap._StopInTurn)
+        [listener, proxy] = list(service)  # type: ignore[call-overload]
         self.assertIsInstance(listener, StreamServerEndpointService)
         self.assertIsInstance(listener.factory, Site)
-        self.assertNotIn(listener, list(service))
+        self.assertIsInstance(proxy, ProxyService)
         service.startService()
         self.addCleanup(service.stopService)
         ports = [port for port, _, _, _ in reactor.tcpServers]
-        self.assertEqual(ports, [8080, 9100])
+        self.assertEqual(sorted(ports), [8080, 9100])
 
     def test_freezeOnceRunning(self) -> None:
         """

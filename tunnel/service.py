@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, Logger
 
 from .accesslog import AccessLogObserver
@@ -87,10 +87,8 @@ class ProxyService(MultiService):
     @ivar listenersStopped: Once L{stopService} was called, a Deferred that
         fires when no listener accepts connections any more; L{None} before.
     @ivar afterDrain: Services started with this one but stopped only once
-        the drain is over: a metrics reporter, whose last report must count
-        the connections that ended during the drain, and the metrics
-        listener, which answers while the drain goes on.  L{stopService}
-        fires once they have stopped.
+        the drain is over (a metrics reporter, whose last report must count
+        the connections that ended during the drain).
     """
 
     _log = Logger(namespace="tunnel")
@@ -123,16 +121,6 @@ class ProxyService(MultiService):
         self._stopping = False
         self.afterDrain: list[Any] = []
         self.listenersStopped: Deferred[None] | None = None
-
-    def privilegedStartService(self) -> None:
-        """
-        Let the listeners, and the services of L{afterDrain} (the metrics
-        listener), bind while the process may still use privileged ports,
-        before twistd drops privileges (C{-u}).
-        """
-        super().privilegedStartService()
-        for service in self.afterDrain:
-            service.privilegedStartService()
 
     def startService(self) -> None:
         """
@@ -200,11 +188,9 @@ class ProxyService(MultiService):
 
         def cleanUp(result: object) -> object:
             self._stopping = False
-            stopping = [
-                maybeDeferred(service.stopService)
-                for service in self.afterDrain
-                if service.running
-            ]
+            for service in self.afterDrain:
+                if service.running:
+                    service.stopService()
             if self._previousUSR1 is not None:
                 signal.signal(signal.SIGUSR1, self._previousUSR1)
                 self._previousUSR1 = None
@@ -215,16 +201,6 @@ class ProxyService(MultiService):
                 if isinstance(observer, AccessLogObserver):
                     observer.close()
                     self._logsClosed = True
-            return DeferredList(stopping, consumeErrors=True).addCallback(
-                afterDrainStopped, result
-            )
-
-        def afterDrainStopped(
-            outcomes: list[tuple[bool, Any]], result: object
-        ) -> object:
-            for succeeded, outcome in outcomes:
-                if not succeeded:
-                    self._log.failure("Stopping a service failed", outcome)
             return result
 
         self._stopping = True

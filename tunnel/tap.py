@@ -732,20 +732,37 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         )
         if workerMetrics is None:
             return supervisor
-        # The main process serves the workers' metrics, added up, until the
-        # workers have drained: stopped in turn, the supervisor first.
-        parent = _StopInTurn()
-        _listen(
-            reactor, options["metrics"], Site(metricsResource(workerMetrics)), parent
-        )
-        supervisor.setServiceParent(parent)
-        return parent
+        # The main process serves the workers' metrics, added up.
+        return _servingMetrics(supervisor, reactor, options["metrics"], workerMetrics)
     service = makeWorkerService(options, reactor)
     if not options["inherit-fd"]:
         # A second SIGTERM during the drain must not be a critical error
         # (workers install the same from their own entry point).
         reactor.callWhenRunning(StopOnSignals(reactor).install)
-    return service
+    if options["metrics"] is None:
+        return service
+    [metrics] = [o for o in service.observers if isinstance(o, ProxyMetrics)]
+    return _servingMetrics(service, reactor, options["metrics"], metrics)
+
+
+def _servingMetrics(
+    service: IService, reactor: Any, description: str, metrics: Any
+) -> IService:
+    """
+    Serve C{metrics} at C{description} for as long as C{service} runs, and
+    until it has stopped: the metrics answer while it drains (showing
+    C{tunnel_draining} and the tunnels still open).
+
+    @param service: The proxy service, or the C{--workers} supervisor.
+    @param reactor: The reactor.
+    @param description: The C{--metrics} endpoint string.
+    @param metrics: A L{ProxyMetrics} or L{WorkerMetrics}.
+    @return: A service of both, which stops C{service} first.
+    """
+    parent = _StopInTurn()
+    _listen(reactor, description, Site(metricsResource(metrics)), parent)
+    service.setServiceParent(parent)
+    return parent
 
 
 def _warnIfOpen(listen: list[str], authenticated: bool, policy: ITunnelPolicy) -> None:
@@ -790,12 +807,6 @@ def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
     service = ProxyService(
         factory, options["drain-timeout"], observers=observers, reactor=reactor
     )
-    if metrics is not None and options["metrics"] is not None:
-        # Stopped after the drain, so that it answers while the drain goes
-        # on (tunnel_draining, and the tunnels still open).
-        service.afterDrain.append(
-            _listener(reactor, options["metrics"], Site(metricsResource(metrics)))
-        )
     if metrics is not None and options["report-metrics"]:
         # Stopped after the drain, so its last report counts the connections
         # that ended during it.
@@ -844,20 +855,14 @@ def _sendMetrics(snapshot: str) -> None:
     sys.stdout.flush()
 
 
-def _listener(
-    reactor: Any, description: str, factory: Any
-) -> StreamServerEndpointService:
+def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
     listener = StreamServerEndpointService(
         serverFromString(reactor, description), factory
     )
     # Fail start-up loudly if a listener cannot bind, instead of logging the
     # error and running with fewer listeners than configured.
     listener._raiseSynchronously = True
-    return listener
-
-
-def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
-    _listener(reactor, description, factory).setServiceParent(parent)
+    listener.setServiceParent(parent)
 
 
 def _stopService(_: object, service: IService) -> Deferred[Any] | None:
