@@ -27,6 +27,7 @@ from tunnel.auth import (
     parseBasicCredentials,
     portalFromCheckers,
 )
+from tunnel.filestamp import SETTLE
 from tunnel.htpasswd import HtpasswdChecker, HtpasswdError, parseHtpasswd
 
 
@@ -469,15 +470,20 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         self.checker = HtpasswdChecker(self.path, reactor=self.reactor, cacheSize=2)
         # A failed check waits out the time a failure takes: not in tests.
         self.patch(self.checker, "_sleep", lambda seconds: None)
+        self.patch(self.checker, "_now", lambda: self.now)
 
     def write(self, content: bytes) -> None:
         """
-        Replace the file, making sure its modification stamp changes.
+        Replace the file, making sure its modification stamp changes, and
+        let the checker's clock read the moment the file has stayed
+        unchanged long enough to be read (L{SETTLE} later).
         """
         with open(self.path, "wb") as f:
             f.write(content)
         stamp = os.stat(self.path).st_mtime_ns + 10**9
         os.utime(self.path, ns=(stamp, stamp))
+        self.changed = os.stat(self.path).st_ctime_ns / 1e9
+        self.now = self.changed + SETTLE
 
     def check(self, user: bytes, password: bytes) -> object:
         """
@@ -582,6 +588,20 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         """
         self.assertEqual(self.check(b"bob", b"pw"), b"bob")
         self.write(bcryptLine(b"carol", b"c"))
+        self.assertEqual(self.check(b"carol", b"c"), b"carol")
+        self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
+
+    def test_fileBeingWrittenWaits(self) -> None:
+        """
+        A file that changed less than L{SETTLE} seconds ago may be half
+        written (a rewrite in place empties it first): the users stay as
+        they were until a check after it has stayed unchanged that long.
+        """
+        self.write(bcryptLine(b"carol", b"c"))
+        self.now = self.changed + SETTLE / 2
+        self.assertNotEqual(self.check(b"carol", b"c"), b"carol")
+        self.assertEqual(self.check(b"bob", b"pw"), b"bob")
+        self.now = self.changed + SETTLE
         self.assertEqual(self.check(b"carol", b"c"), b"carol")
         self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import time
 
 import bcrypt
 from twisted.application.service import IServiceCollection
@@ -659,6 +660,23 @@ class FileStampTests(SynchronousTestCase):
 
         self.assertIsNone(fileStamp(self.mktemp()))
 
+    def test_settled(self) -> None:
+        """
+        A file is settled once its status has not changed for C{settle}
+        seconds; a change the clock puts in the future (the clock was set
+        back) and a file that cannot be examined count as settled.
+        """
+        from tunnel.filestamp import SETTLE, settled
+
+        stamp = (0, 0, 0, 100 * 10**9)
+        self.assertEqual(SETTLE, 1.0)
+        self.assertFalse(settled(stamp, 100.0))
+        self.assertFalse(settled(stamp, 100.5))
+        self.assertTrue(settled(stamp, 101.0))
+        self.assertTrue(settled(stamp, 99.0))
+        self.assertFalse(settled(stamp, 101.0, settle=2.0))
+        self.assertTrue(settled(None, 100.0))
+
 
 class RulesFilePolicyTests(SynchronousTestCase):
     """
@@ -669,6 +687,10 @@ class RulesFilePolicyTests(SynchronousTestCase):
         self.path = self.mktemp()
         self.write("allow-port 22\n")
         self.clock = Clock()
+        # An hour after the files were written: each has stayed unchanged
+        # long enough to be read (how long changed files wait is
+        # test_fileBeingWrittenWaits's matter).
+        self.clock.advance(time.time() + 3600)
         self.policy = RulesFilePolicy(self.path, self.clock, ports=["80"])
 
     def write(self, text: str) -> None:
@@ -698,6 +720,27 @@ class RulesFilePolicyTests(SynchronousTestCase):
         """
         self.assertEqual(self.ports(), [22, 80, 443])
         self.write("allow-port 8080\n")
+        self.assertEqual(self.ports(), [22, 80, 443])
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [80, 443, 8080])
+
+    def test_fileBeingWrittenWaits(self) -> None:
+        """
+        A file that changed less than a second ago may be half written (a
+        rewrite in place empties it first, and its C{allow-to} lines may
+        come before its C{deny-to} lines): it is read at a later look, once
+        it has stayed unchanged for a second.
+        """
+        from tunnel import rules
+
+        stamps = [(1, 1, 1, 0)]
+        self.patch(rules, "fileStamp", lambda path: stamps[-1])
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.policy = RulesFilePolicy(self.path, self.clock, ports=["80"])
+        self.write("allow-port 8080\n")
+        stamps.append((2, 2, 1, 1000_600_000_000))
+        self.clock.advance(1)
         self.assertEqual(self.ports(), [22, 80, 443])
         self.clock.advance(1)
         self.assertEqual(self.ports(), [80, 443, 8080])

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["fileStamp"]
+__all__ = ["SETTLE", "fileStamp", "settled"]
+
+SETTLE = 1.0
+"""
+Seconds a changed file must stay unchanged before it is read (see
+L{settled}).
+"""
 
 
 def fileStamp(path: str) -> tuple[int, int, int, int] | None:
@@ -25,3 +31,31 @@ def fileStamp(path: str) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return (status.st_mtime_ns, status.st_size, status.st_ino, status.st_ctime_ns)
+
+
+def settled(
+    stamp: tuple[int, int, int, int] | None, now: float, settle: float = SETTLE
+) -> bool:
+    """
+    Whether a version of a file has stayed unchanged long enough to be read
+    whole.
+
+    A file rewritten in place is first emptied, then written: read in
+    between, it holds only its first lines, and for a rules file whose
+    C{allow-to} lines come before its C{deny-to} lines that is wider access
+    than either version gives.  So a file whose status last changed less
+    than C{settle} seconds ago is taken for one being written, and read at a
+    later look.  A change that seems to lie in the future (the clock was set
+    back) counts as settled, so that a clock set back never holds a reload
+    off.
+
+    @param stamp: The file's L{fileStamp}; L{None} (a file that cannot be
+        examined) counts as settled, for its reader to report.
+    @param now: The time, in seconds since the epoch.
+    @param settle: The seconds of stillness asked for.
+    @return: Whether the file may be read now.
+    """
+    if stamp is None:
+        return True
+    age = now - stamp[3] / 1e9
+    return not 0 <= age < settle

@@ -24,7 +24,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .filestamp import fileStamp
+from .filestamp import fileStamp, settled
 
 __all__ = ["HtpasswdChecker", "HtpasswdError", "parseHtpasswd"]
 
@@ -103,6 +103,8 @@ class HtpasswdChecker:
     # What _verify measures and waits with (tests put in their own).
     _monotonic = staticmethod(time.monotonic)
     _sleep = staticmethod(time.sleep)
+    # What tells a file still being written (see _reloadIfChanged).
+    _now = staticmethod(time.time)
 
     def __init__(
         self,
@@ -140,7 +142,9 @@ class HtpasswdChecker:
 
     def _reloadIfChanged(self) -> None:
         stamp = fileStamp(self._path)
-        if stamp == self._stamp:
+        if stamp == self._stamp or not settled(stamp, self._now()):
+            # Unchanged, or perhaps being written: a file caught half
+            # written would lose the users in its other half.
             return
         self._stamp = stamp
         try:

@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .filestamp import fileStamp
+from .filestamp import fileStamp, settled
 from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy, parseRules
 
 if TYPE_CHECKING:
@@ -27,8 +27,10 @@ class RulesFilePolicy:
     file.
 
     The file is looked at again at most once every C{checkInterval} seconds,
-    when a client connects; if it changed it is re-read.  A file that no
-    longer parses keeps the last good rules, and the reason is logged.
+    when a client connects; if it changed it is re-read, once it has stayed
+    unchanged for a second (L{tunnel.filestamp.settled}: a file caught half
+    written could allow more than the whole one).  A file that no longer
+    parses keeps the last good rules, and the reason is logged.
 
     @ivar policy: The L{TunnelPolicy} of the last good rules.
     """
@@ -47,7 +49,9 @@ class RulesFilePolicy:
     ) -> None:
         """
         @param path: The rules file.
-        @param clock: Tells the time, to pace the checks for changes.
+        @param clock: Tells the time (in seconds since the epoch, as a
+            reactor does), to pace the checks for changes and to tell a
+            file still being written.
         @param ports: C{--allow-port} values from the command line.
         @param allowFrom: C{--allow-from} values.
         @param allowTo: C{--allow-to} values.
@@ -89,6 +93,9 @@ class RulesFilePolicy:
         self._checkedAt = now
         stamp = fileStamp(self._path)
         if stamp == self._stamp:
+            return self.policy
+        if not settled(stamp, now):
+            # Being written, perhaps: read it at a later look.
             return self.policy
         self._stamp = stamp
         try:
