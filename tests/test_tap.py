@@ -869,6 +869,42 @@ class UpstreamOptionsTests(SynchronousTestCase):
             self.assertIn("--upstream-ca", str(e))
             self.assertIn(message, str(e))
 
+    def test_upstreamCredentials(self) -> None:
+        """
+        C{--upstream-credentials PATH} gives the parent proxy the user name
+        and password the file holds, so that the command line need not; it
+        needs C{--upstream}, and a file that cannot be used is a usage error.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("alice:s3cret\n")
+        options = parse(
+            "--upstream", "http://127.0.0.1:3128", "--upstream-credentials", path
+        )
+        self.assertEqual(
+            (options["upstream"].username, options["upstream"].password),
+            ("alice", "s3cret"),
+        )
+        factory = makeFactory(options, MemoryReactorClock())
+        assert isinstance(factory.connector, UpstreamConnector)
+        self.assertEqual(factory.connector.upstream.username, "alice")
+        e = self.assertRaises(UsageError, parse, "--upstream-credentials", path)
+        self.assertIn("needs --upstream", str(e))
+        for url, credentials in [
+            ("http://bob:pw@127.0.0.1:3128", path),
+            ("http://127.0.0.1:3128", "/nonexistent"),
+        ]:
+            e = self.assertRaises(
+                UsageError,
+                parse,
+                "--upstream",
+                url,
+                "--upstream-credentials",
+                credentials,
+            )
+            self.assertIn("--upstream-credentials", str(e))
+            self.assertNotIn("s3cret", str(e))
+
     def test_badMetricsEndpoint(self) -> None:
         """
         A C{--metrics} endpoint string that cannot be parsed is a usage

@@ -72,6 +72,7 @@ from tunnel.upstream import (
     UpstreamRefused,
     UpstreamUnreachable,
     parseUpstreamURL,
+    readUpstreamCredentials,
 )
 
 reactor: Any = globalReactor
@@ -83,6 +84,75 @@ PARENT_ADDRESS = "192.0.2.1"
 # The default policy allows only port 443 and only public addresses; the
 # loopback tests reach loopback targets on any port.
 LOOPBACK = TunnelPolicy.fromStrings(ports=["any"], allowTo=["127.0.0.0/8"])
+
+
+class ReadUpstreamCredentialsTests(SynchronousTestCase):
+    """
+    Tests for L{readUpstreamCredentials}: a parent proxy's credentials from
+    a file rather than from its URL.
+    """
+
+    def credentials(self, content: bytes) -> str:
+        """
+        Write C{content} to a new file and return its path.
+        """
+        path: str = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def test_read(self) -> None:
+        """
+        The file's one line is C{user:password}, taken as is (no percent
+        decoding), the password running to the end of the line, colons
+        included; one trailing line break is not part of it.  The URL's
+        other parts are kept.
+        """
+        for content, user, password in [
+            (b"alice:s3:cr%41t\n", "alice", "s3:cr%41t"),
+            (b"alice:pw\r\n", "alice", "pw"),
+            (b"al ice:", "al ice", ""),
+            ("z\u00fc:p\u00e4ss".encode(), "z\u00fc", "p\u00e4ss"),
+        ]:
+            proxy = readUpstreamCredentials(PARENT, self.credentials(content))
+            self.assertEqual(
+                (proxy.username, proxy.password, proxy.host, proxy.port),
+                (user, password, "proxy.example", 3128),
+            )
+
+    def test_refused(self) -> None:
+        """
+        A file that cannot be read, or holds no C{user:} part, more than one
+        line, control characters, something not UTF-8 or more than 4 KiB,
+        and a URL holding credentials already, are errors that never repeat
+        the file's content.
+        """
+        for content, message in [
+            (b"alice\n", "user:password"),
+            (b":pw\n", "user:password"),
+            (b"", "user:password"),
+            (b"alice:pw\n\n", "one line"),
+            (b"alice:pw\nbob:pw\n", "one line"),
+            (b"alice:p\tw", "one line"),
+            (b"alice:p\xffw", "UTF-8"),
+            (b"alice:" + b"w" * 4096, "4096"),
+        ]:
+            e = self.assertRaises(
+                ValueError, readUpstreamCredentials, PARENT, self.credentials(content)
+            )
+            self.assertIn(message, str(e))
+            self.assertNotIn("alice", str(e))
+        e = self.assertRaises(
+            ValueError, readUpstreamCredentials, PARENT, "/nonexistent/credentials"
+        )
+        self.assertIn("No such file", str(e))
+        e = self.assertRaises(
+            ValueError,
+            readUpstreamCredentials,
+            parseUpstreamURL("http://bob:pw@proxy.example"),
+            self.credentials(b"alice:pw"),
+        )
+        self.assertIn("already", str(e))
 
 
 class ParseUpstreamURLTests(SynchronousTestCase):

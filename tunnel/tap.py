@@ -53,7 +53,12 @@ from .resolver import ThreadedResolver
 from .rules import RulesFilePolicy
 from .server import ConnectProxyFactory
 from .service import ProxyService, StopOnSignals
-from .upstream import UpstreamConnector, parseUpstreamURL, upstreamTLSOptions
+from .upstream import (
+    UpstreamConnector,
+    parseUpstreamURL,
+    readUpstreamCredentials,
+    upstreamTLSOptions,
+)
 from .workers import (
     SHAREABLE_KINDS,
     WorkerSupervisor,
@@ -308,6 +313,13 @@ class Options(usage.Options, AuthOptionMixin):
             "(default: the system's trust store)",
         ],
         [
+            "upstream-credentials",
+            None,
+            None,
+            "A file holding the parent proxy's user:password (one line), "
+            "instead of the --upstream URL, which ps shows to every local user",
+        ],
+        [
             "drain-timeout",
             None,
             30.0,
@@ -519,6 +531,13 @@ class Options(usage.Options, AuthOptionMixin):
                 self["upstream"] = parseUpstreamURL(self["upstream"])
             except ValueError as e:
                 raise usage.UsageError(f"--upstream: {e}") from None
+            if self["upstream-credentials"] is not None:
+                try:
+                    self["upstream"] = readUpstreamCredentials(
+                        self["upstream"], self["upstream-credentials"]
+                    )
+                except ValueError as e:
+                    raise usage.UsageError(f"--upstream-credentials: {e}") from None
             if self["upstream-ca"] is not None:
                 if not self["upstream"].tls:
                     raise usage.UsageError(
@@ -530,6 +549,8 @@ class Options(usage.Options, AuthOptionMixin):
                     raise usage.UsageError(f"--upstream-ca: {e}") from None
         elif self["upstream-ca"] is not None:
             raise usage.UsageError("--upstream-ca needs --upstream")
+        elif self["upstream-credentials"] is not None:
+            raise usage.UsageError("--upstream-credentials needs --upstream")
         self._checkAccessLog()
         if self["access-log-format"] not in ("text", "json"):
             raise usage.UsageError("--access-log-format must be text or json")

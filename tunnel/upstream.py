@@ -25,7 +25,7 @@ import re
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.address import HostnameAddress
@@ -86,6 +86,7 @@ __all__ = [
     "UpstreamRefused",
     "UpstreamUnreachable",
     "parseUpstreamURL",
+    "readUpstreamCredentials",
     "upstreamTLSOptions",
 ]
 
@@ -259,6 +260,55 @@ def parseUpstreamURL(url: str) -> UpstreamProxy:
                 "the user name in the upstream URL must not hold a colon (RFC 7617)"
             )
     return UpstreamProxy(parts.scheme, host, port, username, password)
+
+
+def readUpstreamCredentials(proxy: UpstreamProxy, path: str) -> UpstreamProxy:
+    """
+    Give a parent proxy the credentials held in a file, so that the password
+    need not be written in the URL, where C{ps} and C{/proc} show every
+    process's command line to every local user.
+
+    The file holds one line, C{user:password}, as is (not percent-encoded),
+    in UTF-8; the line may end with a line break.  The user name ends at the
+    first colon (RFC 7617: it cannot hold one); the password is the rest,
+    colons included, and may be empty.
+
+    Error messages never repeat the file's content.
+
+    @param proxy: The parent proxy, named by a URL without credentials.
+    @param path: The file.
+    @return: C{proxy} with the file's user name and password.
+    @raise ValueError: If the URL holds credentials already, or the file
+        cannot be read or holds anything else.
+    """
+    if proxy.username is not None:
+        raise ValueError(
+            "the upstream URL holds credentials already: give them in one place"
+        )
+    try:
+        with open(path, "rb") as f:
+            # One line: anything much longer is not a credentials file.
+            content = f.read(4097)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    if len(content) > 4096:
+        raise ValueError(f"{path}: longer than 4096 bytes")
+    if content.endswith(b"\r\n"):
+        content = content[:-2]
+    elif content.endswith(b"\n"):
+        content = content[:-1]
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid UTF-8") from None
+    if _CONTROL.search(text):
+        raise ValueError(
+            f"{path}: must hold one line, user:password, without control characters"
+        )
+    username, colon, password = text.partition(":")
+    if not colon or not username:
+        raise ValueError(f"{path}: must hold user:password")
+    return evolve(proxy, username=username, password=password)
 
 
 def _loadTrustRoot(path: str) -> Any:
