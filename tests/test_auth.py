@@ -605,6 +605,32 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         self.assertEqual(self.check(b"carol", b"c"), b"carol")
         self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
 
+    def test_unreadableFileReadAgain(self) -> None:
+        """
+        A changed file that cannot be read (no descriptor left, say) keeps
+        the users, logs why once however many checks fail, and is read at
+        the next check after: a user removed meanwhile is not kept.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.write(bcryptLine(b"alice", b"s3:cret"))
+        read = self.checker._read
+
+        def exhausted() -> bytes:
+            raise HtpasswdError(f"{self.path}: Too many open files")
+
+        self.patch(self.checker, "_read", exhausted)
+        self.assertEqual(self.check(b"bob", b"pw"), b"bob")
+        self.assertEqual(self.check(b"bob", b"pw"), b"bob")
+        errors = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("Too many open files", errors[0]["error"])
+        self.patch(self.checker, "_read", read)
+        self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
+        self.assertEqual(self.check(b"alice", b"s3:cret"), b"alice")
+
     def test_badReloadKeepsUsers(self) -> None:
         """
         A file broken by an edit keeps the last good users, and the error is

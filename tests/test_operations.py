@@ -19,7 +19,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -258,6 +259,81 @@ class AccessLogObserverTests(SynchronousTestCase):
         observer(EVENT)
         with open(path) as f:
             self.assertEqual(f.read(), formatAccessText(EVENT) + "\n")
+
+    def test_writeFailures(self) -> None:
+        """
+        A file that cannot be written (a full disk) loses the records
+        meanwhile and logs one error when that starts and one line when it
+        ends, not a traceback for each record.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        observer = AccessLogObserver(self.mktemp())
+        self.addCleanup(observer.close)
+        written: list[str] = []
+        full = [True]
+
+        class Disk(io.StringIO):
+            def write(self, text: str) -> int:
+                if full[0]:
+                    raise OSError(28, "No space left on device")
+                written.append(text)
+                return len(text)
+
+        observer._file = Disk()
+        for _ in range(3):
+            observer(EVENT)
+        full[0] = False
+        observer(EVENT)
+        observer(EVENT)
+        self.assertEqual(written, [formatAccessText(EVENT) + "\n"] * 2)
+        messages = [(e["log_level"], formatEvent(e)) for e in events]
+        self.assertEqual(
+            [level for level, text in messages],
+            [LogLevel.error, LogLevel.info],
+        )
+        self.assertIn("No space left on device", messages[0][1])
+        self.assertIn("Writing the access log", messages[1][1])
+
+    def test_reopenFailures(self) -> None:
+        """
+        A reopen that fails (no descriptor left) logs one error and keeps
+        writing to the file open before; each record tries again until a
+        reopen succeeds, which says so.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        path = self.mktemp()
+        observer = AccessLogObserver(path)
+        self.addCleanup(observer.close)
+        os.rename(path, path + ".1")
+        real = observer._open
+        failing = [True]
+
+        def open() -> Any:
+            if failing[0]:
+                raise OSError(24, "Too many open files")
+            return real()
+
+        self.patch(observer, "_open", open)
+        self.assertFalse(observer.reopen())
+        observer(EVENT)
+        observer(EVENT)
+        failing[0] = False
+        observer(EVENT)
+        with builtins.open(path + ".1") as f:
+            self.assertEqual(len(f.read().splitlines()), 2)
+        with builtins.open(path) as f:
+            self.assertEqual(len(f.read().splitlines()), 1)
+        messages = [(e["log_level"], formatEvent(e)) for e in events]
+        self.assertEqual(
+            [level for level, text in messages], [LogLevel.error, LogLevel.info]
+        )
+        self.assertIn("Too many open files", messages[0][1])
 
     def test_reopenAndCloseCloseFiles(self) -> None:
         """

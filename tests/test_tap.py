@@ -745,6 +745,31 @@ class RulesFilePolicyTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual(self.ports(), [80, 443, 8080])
 
+    def test_unreadableFileReadAgain(self) -> None:
+        """
+        A changed file that cannot be read (no descriptor left, say) keeps
+        the rules, logs why, and is read at the next look: its change is
+        not lost.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.write("allow-port 8080\n")
+        read = self.policy._read
+
+        def exhausted() -> bytes:
+            raise OSError(24, "Too many open files")
+
+        self.patch(self.policy, "_read", exhausted)
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [22, 80, 443])
+        [error] = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertIn("Too many open files", formatEvent(error))
+        self.patch(self.policy, "_read", read)
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [80, 443, 8080])
+
     def test_brokenKeepsRules(self) -> None:
         """
         A file that no longer parses keeps the last good rules, and says why

@@ -9,13 +9,14 @@ log options are untouched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
 import time
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, LogEvent
+from twisted.logger import ILogObserver, LogEvent, Logger
 from zope.interface import implementer
 
 __all__ = [
@@ -157,7 +158,14 @@ _FORMATS = {"text": formatAccessText, "json": formatAccessJSON}
 class AccessLogObserver:
     """
     Writes tunnel events to an access log file, one line each.
+
+    A file that cannot be written (a full disk) or reopened (no descriptor
+    left) costs the records meanwhile, never the tunnels: one error is
+    logged when it starts and one line when it ends, rather than a
+    traceback for each record.
     """
+
+    _log = Logger()
 
     def __init__(self, path: str, format: str = "text") -> None:
         """
@@ -171,6 +179,8 @@ class AccessLogObserver:
         self._path = path
         self._format = _FORMATS[format]
         self._file: IO[str] = self._open()
+        self._writeFailing = False
+        self._reopenWanted = False
 
     def _open(self) -> IO[str]:
         if self._path == "-":
@@ -183,21 +193,62 @@ class AccessLogObserver:
 
         @param event: A log event; any but a tunnel event is ignored.
         """
-        if event.get("tunnelEvent"):
+        if not event.get("tunnelEvent"):
+            return
+        if self._reopenWanted:
+            self.reopen()
+        try:
             self._file.write(self._format(event) + "\n")
+        except OSError as e:
+            if not self._writeFailing:
+                self._writeFailing = True
+                self._log.error(
+                    "Cannot write the access log {path}: {error}; its records "
+                    "are lost until it can be written again",
+                    path=self._path,
+                    error=str(e),
+                )
+            return
+        if self._writeFailing:
+            self._writeFailing = False
+            self._log.info("Writing the access log {path} again", path=self._path)
 
-    def reopen(self) -> None:
+    def reopen(self) -> bool:
         """
         Close and open the file again, for logrotate (SIGUSR1).
+
+        If it cannot be opened, records go on to the file open before, and
+        the next record tries again.
+
+        @return: Whether the file was reopened.
         """
         if self._path == "-":
-            return
-        old, self._file = self._file, self._open()
-        old.close()
+            return False
+        try:
+            new = self._open()
+        except OSError as e:
+            if not self._reopenWanted:
+                self._reopenWanted = True
+                self._log.error(
+                    "Cannot reopen the access log {path}: {error}; writing on "
+                    "to the file open before, and trying again at each record",
+                    path=self._path,
+                    error=str(e),
+                )
+            return False
+        if self._reopenWanted:
+            self._reopenWanted = False
+            self._log.info("Reopened the access log {path}", path=self._path)
+        old, self._file = self._file, new
+        # Closing flushes: a line that could not be written is lost already.
+        with contextlib.suppress(OSError):
+            old.close()
+        return True
 
     def close(self) -> None:
         """
         Close the file.
         """
         if self._path != "-":
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()

@@ -129,16 +129,19 @@ class HtpasswdChecker:
         self._cacheSize = cacheSize
         self._cache: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
         self._stamp = fileStamp(path)
+        self._readFailing = False
         self._entries = self._load()
         self._dummy, self._failureTime = _dummyHash(self._entries)
 
-    def _load(self) -> dict[bytes, bytes]:
+    def _read(self) -> bytes:
         try:
             with open(self._path, "rb") as f:
-                content = f.read()
+                return f.read()
         except OSError as e:
-            raise HtpasswdError(f"{self._path}: {e.strerror}") from None
-        return parseHtpasswd(content, self._path)
+            raise HtpasswdError(f"{self._path}: {e.strerror}") from e
+
+    def _load(self) -> dict[bytes, bytes]:
+        return parseHtpasswd(self._read(), self._path)
 
     def _reloadIfChanged(self) -> None:
         stamp = fileStamp(self._path)
@@ -146,9 +149,24 @@ class HtpasswdChecker:
             # Unchanged, or perhaps being written: a file caught half
             # written would lose the users in its other half.
             return
+        try:
+            content = self._read()
+        except HtpasswdError as e:
+            # Not recorded as read: a file that could not be opened (no
+            # descriptor left, say) is tried again at the next check, and
+            # said once until then.
+            if not self._readFailing:
+                self._readFailing = True
+                self._log.error(
+                    "Keeping the previous users: cannot read {path}: {error}",
+                    path=self._path,
+                    error=str(e),
+                )
+            return
+        self._readFailing = False
         self._stamp = stamp
         try:
-            self._entries = self._load()
+            self._entries = parseHtpasswd(content, self._path)
         except HtpasswdError as e:
             self._log.error(
                 "Keeping the previous users: cannot use {path}: {error}",

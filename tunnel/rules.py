@@ -72,11 +72,20 @@ class RulesFilePolicy:
         self._stamp = fileStamp(self._path)
         self.policy = self._load()
 
+    def _read(self) -> bytes:
+        with open(self._path, "rb") as f:
+            return f.read()
+
     def _load(self) -> TunnelPolicy:
         try:
-            with open(self._path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
+            return self._build(self._read())
+        except OSError as e:
+            raise ValueError(f"{self._path}: {e}") from None
+
+    def _build(self, content: bytes) -> TunnelPolicy:
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError as e:
             raise ValueError(f"{self._path}: {e}") from None
         rules = parseRules(text, self._path)
         return TunnelPolicy.fromStrings(
@@ -97,9 +106,20 @@ class RulesFilePolicy:
         if not settled(stamp, now):
             # Being written, perhaps: read it at a later look.
             return self.policy
+        try:
+            content = self._read()
+        except OSError as e:
+            # Not recorded as read: a file that could not be opened (no
+            # descriptor left, say) is tried again at the next look.
+            self._log.error(
+                "Keeping the previous rules: cannot read {path}: {error}",
+                error=str(e),
+                path=self._path,
+            )
+            return self.policy
         self._stamp = stamp
         try:
-            self.policy = self._load()
+            self.policy = self._build(content)
         except ValueError as e:
             self._log.error(
                 "Keeping the previous rules: {error}", error=str(e), path=self._path

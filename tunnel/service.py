@@ -164,9 +164,9 @@ class ProxyService(MultiService):
         Reopen the access log files (what logrotate's SIGUSR1 asks for).
         """
         accessLogs = [o for o in self.observers if isinstance(o, AccessLogObserver)]
-        for observer in accessLogs:
-            observer.reopen()
-        if accessLogs:
+        # Every one is tried; one that fails logs why itself.
+        reopened = [observer.reopen() for observer in accessLogs]
+        if reopened and all(reopened):
             self._log.info("Reopened the access log")
 
     def stopService(self) -> Deferred[None]:
