@@ -5,6 +5,7 @@ Tests for L{tunnel.server}: the handshake protocol, without sockets.
 from __future__ import annotations
 
 import base64
+import errno
 import gc
 import ipaddress
 from typing import Any
@@ -33,6 +34,7 @@ from twisted.internet.error import (
     ConnectionLost,
     ConnectionRefusedError,
     DNSLookupError,
+    getConnectError,
 )
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import (
@@ -47,7 +49,7 @@ from twisted.internet.testing import (
     MemoryReactorClock,
     StringTransport,
 )
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -561,6 +563,29 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(HEAD)
         self.connector.endpoint.attempts[0][1].errback(ConnectionRefusedError())
         self.assertIn(b"refused", self.assertRejected(502, "target-failed"))
+
+    def test_outOfResources(self) -> None:
+        """
+        A socket to the target that cannot be made for want of descriptors
+        or memory is the proxy's trouble, not the target's: the client gets
+        a 503 with C{Retry-After}, and the log a warning, at most one every
+        ten seconds however many clients meet it.
+        """
+        exhausted = getConnectError(OSError(errno.EMFILE, "Too many open files"))
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[-1][1].errback(exhausted)
+        response = self.assertRejected(503, "target-failed")
+        self.assertIn(b"\r\nRetry-After: 1\r\n", response)
+        self.assertIn(b"out of resources", response)
+        for _ in range(2):
+            self.clock.advance(5)
+            proxy, client = self.connectClient()
+            proxy.dataReceived(HEAD)
+            self.connector.endpoint.attempts[-1][1].errback(exhausted)
+            self.assertTrue(client.value().startswith(b"HTTP/1.1 503 "))
+        warnings = [e for e in self.events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("Too many open files", formatEvent(warnings[0]))
 
     def test_doesNotResolve(self) -> None:
         """

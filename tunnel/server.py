@@ -4,6 +4,7 @@ The CONNECT handshake: the protocol that talks to a client, and its factory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import time
@@ -93,6 +94,10 @@ LINGER_BYTES = 16 << 20
 #: cannot hold descriptors beyond the limits.
 MAX_LINGERING_REFUSALS = 100
 
+#: The least seconds between two warnings that sockets to targets could not
+#: be made (no descriptor or memory left).
+OUT_OF_RESOURCES_WARNING_INTERVAL = 10.0
+
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
@@ -181,6 +186,11 @@ def errorResponse(
     ]
     lines.extend(name + b": " + value for name, value in headers)
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+# What socket() fails with when the proxy, not the target, is short of
+# something: descriptors (its own or the system's), buffers, memory.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @implementer(IProtocolFactory)
@@ -734,6 +744,17 @@ class ConnectProxy(Protocol, TimeoutMixin):
             )
         elif self._timedOut or reason.check(ConnectTimeoutError, DeferredTimeoutError):
             rejected = RequestRejected(504, "Connecting to the target timed out.")
+        elif (
+            reason.check(ConnectError)
+            and getattr(reason.value, "osError", None) in _OUT_OF_RESOURCES
+        ):
+            # The target is not at fault: the proxy could not make a socket.
+            self.factory.outOfResources(str(reason.value))
+            rejected = RequestRejected(
+                503,
+                "The proxy is out of resources; try again.",
+                [(b"Retry-After", b"1")],
+            )
         elif reason.check(LookupsBusy):
             rejected = RequestRejected(
                 503,
@@ -1227,6 +1248,7 @@ class ConnectProxyFactory(Factory):
         self.logTunnels = logTunnels
         self.tunnelObservers: list[Callable[[LogEvent], object]] = []
         self.connections: set[ConnectProxy] = set()
+        self._outOfResourcesWarnedAt = float("-inf")
         self.relaying = 0
         # Connections that have their answer (a refusal, or an end) and are
         # only waiting to close: no longer handshakes, nor tunnels.
@@ -1382,6 +1404,24 @@ class ConnectProxyFactory(Factory):
 
         done.addCallback(finished)
         return done
+
+    def outOfResources(self, why: str) -> None:
+        """
+        A socket to a target could not be made for want of descriptors or
+        memory: warn, at most once every C{OUT_OF_RESOURCES_WARNING_INTERVAL}
+        seconds (it comes in floods).
+
+        @param why: The error.
+        """
+        now = self.clock.seconds()
+        if now - self._outOfResourcesWarnedAt >= OUT_OF_RESOURCES_WARNING_INTERVAL:
+            self._outOfResourcesWarnedAt = now
+            self._log.warn(
+                "Out of resources for sockets to targets ({why}): clients get "
+                "503; see the file descriptor limit (ulimit -n, LimitNOFILE) "
+                "and --max-tunnels",
+                why=why,
+            )
 
     def _connectionGone(self, connection: ConnectProxy) -> None:
         self.connections.discard(connection)
