@@ -616,18 +616,21 @@ class HtpasswdCheckerTests(SynchronousTestCase):
             globalLogPublisher,
         )
         self.write(bcryptLine(b"alice", b"s3:cret"))
-        read = self.checker._read
+        read = self.checker._file.read
+        exhausted = [True]
 
-        def exhausted() -> bytes:
-            raise HtpasswdError(f"{self.path}: Too many open files")
+        def readUnlessExhausted() -> bytes:
+            if exhausted[0]:
+                raise OSError(24, "Too many open files")
+            return read()
 
-        self.patch(self.checker, "_read", exhausted)
+        self.patch(self.checker._file, "read", readUnlessExhausted)
         self.assertEqual(self.check(b"bob", b"pw"), b"bob")
         self.assertEqual(self.check(b"bob", b"pw"), b"bob")
         errors = [e for e in events if e["log_level"] == LogLevel.error]
         self.assertEqual(len(errors), 1)
         self.assertIn("Too many open files", errors[0]["error"])
-        self.patch(self.checker, "_read", read)
+        exhausted[0] = False
         self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
         self.assertEqual(self.check(b"alice", b"s3:cret"), b"alice")
 

@@ -731,10 +731,10 @@ class RulesFilePolicyTests(SynchronousTestCase):
         come before its C{deny-to} lines): it is read at a later look, once
         it has stayed unchanged for a second.
         """
-        from tunnel import rules
+        from tunnel import filestamp
 
         stamps = [(1, 1, 1, 0)]
-        self.patch(rules, "fileStamp", lambda path: stamps[-1])
+        self.patch(filestamp, "fileStamp", lambda path: stamps[-1])
         self.clock = Clock()
         self.clock.advance(1000)
         self.policy = RulesFilePolicy(self.path, self.clock, ports=["80"])
@@ -756,17 +756,20 @@ class RulesFilePolicyTests(SynchronousTestCase):
             globalLogPublisher,
         )
         self.write("allow-port 8080\n")
-        read = self.policy._read
+        read = self.policy._file.read
+        exhausted = [True]
 
-        def exhausted() -> bytes:
-            raise OSError(24, "Too many open files")
+        def readUnlessExhausted() -> bytes:
+            if exhausted[0]:
+                raise OSError(24, "Too many open files")
+            return read()
 
-        self.patch(self.policy, "_read", exhausted)
+        self.patch(self.policy._file, "read", readUnlessExhausted)
         self.clock.advance(1)
         self.assertEqual(self.ports(), [22, 80, 443])
         [error] = [e for e in events if e["log_level"] == LogLevel.error]
         self.assertIn("Too many open files", formatEvent(error))
-        self.patch(self.policy, "_read", read)
+        exhausted[0] = False
         self.clock.advance(1)
         self.assertEqual(self.ports(), [80, 443, 8080])
 

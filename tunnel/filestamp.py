@@ -1,13 +1,14 @@
 """
 Telling whether a file changed, for the files the proxy re-reads (htpasswd,
-rules).
+rules): L{WatchedFile} gives a changed file's content once, when it can be
+read whole.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["SETTLE", "fileStamp", "settled"]
+__all__ = ["SETTLE", "WatchedFile", "fileStamp", "settled"]
 
 SETTLE = 1.0
 """
@@ -59,3 +60,48 @@ def settled(
         return True
     age = now - stamp[3] / 1e9
     return not 0 <= age < settle
+
+
+class WatchedFile:
+    """
+    A file read at start-up and read again whenever it changed: the one
+    place that decides when a change is seen, for every reader.
+
+    A change counts as seen only once the new content was read: a file that
+    could not be opened (no descriptor left, say) is read at a later look,
+    and its change (a rule, a user removed) is not lost.
+    """
+
+    def __init__(self, path: str) -> None:
+        """
+        @param path: The file.
+        """
+        self.path = path
+        # Taken before the first read, so that a change during it is seen.
+        self._stamp = fileStamp(path)
+
+    def read(self) -> bytes:
+        """
+        The file's content, whether it changed or not.
+
+        @raise OSError: If it cannot be read.
+        """
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def changed(self, now: float) -> bytes | None:
+        """
+        The file's content if it changed since it was last read and has
+        L{settled} since.
+
+        @param now: The time, in seconds since the epoch.
+        @return: The new content, or L{None} if there is none to read yet.
+        @raise OSError: If it changed but cannot be read; the change is
+            still there to be read at the next call.
+        """
+        stamp = fileStamp(self.path)
+        if stamp == self._stamp or not settled(stamp, now):
+            return None
+        content = self.read()
+        self._stamp = stamp
+        return content

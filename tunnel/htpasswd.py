@@ -24,7 +24,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .filestamp import fileStamp, settled
+from .filestamp import WatchedFile
 
 __all__ = ["HtpasswdChecker", "HtpasswdError", "parseHtpasswd"]
 
@@ -128,43 +128,31 @@ class HtpasswdChecker:
         self._path = path
         self._cacheSize = cacheSize
         self._cache: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
-        self._stamp = fileStamp(path)
+        self._file = WatchedFile(path)
         self._readFailing = False
-        self._entries = self._load()
+        try:
+            content = self._file.read()
+        except OSError as e:
+            raise HtpasswdError(f"{path}: {e.strerror}") from None
+        self._entries = parseHtpasswd(content, path)
         self._dummy, self._failureTime = _dummyHash(self._entries)
 
-    def _read(self) -> bytes:
-        try:
-            with open(self._path, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise HtpasswdError(f"{self._path}: {e.strerror}") from e
-
-    def _load(self) -> dict[bytes, bytes]:
-        return parseHtpasswd(self._read(), self._path)
-
     def _reloadIfChanged(self) -> None:
-        stamp = fileStamp(self._path)
-        if stamp == self._stamp or not settled(stamp, self._now()):
-            # Unchanged, or perhaps being written: a file caught half
-            # written would lose the users in its other half.
-            return
         try:
-            content = self._read()
-        except HtpasswdError as e:
-            # Not recorded as read: a file that could not be opened (no
-            # descriptor left, say) is tried again at the next check, and
-            # said once until then.
+            content = self._file.changed(self._now())
+        except OSError as e:
+            # Said once until a read succeeds: this runs at every login.
             if not self._readFailing:
                 self._readFailing = True
                 self._log.error(
                     "Keeping the previous users: cannot read {path}: {error}",
                     path=self._path,
-                    error=str(e),
+                    error=f"{self._path}: {e.strerror}",
                 )
             return
+        if content is None:
+            return
         self._readFailing = False
-        self._stamp = stamp
         try:
             self._entries = parseHtpasswd(content, self._path)
         except HtpasswdError as e:

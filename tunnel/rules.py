@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .filestamp import fileStamp, settled
+from .filestamp import WatchedFile
 from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy, parseRules
 
 if TYPE_CHECKING:
@@ -69,18 +69,12 @@ class RulesFilePolicy:
         }
         self._checkInterval = checkInterval
         self._checkedAt = clock.seconds()
-        self._stamp = fileStamp(self._path)
-        self.policy = self._load()
-
-    def _read(self) -> bytes:
-        with open(self._path, "rb") as f:
-            return f.read()
-
-    def _load(self) -> TunnelPolicy:
+        self._file = WatchedFile(path)
         try:
-            return self._build(self._read())
+            content = self._file.read()
         except OSError as e:
             raise ValueError(f"{self._path}: {e}") from None
+        self.policy = self._build(content)
 
     def _build(self, content: bytes) -> TunnelPolicy:
         try:
@@ -100,24 +94,17 @@ class RulesFilePolicy:
         if now - self._checkedAt < self._checkInterval:
             return self.policy
         self._checkedAt = now
-        stamp = fileStamp(self._path)
-        if stamp == self._stamp:
-            return self.policy
-        if not settled(stamp, now):
-            # Being written, perhaps: read it at a later look.
-            return self.policy
         try:
-            content = self._read()
+            content = self._file.changed(now)
         except OSError as e:
-            # Not recorded as read: a file that could not be opened (no
-            # descriptor left, say) is tried again at the next look.
             self._log.error(
                 "Keeping the previous rules: cannot read {path}: {error}",
                 error=str(e),
                 path=self._path,
             )
             return self.policy
-        self._stamp = stamp
+        if content is None:
+            return self.policy
         try:
             self.policy = self._build(content)
         except ValueError as e:

@@ -98,6 +98,10 @@ MAX_LINGERING_REFUSALS = 100
 #: be made (no descriptor or memory left).
 OUT_OF_RESOURCES_WARNING_INTERVAL = 10.0
 
+# What socket() fails with when the proxy, not the target, is short of
+# something: descriptors (its own or the system's), buffers, memory.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
@@ -186,11 +190,6 @@ def errorResponse(
     ]
     lines.extend(name + b": " + value for name, value in headers)
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-# What socket() fails with when the proxy, not the target, is short of
-# something: descriptors (its own or the system's), buffers, memory.
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @implementer(IProtocolFactory)
