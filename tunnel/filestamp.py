@@ -70,6 +70,8 @@ class WatchedFile:
     A change counts as seen only once the new content was read: a file that
     could not be opened (no descriptor left, say) is read at a later look,
     and its change (a rule, a user removed) is not lost.
+
+    @ivar path: The file.
     """
 
     def __init__(self, path: str) -> None:
@@ -84,6 +86,7 @@ class WatchedFile:
         """
         The file's content, whether it changed or not.
 
+        @return: The content.
         @raise OSError: If it cannot be read.
         """
         with open(self.path, "rb") as f:
