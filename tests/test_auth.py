@@ -634,6 +634,73 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
         self.assertEqual(self.check(b"alice", b"s3:cret"), b"alice")
 
+    def test_fallbackForBrokenFile(self) -> None:
+        """
+        With a fallback (a C{--workers} supervisor's last good copy), a file
+        that does not parse at start-up gives the fallback's users, a
+        warning says why, and the file is read again once it changes.
+        """
+        self.write(b"alice:plaintext\n")
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        bob = bcryptLine(b"bob", b"pw")
+        self.checker = HtpasswdChecker(self.path, reactor=self.reactor, fallback=bob)
+        self.patch(self.checker, "_sleep", lambda seconds: None)
+        self.patch(self.checker, "_now", lambda: self.now)
+        self.assertEqual(self.check(b"bob", b"pw"), b"bob")
+        self.assertNotEqual(self.check(b"alice", b"plaintext"), b"alice")
+        [warning] = events
+        self.assertEqual(warning["log_level"], LogLevel.warn)
+        self.assertIn(f"{self.path}:1: ", warning["error"])
+        self.assertEqual(self.checker.content, bob)
+        carol = bcryptLine(b"carol", b"c")
+        self.write(carol)
+        self.assertEqual(self.check(b"carol", b"c"), b"carol")
+        self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
+        self.assertEqual(self.checker.content, carol)
+
+    def test_fallbackForUnreadableFile(self) -> None:
+        """
+        A file that cannot be read at start-up, with a fallback, gives the
+        fallback's users, and is read at the next check even though it has
+        not changed.
+        """
+        from tunnel.filestamp import WatchedFile
+
+        read = WatchedFile.read
+        exhausted = [True]
+
+        def readUnlessExhausted(watched: WatchedFile) -> bytes:
+            if exhausted[0]:
+                raise OSError(24, "Too many open files")
+            return read(watched)
+
+        self.patch(WatchedFile, "read", readUnlessExhausted)
+        self.checker = HtpasswdChecker(
+            self.path, reactor=self.reactor, fallback=bcryptLine(b"carol", b"c")
+        )
+        self.patch(self.checker, "_sleep", lambda seconds: None)
+        self.patch(self.checker, "_now", lambda: self.now)
+        self.assertEqual(self.check(b"carol", b"c"), b"carol")
+        exhausted[0] = False
+        self.assertEqual(self.check(b"bob", b"pw"), b"bob")
+        self.assertNotEqual(self.check(b"carol", b"c"), b"carol")
+
+    def test_contentOfLastGoodUsers(self) -> None:
+        """
+        C{content} is what the users in force were read from: it follows a
+        good change, not a broken one.
+        """
+        good = bcryptLine(b"carol", b"c")
+        self.write(good)
+        self.checker.refresh()
+        self.assertEqual(self.checker.content, good)
+        self.write(b"alice:plaintext\n")
+        self.checker.refresh()
+        self.assertEqual(self.checker.content, good)
+
     def test_badReloadKeepsUsers(self) -> None:
         """
         A file broken by an edit keeps the last good users, and the error is

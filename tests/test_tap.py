@@ -660,6 +660,23 @@ class FileStampTests(SynchronousTestCase):
 
         self.assertIsNone(fileStamp(self.mktemp()))
 
+    def test_readAgain(self) -> None:
+        """
+        After L{WatchedFile.readAgain}, the next L{WatchedFile.changed}
+        gives the content even though the file has not changed.
+        """
+        from tunnel.filestamp import WatchedFile
+
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"content")
+        watched = WatchedFile(path)
+        later = time.time() + 3600
+        self.assertIsNone(watched.changed(later))
+        watched.readAgain()
+        self.assertEqual(watched.changed(later), b"content")
+        self.assertIsNone(watched.changed(later))
+
     def test_settled(self) -> None:
         """
         A file is settled once its status has not changed for C{settle}
@@ -772,6 +789,75 @@ class RulesFilePolicyTests(SynchronousTestCase):
         exhausted[0] = False
         self.clock.advance(1)
         self.assertEqual(self.ports(), [80, 443, 8080])
+
+    def test_fallbackForBrokenFile(self) -> None:
+        """
+        A file that does not parse at start-up is an error, unless there is
+        a fallback (a C{--workers} supervisor's last good copy): its rules
+        are used, a warning says why, and the broken file is read again
+        only once it changes.
+        """
+        self.write("allow-port 0\n")
+        self.assertRaises(ValueError, RulesFilePolicy, self.path, self.clock)
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.policy = RulesFilePolicy(
+            self.path, self.clock, ports=["80"], fallback=b"allow-port 8080\n"
+        )
+        self.assertEqual(self.ports(), [80, 443, 8080])
+        self.assertEqual(self.policy.content, b"allow-port 8080\n")
+        [warning] = events
+        self.assertEqual(warning["log_level"], LogLevel.warn)
+        self.assertIn(f"{self.path}:1: ", formatEvent(warning))
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [80, 443, 8080])
+        self.assertEqual(len(events), 1)
+        self.write("allow-port 22\n")
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [22, 80, 443])
+        self.assertEqual(self.policy.content, b"allow-port 22\n")
+
+    def test_fallbackForUnreadableFile(self) -> None:
+        """
+        A file that cannot be read at start-up (no descriptor left, say)
+        with a fallback uses the fallback, and is read at the next look
+        even though it has not changed.
+        """
+        from tunnel.filestamp import WatchedFile
+
+        read = WatchedFile.read
+        exhausted = [True]
+
+        def readUnlessExhausted(watched: WatchedFile) -> bytes:
+            if exhausted[0]:
+                raise OSError(24, "Too many open files")
+            return read(watched)
+
+        self.patch(WatchedFile, "read", readUnlessExhausted)
+        self.policy = RulesFilePolicy(
+            self.path, self.clock, ports=["80"], fallback=b"allow-port 8080\n"
+        )
+        self.assertEqual(self.ports(), [80, 443, 8080])
+        exhausted[0] = False
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [22, 80, 443])
+
+    def test_contentOfLastGoodRules(self) -> None:
+        """
+        C{content} is what the rules in force were read from: it follows a
+        good change, not a broken one.
+        """
+        self.assertEqual(self.policy.content, b"allow-port 22\n")
+        self.write("allow-port 8080\n")
+        self.clock.advance(1)
+        self.policy.refresh()
+        self.assertEqual(self.policy.content, b"allow-port 8080\n")
+        self.write("allow-port 0\n")
+        self.clock.advance(1)
+        self.policy.refresh()
+        self.assertEqual(self.policy.content, b"allow-port 8080\n")
 
     def test_brokenKeepsRules(self) -> None:
         """

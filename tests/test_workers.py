@@ -101,6 +101,45 @@ class WorkerArgumentsTests(SynchronousTestCase):
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertEqual(len(warnings), 1)
 
+    def test_keptFiles(self) -> None:
+        """
+        A worker given the supervisor's copies (C{--kept-file}) starts even
+        though its rules and htpasswd files are broken, with the copies'
+        rules and users; without them, the broken files stop its start.  A
+        C{--kept-file} that is not a readable descriptor is a usage error.
+        """
+        from tests.test_auth import bcryptLine
+        from tunnel.htpasswd import HtpasswdChecker
+        from tunnel.tap import makePolicy
+        from tunnel.workers import keptFileDescriptor
+
+        rules, users = self.mktemp(), self.mktemp()
+        for path in [rules, users]:
+            with open(path, "w") as f:
+                f.write("broken\n")
+        arguments = ["--rules", rules, "--auth", f"htpasswd:{users}"]
+        self.assertRaises(UsageError, Options().parseOptions, arguments)
+        goodUsers = bcryptLine(b"alice", b"pw")
+        keptRules = keptFileDescriptor(rules, b"allow-port 8080\n")
+        keptUsers = keptFileDescriptor(users, goodUsers)
+        options = Options()
+        options.parseOptions(
+            ["--kept-file", str(keptRules), "--kept-file", str(keptUsers), *arguments]
+        )
+        self.assertIsNone(
+            makePolicy(options, Clock()).checkTarget(None, None, "h", 8080)
+        )
+        [checker] = options["credCheckers"]
+        assert isinstance(checker, HtpasswdChecker)
+        self.assertEqual(checker.content, goodUsers)
+        notAFile, writeEnd = os.pipe()
+        os.close(writeEnd)
+        for value in ["x", str(notAFile)]:
+            e = self.assertRaises(
+                UsageError, Options().parseOptions, ["--kept-file", value]
+            )
+            self.assertIn(f"--kept-file {value}: ", str(e))
+
     def test_inheritedPorts(self) -> None:
         """
         C{FD:FAMILY} values parse to descriptors and address families.
@@ -157,12 +196,24 @@ class _SpawningClock(Clock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[Any] = []
+        self.keptFiles: list[list[bytes]] = []
+        self.childFDs: list[dict[int, Any]] = []
         self.failing = False
 
     def spawnProcess(self, protocol: Any, *args: Any, **kwargs: Any) -> _FakeProcess:
         if self.failing:
             raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
         self.spawned.append(protocol)
+        argv = args[1]
+        # What each --kept-file descriptor holds, while it is still open.
+        self.keptFiles.append(
+            [
+                os.pread(int(argv[i + 1]), 1 << 20, 0)
+                for i, argument in enumerate(argv)
+                if argument == "--kept-file"
+            ]
+        )
+        self.childFDs.append(kwargs["childFDs"])
         return _FakeProcess(len(self.spawned))
 
     def callFromThread(self, f: Any, *args: Any) -> None:
@@ -290,6 +341,103 @@ class RespawnTests(SynchronousTestCase):
         self.clock.advance(2)
         self.assertIn(0, self.supervisor.workers)
         self.assertEqual(len(self.clock.spawned), 3)
+
+
+class _KeptFile:
+    """
+    A L{tunnel.workers.KeptFile} whose content changes at each refresh,
+    or which fails to refresh while C{failing}.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.content = b"version 0"
+        self.failing = False
+
+    def refresh(self) -> None:
+        if self.failing:
+            raise RuntimeError("cannot look")
+        self.content = b"version %d" % (int(self.content.split()[1]) + 1,)
+
+
+class KeptFilesTests(SynchronousTestCase):
+    """
+    The supervisor's last good copies of the rules and htpasswd files, for
+    the workers it starts.
+    """
+
+    def setUp(self) -> None:
+        self.clock = _SpawningClock()
+        self.rules = _KeptFile("/etc/tunnel/rules")
+        self.users = _KeptFile("/etc/tunnel/htpasswd")
+        self.supervisor = WorkerSupervisor(
+            self.clock, [], [], 1, stopTimeout=5, keptFiles=[self.rules, self.users]
+        )
+
+    def test_givenToEachWorker(self) -> None:
+        """
+        Each worker is given, before its own options, one C{--kept-file}
+        descriptor per file, holding the file's path and its content when
+        the worker started; the supervisor closes its copies.
+        """
+        self.supervisor.startService()
+        self.addCleanup(self.supervisor.stopService)
+        self.assertEqual(len(self.clock.keptFiles), 1)
+        fds = [fd for fd in self.clock.childFDs[0] if fd > 2]
+        self.assertEqual(len(fds), 2)
+        for fd in fds:
+            self.assertRaises(OSError, os.fstat, fd)
+        # A replacement (due at 21.5 s) gets the versions of its start.
+        self.clock.advance(20.5)
+        self.supervisor._protocols[0].processEnded(
+            Failure(ProcessTerminated(exitCode=1))
+        )
+        self.clock.advance(1)
+        self.assertEqual(self.rules.content, b"version 2")
+        self.assertEqual(
+            self.clock.keptFiles,
+            [
+                [b"/etc/tunnel/rules\0version 0", b"/etc/tunnel/htpasswd\0version 0"],
+                [b"/etc/tunnel/rules\0version 2", b"/etc/tunnel/htpasswd\0version 2"],
+            ],
+        )
+
+    def test_lookedAtEverySecond(self) -> None:
+        """
+        The files are looked at every second while the supervisor runs; a
+        look that fails is logged and the others go on; stopping ends the
+        looks.
+        """
+        self.supervisor.startService()
+        self.clock.advance(1)
+        self.assertEqual(self.rules.content, b"version 1")
+        self.rules.failing = True
+        self.clock.advance(1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.users.content, b"version 2")
+        self.supervisor.stopService()
+        self.clock.advance(5)
+        self.assertEqual(self.users.content, b"version 2")
+
+    def test_roundTrip(self) -> None:
+        """
+        L{readKeptFile} gives back the path and content
+        L{keptFileDescriptor} wrote, and closes the descriptor, whether
+        the anonymous file is in memory (C{memfd_create}) or a temporary
+        file; a descriptor that holds no path is refused.
+        """
+        from tunnel import workers
+
+        content = b"alice:$2y$\0\n" * 1000
+        for memfd in [True, False]:
+            if not memfd:
+                self.patch(os, "memfd_create", None)
+            fd = workers.keptFileDescriptor("/\u00e9/rules", content)
+            self.assertEqual(workers.readKeptFile(fd), ("/\u00e9/rules", content))
+            self.assertRaises(OSError, os.fstat, fd)
+        fd = workers.keptFileDescriptor("", b"rules")
+        self.assertRaises(ValueError, workers.readKeptFile, fd)
+        self.assertRaises(OSError, os.fstat, fd)
 
 
 class FirstSpawnTests(SynchronousTestCase):
@@ -679,6 +827,56 @@ class SupervisorTests(TestCase):
         yield connectProtocol(UNIXClientEndpoint(reactor, path), client)
         client.transport.loseConnection()  # type: ignore[union-attr]
         yield client.lost
+
+    @inlineCallbacks
+    def test_replacedWhileRulesBroken(self) -> Any:
+        """
+        A worker replaced while an edit has left the rules file broken
+        starts with the last good rules, as the running workers keep them:
+        the version the supervisor last read, not the one of its own start.
+        """
+        targetPort = self.startTarget()
+        rules = self.mktemp()
+        with open(rules, "w") as f:
+            f.write("allow-to 127.0.0.0/8\n")
+        supervisor = yield self.startSupervisor(
+            "--workers",
+            "2",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--allow-port",
+            "any",
+            "--rules",
+            rules,
+        )
+        self.addCleanup(supervisor.stopService)
+        port = supervisor._ports[0][0].getHost().port
+        answer = yield self.connectThrough(port, targetPort)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+
+        # The format, not a worker's line (which holds the path itself):
+        # the supervisor has read the new version.
+        reloaded = self.waitForLog("Reloaded the rules from {path}")
+        with open(rules, "w") as f:
+            f.write("allow-to 127.0.0.0/8\ndeny-to 127.0.0.1\n")
+        yield reloaded
+        with open(rules, "w") as f:
+            f.write("allow-to 127.0.0.0/8\ndeny-to 127.0.0.1\nallow-to bogus:::\n")
+        ready = self.waitForLog("Starting factory")
+        for process in list(supervisor.workers.values()):
+            process.signalProcess(signal.SIGKILL)
+        yield ready
+        # (One event fires every waiter it matches: one at a time.)
+        yield self.waitForLog("Starting factory")
+        answer = yield self.connectThrough(port, targetPort)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer)
+        kept = [
+            event
+            for event in self.events
+            if "Using the last good rules the supervisor kept"
+            in str(event.get("text", ""))
+        ]
+        self.assertEqual(len(kept), 2)
 
     @inlineCallbacks
     def test_workerLeavesWithItsSupervisor(self) -> Any:

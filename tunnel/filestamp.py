@@ -7,6 +7,12 @@ read whole.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
+
+from twisted.logger import Logger
+
+_Parsed = TypeVar("_Parsed")
 
 __all__ = ["SETTLE", "WatchedFile", "fileStamp", "settled"]
 
@@ -62,6 +68,10 @@ def settled(
     return not 0 <= age < settle
 
 
+# No file has this stamp (nor the None of one that cannot be examined).
+_NOT_READ = (-1, -1, -1, -1)
+
+
 class WatchedFile:
     """
     A file read at start-up and read again whenever it changed: the one
@@ -80,7 +90,7 @@ class WatchedFile:
         """
         self.path = path
         # Taken before the first read, so that a change during it is seen.
-        self._stamp = fileStamp(path)
+        self._stamp: tuple[int, int, int, int] | None = fileStamp(path)
 
     def read(self) -> bytes:
         """
@@ -91,6 +101,58 @@ class WatchedFile:
         """
         with open(self.path, "rb") as f:
             return f.read()
+
+    def readAtStart(
+        self,
+        parse: Callable[[bytes], _Parsed],
+        fallback: bytes | None,
+        log: Logger,
+        what: str,
+    ) -> tuple[bytes, _Parsed]:
+        """
+        Read and parse the file at start-up.
+
+        With a C{fallback} (a C{--workers} supervisor's last good copy), a
+        file that cannot be read or parsed gives the fallback's content
+        instead, and a warning says why; a file that could not be read is
+        read at the next look even if it has not changed.
+
+        @param parse: Turns content into what its reader uses.
+        @param fallback: The content to use if the file cannot be used.
+        @param log: Where the reader logs.
+        @param what: What the file holds, for the warning (C{"rules"}).
+        @return: The content used, and what C{parse} made of it.
+        @raise OSError: If the file cannot be read, and there is no
+            fallback.
+        @raise ValueError: If C{parse} refuses the content, and there is
+            no fallback.
+        """
+        try:
+            content = self.read()
+            return content, parse(content)
+        except (OSError, ValueError) as e:
+            if fallback is None:
+                raise
+            if isinstance(e, OSError):
+                self.readAgain()
+                error = f"{self.path}: {e.strerror}"
+            else:
+                error = str(e)
+            log.warn(
+                "Using the last good {what} the supervisor kept: {error}",
+                what=what,
+                error=error,
+                path=self.path,
+            )
+            return fallback, parse(fallback)
+
+    def readAgain(self) -> None:
+        """
+        Count the file as not read yet, so that the next L{changed} reads
+        it even if it has not changed: for a reader that could not read it
+        at start-up.
+        """
+        self._stamp = _NOT_READ
 
     def changed(self, now: float) -> bytes | None:
         """

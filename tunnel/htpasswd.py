@@ -96,6 +96,10 @@ class HtpasswdChecker:
     """
     Checks user names and passwords against an htpasswd file of bcrypt
     entries.
+
+    @ivar path: The htpasswd file.
+    @ivar content: The bytes the users in force were read from (what a
+        C{--workers} supervisor hands a new worker, see C{fallback}).
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -103,7 +107,7 @@ class HtpasswdChecker:
     # What _verify measures and waits with (tests put in their own).
     _monotonic = staticmethod(time.monotonic)
     _sleep = staticmethod(time.sleep)
-    # What tells a file still being written (see _reloadIfChanged).
+    # What tells a file still being written (see refresh).
     _now = staticmethod(time.time)
 
     def __init__(
@@ -111,6 +115,7 @@ class HtpasswdChecker:
         path: str,
         reactor: Any = None,
         cacheSize: int = 1024,
+        fallback: bytes | None = None,
     ) -> None:
         """
         @param path: The htpasswd file.
@@ -118,26 +123,40 @@ class HtpasswdChecker:
             global reactor.
         @param cacheSize: How many recent successful verifications are
             remembered.
-        @raise HtpasswdError: If the file cannot be read or parsed.
+        @param fallback: The content to use if the file cannot be read or
+            parsed at start-up (a C{--workers} supervisor's last good copy,
+            so that a worker replaced while an edit has left the file
+            broken knows the users the others do); the file is then read
+            again once it changes.
+        @raise HtpasswdError: If the file cannot be read or parsed, and
+            there is no C{fallback}.
         """
         if reactor is None:
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
         self._reactor = reactor
-        self._path = path
+        self.path = path
         self._cacheSize = cacheSize
         self._cache: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
         self._file = WatchedFile(path)
         self._readFailing = False
         try:
-            content = self._file.read()
+            self.content, self._entries = self._file.readAtStart(
+                lambda content: parseHtpasswd(content, path),
+                fallback,
+                self._log,
+                "users",
+            )
         except OSError as e:
             raise HtpasswdError(f"{path}: {e.strerror}") from None
-        self._entries = parseHtpasswd(content, path)
         self._dummy, self._failureTime = _dummyHash(self._entries)
 
-    def _reloadIfChanged(self) -> None:
+    def refresh(self) -> None:
+        """
+        Re-read the file if it changed, keeping the users in force if it
+        cannot be used (checked at every login).
+        """
         try:
             content = self._file.changed(self._now())
         except OSError as e:
@@ -146,29 +165,30 @@ class HtpasswdChecker:
                 self._readFailing = True
                 self._log.error(
                     "Keeping the previous users: cannot read {path}: {error}",
-                    path=self._path,
-                    error=f"{self._path}: {e.strerror}",
+                    path=self.path,
+                    error=f"{self.path}: {e.strerror}",
                 )
             return
         if content is None:
             return
         self._readFailing = False
         try:
-            self._entries = parseHtpasswd(content, self._path)
+            self._entries = parseHtpasswd(content, self.path)
         except HtpasswdError as e:
             self._log.error(
                 "Keeping the previous users: cannot use {path}: {error}",
-                path=self._path,
+                path=self.path,
                 error=str(e),
             )
             return
+        self.content = content
         self._cache.clear()
         self._dummy, dummyTime = _dummyHash(self._entries)
         self._failureTime = max(self._failureTime, dummyTime)
         self._log.info(
             "Reloaded {count} users from {path}",
             count=len(self._entries),
-            path=self._path,
+            path=self.path,
         )
 
     def _verify(self, password: bytes, hashed: bytes) -> bool:
@@ -202,7 +222,7 @@ class HtpasswdChecker:
         @return: A Deferred that fires with the user name, or fails with
             L{UnauthorizedLogin}.
         """
-        self._reloadIfChanged()
+        self.refresh()
         username: bytes = credentials.username
         # bcrypt reads only the first 72 bytes (Apache's htpasswd truncated
         # longer passwords when hashing); the bcrypt package refuses more.

@@ -33,6 +33,9 @@ class RulesFilePolicy:
     parses keeps the last good rules, and the reason is logged.
 
     @ivar policy: The L{TunnelPolicy} of the last good rules.
+    @ivar path: The rules file.
+    @ivar content: The bytes the last good rules were read from (what a
+        C{--workers} supervisor hands a new worker, see C{fallback}).
     """
 
     _log = Logger()
@@ -46,6 +49,7 @@ class RulesFilePolicy:
         allowTo: Sequence[str] = (),
         denyTo: Sequence[str] = (),
         checkInterval: float = 1.0,
+        fallback: bytes | None = None,
     ) -> None:
         """
         @param path: The rules file.
@@ -57,9 +61,15 @@ class RulesFilePolicy:
         @param allowTo: C{--allow-to} values.
         @param denyTo: C{--deny-to} values.
         @param checkInterval: The least time between two looks at the file.
-        @raise ValueError: If the file cannot be read or parsed at start-up.
+        @param fallback: The content to use if the file cannot be read or
+            parsed at start-up (a C{--workers} supervisor's last good copy,
+            so that a worker replaced while an edit has left the file
+            broken starts with the rules the others keep); the file is then
+            read again once it changes.
+        @raise ValueError: If the file cannot be read or parsed at start-up,
+            and there is no C{fallback}.
         """
-        self._path = path
+        self.path = path
         self._clock = clock
         self._base = {
             "allow-port": list(ports),
@@ -71,17 +81,18 @@ class RulesFilePolicy:
         self._checkedAt = clock.seconds()
         self._file = WatchedFile(path)
         try:
-            content = self._file.read()
+            self.content, self.policy = self._file.readAtStart(
+                self._build, fallback, self._log, "rules"
+            )
         except OSError as e:
-            raise ValueError(f"{self._path}: {e}") from None
-        self.policy = self._build(content)
+            raise ValueError(f"{path}: {e}") from None
 
     def _build(self, content: bytes) -> TunnelPolicy:
         try:
             text = content.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{self._path}: {e}") from None
-        rules = parseRules(text, self._path)
+            raise ValueError(f"{self.path}: {e}") from None
+        rules = parseRules(text, self.path)
         return TunnelPolicy.fromStrings(
             ports=self._base["allow-port"] + rules["allow-port"],
             allowFrom=self._base["allow-from"] + rules["allow-from"],
@@ -89,7 +100,13 @@ class RulesFilePolicy:
             denyTo=self._base["deny-to"] + rules["deny-to"],
         )
 
-    def _refresh(self) -> TunnelPolicy:
+    def refresh(self) -> TunnelPolicy:
+        """
+        Re-read the file if it changed (at most once every C{checkInterval}
+        seconds), keeping the last good rules if it cannot be used.
+
+        @return: The policy of the rules now in force.
+        """
         now = self._clock.seconds()
         if now - self._checkedAt < self._checkInterval:
             return self.policy
@@ -100,19 +117,20 @@ class RulesFilePolicy:
             self._log.error(
                 "Keeping the previous rules: cannot read {path}: {error}",
                 error=str(e),
-                path=self._path,
+                path=self.path,
             )
             return self.policy
         if content is None:
             return self.policy
         try:
             self.policy = self._build(content)
+            self.content = content
         except ValueError as e:
             self._log.error(
-                "Keeping the previous rules: {error}", error=str(e), path=self._path
+                "Keeping the previous rules: {error}", error=str(e), path=self.path
             )
         else:
-            self._log.info("Reloaded the rules from {path}", path=self._path)
+            self._log.info("Reloaded the rules from {path}", path=self.path)
         return self.policy
 
     def checkClient(self, client: IPAddress | None) -> Denial | None:
@@ -122,7 +140,7 @@ class RulesFilePolicy:
         @param client: The client's IP address, or L{None}.
         @return: L{None} to allow, or a L{Denial}.
         """
-        return self._refresh().checkClient(client)
+        return self.refresh().checkClient(client)
 
     def checkTarget(
         self, avatar: IProxyUser | None, client: IPAddress | None, host: str, port: int

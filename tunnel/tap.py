@@ -32,7 +32,7 @@ from . import splice
 from .accesslog import AccessLogObserver
 from .auth import checkRealm, portalFromCheckers
 from .connector import HostnameConnector
-from .htpasswd import HtpasswdError
+from .htpasswd import HtpasswdChecker, HtpasswdError
 from .interfaces import ITargetConnector
 from .metrics import (
     MetricsReporter,
@@ -61,10 +61,12 @@ from .upstream import (
 )
 from .workers import (
     SHAREABLE_KINDS,
+    KeptFile,
     WorkerSupervisor,
     adoptListeningSocket,
     formatMetricsRecord,
     inheritedPorts,
+    readKeptFile,
     workerArguments,
 )
 
@@ -356,6 +358,7 @@ class Options(usage.Options, AuthOptionMixin):
         self["inherit-fd"] = []
         self["worker-of"] = 1
         self["report-metrics"] = False
+        self["kept-files"] = {}
         self.argv: list[str] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -384,6 +387,18 @@ class Options(usage.Options, AuthOptionMixin):
         metrics to the main process every second.
         """
         self["report-metrics"] = True
+
+    def opt_kept_file(self, value: str) -> None:
+        """
+        Internal (used by --workers): the supervisor's last good copy of a
+        rules or htpasswd file, in the inherited descriptor FD, used if the
+        file cannot be read or parsed at start-up.
+        """
+        try:
+            path, content = readKeptFile(int(value))
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--kept-file {value}: {e}") from None
+        self["kept-files"][path] = content
 
     def opt_worker_of(self, value: str) -> None:
         """
@@ -445,8 +460,13 @@ class Options(usage.Options, AuthOptionMixin):
         Require Proxy-Authorization checked by this checker: htpasswd:PATH,
         memory:USER:PASSWORD, file:PATH, unix, ... (see --help-auth).
         """
+        kind, _, argument = description.partition(":")
+        kept = self["kept-files"].get(argument) if kind == "htpasswd" else None
         try:
-            checker = makeChecker(description)
+            if kept is None:
+                checker = makeChecker(description)
+            else:
+                checker = HtpasswdChecker(argument, fallback=kept)
         except HtpasswdError as e:
             raise usage.UsageError(str(e)) from None
         except Exception:
@@ -520,7 +540,9 @@ class Options(usage.Options, AuthOptionMixin):
                     "tcp6:8080:interface=\\:\\:1)"
                 ) from None
             _checkBindable("--listen", description, endpoint)
-        if self["rules"] is not None:
+        if self["rules"] is not None and self["rules"] not in self["kept-files"]:
+            # (A worker given the supervisor's copy uses that if the file
+            # is broken: see makePolicy.)
             try:
                 with open(self["rules"], encoding="utf-8") as f:
                     parseRules(f.read(), self["rules"])
@@ -632,7 +654,12 @@ def makePolicy(options: Options, clock: Any) -> ITunnelPolicy:
         "denyTo": options["deny-to"],
     }
     if options["rules"] is not None:
-        return RulesFilePolicy(options["rules"], clock, **rules)
+        return RulesFilePolicy(
+            options["rules"],
+            clock,
+            fallback=options["kept-files"].get(options["rules"]),
+            **rules,
+        )
     return TunnelPolicy.fromStrings(**rules)
 
 
@@ -736,11 +763,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = globalReactor
     if options["workers"] > 1:
-        _warnIfOpen(
-            options["listen"],
-            bool(options.get("credCheckers")),
-            makePolicy(options, reactor),
-        )
+        policy = makePolicy(options, reactor)
+        _warnIfOpen(options["listen"], bool(options.get("credCheckers")), policy)
+        # What a worker started while an edit has left one of these files
+        # broken starts with, as the running workers keep it.
+        keptFiles: list[KeptFile] = [
+            checker
+            for checker in options.get("credCheckers", [])
+            if isinstance(checker, HtpasswdChecker)
+        ]
+        if isinstance(policy, RulesFilePolicy):
+            keptFiles.append(policy)
         reactor.callWhenRunning(StopOnSignals(reactor).install)
         workerMetrics = None if options["metrics"] is None else WorkerMetrics()
         supervisor = WorkerSupervisor(
@@ -750,6 +783,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             options["workers"],
             stopTimeout=options["drain-timeout"] + 5,
             metrics=workerMetrics,
+            keptFiles=keptFiles,
         )
         if workerMetrics is None:
             return supervisor

@@ -18,7 +18,9 @@ import os
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING, Any
+import tempfile
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import tcp, unix
@@ -27,6 +29,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone, ProcessDone
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReadDescriptor
 from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import (
     InvalidLogLevelError,
     LogEvent,
@@ -42,10 +45,13 @@ if TYPE_CHECKING:
     from .service import StopOnSignals
 
 __all__ = [
+    "KeptFile",
     "WorkerSupervisor",
     "adoptListeningSocket",
     "formatMetricsRecord",
     "formatWorkerRecord",
+    "keptFileDescriptor",
+    "readKeptFile",
     "workerArguments",
 ]
 
@@ -187,6 +193,79 @@ _STEADY_AFTER = 10.0
 #: The longest wait before a failing worker is started again.
 _MAX_RESPAWN_DELAY = 60.0
 
+#: Seconds between the supervisor's looks at the files it keeps for new
+#: workers.
+_KEEP_INTERVAL = 1.0
+
+
+class KeptFile(Protocol):
+    """
+    A file the workers read and re-read (rules, htpasswd), of which the
+    supervisor keeps the last good version for the workers it starts: one
+    started while an edit has left the file broken then starts with what
+    the running workers keep, rather than fail to start.  Its reader in the
+    main process decides what is good (L{tunnel.rules.RulesFilePolicy},
+    L{tunnel.htpasswd.HtpasswdChecker}).
+
+    @ivar path: The file.
+    @ivar content: The content of its last good version.
+    """
+
+    path: str
+    content: bytes
+
+    def refresh(self) -> object:
+        """
+        Read the file again if it changed, keeping the last good content
+        if the new one cannot be used.
+
+        @return: Whatever the reader gives (ignored).
+        """
+
+
+def keptFileDescriptor(path: str, content: bytes) -> int:
+    """
+    An anonymous file holding C{path} and C{content}, for a worker to
+    inherit (see L{readKeptFile}).
+
+    @param path: The file the content was read from.
+    @param content: The content.
+    @return: A descriptor of the anonymous file, which the caller closes.
+    """
+    data = os.fsencode(path) + b"\0" + content
+    memfd = getattr(os, "memfd_create", None)
+    if memfd is not None:
+        # In memory: the content (password hashes) never reaches a disk.
+        fd: int = memfd("tunnel-kept-file")
+    else:
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    try:
+        with os.fdopen(os.dup(fd), "wb") as f:
+            f.write(data)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def readKeptFile(fd: int) -> tuple[str, bytes]:
+    """
+    Read what L{keptFileDescriptor} wrote, and close the descriptor.
+
+    @param fd: The descriptor.
+    @return: The path and the content.
+    @raise OSError: If the descriptor cannot be read.
+    @raise ValueError: If it holds no path.
+    """
+    with os.fdopen(fd, "rb") as f:
+        f.seek(0)
+        data = f.read()
+    path, separator, content = data.partition(b"\0")
+    if not separator or not path:
+        raise ValueError("not a kept file")
+    return os.fsdecode(path), content
+
 
 def formatWorkerRecord(event: LogEvent) -> str:
     """
@@ -306,6 +385,7 @@ class WorkerSupervisor(Service):
         stopTimeout: float,
         respawnDelay: float = 1.0,
         metrics: WorkerMetrics | None = None,
+        keptFiles: Sequence[KeptFile] = (),
     ) -> None:
         """
         @param reactor: The reactor (spawnProcess, callLater).
@@ -320,6 +400,8 @@ class WorkerSupervisor(Service):
             up to a minute.
         @param metrics: Adds up the metrics the workers report, if they
             are to report them.
+        @param keptFiles: The files whose last good version each new
+            worker is given, looked at every second.
         """
         self._reactor = reactor
         self._listen = listen
@@ -328,6 +410,9 @@ class WorkerSupervisor(Service):
         self._stopTimeout = stopTimeout
         self._respawnDelay = respawnDelay
         self._metrics = metrics
+        self._keptFiles = keptFiles
+        self._keeping = LoopingCall(self._refreshKeptFiles)
+        self._keeping.clock = reactor
         self._ports: list[tuple[IListeningPort, int]] = []
         self.workers: dict[int, Any] = {}
         self._protocols: dict[int, _WorkerProtocol] = {}
@@ -363,6 +448,8 @@ class WorkerSupervisor(Service):
             self.privilegedStartService()
         super().startService()
         self._previousUSR1 = signal.signal(signal.SIGUSR1, self._onUSR1)
+        if self._keptFiles:
+            self._keeping.start(_KEEP_INTERVAL, now=False)
         for number in range(self._count):
             # A worker that cannot be started (the interpreter not
             # executable by the -u user, fork failing) is logged and tried
@@ -394,6 +481,13 @@ class WorkerSupervisor(Service):
             except Exception:
                 self._log.failure("Could not signal a worker")
 
+    def _refreshKeptFiles(self) -> None:
+        for kept in self._keptFiles:
+            try:
+                kept.refresh()
+            except Exception:
+                self._log.failure("Could not look at {path}", path=kept.path)
+
     def _spawn(self, number: int) -> None:
         inherit: list[str] = []
         childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
@@ -404,17 +498,28 @@ class WorkerSupervisor(Service):
         inherit += ["--worker-of", str(self._count)]
         if self._metrics is not None:
             inherit.append("--report-metrics")
-        protocol = _WorkerProtocol(self, number)
-        argv = [
-            sys.executable,
-            "-m",
-            "tunnel.workers",
-            *inherit,
-            *self._workerArgv,
-        ]
-        self.workers[number] = self._reactor.spawnProcess(
-            protocol, sys.executable, argv, env=dict(os.environ), childFDs=childFDs
-        )
+        keptFDs: list[int] = []
+        try:
+            for kept in self._keptFiles:
+                fd = keptFileDescriptor(kept.path, kept.content)
+                keptFDs.append(fd)
+                childFDs[fd] = fd
+                # Before the worker's own options, which read the files.
+                inherit += ["--kept-file", str(fd)]
+            protocol = _WorkerProtocol(self, number)
+            argv = [
+                sys.executable,
+                "-m",
+                "tunnel.workers",
+                *inherit,
+                *self._workerArgv,
+            ]
+            self.workers[number] = self._reactor.spawnProcess(
+                protocol, sys.executable, argv, env=dict(os.environ), childFDs=childFDs
+            )
+        finally:
+            for fd in keptFDs:
+                os.close(fd)
         self._protocols[number] = protocol
         self._startedAt[number] = self._reactor.seconds()
         self._log.info(
@@ -508,6 +613,8 @@ class WorkerSupervisor(Service):
             listeners are closed.
         """
         super().stopService()
+        if self._keeping.running:
+            self._keeping.stop()
         if self._previousUSR1 is not None:
             signal.signal(signal.SIGUSR1, self._previousUSR1)
         for respawn in self._respawns.values():
