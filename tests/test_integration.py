@@ -60,7 +60,7 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -1301,3 +1301,29 @@ class CompositionTests(LoopbackTestCase):
             TCP4ClientEndpoint(reactor, "127.0.0.1", proxyPort), Protocol()
         )
         yield self.assertFailure(refused, ConnectionRefusedError)
+
+
+class UNIXClientKeyTests(SynchronousTestCase):
+    """
+    Tests for how a UNIX client is counted by the per-client limits, on a
+    real (unnamed, connected) pair of UNIX sockets.
+    """
+
+    def test_countedUnderItsUser(self) -> None:
+        """
+        A UNIX client is counted under the user the kernel gives for its
+        socket (C{SO_PEERCRED}), whatever name it bound.
+        """
+        import os
+
+        from tunnel.server import _unixClientKey
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+
+        class Transport:
+            def getHandle(self) -> socket.socket:
+                return ours
+
+        self.assertEqual(_unixClientKey(Transport()), f"uid {os.getuid()}")

@@ -816,17 +816,23 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
 
     def test_unixClient(self) -> None:
         """
-        A client on a UNIX socket (no IP address) is served and counted
-        under its address as Twisted gives it.
+        A client on a UNIX socket (no IP address) is served, and counted
+        under its user, never under the socket name it chose: clients that
+        each bind a name of their own are counted together (a transport
+        whose user cannot be told counts as C{unix}).
         """
-        proxy = self.factory.buildProtocol(None)
-        assert isinstance(proxy, ConnectProxy)
-        client = HalfCloseTransport(peerAddress=UNIXAddress(b"/run/client.sock"))
-        proxy.makeConnection(client)
-        self.assertEqual(self.factory._openPerClient["/run/client.sock"], 1)
-        proxy.dataReceived(HEAD)
+        clients: list[tuple[ConnectProxy, HalfCloseTransport]] = []
+        for name in [b"/run/client.sock", b"\0other"]:
+            proxy = self.factory.buildProtocol(None)
+            assert isinstance(proxy, ConnectProxy)
+            client = HalfCloseTransport(peerAddress=UNIXAddress(name))
+            proxy.makeConnection(client)
+            clients.append((proxy, client))
+        self.assertEqual(self.factory._openPerClient["unix"], 2)
+        clients[0][0].dataReceived(HEAD)
         self.reachTarget()
-        self.assertEqual(client.value(), ESTABLISHED)
+        self.assertEqual(clients[0][1].value(), ESTABLISHED)
+        self.assertEqual(clients[1][1].value(), b"")
 
     def test_noDelay(self) -> None:
         """
@@ -1541,6 +1547,25 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(formatAddress(UNIXAddress(b"/run/p.sock")), "/run/p.sock")
         self.assertEqual(formatAddress(UNIXAddress(None)), "-")
         self.assertEqual(formatAddress(None), "-")
+
+    def test_formatUNIXNames(self) -> None:
+        """
+        A UNIX client's socket name, which it chooses, is rendered with
+        bytes outside visible ASCII and backslashes as C{\\xNN}, so that it
+        can neither split a log line or a worker's record nor forge one; a
+        name in the abstract namespace starts with C{@}.
+        """
+        from twisted.internet.address import UNIXAddress
+
+        self.assertEqual(
+            formatAddress(UNIXAddress(b"\0\x1ecritical\tx\n")),
+            "@\\x1ecritical\\x09x\\x0a",
+        )
+        self.assertEqual(
+            formatAddress(UNIXAddress("/run/my proxy\\.sock")),
+            "/run/my\\x20proxy\\x5c.sock",
+        )
+        self.assertEqual(formatAddress(UNIXAddress(b"/run/\xff")), "/run/\\xff")
 
     def test_errorResponse(self) -> None:
         """

@@ -485,6 +485,7 @@ class WorkerLogTests(SynchronousTestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         self.ended: list[int] = []
+        self.metrics: list[str] = []
         supervisor = cast(WorkerSupervisor, self)
         self.protocol = _WorkerProtocol(supervisor, 3)
 
@@ -493,6 +494,12 @@ class WorkerLogTests(SynchronousTestCase):
         Stand in for the supervisor.
         """
         self.ended.append(protocol.number)
+
+    def workerMetrics(self, number: int, snapshot: str) -> None:
+        """
+        Stand in for the supervisor.
+        """
+        self.metrics.append(snapshot)
 
     def test_levelsAndTracebacks(self) -> None:
         """
@@ -569,6 +576,29 @@ class WorkerLogTests(SynchronousTestCase):
             [formatEvent(e) for e in self.events],
             ["worker 3: [ConnectProxyFactory,7,127.0.0.1] legacy"],
         )
+
+    def test_separatorInText(self) -> None:
+        """
+        A record separator inside a worker's log text (from anything a
+        client could get into a message) stays text: it cannot end the
+        record and start a forged log line or metrics record.
+        """
+        forged = "\x1emetrics\t-\t[]\x1e\ncritical\ttunnel\tforged"
+        self.protocol.childDataReceived(
+            1,
+            formatWorkerRecord(
+                {
+                    "log_level": LogLevel.info,
+                    "log_namespace": "tunnel.server",
+                    "log_format": "{peer}",
+                    "peer": forged,
+                }
+            ).encode(),
+        )
+        [event] = self.events
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(event["text"], forged.replace("\x1e", "\\x1e"))
+        self.assertEqual(self.metrics, [])
 
     def test_unstructured(self) -> None:
         """

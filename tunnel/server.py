@@ -7,6 +7,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import ipaddress
+import os
+import re
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -122,7 +126,13 @@ _REASONS = {
 def formatAddress(address: IAddress | None) -> str:
     """
     Render a transport address for logs: C{host:port}, C{[v6]:port}, or the
-    path of a UNIX socket.
+    name of a UNIX socket (C{@name} for a name in Linux's abstract
+    namespace, as C{ss} shows it).
+
+    A UNIX client chooses its own socket's name, any bytes at all: bytes
+    other than visible ASCII, and backslashes, are written C{\\xNN}, so
+    that a name can neither split a log line or record nor start a forged
+    one.
 
     @param address: The address, or L{None}.
     @return: Its text form, or C{"-"} when there is nothing to say.
@@ -132,9 +142,41 @@ def formatAddress(address: IAddress | None) -> str:
         port = getattr(address, "port", 0)
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     name = getattr(address, "name", None)
-    if isinstance(name, bytes):
-        return name.decode("utf-8", "replace") or "-"
-    return str(name) if name else "-"
+    if not name:
+        return "-"
+    raw = name if isinstance(name, bytes) else os.fsencode(str(name))
+    if raw.startswith(b"\0"):
+        raw = b"@" + raw[1:]
+    return _UNSAFE_IN_NAME.sub(_hexEscaped, raw).decode("ascii")
+
+
+# What formatAddress escapes in a UNIX socket's name.
+_UNSAFE_IN_NAME = re.compile(rb"[^!-\[\]-~]")
+
+
+def _hexEscaped(match: re.Match[bytes]) -> bytes:
+    return b"\\x%02x" % match.group()[0]
+
+
+def _unixClientKey(transport: object) -> str:
+    """
+    The key a UNIX client's limits and failed logins are counted under: its
+    user, as the kernel tells it (C{SO_PEERCRED}), never the socket name it
+    chose (a name per connection would escape every limit, and an unnamed
+    socket would share one count with every other user's).
+
+    @param transport: The client's transport.
+    @return: C{"uid N"}, or C{"unix"} where the user cannot be told.
+    """
+    try:
+        handle = transport.getHandle()  # type: ignore[attr-defined]
+        credentials = handle.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+        )
+        _, uid, _ = struct.unpack("3i", credentials)
+    except (AttributeError, OSError, struct.error):
+        return "unix"
+    return f"uid {uid}"
 
 
 def _ipOf(address: IAddress | None) -> IPAddress | None:
@@ -352,7 +394,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def _identify(self, peer: IAddress | None) -> None:
         self._peer = formatAddress(peer)
         self._clientIP = ip = _ipOf(peer)
-        self._clientKey = _clientKey(ip) if ip is not None else self._peer
+        self._clientKey = (
+            _clientKey(ip) if ip is not None else _unixClientKey(self._client)
+        )
 
     def _admit(self, peer: IAddress | None) -> bool:
         """

@@ -285,6 +285,10 @@ def formatWorkerRecord(event: LogEvent) -> str:
     # A legacy twisted.python.log event names its source in log_system (as
     # twistd's own log shows it); its namespace is only "log_legacy".
     source = event.get("log_system") or event.get("log_namespace", "-")
+    # A separator inside the text would end the record there and start a
+    # forged one (a log line, or metrics): whatever a client could get
+    # into a message, it stays text.
+    text = text.replace(_RECORD_END, "\\x1e")
     return f"{level.name}\t{source}\t{text}{_RECORD_END}\n"
 
 
