@@ -165,6 +165,14 @@ class ParseV1Tests(ParseTestCase):
         self.assertEqual(header.source, IPv6Address("TCP", "2001:db8::1", 65535))
         self.assertEqual(header.destination, IPv6Address("TCP", "2001:db8::2", 0))
 
+    def test_tcp6Mapped(self) -> None:
+        """
+        An IPv4-mapped address is given with its IPv4 part dotted, as a
+        search of the logs for the IPv4 address finds it.
+        """
+        header = self.assertParses(b"PROXY TCP6 ::FFFF:a09:909 ::1 1 2\r\n")
+        self.assertEqual(header.source, IPv6Address("TCP", "::ffff:10.9.9.9", 1))
+
     def test_tcp6Longest(self) -> None:
         """
         The longest C{TCP6} line the specification describes (104 bytes) is
@@ -381,6 +389,15 @@ class ParseV2Tests(ParseTestCase):
         self.assertEqual(header.source, IPv6Address("TCP", "2001:db8::1", 65535))
         self.assertEqual(header.destination, IPv6Address("TCP", "2001:db8::2", 0))
         self.assertEqual(header.consumed, 16 + 36)
+
+    def test_proxyTCP6Mapped(self) -> None:
+        """
+        An IPv4-mapped address in a version 2 header is given with its IPv4
+        part dotted.
+        """
+        header = self.assertParses(v2Inet("::ffff:10.9.9.9", 1, "::1", 2))
+        self.assertEqual(header.source, IPv6Address("TCP", "::ffff:10.9.9.9", 1))
+        self.assertEqual(header.destination, IPv6Address("TCP", "::1", 2))
 
     def test_tlvsSkipped(self) -> None:
         """
@@ -641,9 +658,15 @@ def validHeaders(draw: st.DrawFn) -> tuple[bytes, ProxyHeader]:
             destinationPort,
             draw(st.binary(max_size=300)),
         )
+
+    def shown(ip: object) -> str:
+        # An IPv4-mapped address is given with its IPv4 part dotted.
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return str(ip) if mapped is None else f"::ffff:{mapped}"
+
     return data, ProxyHeader(
-        address("TCP", str(source), sourcePort),
-        address("TCP", str(destination), destinationPort),
+        address("TCP", shown(source), sourcePort),
+        address("TCP", shown(destination), destinationPort),
         len(data),
     )
 

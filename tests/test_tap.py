@@ -660,6 +660,43 @@ class FileStampTests(SynchronousTestCase):
 
         self.assertIsNone(fileStamp(self.mktemp()))
 
+    def test_onlyRegularFilesRead(self) -> None:
+        """
+        L{readRegularFile} refuses, without blocking, what is not a regular
+        file (a FIFO with no writer, a device that never ends, a
+        directory), and a file larger than its limit; it reads one of
+        exactly the limit.
+        """
+        import errno
+
+        from tunnel.filestamp import readRegularFile
+
+        fifo = self.mktemp()
+        os.mkfifo(fifo)
+        directory = self.mktemp()
+        os.mkdir(directory)
+        for path in [fifo, "/dev/zero", directory]:
+            e = self.assertRaises(OSError, readRegularFile, path, 100)
+            self.assertEqual(
+                (e.errno, e.strerror), (errno.EINVAL, "not a regular file")
+            )
+        large = self.mktemp()
+        with open(large, "wb") as f:
+            f.write(b"x" * 101)
+        e = self.assertRaises(OSError, readRegularFile, large, 100)
+        self.assertEqual(e.errno, errno.EFBIG)
+        self.assertEqual(readRegularFile(large, 101), b"x" * 101)
+
+    def test_fifoRulesRefused(self) -> None:
+        """
+        C{--rules} naming a FIFO is a usage error at start-up, not a proxy
+        that hangs waiting for a writer.
+        """
+        fifo = self.mktemp()
+        os.mkfifo(fifo)
+        e = self.assertRaises(UsageError, Options().parseOptions, ["--rules", fifo])
+        self.assertIn("not a regular file", str(e))
+
     def test_readAgain(self) -> None:
         """
         After L{WatchedFile.readAgain}, the next L{WatchedFile.changed}
@@ -858,6 +895,31 @@ class RulesFilePolicyTests(SynchronousTestCase):
         self.clock.advance(1)
         self.policy.refresh()
         self.assertEqual(self.policy.content, b"allow-port 8080\n")
+
+    def test_clientsNoLongerLimited(self) -> None:
+        """
+        A reload that leaves no C{allow-from} where there was one (an empty
+        one means anyone) says so in a warning; one that keeps some says
+        nothing of the kind.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.write("allow-from 10.0.0.0/8\nallow-from 192.0.2.0/24\n")
+        self.clock.advance(1)
+        self.policy.refresh()
+        self.write("allow-from 10.0.0.0/8\n")
+        self.clock.advance(1)
+        self.policy.refresh()
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.info] * 2)
+        self.write("# allow-from 10.0.0.0/8\n")
+        self.clock.advance(1)
+        self.policy.refresh()
+        warning = events[-1]
+        self.assertEqual(warning["log_level"], LogLevel.warn)
+        self.assertIn("no longer limit the clients", formatEvent(warning))
+        self.assertIsNone(self.policy.checkClient(ipaddress.ip_address("192.0.2.9")))
 
     def test_brokenKeepsRules(self) -> None:
         """

@@ -215,7 +215,17 @@ def _parseV1Address(family: bytes, text: bytes) -> str:
         raise InvalidProxyHeader("A PROXY v1 address does not match its family.")
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
         raise InvalidProxyHeader("A PROXY v1 address has a zone identifier.")
-    return str(address)
+    return _addressText(address)
+
+
+def _addressText(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """
+    An address as logs show it: an IPv4-mapped IPv6 address with its IPv4
+    part in dotted form (C{::ffff:10.9.9.9}, where Python before 3.13 writes
+    C{::ffff:a09:909}, which a search of the logs for C{10.9.9.9} misses).
+    """
+    mapped = getattr(address, "ipv4_mapped", None)
+    return f"::ffff:{mapped}" if mapped is not None else str(address)
 
 
 def _parseV1Port(text: bytes) -> int:
@@ -281,7 +291,7 @@ def _parseV2(buffer: bytes) -> ProxyHeader | None:
         layout, buffer, _V2_FIXED_BYTES
     )
     return ProxyHeader(
-        addressType("TCP", str(parseIP(sourceBytes)), sourcePort),
-        addressType("TCP", str(parseIP(destinationBytes)), destinationPort),
+        addressType("TCP", _addressText(parseIP(sourceBytes)), sourcePort),
+        addressType("TCP", _addressText(parseIP(destinationBytes)), destinationPort),
         total,
     )

@@ -122,6 +122,7 @@ class RulesFilePolicy:
             return self.policy
         if content is None:
             return self.policy
+        previous = self.policy
         try:
             self.policy = self._build(content)
             self.content = content
@@ -129,8 +130,17 @@ class RulesFilePolicy:
             self._log.error(
                 "Keeping the previous rules: {error}", error=str(e), path=self.path
             )
-        else:
-            self._log.info("Reloaded the rules from {path}", path=self.path)
+            return self.policy
+        self._log.info("Reloaded the rules from {path}", path=self.path)
+        if previous.allowFrom and not self.policy.allowFrom:
+            # An empty allow-from means anyone: deleting the last line
+            # (to revoke a network, say) opens the proxy to every client.
+            self._log.warn(
+                "The rules in {path} no longer limit the clients (no "
+                "allow-from left): any client that can reach the proxy may "
+                "use it, unless --auth requires a login",
+                path=self.path,
+            )
         return self.policy
 
     def checkClient(self, client: IPAddress | None) -> Denial | None:

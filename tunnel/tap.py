@@ -32,6 +32,7 @@ from . import splice
 from .accesslog import AccessLogObserver
 from .auth import checkRealm, portalFromCheckers
 from .connector import HostnameConnector
+from .filestamp import MAX_SIZE, readRegularFile
 from .htpasswd import HtpasswdChecker, HtpasswdError
 from .interfaces import ITargetConnector
 from .metrics import (
@@ -544,8 +545,8 @@ class Options(usage.Options, AuthOptionMixin):
             # (A worker given the supervisor's copy uses that if the file
             # is broken: see makePolicy.)
             try:
-                with open(self["rules"], encoding="utf-8") as f:
-                    parseRules(f.read(), self["rules"])
+                content = readRegularFile(self["rules"], MAX_SIZE)
+                parseRules(content.decode("utf-8"), self["rules"])
             except (OSError, UnicodeDecodeError, ValueError) as e:
                 raise usage.UsageError(f"--rules: {e}") from None
         if self["upstream"] is not None:

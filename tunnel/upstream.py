@@ -66,6 +66,7 @@ from .connector import (
 )
 
 # The failures are defined with the seam; importable from here as before.
+from .filestamp import readRegularFile
 from .interfaces import (
     ITargetConnector,
     LookupsBusy,
@@ -286,13 +287,10 @@ def readUpstreamCredentials(proxy: UpstreamProxy, path: str) -> UpstreamProxy:
             "the upstream URL holds credentials already: give them in one place"
         )
     try:
-        with open(path, "rb") as f:
-            # One line: anything much longer is not a credentials file.
-            content = f.read(4097)
+        # One line: anything much longer is not a credentials file.
+        content = readRegularFile(path, 4096)
     except OSError as e:
         raise ValueError(f"{path}: {e.strerror}") from None
-    if len(content) > 4096:
-        raise ValueError(f"{path}: longer than 4096 bytes")
     if content.endswith(b"\r\n"):
         content = content[:-2]
     elif content.endswith(b"\n"):
