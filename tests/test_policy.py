@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tunnel.policy import (
     DEFAULT_DENIED_NETWORKS,
     OPEN_POLICY,
+    Denial,
     ITunnelPolicy,
     PortRange,
     TunnelPolicy,
@@ -292,6 +293,60 @@ class PortTests(SynchronousTestCase):
         for text in ["0", "65536", "9-8", "a", "1-", "-1", "", "1-2-3"]:
             self.assertRaises(ValueError, parsePortRange, text)
         self.assertNotIn("22", PortRange(1, 100))
+
+
+class FromStringsTests(SynchronousTestCase):
+    """
+    Tests for L{TunnelPolicy.fromStrings}.
+    """
+
+    def test_defaultPorts(self) -> None:
+        """
+        Ports are allowed besides 443, as on the command line, unless
+        C{defaultPorts} is false.
+        """
+        allowed = TunnelPolicy.fromStrings(ports=["8443"])
+        self.assertEqual(allowed.ports, (PortRange(443, 443), PortRange(8443, 8443)))
+        only = TunnelPolicy.fromStrings(ports=["8443"], defaultPorts=False)
+        self.assertEqual(only.ports, (PortRange(8443, 8443),))
+        self.assertIsNotNone(only.checkTarget(None, None, "example.com", 443))
+        self.assertIsNone(only.checkTarget(None, None, "example.com", 8443))
+
+
+class DenialTests(SynchronousTestCase):
+    """
+    Tests for L{Denial}, a policy's refusal.
+    """
+
+    def test_status(self) -> None:
+        """
+        A denial's status is an error, 400-599: a 2xx would read as an open
+        tunnel to the client, a 1xx as an interim answer.
+        """
+        self.assertEqual(Denial(403, "No.", "rule").status, 403)
+        self.assertEqual(Denial(599, "No.", "rule").status, 599)
+        for status in [200, 100, 399, 600, "403", 403.0, True]:
+            self.assertRaises(ValueError, Denial, status, "No.", "rule")
+
+    def test_headers(self) -> None:
+        """
+        A denial's header fields are C{(name, value)} pairs of bytes, a
+        token and a value with no line break or NUL: nothing a policy gets
+        wrong can split the answer.
+        """
+        self.assertEqual(
+            Denial(429, "Later.", "rule", ((b"Retry-After", b"60"),)).headers,
+            ((b"Retry-After", b"60"),),
+        )
+        for headers in [
+            [(b"Retry-After", b"60")],
+            (("Retry-After", "60"),),
+            ((b"Retry After", b"60"),),
+            ((b"X", b"1\r\nSet-Cookie: a=b"),),
+            ((b"X", b"a\0"),),
+            ((b"X",),),
+        ]:
+            self.assertRaises(ValueError, Denial, 403, "No.", "rule", headers)
 
 
 class DestinationRuleTests(SynchronousTestCase):

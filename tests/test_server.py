@@ -60,7 +60,7 @@ from tunnel import ConnectProxyFactory, HostnameConnector, ITargetConnector, ser
 from tunnel.auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from tunnel.connector import AddressDenied
 from tunnel.interfaces import LookupsBusy
-from tunnel.policy import PortRange, TunnelPolicy
+from tunnel.policy import Denial, PortRange, TunnelPolicy
 from tunnel.relay import Relay, TargetProtocol, canHalfClose
 from tunnel.server import (
     LINGER_BYTES,
@@ -672,11 +672,12 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
     def test_brokenConnector(self) -> None:
         """
         A connector that raises gets the client a 502, not a traceback to
-        the client or a hang.
+        the client or a hang, and the tunnel's end is logged as
+        C{target-failed}, as every 502 is.
         """
         self.factory.connector = BrokenConnector()
         self.proxy.dataReceived(HEAD)
-        self.assertRejected(502)
+        self.assertRejected(502, "target-failed")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_connectTimeout(self) -> None:
@@ -2319,6 +2320,67 @@ class PolicyTests(ProxyTestMixin, SynchronousTestCase):
     """
     The destination policy as the client sees it.
     """
+
+    def deniedWith(self, denial: Any, where: str = "checkTarget") -> bytes:
+        """
+        Make the policy answer C{denial} from C{where}; give what the client
+        gets for L{HEAD}.
+        """
+
+        def deny(self: object, *args: object) -> Any:
+            return denial
+
+        self.factory.policy = type("Denying", (TunnelPolicy,), {where: deny})()
+        proxy, client = self.connectClient()
+        proxy.dataReceived(HEAD)
+        if where == "addressDenial":
+            self.connector.endpoint.attempts[-1][1].errback(AddressDenied())
+        self.assertAnswered(client)
+        response: bytes = client.value()
+        return response
+
+    def test_denialHeaders(self) -> None:
+        """
+        A policy's L{Denial} may carry header fields, which the answer
+        carries; its status has its registered reason phrase, and a detail
+        ending with a newline does not get a second one.
+        """
+        for where in ["checkClient", "checkTarget", "addressDenial"]:
+            response = self.deniedWith(
+                Denial(451, "Not here.\n", "legal", ((b"Retry-After", b"60"),)),
+                where,
+            )
+            head, _, body = response.partition(b"\r\n\r\n")
+            self.assertTrue(
+                head.startswith(b"HTTP/1.1 451 Unavailable For Legal Reasons\r\n"),
+                where,
+            )
+            self.assertIn(b"\r\nRetry-After: 60", head)
+            self.assertEqual(body, b"Not here.\n")
+
+    def test_denial407Challenges(self) -> None:
+        """
+        A policy's 407 (log in to go there) carries the proxy's own
+        C{Proxy-Authenticate} challenge, unless the denial brings one.
+        """
+        response = self.deniedWith(Denial(407, "Log in first.", "login"))
+        self.assertIn(b'\r\nProxy-Authenticate: Basic realm="tunnel"', response)
+        response = self.deniedWith(
+            Denial(407, "Log in.", "login", ((b"Proxy-Authenticate", b"Other"),))
+        )
+        self.assertEqual(response.count(b"Proxy-Authenticate"), 1)
+        self.assertIn(b"Proxy-Authenticate: Other", response)
+
+    def test_notADenial(self) -> None:
+        """
+        A policy that answers something other than a L{Denial} gets the
+        client a 500, and the error is logged: no traceback out of the
+        protocol, no tunnel.
+        """
+        response = self.deniedWith(("403", "no"))
+        self.assertTrue(response.startswith(b"HTTP/1.1 500 "), response)
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        self.assertEqual(self.connector.targets, [])
 
     def assertForbidden(self, client: HalfCloseTransport, phrase: bytes) -> None:
         """

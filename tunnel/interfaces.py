@@ -15,8 +15,10 @@ from zope.interface import Interface
 __all__ = [
     "AddressDenied",
     "ITargetConnector",
+    "LookupsBusy",
     "UpstreamProtocolError",
     "UpstreamRefused",
+    "UpstreamUnreachable",
 ]
 
 

@@ -21,7 +21,7 @@ import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from attrs import field, frozen
 from zope.interface import Interface, implementer
@@ -328,21 +328,54 @@ def parseTargetRule(text: str) -> AddressRule:
     return AddressRule(text, name=name, suffix=suffix)
 
 
+def _checkDenialStatus(denial: Denial, attribute: object, status: Any) -> None:
+    # A 2xx would read as an open tunnel to a client (curl took the body
+    # for the start of TLS), a 1xx as an interim answer.
+    if type(status) is not int or not 400 <= status <= 599:
+        raise ValueError(f"a Denial's status must be 400-599, not {status!r}")
+
+
+def _checkDenialHeaders(denial: Denial, attribute: object, headers: Any) -> None:
+    if not isinstance(headers, tuple) or not all(
+        isinstance(pair, tuple)
+        and len(pair) == 2
+        and all(isinstance(part, bytes) for part in pair)
+        and _HEADER_NAME.fullmatch(pair[0])
+        and _HEADER_VALUE.fullmatch(pair[1])
+        for pair in headers
+    ):
+        raise ValueError(
+            "a Denial's headers must be (name, value) pairs of bytes, a token "
+            f"and a field value without CR, LF or NUL, not {headers!r}"
+        )
+
+
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+
+
 @frozen
 class Denial:
     """
     Why a request is refused, and what the client is told.
 
-    @ivar status: The HTTP status: 403 for policy.
+    @ivar status: The HTTP status, 400-599 (anything else is refused with
+        L{ValueError}): 403 for policy.  A 407 gets the proxy's own
+        C{Proxy-Authenticate} challenge, unless C{headers} has one.
     @ivar detail: The text of the response body; it names the option that
         would allow the request, since the operator reading it needs that.
     @ivar reason: A short token for logs and metrics (C{"port"},
         C{"client"}, C{"destination"}, C{"address"}).
+    @ivar headers: Extra header fields for the response, as C{(name,
+        value)} pairs of bytes (C{(b"Retry-After", b"60")}, say).
     """
 
-    status: int
+    status: int = field(validator=_checkDenialStatus)
     detail: str
     reason: str
+    headers: tuple[tuple[bytes, bytes], ...] = field(
+        default=(), validator=_checkDenialHeaders
+    )
 
 
 def _deniedBy(rule: AddressRule, host: str) -> Denial:
@@ -456,12 +489,15 @@ class TunnelPolicy:
         allowFrom: Sequence[str] = (),
         allowTo: Sequence[str] = (),
         denyTo: Sequence[str] = (),
+        defaultPorts: bool = True,
     ) -> TunnelPolicy:
         """
         Build a policy from rule texts, as given on the command line.
 
         @param ports: Ports or ranges allowed besides 443 (C{22},
             C{8000-8999}, C{any}).
+        @param defaultPorts: Whether port 443 is allowed as well, as the
+            command line always allows it; C{False} allows only C{ports}.
         @param allowFrom: Client networks (CIDR or address) allowed to use
             the proxy; empty means any client.
         @param allowTo: Destination rules that open a destination (see
@@ -470,8 +506,9 @@ class TunnelPolicy:
         @return: The policy.
         @raise ValueError: If a rule cannot be parsed.
         """
+        defaults = DEFAULT_PORTS if defaultPorts else ()
         return cls(
-            ports=tuple(PortRange(p, p) for p in DEFAULT_PORTS)
+            ports=tuple(PortRange(p, p) for p in defaults)
             + tuple(parsePortRange(text) for text in ports),
             allowFrom=_parseNetworks(allowFrom),
             allowTo=tuple(parseTargetRule(text) for text in allowTo),

@@ -225,7 +225,12 @@ class ThreadedResolver:
             (C{callFromThread}), and stops the threads when it shuts down.
         @param threads: The most lookups that run at once.
         @param maxWaiting: The most lookups that wait for a thread.
-        @param getaddrinfo: Looks a name up (tests pass a fake one).
+        @param getaddrinfo: Looks a name up, called as
+            C{socket.getaddrinfo} is (with the host, the port, and the
+            family, type, proto and flags as keywords or in that order);
+            tests pass a fake one, and an application may pass its own (a
+            private hosts table, say), whose addresses are still vetted by
+            the policy.
         @param workers: Runs the lookups: an object whose C{run(job)} calls
             C{job()} in another thread (tests pass one that runs them when
             told).  By default daemon threads, at most C{threads}, stopped

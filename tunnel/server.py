@@ -13,6 +13,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any, cast
 
 from OpenSSL.SSL import Error as TLSError
@@ -62,7 +63,7 @@ from .interfaces import (
     UpstreamRefused,
     UpstreamUnreachable,
 )
-from .policy import IPAddress, ITunnelPolicy, TunnelPolicy, parseAddress
+from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy, parseAddress
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
 from .relay import (
     Relay,
@@ -121,6 +122,20 @@ _REASONS = {
     504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
+
+
+def _reasonPhrase(status: int) -> bytes:
+    """
+    The reason phrase for C{status}: the registered one (C{451 Unavailable
+    For Legal Reasons}), or C{Error} for a status without one.
+    """
+    phrase = _REASONS.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+    return phrase.encode("ascii")
 
 
 def formatAddress(address: IAddress | None) -> str:
@@ -223,9 +238,11 @@ def errorResponse(
     @param headers: Extra header fields.
     @return: The bytes to send.
     """
-    body = detail.encode("utf-8") + b"\n"
+    body = detail.encode("utf-8")
+    if not body.endswith(b"\n"):
+        body += b"\n"
     lines = [
-        b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Error").encode("ascii")),
+        b"HTTP/1.1 %d %s" % (status, _reasonPhrase(status)),
         b"Content-Type: text/plain; charset=utf-8",
         b"Content-Length: %d" % (len(body),),
         b"Connection: close",
@@ -410,12 +427,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if refusal is None:
             try:
                 denial = factory.policy.checkClient(self._clientIP)
+                if denial is not None:
+                    refusal = self._denied(denial)
             except Exception:
                 self._failedInternally(Failure(), "checking the client")
                 return False
-            if denial is not None:
-                refusal = RequestRejected(denial.status, denial.detail)
-                self._refusal = denial.reason
         if refusal is not None:
             self._reject(refusal)
             return False
@@ -628,17 +644,33 @@ class ConnectProxy(Protocol, TimeoutMixin):
             )
         )
 
+    def _denied(self, denial: Denial) -> RequestRejected:
+        """
+        The answer to a policy's refusal, whose reason is now the
+        connection's.
+        """
+        headers = denial.headers
+        if denial.status == 407 and not any(
+            name.lower() == b"proxy-authenticate" for name, _ in headers
+        ):
+            # A 407 without a challenge leaves the client nothing to answer
+            # (RFC 9110 section 11.7.1).
+            headers += tuple(challengeHeaders(self.factory.realm))
+        rejected = RequestRejected(denial.status, denial.detail, headers)
+        self._refusal = denial.reason
+        return rejected
+
     def _authorize(self, request: ConnectRequest) -> None:
         try:
             denial = self.factory.policy.checkTarget(
                 self.avatar, self._clientIP, request.host, request.port
             )
+            refusal = None if denial is None else self._denied(denial)
         except Exception:
             self._failedInternally(Failure(), "checking the target")
             return
-        if denial is not None:
-            self._refusal = denial.reason
-            self._reject(RequestRejected(denial.status, denial.detail))
+        if refusal is not None:
+            self._reject(refusal)
             return
         if self.factory.draining:
             self._reject(
@@ -676,7 +708,10 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._log.failure(
                 "Could not start connecting to {target}", target=request.authority
             )
-            self._reject(RequestRejected(502, "The proxy could not reach the target."))
+            self._reject(
+                RequestRejected(502, "The proxy could not reach the target."),
+                "target-failed",
+            )
             return
         if self._reading == "done":
             # The policy failed (answered 500) while the attempt started.
@@ -750,14 +785,15 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if reason.check(AddressDenied):
             assert self._request is not None
             try:
-                denial = self.factory.policy.addressDenial(
-                    self._request.host, self._request.port
+                refusal = self._denied(
+                    self.factory.policy.addressDenial(
+                        self._request.host, self._request.port
+                    )
                 )
             except Exception:
                 self._failedInternally(Failure(), "explaining an address denial")
                 return
-            self._refusal = denial.reason
-            self._reject(RequestRejected(denial.status, denial.detail))
+            self._reject(refusal)
             return
         if reason.check(UpstreamRefused):
             refused = cast(UpstreamRefused, reason.value)
@@ -1231,8 +1267,10 @@ class ConnectProxyFactory(Factory):
         @param headerTimeout: Seconds a client has to send its request head
             before it gets a 408.
         @param connectTimeout: Seconds allowed to reach the target before the
-            client gets a 504; L{None} leaves only the default connector's
-            own limit of 30 seconds per connection attempt.
+            client gets a 504; L{None} sets no limit of the factory's own,
+            leaving only the connector's (the default connector's is 30
+            seconds per connection attempt; a connector of yours that never
+            answers then keeps the client waiting until it leaves).
         @param idleTimeout: Seconds without traffic in either direction after
             which a tunnel is closed; C{0} or L{None} disables it.
         @param maxRequestLine: The longest request line, in bytes (414).

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import LogEvent, Logger
 
 from .accesslog import AccessLogObserver
 from .server import ConnectProxyFactory
@@ -97,16 +97,18 @@ class ProxyService(MultiService):
         self,
         factory: ConnectProxyFactory,
         drainTimeout: float = 30,
-        observers: list[ILogObserver] | None = None,
+        observers: Sequence[Callable[[LogEvent], object]] | None = None,
         reactor: Any = None,
     ) -> None:
         """
         @param factory: The proxy factory.
         @param drainTimeout: Seconds open connections get to finish when the
             service stops.
-        @param observers: Observers of the tunnel events, added to the
-            factory's C{tunnelObservers} while running (the access log, the
-            metrics); an L{AccessLogObserver} is reopened on SIGUSR1.
+        @param observers: Observers of the tunnel events (each an
+            L{twisted.logger.ILogObserver}, or any callable taking the
+            event), added to the factory's C{tunnelObservers} while running
+            (the access log, the metrics); an L{AccessLogObserver} is
+            reopened on SIGUSR1.
         @param reactor: Runs the SIGUSR1 reopen on the reactor thread; if
             given, the service handles SIGUSR1 while it runs (passing it on
             to the previous handler), so the signal never ends the process.
@@ -114,7 +116,7 @@ class ProxyService(MultiService):
         super().__init__()
         self.factory = factory
         self.drainTimeout = drainTimeout
-        self.observers = list(observers or [])
+        self.observers: list[Callable[[LogEvent], object]] = list(observers or [])
         self._reactor = reactor
         self._previousUSR1: Any = None
         self._logsClosed = False
