@@ -117,6 +117,45 @@ class BindCheckTests(SynchronousTestCase):
             port = free.getsockname()[1]
             Options().parseOptions(["--listen", f"tcp:{port}:interface=127.0.0.1"])
 
+    def test_unixPathTaken(self) -> None:
+        """
+        A UNIX socket path that holds a file other than a socket, a socket
+        something listens on, or a stale socket (no one listening) that
+        Twisted would not clear, is a usage error; a stale socket with a
+        stale lock file (left by a proxy that died) is left for Twisted to
+        clear.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        regular = os.path.join(directory, "regular")
+        with open(regular, "w"):
+            pass
+        e = self.assertRaises(
+            UsageError, Options().parseOptions, ["--listen", f"unix:{regular}"]
+        )
+        self.assertIn("exists and is not a socket", str(e))
+        busy = os.path.join(directory, "busy")
+        with socket.socket(socket.AF_UNIX) as listening:
+            listening.bind(busy)
+            listening.listen(1)
+            e = self.assertRaises(
+                UsageError, Options().parseOptions, ["--listen", f"unix:{busy}"]
+            )
+            self.assertIn("Address already in use", str(e))
+        e = self.assertRaises(
+            UsageError, Options().parseOptions, ["--listen", f"unix:{busy}"]
+        )
+        self.assertIn("remove it first", str(e))
+        e = self.assertRaises(
+            UsageError,
+            Options().parseOptions,
+            ["--listen", f"unix:{busy}:lockfile=0"],
+        )
+        self.assertIn("remove it first", str(e))
+        # A lock naming a process that is gone: Twisted breaks it.
+        os.symlink("999999999", busy + ".lock")
+        Options().parseOptions(["--listen", f"unix:{busy}"])
+
     def test_missingDirectory(self) -> None:
         """
         A UNIX socket in a directory that does not exist is a usage error.

@@ -4,12 +4,14 @@ The twistd face of the proxy: command-line options and the service they make.
 
 from __future__ import annotations
 
+import errno
 import gc
 import ipaddress
 import math
 import os
 import re
 import socket
+import stat
 import sys
 from collections.abc import Callable
 from typing import Any, cast
@@ -112,10 +114,39 @@ def _checkBindable(option: str, description: str, endpoint: object) -> None:
             directory = os.path.dirname(path) or "."
             if not os.path.isdir(directory):
                 raise OSError(f"no directory {directory}")
+            if os.path.lexists(path):
+                _checkSocketFree(path, getattr(endpoint, "_wantPID", False))
     except OSError as e:
         raise usage.UsageError(
             f"{option} {description}: cannot listen: {e.strerror or e}"
         ) from None
+
+
+def _checkSocketFree(path: str, locked: bool) -> None:
+    """
+    Check that the UNIX socket file at C{path}, which exists, may be listened
+    on: a socket nothing answers on, which Twisted will remove (it does so
+    only when the listener uses a lock file, C{lockfile=1} as by default,
+    and finds a stale lock, left by a process that died).
+
+    @param path: The socket's path.
+    @param locked: Whether the listener uses a lock file.
+    @raise OSError: If it is not a socket, is in use, or would stay.
+    """
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise OSError(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            pass
+        else:
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+    if not (locked and os.path.lexists(path + ".lock")):
+        raise OSError(
+            f"{path} is a socket no one listens on, left without a lock file "
+            "by a process that did not clean up: remove it first"
+        )
 
 
 def _number(
