@@ -13,7 +13,12 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    MemoryReactorClock,
+    StringTransport,
+)
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -44,6 +49,24 @@ def workerSnapshot(
     for _ in range(tunnels):
         metrics({**EVENT, "bytesUp": bytesUp})
     return snapshotMetrics(metrics.registry)
+
+
+def gaugeSnapshot(
+    name: str = "tunnel_open",
+    kind: str = "gauge",
+    sampleName: str | None = None,
+    labels: dict[str, Any] | None = None,
+) -> str:
+    """
+    A snapshot of one gauge family, C{name}, with one sample of value 3.
+    """
+    family = {
+        "name": name,
+        "type": kind,
+        "help": "A gauge.",
+        "samples": [[sampleName or name, labels or {}, 3.0]],
+    }
+    return json.dumps([family])
 
 
 def tunnelsCounted(metrics: WorkerMetrics) -> float:
@@ -201,6 +224,95 @@ class WorkerMetricsTests(SynchronousTestCase):
         labels = {"status": "200", "ended": "client-eof"}
         self.assertEqual(sample(metrics, "tunnel_connections_total", **labels), 1)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_badLabelsIgnored(self) -> None:
+        """
+        A snapshot with a label name or value that is not a string, or a
+        label name Prometheus does not allow, is ignored, and the totals
+        are still served.
+        """
+        prometheus = __import__("prometheus_client")
+        metrics = WorkerMetrics()
+        metrics.report(0, workerSnapshot(open=2))
+        for labels in ({"a": 1}, {"a": None}, {"1": "x"}, {'a"b': "x"}):
+            metrics.report(0, gaugeSnapshot(labels=labels))
+        self.assertEqual(sample(metrics, "tunnel_open"), 2)
+        self.assertIn(b"tunnel_open 2.0", prometheus.generate_latest(metrics.registry))
+
+    def test_badValuesIgnored(self) -> None:
+        """
+        A snapshot whose families or samples are not in the shape
+        L{snapshotMetrics} makes, or whose values are not finite numbers,
+        is ignored.
+        """
+        metrics = WorkerMetrics()
+        metrics.report(0, workerSnapshot(open=2))
+        good = json.loads(gaugeSnapshot())
+        for bad in (
+            [{**good[0], "samples": {}}],
+            [{**good[0], "samples": [["tunnel_open", {}]]}],
+            [{**good[0], "name": ["tunnel_open"]}],
+            ["tunnel_open"],
+        ):
+            metrics.report(0, json.dumps(bad))
+        for value in ('"1"', "true", "null", "NaN", "Infinity", "1" + "0" * 400):
+            metrics.report(0, gaugeSnapshot().replace("3.0", value))
+        self.assertEqual(sample(metrics, "tunnel_open"), 2)
+
+    def test_onlyTheProxysFamilies(self) -> None:
+        """
+        A snapshot naming a family the proxy does not define, or one of its
+        families with another type or a sample of another name, is
+        ignored: the totals keep nothing of it.
+        """
+        prometheus = __import__("prometheus_client")
+        metrics = WorkerMetrics()
+        metrics.report(0, workerSnapshot(tunnels=1))
+        before = prometheus.generate_latest(metrics.registry)
+        for number in range(100):
+            metrics.report(0, gaugeSnapshot(name=f"forged_{number}"))
+        for kind in ("counter", "bogus"):
+            metrics.report(0, gaugeSnapshot(kind=kind))
+        metrics.report(0, gaugeSnapshot(sampleName="tunnel_open_forged"))
+        self.assertEqual(prometheus.generate_latest(metrics.registry), before)
+        self.assertEqual(tunnelsCounted(metrics), 1)
+
+    def test_samplesBounded(self) -> None:
+        """
+        A snapshot that would take the totals beyond 10000 samples (here,
+        by label values never seen) is ignored.
+        """
+        metrics = WorkerMetrics()
+        metrics.report(0, workerSnapshot(open=2))
+        family = json.loads(gaugeSnapshot())[0]
+        family["samples"] = [
+            ["tunnel_open", {"forged": str(number)}, 1.0] for number in range(10_001)
+        ]
+        metrics.report(1, json.dumps([family]))
+        self.assertEqual(sample(metrics, "tunnel_open"), 2)
+        self.assertIsNone(sample(metrics, "tunnel_open", forged="0"))
+        family["samples"] = family["samples"][:100]
+        metrics.report(1, json.dumps([family]))
+        self.assertEqual(sample(metrics, "tunnel_open", forged="0"), 1)
+
+    def test_loggedOncePerWorker(self) -> None:
+        """
+        Unreadable snapshots are logged once per worker process: again only
+        once the worker has ended and been replaced.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        metrics = WorkerMetrics()
+        for worker in (0, 0, 1, 0, 1):
+            metrics.report(worker, gaugeSnapshot(labels={"a": 1}))
+        self.assertEqual([e["worker"] for e in events], [0, 1])
+        metrics.retire(0)
+        metrics.report(0, "not json")
+        metrics.report(0, "not json")
+        self.assertEqual([e["worker"] for e in events], [0, 1, 0])
+        self.assertEqual(events[0]["log_level"], LogLevel.warn)
 
 
 class _Protocol:

@@ -14,6 +14,8 @@ second; the main process serves the sum (L{WorkerMetrics}).
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -225,6 +227,13 @@ class _MetricsPage(Resource):
         request.setHeader(b"Content-Type", prometheus.CONTENT_TYPE_LATEST.encode())
         return prometheus.generate_latest(self._registry)  # type: ignore[no-any-return]
 
+    def render_HEAD(self, request: Request) -> bytes:
+        # The headers of a GET, without its body: returning the body would
+        # have twisted.web log a warning that it is dropping it.
+        body = self.render_GET(request)
+        request.setHeader(b"Content-Length", b"%d" % (len(body),))
+        return b""
+
 
 def metricsResource(metrics: ProxyMetrics | WorkerMetrics) -> Resource:
     """
@@ -319,6 +328,23 @@ _LARGEST = {"tunnel_draining"}
 
 _SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]
 
+# The names of a family's samples in a snapshot, by the family's type.
+_SAMPLE_SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum"),
+}
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# The most samples (label values apart) the totals may hold: far more than
+# the proxy makes, and a bound on what a faulty worker can add for good.
+_MAX_KEYS = 10_000
+
+
+class _Unreadable(Exception):
+    """
+    A snapshot is not one L{snapshotMetrics} makes of L{ProxyMetrics}.
+    """
+
 
 class WorkerMetrics:
     """
@@ -342,39 +368,105 @@ class WorkerMetrics:
         """
         self._prometheus = prometheus = requirePrometheus()
         self.registry = prometheus.CollectorRegistry()
-        # Family name -> (type, help), and every sample key ever seen, in
-        # the order first seen (histogram buckets stay in order).
-        self._families: dict[str, tuple[str, str]] = {}
+        # Family name -> (type, help) of the families L{ProxyMetrics}
+        # defines, the only ones a snapshot may hold, and the names their
+        # samples may have.
+        self._families: dict[str, tuple[str, str]] = {
+            family.name: (family.type, family.documentation)
+            for family in ProxyMetrics().registry.collect()
+        }
+        self._sampleNames = {
+            name: frozenset(name + suffix for suffix in _SAMPLE_SUFFIXES[kind])
+            for name, (kind, _) in self._families.items()
+        }
+        # Every sample key ever seen, in the order first seen (histogram
+        # buckets stay in order).
         self._keys: dict[_SampleKey, None] = {}
         self._live: dict[int, dict[_SampleKey, float]] = {}
         self._retired: dict[_SampleKey, float] = {}
         self._exits = 0
+        # The workers whose unreadable snapshot was logged: once is enough.
+        self._warned: set[int] = set()
         self.registry.register(self)
 
     def report(self, worker: int, snapshot: str) -> None:
         """
-        Take a worker's snapshot, in place of its previous one.
+        Take a worker's snapshot, in place of its previous one.  A snapshot
+        that is not one L{snapshotMetrics} makes of L{ProxyMetrics} is
+        ignored (and logged, once per worker process), as is one that
+        would take the totals beyond 10000 samples.
 
         @param worker: The worker's number.
         @param snapshot: The text L{snapshotMetrics} made.
         """
-        samples: dict[_SampleKey, float] = {}
         try:
-            families = json.loads(snapshot)
-            if not isinstance(families, list):
-                raise ValueError(snapshot)
-            for family in families:
-                name = str(family["name"])
-                if name not in self._families:
-                    self._families[name] = (str(family["type"]), str(family["help"]))
-                for sampleName, labels, value in family["samples"]:
-                    key = (name, str(sampleName), tuple(sorted(labels.items())))
-                    samples[key] = float(value)
-                    self._keys.setdefault(key, None)
-        except (ValueError, TypeError, KeyError, AttributeError):
-            self._log.warn("Worker {worker} sent unreadable metrics", worker=worker)
+            samples = self._read(snapshot)
+            new = [key for key in samples if key not in self._keys]
+            if len(self._keys) + len(new) > _MAX_KEYS:
+                raise _Unreadable("too many samples")
+        except (
+            _Unreadable,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            ArithmeticError,
+            RecursionError,
+        ):
+            if worker not in self._warned:
+                self._warned.add(worker)
+                self._log.warn(
+                    "Worker {worker} sent unreadable metrics (ignored; not "
+                    "logged again for this worker)",
+                    worker=worker,
+                )
             return
+        for key in new:
+            self._keys[key] = None
         self._live[worker] = samples
+
+    def _read(self, snapshot: str) -> dict[_SampleKey, float]:
+        """
+        Check and read a snapshot.
+
+        @param snapshot: The text from a worker.
+        @return: Its samples.
+        @raise _Unreadable: Or L{ValueError}, L{TypeError}, L{KeyError},
+            L{AttributeError}, L{ArithmeticError}, L{RecursionError}, if the
+            snapshot is not one L{snapshotMetrics} makes of L{ProxyMetrics}.
+        """
+        samples: dict[_SampleKey, float] = {}
+        families = json.loads(snapshot)
+        if not isinstance(families, list):
+            raise _Unreadable("not a list")
+        for family in families:
+            name = family["name"]
+            # An unknown name is refused here, so that the keys kept for
+            # good are only ever the proxy's own.
+            if family["type"] != self._families[name][0]:
+                raise _Unreadable(name)
+            sampleNames = self._sampleNames[name]
+            if not isinstance(family["samples"], list):
+                raise _Unreadable(name)
+            for sampleName, labels, value in family["samples"]:
+                if sampleName not in sampleNames:
+                    raise _Unreadable(sampleName)
+                # Anything else would fail every scrape (prometheus_client
+                # escapes label values as text) or garble it (a label name
+                # is written as it is).
+                if not all(
+                    isinstance(label, str)
+                    and isinstance(text, str)
+                    and _LABEL_NAME.fullmatch(label)
+                    for label, text in labels.items()
+                ):
+                    raise _Unreadable(labels)
+                # A NaN or infinity would stay in the totals for good.
+                if isinstance(value, bool) or not math.isfinite(value):
+                    raise _Unreadable(value)
+                key = (name, sampleName, tuple(sorted(labels.items())))
+                samples[key] = float(value)
+        return samples
 
     def retire(self, worker: int) -> None:
         """
@@ -384,6 +476,8 @@ class WorkerMetrics:
         @param worker: The worker's number.
         """
         self._exits += 1
+        # Its replacement may log an unreadable snapshot of its own.
+        self._warned.discard(worker)
         for key, value in self._live.pop(worker, {}).items():
             if self._families[key[0]][0] != "gauge":
                 self._retired[key] = self._retired.get(key, 0.0) + value

@@ -28,7 +28,6 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from . import splice
 from .accesslog import AccessLogObserver
@@ -42,9 +41,9 @@ from .metrics import (
     MetricsUnavailable,
     ProxyMetrics,
     WorkerMetrics,
-    metricsResource,
     requirePrometheus,
 )
+from .metricssite import metricsSite
 from .policy import (
     ITunnelPolicy,
     TunnelPolicy,
@@ -847,7 +846,7 @@ def _servingMetrics(
     @return: A service of both, which stops C{service} first.
     """
     parent = _StopInTurn()
-    _listen(reactor, description, Site(metricsResource(metrics)), parent)
+    _listen(reactor, description, metricsSite(metrics, reactor), parent)
     service.setServiceParent(parent)
     return parent
 
