@@ -5,6 +5,7 @@ Tests for L{tunnel.request}: the pure CONNECT head parser.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 
 from hypothesis import given, settings
@@ -16,13 +17,14 @@ from tunnel.request import (
     ConnectRequest,
     RequestRejected,
     findHeadEnd,
+    overlongRequestLine,
     parseAuthority,
     parseConnectHead,
     requestLineLength,
 )
 
 # Every status the parser may answer with.
-PARSER_STATUSES = {400, 405, 414, 431, 505}
+PARSER_STATUSES = {400, 405, 414, 431, 501, 505}
 
 
 def parse(head: bytes, **kwargs: int) -> ConnectRequest:
@@ -43,7 +45,8 @@ class RequestLineLengthTests(SynchronousTestCase):
     def test_lengths(self) -> None:
         """
         The length of the request line so far, without its line ending
-        (CRLF or LF, or a CR that may start one), after any empty lines.
+        (CRLF or LF, or a CR that may start one), counting the empty lines
+        before it.
         """
         for buffer, length in [
             (b"", 0),
@@ -51,10 +54,13 @@ class RequestLineLengthTests(SynchronousTestCase):
             (b"abc", 3),
             (b"abc\r", 3),
             (b"abc\r\n", 3),
-            (b"\r\nabc", 3),
-            (b"\r\n\r\nab\r\nxx", 2),
-            (b"\n\nabcd\n", 4),
-            (b"\r\n\r\n", 0),
+            (b"\r\nabc", 5),
+            (b"\r\n\r\nab\r\nxx", 6),
+            (b"\n\nabcd\n", 6),
+            (b"\r\n\r\n", 4),
+            (b"\r\n\r", 2),
+            (b"\n\rab\n", 4),
+            (b"\r\n\r\rab\r\n", 6),
         ]:
             self.assertEqual(requestLineLength(buffer), length, buffer)
 
@@ -164,9 +170,11 @@ class ParseConnectHeadTests(SynchronousTestCase):
 
     def test_methodCaseSensitive(self) -> None:
         """
-        Methods are case-sensitive: C{connect} is not C{CONNECT}.
+        Methods are case-sensitive: C{connect} is not C{CONNECT}, nor any
+        method this proxy knows, so it gets 501 (RFC 9110 section 9.1).
         """
-        self.assertRejected(b"connect a.example:443 HTTP/1.1", 405)
+        rejected = self.assertRejected(b"connect a.example:443 HTTP/1.1", 501)
+        self.assertEqual(rejected.headers, ())
 
     def test_badVersions(self) -> None:
         """
@@ -531,12 +539,14 @@ class ParseConnectHeadTests(SynchronousTestCase):
 
     def test_hostNameLength(self) -> None:
         """
-        A host name may be 253 characters long (RFC 1035), and no longer.
+        A host name may be 253 characters long (RFC 1035), and no longer,
+        not counting the root's trailing dot, which makes it 254.
         """
         name = b"a" * 63 + b"." + b"b" * 63 + b"." + b"c" * 63 + b"." + b"d" * 61
         self.assertEqual(len(name), 253)
         self.assertEqual(parseAuthority(name + b":443"), (name.decode(), 443))
-        for longer in [name + b"d", name + b"."]:
+        self.assertEqual(parseAuthority(name + b".:443"), (name.decode() + ".", 443))
+        for longer in [name + b"d", name + b"d.", name + b".."]:
             rejected = self.assertRaises(
                 RequestRejected, parseAuthority, longer + b":443"
             )
@@ -545,14 +555,14 @@ class ParseConnectHeadTests(SynchronousTestCase):
     def test_moreBadTargets(self) -> None:
         """
         A host name ending in a hyphen, an IPv6 zone written without
-        percent-encoding, a port of more than five digits, and spellings of
-        IPv4 addresses in hexadecimal (in either case, or just C{0x}) or
-        with a trailing dot all get 400.
+        percent-encoding, a port of more than five digits once its leading
+        zeros are gone, and spellings of IPv4 addresses in hexadecimal (in
+        either case, or just C{0x}) or with a trailing dot all get 400.
         """
         for target in [
             b"example-:443",
             b"[fe80::1%eth0]:443",
-            b"a.example:000443",
+            b"a.example:0443210",
             b"127.0.0.0X7F:443",
             b"127.0.0.0x7F:443",
             b"127.0.0.0x:443",
@@ -587,6 +597,289 @@ class ParseConnectHeadTests(SynchronousTestCase):
         Any Content-Length but 0 gets 400, 1 included.
         """
         self.assertRejected(b"CONNECT a.example:443 HTTP/1.1\r\nContent-Length: 1", 400)
+
+    def test_hostValueSyntax(self) -> None:
+        """
+        A Host value whose characters could all be in a URI host but that is
+        not C{uri-host [":" port]} gets 400: a percent that does not start
+        C{"%" HEXDIG HEXDIG}, brackets around neither an IPv6 address nor
+        IPvFuture (nor a zone identifier, which RFC 3986 does not have), a
+        port that is not digits, and colons that make no IPv6 address.
+        """
+        for value in [
+            b"[foo]",
+            b"a%",
+            b"a%4",
+            b"%zz",
+            b"a%4g",
+            b"1.2.3.4:abc",
+            b"dead:beef",
+            b"::::",
+            b"::1:x1",
+            b"[::1]:a",
+            b"[]",
+            b"[v1.]",
+            b"[v.x]",
+            b"[vx.y]",
+            b"[::1.2.3.04]",
+            b"[fe80::1%25eth0]",
+            b"fe80::1%25eth0",
+            b"1:2:3:4:5:6:7:8:9:10",
+        ]:
+            rejected = self.assertRaises(
+                RequestRejected,
+                parse,
+                b"CONNECT a.example:443 HTTP/1.1\r\nHost: " + value,
+            )
+            self.assertEqual(rejected.status, 400, value)
+            self.assertIn("Host", rejected.detail)
+
+    def test_hostValueSyntaxAccepted(self) -> None:
+        """
+        Percent-encoding, sub-delims, IPv6 literals (IPv4 embedded too),
+        IPvFuture, empty ports, and unbracketed IPv6 addresses with or
+        without a port are accepted in a Host value.
+        """
+        for value in [
+            b"a%41b",
+            b"%7e%7E",
+            b"!$&'()*+,;=-._~:80",
+            b"[::ffff:1.2.3.4]",
+            b"[2001:DB8::1]:",
+            b"[v1.x:y]",
+            b"[V1F.a-b_c~d!$&'()*+,;=:]:443",
+            b"::1:65535",
+            b"2001:db8::1:",
+            b"1.2.3.4:",
+            b"dead",
+        ]:
+            parse(b"CONNECT a.example:443 HTTP/1.1\r\nHost: " + value)
+
+    @settings(max_examples=1000, deadline=None)
+    @given(
+        st.lists(
+            st.sampled_from(
+                [
+                    *(b"[", b"]", b":", b".", b"%", b"a", b"f", b"g", b"v", b"V"),
+                    *(b"0", b"1", b"4", b"9", b"!", b"~", b"@", b" ", b"/", b"%25"),
+                ]
+            ),
+            max_size=14,
+        )
+    )
+    def test_hostValueNoLooser(self, pieces: list[bytes]) -> None:
+        """
+        No Host value that the pattern checking it before was written to RFC
+        3986's grammar refused is accepted now.
+        """
+        try:
+            request = parse(
+                b"CONNECT a.example:443 HTTP/1.1\r\nHost: " + b"".join(pieces)
+            )
+        except RequestRejected:
+            return
+        value = request.header(b"host")
+        assert value is not None
+        self.assertTrue(_OLD_HOST_VALUE.match(value), value)
+
+    def test_leadingEmptyLines(self) -> None:
+        """
+        Any number of empty lines (CRLF or bare LF) before the request line
+        are ignored (RFC 9112 section 2.2), not only one.
+        """
+        for empty in [b"\r\n\r\n", b"\n\n", b"\r\n\n\r\n", b"\r\n" * 1000]:
+            request = parse(empty + b"CONNECT a.example:1 HTTP/1.1")
+            self.assertEqual((request.host, request.port), ("a.example", 1))
+
+    def test_leadingEmptyLinesCount(self) -> None:
+        """
+        The empty lines before the request line count toward its limit, so
+        that endless ones cannot be buffered: with them, a line at the limit
+        passes and one byte more gets 414, as L{requestLineLength} measures.
+        """
+        line = b"CONNECT a.example:443 HTTP/1.1"
+        for empty in [b"\r\n", b"\n", b"\r\n" * 3000 + b"\n"]:
+            head = empty + line + b"\r\nHost: h\r\n"
+            limit = len(empty + line)
+            self.assertEqual(requestLineLength(head), limit)
+            self.assertEqual(
+                parseConnectHead(head, maxRequestLine=limit).host, "a.example"
+            )
+            rejected = self.assertRaises(
+                RequestRejected, parseConnectHead, head, maxRequestLine=limit - 1
+            )
+            self.assertEqual(rejected.status, 414)
+        rejected = self.assertRaises(
+            RequestRejected, parseConnectHead, b"\r\n" * 5000 + line + b"\r\n"
+        )
+        self.assertEqual(rejected.status, 414)
+
+    def test_knownMethods(self) -> None:
+        """
+        The methods of the IANA registry that RFC 9110 and RFC 5789 define,
+        and WebDAV's (RFC 4918), get 405 with C{Allow: CONNECT}: known, but
+        not allowed here.
+        """
+        for method in [
+            b"GET",
+            b"HEAD",
+            b"POST",
+            b"PUT",
+            b"DELETE",
+            b"OPTIONS",
+            b"TRACE",
+            b"PATCH",
+            b"PROPFIND",
+            b"PROPPATCH",
+            b"MKCOL",
+            b"COPY",
+            b"MOVE",
+            b"LOCK",
+            b"UNLOCK",
+        ]:
+            rejected = self.assertRaises(
+                RequestRejected, parse, method + b" a.example:443 HTTP/1.1"
+            )
+            self.assertEqual(rejected.status, 405, method)
+            self.assertEqual(rejected.headers, ((b"Allow", b"CONNECT"),))
+
+    def test_unknownMethods(self) -> None:
+        """
+        Any other method token gets 501 (RFC 9110 section 9.1), without
+        C{Allow}; a method that is not a token is still a malformed line.
+        """
+        for method in [b"BREW", b"Get", b"CONNECTX", b"X-CONNECT!", b"A" * 100]:
+            rejected = self.assertRaises(
+                RequestRejected, parse, method + b" a.example:443 HTTP/1.1"
+            )
+            self.assertEqual(rejected.status, 501, method)
+            self.assertEqual(rejected.headers, ())
+        self.assertRejected(b"BR(EW a.example:443 HTTP/1.1", 400)
+
+    def test_longMethodOverLimit(self) -> None:
+        """
+        A request line over the limit whose method is a token longer than
+        any known method gets 501 rather than 414 (RFC 9112 section 3); one
+        whose method could still be known, or is no token, gets 414.
+        """
+        for line, status in [
+            (b"A" * 10 + b" " + b"a" * 100 + b":443 HTTP/1.1", 501),
+            (b"\r\n" + b"A" * 10 + b" " + b"a" * 100 + b":443 HTTP/1.1", 501),
+            (b"A" * 200, 501),
+            (b"PROPPATCH " + b"a" * 100 + b":443 HTTP/1.1", 414),
+            (b"CONNECT " + b"a" * 100 + b":443 HTTP/1.1", 414),
+            (b"A" * 9 + b"( " + b"a" * 100 + b":443 HTTP/1.1", 414),
+        ]:
+            rejected = self.assertRaises(
+                RequestRejected, parseConnectHead, line + b"\r\n", maxRequestLine=64
+            )
+            self.assertEqual(rejected.status, status, line)
+
+    def test_portLeadingZeros(self) -> None:
+        """
+        A port may have leading zeros (RFC 3986: C{port = *DIGIT}), however
+        many; what is left must be 1-65535, in at most five digits.
+        """
+        for target, port in [
+            (b"127.0.0.1:00001", 1),
+            (b"127.0.0.1:018190", 18190),
+            (b"a.example:000443", 443),
+            (b"a.example:" + b"0" * 5000 + b"65535", 65535),
+        ]:
+            self.assertEqual(parseAuthority(target)[1], port, target)
+        for target in [
+            b"a.example:00000",
+            b"a.example:" + b"0" * 5000,
+            b"a.example:065536",
+            b"a.example:0123456",
+            b"a.example:" + b"0" * 5000 + b"1" * 5000,
+            b"[::1]:000000",
+        ]:
+            rejected = self.assertRaises(RequestRejected, parseAuthority, target)
+            self.assertEqual(rejected.status, 400, target)
+
+    def test_trailingDots(self) -> None:
+        """
+        Only one trailing dot, the root's, may end a host name: two or more
+        make an empty label, and get 400.
+        """
+        for target in [b"localhost..:18190", b"a.example...:443", b"a..:1"]:
+            rejected = self.assertRaises(RequestRejected, parseAuthority, target)
+            self.assertEqual(rejected.status, 400, target)
+        self.assertEqual(parseAuthority(b"localhost.:18190"), ("localhost.", 18190))
+
+    def test_contentLengthList(self) -> None:
+        """
+        A Content-Length list of zeros is accepted as two Content-Length: 0
+        lines are (RFC 9110 section 8.6); a list with any member that is not
+        a zero, or an empty one, gets 400, in one line or in several.
+        """
+        for fields in [
+            b"Content-Length: 0, 0",
+            b"Content-Length: 0,0",
+            b"Content-Length: 00 ,\t000, 0",
+            b"Content-Length: 0\r\nContent-Length: 0",
+            b"Content-Length: 0, 0\r\nContent-Length: 0",
+        ]:
+            parse(b"CONNECT a.example:443 HTTP/1.1\r\n" + fields)
+        for fields in [
+            b"Content-Length: 0, 1",
+            b"Content-Length: 1, 1",
+            b"Content-Length: 0,",
+            b"Content-Length: ,0",
+            b"Content-Length: 0,,0",
+            b"Content-Length: 0 0",
+            b"Content-Length: 0, -0",
+            b"Content-Length: 0\r\nContent-Length: 0, 1",
+            b"Content-Length: 0, 0\r\nContent-Length: 1",
+        ]:
+            self.assertRejected(b"CONNECT a.example:443 HTTP/1.1\r\n" + fields, 400)
+
+
+# The Host value pattern before Host values were checked to RFC 3986's
+# grammar: what it refused must stay refused.
+_OLD_HOST_VALUE = re.compile(
+    rb"(?:\[[0-9A-Za-z:.%_~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)"
+    rb"(?::[0-9]*)?\Z"
+    rb"|[0-9A-Fa-f.]*(?::[0-9A-Fa-f.]*)+\Z"
+)
+
+
+class OverlongRequestLineTests(SynchronousTestCase):
+    """
+    Tests for L{overlongRequestLine}, which the proxy asks while the head
+    arrives, as soon as L{requestLineLength} passes the limit.
+    """
+
+    def test_statuses(self) -> None:
+        """
+        The answer is 501 if the method so far is a token longer than any
+        known method, else 414.  The method is what comes after the empty
+        lines and before the first space, or with no space yet all of the
+        line but a line ending or a CR that may start one.
+        """
+        for buffer, status in [
+            (b"A" * 10, 501),
+            (b"A" * 10 + b"\r", 501),
+            (b"A" * 10 + b"\r\n", 501),
+            (b"\r\n\n" + b"A" * 10, 501),
+            (b"A" * 10 + b" x", 501),
+            (b"A" * 9, 414),
+            (b"PROPPATCH x", 414),
+            (b"A" * 9 + b"\r ", 414),
+            (b"A" * 9 + b"\x00", 414),
+            (b"\r\n" * 5000, 414),
+            (b"", 414),
+        ]:
+            self.assertEqual(overlongRequestLine(buffer).status, status, buffer)
+
+    def test_details(self) -> None:
+        """
+        The 414 says the line is too long; the 501, that the method is not
+        implemented.
+        """
+        self.assertIn("too long", overlongRequestLine(b"GET").detail)
+        self.assertIn("not implemented", overlongRequestLine(b"B" * 20).detail)
 
 
 def referenceParse(head: bytes, maxFields: int = 100) -> ConnectRequest:
@@ -735,3 +1028,64 @@ class FindHeadEndTests(SynchronousTestCase):
         """
         data = b"CONNECT a:1 HTTP/1.1\r\nX: y\r\n\r\n"
         self.assertEqual(findHeadEnd(data, 20), (len(data) - 2, len(data)))
+
+    def test_leadingEmptyLines(self) -> None:
+        """
+        With C{skipEmptyLines}, empty lines before the first line do not
+        end the head, however many, and the head keeps them; a CR that ends
+        no line is where the first line starts.
+        """
+        for empty in [b"\r\n", b"\r\n\r\n", b"\n\n\n", b"\r\n\n" * 100]:
+            self.assertIsNone(findHeadEnd(empty, skipEmptyLines=True))
+            self.assertIsNone(findHeadEnd(empty + b"\r", skipEmptyLines=True))
+            data = empty + b"CONNECT a:1 HTTP/1.1\r\n\r\nearly"
+            self.assertEqual(
+                findHeadEnd(data, skipEmptyLines=True),
+                (len(data) - 7, len(data) - 5),
+            )
+        self.assertEqual(findHeadEnd(b"\n\r\r\n\n", skipEmptyLines=True), (4, 5))
+
+    def test_emptyLineEndsHeadByDefault(self) -> None:
+        """
+        Without C{skipEmptyLines} (a parent proxy's response) the first
+        empty line ends the head, however early.
+        """
+        self.assertEqual(findHeadEnd(b"\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"), (2, 4))
+        self.assertEqual(findHeadEnd(b"\n\n"), (1, 2))
+
+    def test_emptyLinesOnePerPacket(self) -> None:
+        """
+        Empty lines that arrive one per packet (or one byte per packet),
+        looked for as the proxy does (from 3 bytes before the new ones,
+        counted by L{requestLineLength}), neither end the head nor hide its
+        end.
+        """
+        request = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n"
+        for packets in [
+            [b"\r\n"] * 50 + [request],
+            [b"\n"] * 50 + [request],
+            [b"\r", b"\n"] * 50 + [request[:1], request[1:]],
+            [bytes([byte]) for byte in b"\r\n" * 50 + request],
+        ]:
+            buffer = b""
+            for number, packet in enumerate(packets):
+                buffered = len(buffer)
+                buffer += packet
+                found = findHeadEnd(buffer, max(0, buffered - 3), skipEmptyLines=True)
+                if number < len(packets) - 1:
+                    self.assertIsNone(found, buffer)
+                    self.assertLessEqual(requestLineLength(buffer), len(buffer))
+            self.assertEqual(found, (len(buffer) - 2, len(buffer)))
+            head = buffer[: len(buffer) - 2]
+            self.assertEqual(parseConnectHead(head).host, "a.example")
+
+    def test_endlessEmptyLines(self) -> None:
+        """
+        A stream of nothing but empty lines never ends the head, and its
+        L{requestLineLength} grows with it, so the proxy's request line
+        limit refuses it (414).
+        """
+        buffer = b"\r\n" * 4097
+        self.assertIsNone(findHeadEnd(buffer, skipEmptyLines=True))
+        self.assertEqual(requestLineLength(buffer), 8194)
+        self.assertEqual(overlongRequestLine(buffer).status, 414)

@@ -480,6 +480,43 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertRejected(414)
         self.assertEqual(self.proxy._buffer, b"")
 
+    def test_leadingEmptyLinesOnePerPacket(self) -> None:
+        """
+        Empty lines before the request line are passed over (RFC 9112
+        section 2.2), however many, each in a packet of its own, and
+        whatever ends them (CRLF or a bare LF).
+        """
+        for _ in range(3):
+            self.proxy.dataReceived(b"\r")
+            self.proxy.dataReceived(b"\n")
+        self.proxy.dataReceived(b"\n")
+        self.proxy.dataReceived(HEAD)
+        self.assertEqual(self.connector.targets, [("target.example", 443)])
+
+    def test_endlessEmptyLines(self) -> None:
+        """
+        Empty lines before the request line count toward its limit: an
+        endless run of them gets 414 once past it, without the buffer ever
+        holding more.
+        """
+        self.factory.maxRequestLine = 100
+        for _ in range(50):
+            self.proxy.dataReceived(b"\r\n")
+            self.assertLessEqual(len(self.proxy._buffer), 100 + 4)
+        self.assertEqual(self.client.value(), b"")
+        self.proxy.dataReceived(b"\r\n")
+        self.assertRejected(414)
+
+    def test_longMethodStreamed(self) -> None:
+        """
+        A request line over the limit whose method is already longer than
+        any method there is gets 501 (RFC 9112 section 3), not 414.
+        """
+        self.factory.maxRequestLine = 100
+        for _ in range(11):
+            self.proxy.dataReceived(b"A" * 10)
+        self.assertRejected(501)
+
     def test_requestLineTooLongBeforeHeadEnds(self) -> None:
         """
         A request line over the limit gets 414 as soon as its line ending

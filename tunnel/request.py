@@ -23,6 +23,7 @@ __all__ = [
     "ConnectRequest",
     "RequestRejected",
     "findHeadEnd",
+    "overlongRequestLine",
     "parseAuthority",
     "parseConnectHead",
     "requestLineLength",
@@ -39,22 +40,62 @@ _BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: also admits percent-encoding and sub-delims in a reg-name; no resolver
 #: accepts those, so they are refused rather than passed along.
 HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?\Z")
-_PORT = re.compile(r"[0-9]{1,5}\Z")
+# RFC 3986 section 3.2.3: port = *DIGIT, so leading zeros are allowed; what
+# is left once they are gone is at most five digits, so that int() never
+# converts a long run of them (and 0 does not match at all).
+_PORT = re.compile(r"0*([1-9][0-9]{0,4})\Z")
 # RFC 9110 section 7.2: Host = uri-host [ ":" port ], uri-host being an
 # IP-literal or a reg-name (RFC 3986 section 3.2.2); empty is allowed.  The
 # proxy does not use the value (the target is the request's), but RFC 9112
-# section 3.2 wants an invalid one answered with 400.
-_HOST_VALUE = re.compile(
-    rb"(?:\[[0-9A-Za-z:.%_~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)"
+# section 3.2 wants an invalid one answered with 400.  A reg-name is
+# unreserved and sub-delims characters and "%" HEXDIG HEXDIG; each "%"
+# starts a repetition of its own, so a failing match takes time in
+# proportion to the value.
+_HOST_REG_NAME = re.compile(
+    rb"[0-9A-Za-z._~!$&'()*+,;=-]*(?:%[0-9A-Fa-f]{2}[0-9A-Za-z._~!$&'()*+,;=-]*)*"
     rb"(?::[0-9]*)?\Z"
-    # Python's http.client (3.12 and later) writes an IPv6 target without
-    # its brackets (Host: ::1:443): unambiguous enough, and the value is
-    # not used, so it is let through rather than refuse that client.  Each
-    # colon starts a repetition of its own, so the pattern fails in time
-    # proportional to the value (two overlapping [...:]* took the square of
-    # it: seconds, on one thread, for a 64 KiB run of colons).
-    rb"|[0-9A-Fa-f.]*(?::[0-9A-Fa-f.]*)+\Z"
 )
+# An IP-literal is "[" ( IPv6address / IPvFuture ) "]": what is inside the
+# brackets is checked apart.
+_HOST_IP_LITERAL = re.compile(rb"\[([^\[\]]*)\](?::[0-9]*)?\Z")
+_IPV6_CHARACTERS = re.compile(rb"[0-9A-Fa-f:.]+\Z")
+_IPV_FUTURE = re.compile(rb"[vV][0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+\Z")
+# Python's http.client (3.12 and later) writes an IPv6 target without its
+# brackets (Host: ::1:443): unambiguous enough, and the value is not used,
+# so it is let through rather than refuse that client, if it is an IPv6
+# address, perhaps followed by a port.  Each colon starts a repetition of
+# its own, so the pattern fails in time proportional to the value (two
+# overlapping [...:]* took the square of it: seconds, on one thread, for a
+# 64 KiB run of colons).
+_HOST_BARE_IPV6 = re.compile(rb"[0-9A-Fa-f.]*(?::[0-9A-Fa-f.]*)+\Z")
+# The methods of the IANA HTTP method registry that a client may reasonably
+# send to a server by mistake: RFC 9110's and PATCH (RFC 5789), and WebDAV's
+# (RFC 4918).  They get 405 (known, not allowed here); any other method
+# gets 501 (RFC 9110 section 9.1: not implemented).
+_KNOWN_METHODS = frozenset(
+    {
+        b"CONNECT",
+        b"GET",
+        b"HEAD",
+        b"POST",
+        b"PUT",
+        b"DELETE",
+        b"OPTIONS",
+        b"TRACE",
+        b"PATCH",
+        b"PROPFIND",
+        b"PROPPATCH",
+        b"MKCOL",
+        b"COPY",
+        b"MOVE",
+        b"LOCK",
+        b"UNLOCK",
+    }
+)
+_LONGEST_METHOD = max(len(method) for method in _KNOWN_METHODS)
+# The CRs and LFs at the start of a head: empty lines, and perhaps a CR
+# that ends none.
+_LINE_BREAKS = re.compile(rb"[\r\n]*")
 
 
 @frozen
@@ -124,7 +165,29 @@ class RequestRejected(Exception):
         self.headers = tuple(headers)
 
 
-def findHeadEnd(buffer: bytes, start: int = 0) -> tuple[int, int] | None:
+def _emptyLinesLength(buffer: bytes) -> int:
+    """
+    How many bytes the empty lines (each CRLF or a bare LF) at the start of
+    C{buffer} take.
+
+    Each call reads all of them again, in C rather than a loop over lines:
+    callers bound how many there may be (L{requestLineLength} counts them).
+    """
+    match = _LINE_BREAKS.match(buffer)
+    end = match.end() if match is not None else 0
+    # The run of CRs and LFs may hold CRs that end no line.  The first line
+    # starts at the first of them: one followed by another CR is a bare CR
+    # (which the parser refuses), and so is a last one followed by anything
+    # else, while a last one at the end of the buffer may yet start a CRLF.
+    stray = buffer.find(b"\r\r", 0, end)
+    if stray != -1:
+        return stray
+    return end - buffer.endswith(b"\r", 0, end)
+
+
+def findHeadEnd(
+    buffer: bytes, start: int = 0, *, skipEmptyLines: bool = False
+) -> tuple[int, int] | None:
     """
     Find the empty line that ends a request head.
 
@@ -133,10 +196,21 @@ def findHeadEnd(buffer: bytes, start: int = 0) -> tuple[int, int] | None:
 
     @param buffer: The bytes received so far.
     @param start: Where to start looking (to avoid rescanning old bytes).
+    @param skipEmptyLines: Whether empty lines at the start of C{buffer}, any
+        number of them, are passed over rather than taken for the end of the
+        head, as RFC 9112 section 2.2 wants of those before a request line
+        (the head found still starts with them).  Without it (a parent
+        proxy's response) the first empty line ends the head, however early.
+        The caller bounds how many there may be, as each call reads them all
+        again: the proxy counts them in L{requestLineLength}.
     @return: C{(headLength, consumed)}: the length of the head without its
         final empty line, and the number of bytes up to and including that
         empty line; or L{None} if the head is not complete yet.
     """
+    if skipEmptyLines:
+        # The first line ending after the empty lines is the request line's;
+        # the head ends with an empty line after that.
+        start = max(start, _emptyLinesLength(buffer))
     index = buffer.find(b"\n", start)
     while index != -1:
         if buffer.startswith(b"\n", index + 1):
@@ -150,22 +224,46 @@ def findHeadEnd(buffer: bytes, start: int = 0) -> tuple[int, int] | None:
 def requestLineLength(buffer: bytes) -> int:
     """
     How long the request line in C{buffer} is so far, without its line
-    ending, skipping the empty lines that may come before it (RFC 9112
-    section 2.2), as L{parseConnectHead} measures it against its limit.
+    ending, as L{parseConnectHead} measures it against its limit: counting
+    the empty lines that may come before it (RFC 9112 section 2.2), so that
+    a client cannot make the proxy keep and scan an endless run of them.
 
     @param buffer: The start of a request head, perhaps incomplete.
     @return: The length in bytes.
     """
-    start = 0
-    while True:
-        end = buffer.find(b"\n", start)
-        if end == -1:
-            # A CR at the end may be the start of the line ending.
-            return len(buffer) - start - buffer.endswith(b"\r")
-        length = end - start - (buffer[end - 1 : end] == b"\r" and end > start)
-        if length:
-            return length
-        start = end + 1
+    end = buffer.find(b"\n", _emptyLinesLength(buffer))
+    if end == -1:
+        # A CR at the end may be the start of the line ending.
+        return len(buffer) - buffer.endswith(b"\r")
+    # The line after the empty lines is not empty, so this CR is its own.
+    return end - buffer.endswith(b"\r", 0, end)
+
+
+def overlongRequestLine(buffer: bytes) -> RequestRejected:
+    """
+    The refusal of a request line longer than the limit: 414, unless its
+    method is a token already longer than any this proxy knows, which
+    RFC 9112 section 3 wants answered with 501 (the method is what matters,
+    not the length).
+
+    @param buffer: The start of a request head, perhaps incomplete, whose
+        L{requestLineLength} is over the limit.
+    @return: The refusal to answer with.
+    """
+    start = _emptyLinesLength(buffer)
+    end = buffer.find(b"\n", start)
+    if end == -1:
+        end = len(buffer)
+    # The method ends at the first SP; with none yet, all of the line so far
+    # is the start of it, but for a CR that ends the line or may start its
+    # ending.
+    space = buffer.find(b" ", start, end)
+    if space == -1:
+        space = end - buffer.endswith(b"\r", start, end)
+    method = buffer[start:space]
+    if len(method) > _LONGEST_METHOD and _TOKEN.match(method):
+        return RequestRejected(501, "The request method is not implemented.")
+    return RequestRejected(414, "The request line is too long.")
 
 
 def parseAuthority(target: bytes) -> tuple[str, int]:
@@ -198,8 +296,12 @@ def parseAuthority(target: bytes) -> tuple[str, int]:
         host, colon, portText = text.rpartition(":")
         if not colon:
             raise RequestRejected(400, "The request target must be host:port.")
-        if not HOSTNAME.match(host) or not all(
-            0 < len(label) <= 63 for label in host.rstrip(".").split(".")
+        # One trailing dot is the DNS root, which a fully qualified name may
+        # end with; RFC 1035's 253 characters are counted without it.  Two
+        # would make an empty label.
+        name = host.removesuffix(".")
+        if not HOSTNAME.match(name) or not all(
+            0 < len(label) <= 63 for label in name.split(".")
         ):
             raise RequestRejected(400, "The target host name is not valid.")
         # A name whose last label is a number is an IPv4 address in one of
@@ -211,9 +313,10 @@ def parseAuthority(target: bytes) -> tuple[str, int]:
             raise RequestRejected(
                 400, "IPv4 addresses must be written as four decimal numbers."
             )
-    if not _PORT.match(portText) or not 1 <= int(portText) <= 65535:
+    portMatch = _PORT.match(portText)
+    if portMatch is None or int(portMatch.group(1)) > 65535:
         raise RequestRejected(400, "The target port must be a number in 1-65535.")
-    return host, int(portText)
+    return host, int(portMatch.group(1))
 
 
 # The one IPv4 spelling accepted: four decimal numbers 0-255 without
@@ -237,8 +340,9 @@ def _parseRequestLine(line: bytes) -> tuple[tuple[int, int], bytes]:
     Parse and check a request line.
 
     @return: The HTTP version and the raw request target.
-    @raise RequestRejected: 400 for a malformed line, 405 for a method other
-        than CONNECT, 505 for an HTTP major version other than 1.
+    @raise RequestRejected: 400 for a malformed line, 405 for another
+        method this proxy knows, 501 for one it does not, 505 for an HTTP
+        major version other than 1.
     """
     parts = line.split(b" ")
     if len(parts) != 3:
@@ -247,6 +351,13 @@ def _parseRequestLine(line: bytes) -> tuple[tuple[int, int], bytes]:
     versionMatch = _VERSION.match(versionText)
     if not _TOKEN.match(method) or not target or versionMatch is None:
         raise RequestRejected(400, "The request line is malformed.")
+    if method not in _KNOWN_METHODS:
+        # Methods are case-sensitive: "connect" is not one of them.
+        raise RequestRejected(
+            501,
+            "The request method is not implemented: "
+            "this is a CONNECT proxy, it serves only the CONNECT method.",
+        )
     if method != b"CONNECT":
         raise RequestRejected(
             405,
@@ -281,6 +392,57 @@ def _parseFieldLine(line: bytes) -> tuple[bytes, bytes]:
     return name.lower(), value.strip(b" \t")
 
 
+def _validHostValue(value: bytes) -> bool:
+    """
+    Whether C{value} is C{uri-host [":" port]} (RFC 9110 section 7.2, RFC
+    3986 section 3.2.2), or an IPv6 address without its brackets, perhaps
+    followed by C{":" port}.
+    """
+    if _HOST_REG_NAME.match(value):
+        return True
+    literal = _HOST_IP_LITERAL.match(value)
+    if literal is not None:
+        inside = literal.group(1)
+        # RFC 3986 has no zone identifier in an IP-literal (and the request
+        # target may not hold one either): a "%" is refused with the other
+        # characters IPv6Address does not take.
+        return _IPV_FUTURE.match(inside) is not None or _isIPv6Address(inside)
+    if not _HOST_BARE_IPV6.match(value):
+        return False
+    if _isIPv6Address(value):
+        return True
+    address, _, port = value.rpartition(b":")
+    return (not port or port.isdigit()) and _isIPv6Address(address)
+
+
+def _isIPv6Address(text: bytes) -> bool:
+    """
+    Whether C{text} is an IPv6 address, without a zone identifier.
+    """
+    if not _IPV6_CHARACTERS.match(text):
+        return False
+    try:
+        ipaddress.IPv6Address(text.decode("ascii"))
+    except ValueError:
+        return False
+    return True
+
+
+def _isZeroLength(value: bytes) -> bool:
+    """
+    Whether a Content-Length field value is 0, or a list of 0s (RFC 9110
+    section 8.6 lets a sender repeat the value as a list).  Each member is
+    digits that are all zero, however many (without int(): Python refuses
+    to convert more than 4300 digits); an empty member is refused as an
+    empty value is.
+    """
+    for member in value.split(b","):
+        member = member.strip(b" \t")
+        if not member.isdigit() or member.strip(b"0"):
+            return False
+    return True
+
+
 def _checkFraming(
     headers: Sequence[tuple[bytes, bytes]], version: tuple[int, int]
 ) -> None:
@@ -308,12 +470,10 @@ def _checkFraming(
             hosts += 1
             if hosts > 1:
                 raise RequestRejected(400, "More than one Host header field.")
-            if not _HOST_VALUE.match(value):
+            if not _validHostValue(value):
                 raise RequestRejected(400, "The Host header field is not valid.")
         elif name == b"transfer-encoding" or (
-            # Zero however many digits spell it, without int(): Python
-            # refuses to convert more than 4300 digits.
-            name == b"content-length" and (not value.isdigit() or value.strip(b"0"))
+            name == b"content-length" and not _isZeroLength(value)
         ):
             raise RequestRejected(400, "A CONNECT request has no content.")
     if hosts == 0 and version == (1, 1):
@@ -333,28 +493,31 @@ def parseConnectHead(
 
     @param head: The request line and header field lines, each ending in
         CRLF (or a bare LF), without the final empty line.  Empty lines
-        before the request line are ignored (RFC 9112 section 2.2).
-    @param maxRequestLine: The longest request line accepted, in bytes.
+        before the request line are ignored (RFC 9112 section 2.2), but for
+        their length.
+    @param maxRequestLine: The longest request line accepted, in bytes,
+        counting the empty lines before it (as L{requestLineLength} does).
     @param maxFields: The most header fields accepted.
     @return: The parsed request.
     @raise RequestRejected: For anything that is not a well-formed CONNECT
         request this proxy can serve.
     """
+    received = head
     if b"\r" in head:
         # A CR may only end a line, just before its LF.
         head = head.replace(b"\r\n", b"\n")
         if b"\r" in head:
             raise RequestRejected(400, "A bare CR is not a line ending.")
-    lines = head.split(b"\n")
+    # The empty lines before the request line go at once: deleting them one
+    # by one from the list of lines takes time in the square of their number.
+    lines = head.lstrip(b"\n").split(b"\n")
     # The head always ends in a line ending, so the split leaves an empty
     # last item.
     del lines[-1]
-    while lines and not lines[0]:
-        del lines[0]
     if not lines:
         raise RequestRejected(400, "The request line is missing.")
-    if len(lines[0]) > maxRequestLine:
-        raise RequestRejected(414, "The request line is too long.")
+    if requestLineLength(received) > maxRequestLine:
+        raise overlongRequestLine(lines[0])
     version, target = _parseRequestLine(lines[0])
     if len(lines) - 1 > maxFields:
         raise RequestRejected(431, "Too many header fields.")

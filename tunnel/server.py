@@ -77,6 +77,7 @@ from .request import (
     ConnectRequest,
     RequestRejected,
     findHeadEnd,
+    overlongRequestLine,
     parseConnectHead,
     requestLineLength,
 )
@@ -117,6 +118,7 @@ _REASONS = {
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
@@ -501,10 +503,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # Look only at what fits within the limit, so that the buffer never
         # holds more than the limit allows.
         window = self._buffer + data[: limit + 4 - buffered]
-        found = findHeadEnd(window, max(0, buffered - 3))
+        found = findHeadEnd(window, max(0, buffered - 3), skipEmptyLines=True)
         if found is None:
             if requestLineLength(window) > factory.maxRequestLine:
-                self._reject(RequestRejected(414, "The request line is too long."))
+                # 414, or 501 for a method longer than any known.
+                self._reject(overlongRequestLine(window))
             elif len(window) > limit:
                 self._reject(RequestRejected(431, "The request head is too large."))
             else:
