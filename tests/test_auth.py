@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 
 import bcrypt
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
@@ -782,6 +783,33 @@ class HtpasswdCheckerTests(SynchronousTestCase):
             self.write(bcryptLine(b"alice", password))
             self.assertEqual(self.check(b"alice", password), b"alice")
             self.assertEqual(self.checker._failureTime, expected)
+
+    def test_reloadMakesDummyInThePool(self) -> None:
+        """
+        A reload makes its dummy hash in the thread pool, not on the reactor
+        thread: the previous one serves until it is made, and one made for
+        users a later reload replaced is not used.
+        """
+        jobs: list[
+            tuple[Callable[..., object], Callable[..., object], tuple[object, ...]]
+        ] = []
+        self.patch(
+            self.reactor.pool,
+            "callInThreadWithCallback",
+            lambda onResult, f, *a, **k: jobs.append((onResult, f, a)),
+        )
+        self.patch(htpasswd, "_dummyHash", lambda entries: (b"new", 0.0))
+        before = self.checker._dummy
+        self.write(bcryptLine(b"carol", b"c"))
+        self.checker.refresh()
+        self.assertIs(self.checker._dummy, before)
+        self.write(bcryptLine(b"dave", b"d"))
+        self.checker.refresh()
+        [(onFirst, _, _), (onSecond, makeDummy, arguments)] = jobs
+        onFirst(True, (b"superseded", 0.0))
+        self.assertIs(self.checker._dummy, before)
+        onSecond(True, makeDummy(*arguments))
+        self.assertEqual(self.checker._dummy, b"new")
 
     def test_failureTimeNoise(self) -> None:
         """

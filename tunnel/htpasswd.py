@@ -43,7 +43,7 @@ def _dummyHash(entries: dict[bytes, bytes]) -> tuple[bytes, float]:
         check against it takes.
     """
     costs = [int(hashed[4:6]) for hashed in entries.values() if hashed[4:6].isdigit()]
-    # Capped: this runs on the reactor thread, at start-up and on reload.
+    # Capped: at start-up this runs on the reactor thread.
     cost = min(max(costs, default=10), 13)
     started = time.monotonic()
     hashed = bcrypt.hashpw(b"tunnel-dummy-password", bcrypt.gensalt(max(cost, 4)))
@@ -183,12 +183,34 @@ class HtpasswdChecker:
             return
         self.content = content
         self._cache.clear()
-        self._dummy, dummyTime = _dummyHash(self._entries)
-        self._failureTime = max(self._failureTime, dummyTime)
+        self._renewDummy()
         self._log.info(
             "Reloaded {count} users from {path}",
             count=len(self._entries),
             path=self.path,
+        )
+
+    def _renewDummy(self) -> None:
+        """
+        Make the dummy hash for the users just read, in the thread pool:
+        bcrypt at cost 13 takes half a second, which on the reactor thread
+        would stall every tunnel of the process (and in a C{--workers} main
+        process, which reads the file to keep it for new workers, the
+        workers' log lines).  Until it is made, the previous one serves.
+        """
+        entries = self._entries
+        made = deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), _dummyHash, entries
+        )
+
+        def use(result: tuple[bytes, float]) -> None:
+            # A later reload's own dummy is on its way.
+            if self._entries is entries:
+                self._dummy, dummyTime = result
+                self._failureTime = max(self._failureTime, dummyTime)
+
+        made.addCallback(use).addErrback(
+            lambda failure: self._log.failure("Could not make a dummy hash", failure)
         )
 
     def _verify(self, password: bytes, hashed: bytes) -> bool:
