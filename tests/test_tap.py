@@ -733,7 +733,11 @@ class FileStampTests(SynchronousTestCase):
         """
         fifo = self.mktemp()
         os.mkfifo(fifo)
-        e = self.assertRaises(UsageError, Options().parseOptions, ["--rules", fifo])
+        e = self.assertRaises(
+            UsageError,
+            Options().parseOptions,
+            ["--listen", "tcp:0:interface=127.0.0.1", "--rules", fifo],
+        )
         self.assertIn("not a regular file", str(e))
 
     def test_readAgain(self) -> None:

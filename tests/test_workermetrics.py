@@ -364,7 +364,9 @@ class SupervisorMetricsTests(SynchronousTestCase):
         self.assertIsInstance(listener, StreamServerEndpointService)
         self.assertNotIn("--metrics", supervisor._workerArgv)
         worker = Options()
-        worker.parseOptions(["--report-metrics", "--allow-port", "443"])
+        worker.parseOptions(
+            ["--report-metrics", "--allow-port", "443", "--inherit-fd", "3:2"]
+        )
         self.assertTrue(worker["report-metrics"])
         self.assertFalse(Options()["report-metrics"])
 

@@ -117,7 +117,10 @@ class WorkerArgumentsTests(SynchronousTestCase):
         for path in [rules, users]:
             with open(path, "w") as f:
                 f.write("broken\n")
-        arguments = ["--rules", rules, "--auth", f"htpasswd:{users}"]
+        arguments = [
+            *("--listen", "tcp:0:interface=127.0.0.1"),
+            *("--rules", rules, "--auth", f"htpasswd:{users}"),
+        ]
         self.assertRaises(UsageError, Options().parseOptions, arguments)
         goodUsers = bcryptLine(b"alice", b"pw")
         keptRules = keptFileDescriptor(rules, b"allow-port 8080\n")
