@@ -10,7 +10,8 @@ import weakref
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import (
     ConnectingCancelledError,
     ConnectionDone,
@@ -222,6 +223,23 @@ class VettingTests(SynchronousTestCase):
             )
             self.assertIn(host, str(failure.value))
             self.assertEqual(resolver.queries, [])
+
+    def test_otherValueErrorKept(self) -> None:
+        """
+        An attempt that fails with a L{ValueError} for a valid name is not
+        reported as a name that does not resolve: its failure is kept.
+        """
+        self.patch(
+            HostnameEndpoint,
+            "connect",
+            lambda self, factory: fail(ValueError("something else")),
+        )
+        connector = HostnameConnector(MemoryReactorClock(), resolver=FakeResolver())
+        endpoint = connector.endpointForTarget("a.test", 443, lambda address: True)
+        failure = self.failureResultOf(
+            endpoint.connect(Factory.forProtocol(Protocol)), ValueError
+        )
+        self.assertEqual(str(failure.value), "something else")
 
     def test_noAddresses(self) -> None:
         """
@@ -520,7 +538,7 @@ class AddressEndpointTests(SynchronousTestCase):
             def doStop(self) -> None:
                 calls.append("stop")
 
-        for fail in (False, True):
+        for failing in (False, True):
             del calls[:]
             reactor = MemoryReactorClock()
             endpoint = HostnameConnector(reactor).endpointForTarget("192.0.2.1", 443)
@@ -529,7 +547,7 @@ class AddressEndpointTests(SynchronousTestCase):
             [connector] = reactor.connectors
             factory.doStart()
             self.assertEqual(calls, ["start"])
-            if fail:
+            if failing:
                 factory.clientConnectionFailed(connector, Failure(UserError()))
                 self.failureResultOf(d, UserError)
             else:

@@ -24,7 +24,7 @@ from twisted.internet.address import (
     IPv6Address,
     UNIXAddress,
 )
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import (
     ConnectError,
@@ -687,6 +687,20 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.connector.endpoint.attempts[0][1].errback(ZeroDivisionError())
         self.assertRejected(502, "target-failed")
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_connectorCancelsItself(self) -> None:
+        """
+        An attempt the connector cancels itself (on a deadline of its own,
+        say), while the client waits, gets the client a 502 at once: it is
+        not taken for a client that left, which would leave the client
+        waiting for the connect timeout and then answer it a 503.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(CancelledError())
+        self.assertRejected(502, "target-failed")
+        self.assertEqual(len(self.flushLoggedErrors(CancelledError)), 1)
+        self.clock.advance(60)
+        self.assertEqual(self.client.value().count(b"HTTP/1.1 "), 1)
 
     def test_parserFails(self) -> None:
         """

@@ -36,8 +36,9 @@ from twisted.python.failure import Failure
 from twisted.python.runtime import platformType
 from zope.interface import implementer
 
-# AddressDenied is defined with the seam; importable from here as before.
 from .direct import DirectEndpoint
+
+# AddressDenied is defined with the seam; importable from here as before.
 from .interfaces import AddressDenied, ITargetConnector, LookupsBusy
 from .policy import parseAddress
 from .resolver import Lookup, sharedResolver
@@ -618,23 +619,26 @@ class _VettedEndpoint:
         Connect to the first vetted address that answers.
         """
 
-        def denied(reason: Failure) -> Failure:
+        if not _checkedName(self._host)[0]:
+            # Both endpoints refuse, before any lookup, a name that is not
+            # valid IDNA (a_b, ab--c, a-.b), with a ValueError: no lookup of
+            # it can succeed, which is what the client is told.  (Said
+            # here, so that no other ValueError an attempt ends with is
+            # taken for this one.)
+            return fail(DNSLookupError(f"{self._host} is not a valid host name"))
+
+        def explainFailure(reason: Failure) -> Failure:
             if self._vetting.busy():
                 raise LookupsBusy(string=f"too many lookups waiting for {self._host}")
             if self._vetting.deniedAll():
                 raise AddressDenied(string=f"no allowed address for {self._host}")
-            if reason.check(ValueError):
-                # HostnameEndpoint refuses, before any lookup, a name that
-                # is not valid IDNA (a_b, ab--c, a-.b): no lookup of it can
-                # succeed, which is what the client is told.
-                raise DNSLookupError(f"{self._host} is not a valid host name")
             return reason
 
         def cancel(connected: Deferred[Any]) -> None:
             self._vetting.cancel()
             attempt.cancel()
 
-        attempt = self._endpoint.connect(protocolFactory).addErrback(denied)
+        attempt = self._endpoint.connect(protocolFactory).addErrback(explainFailure)
         if attempt.called:
             return attempt
         connected: Deferred[Any] = Deferred(cancel)
@@ -686,7 +690,8 @@ class HostnameConnector:
     tried, IPv4 and IPv6 raced as RFC 8305 describes (by hand, with
     L{DirectEndpoint}s, on POSIX reactors; with L{HostnameEndpoint}
     elsewhere).  An address literal needs no lookup: it is vetted at once
-    and connected to by a L{DirectEndpoint}.
+    and connected to directly (by a L{DirectEndpoint} where it can serve,
+    by Twisted's own TCP endpoint elsewhere).
 
     @ivar resolver: Looks the target names up.
     """

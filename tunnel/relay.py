@@ -625,8 +625,9 @@ class TargetProtocol(Protocol):
     """
     The protocol on the connection to the target.
 
-    Until a L{Relay} is attached it only waits; once attached it feeds every
-    event to the relay.
+    Until a relay (a L{Relay}, or a L{tunnel.splice.SpliceRelay}) is
+    attached it only waits; once attached it feeds every event to the
+    relay.
 
     @ivar relay: The relay this connection belongs to, once attached.
     """

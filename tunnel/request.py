@@ -23,6 +23,7 @@ __all__ = [
     "ConnectRequest",
     "RequestRejected",
     "findHeadEnd",
+    "formatAuthority",
     "overlongRequestLine",
     "parseAuthority",
     "parseConnectHead",
@@ -120,9 +121,7 @@ class ConnectRequest:
         """
         The target in authority-form, as it would appear in a request line.
         """
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return formatAuthority(self.host, self.port)
 
     def header(self, name: bytes) -> bytes | None:
         """
@@ -163,6 +162,17 @@ class RequestRejected(Exception):
         self.status = status
         self.detail = detail
         self.headers = tuple(headers)
+
+
+def formatAuthority(host: str, port: int) -> str:
+    """
+    C{host:port} in authority-form, an IPv6 literal in brackets.
+
+    @param host: A name, or an IP address literal (IPv6 without brackets).
+    @param port: The port.
+    @return: The authority.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _emptyLinesLength(buffer: bytes) -> int:

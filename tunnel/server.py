@@ -20,11 +20,10 @@ from OpenSSL.SSL import Error as TLSError
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import (
     ConnectError,
-    ConnectingCancelledError,
     ConnectionRefusedError,
     DNSLookupError,
 )
@@ -77,6 +76,7 @@ from .request import (
     ConnectRequest,
     RequestRejected,
     findHeadEnd,
+    formatAuthority,
     overlongRequestLine,
     parseConnectHead,
     requestLineLength,
@@ -108,21 +108,13 @@ OUT_OF_RESOURCES_WARNING_INTERVAL = 10.0
 # something: descriptors (its own or the system's), buffers, memory.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
+# Reason phrases that differ from http.HTTPStatus's, which took RFC 9110's
+# names only in Python 3.13.
 _REASONS = {
-    400: "Bad Request",
-    403: "Forbidden",
-    405: "Method Not Allowed",
-    407: "Proxy Authentication Required",
-    408: "Request Timeout",
+    413: "Content Too Large",
     414: "URI Too Long",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-    505: "HTTP Version Not Supported",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Content",
 }
 
 
@@ -156,8 +148,7 @@ def formatAddress(address: IAddress | None) -> str:
     """
     host = getattr(address, "host", None)
     if host is not None:
-        port = getattr(address, "port", 0)
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return formatAuthority(host, getattr(address, "port", 0))
     name = getattr(address, "name", None)
     if not name:
         return "-"
@@ -333,7 +324,6 @@ class ConnectProxy(Protocol, TimeoutMixin):
         "_relay",
         "_request",
         "_startedAt",
-        "_status",
         "_targetName",
         "_timedOut",
         "_user",
@@ -344,7 +334,6 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._request: ConnectRequest | None = None
         self._targetName = "-"
         self._connecting: Deferred[Any] | None = None
-        self._status: int | None = None
         self._ended: str | None = None
         self._user: str | None = None
         # Once logged in: the realm's avatar, or, if its logout does
@@ -438,7 +427,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._reject(refusal)
             return False
         self._admitted = True
-        factory.tunnelOpened(self._clientKey)
+        factory.connectionAdmitted(self._clientKey)
         return True
 
     def _stopAwaitingHeader(self) -> None:
@@ -730,7 +719,6 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._connectedTo = formatAddress(target.transport.getPeer())  # type: ignore[union-attr]
         _noDelay(target.transport)
-        self._status = 200
         self._establishedAt = self.factory.clock.seconds()
         self.factory.relaying += 1
         self._reading = "tunnel"
@@ -777,14 +765,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
             # cancelled on its behalf, whatever the connector reports.
             self._end(None, "client-left")
             return
-        if (
-            reason.check(CancelledError, ConnectingCancelledError)
-            and not self._timedOut
-        ):
-            # The client left and the attempt was cancelled on its behalf
-            # (HostnameEndpoint reports that as ConnectingCancelledError).
-            self._end(None, "client-left")
-            return
+        # (A cancellation the proxy made, for a client that left or when it
+        # answered, came in above; one after the connect timeout is a 504
+        # below; one the connector made itself is a failure like any other.)
         if reason.check(AddressDenied):
             assert self._request is not None
             try:
@@ -921,7 +904,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
     def writeConnectionLost(self) -> None:
         """
-        Our FIN to the client went out; the relay keeps count of that.
+        Our FIN to the client went out: nothing to do, the relay sent it
+        itself and knows.
         """
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -941,7 +925,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self.factory.lingeringRefusals -= 1
         if self._admitted:
             self._admitted = False
-            self.factory.tunnelClosed(self._clientKey)
+            self.factory.connectionClosed(self._clientKey)
         if self._relay is not None:
             self._relay.clientLost(reason)
         elif reason.check(TLSError):
@@ -989,7 +973,6 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if self._ended is not None:
             return
         self._ended = ended
-        self._status = status
         factory = self.factory
         if not self._clientGone:
             factory.answered += 1
@@ -1269,11 +1252,12 @@ class ConnectProxyFactory(Factory):
             characters: L{ValueError} otherwise).
         @param headerTimeout: Seconds a client has to send its request head
             before it gets a 408.
-        @param connectTimeout: Seconds allowed to reach the target before the
-            client gets a 504; L{None} sets no limit of the factory's own,
-            leaving only the connector's (the default connector's is 30
-            seconds per connection attempt; a connector of yours that never
-            answers then keeps the client waiting until it leaves).
+        @param connectTimeout: Seconds allowed to check the credentials
+            (503 after) and to reach the target (504 after); L{None} sets no
+            limit of the factory's own, leaving only the connector's (the
+            default connector's is 30 seconds per connection attempt): a
+            portal or a connector of yours that never answers then keeps
+            the client waiting until it leaves.
         @param idleTimeout: Seconds without traffic in either direction after
             which a tunnel is closed; C{0} or L{None} disables it.
         @param maxRequestLine: The longest request line, in bytes (414).
@@ -1381,7 +1365,9 @@ class ConnectProxyFactory(Factory):
         """
         Apply the connection limits to a new client connection.
 
-        @param client: The client's address (without port).
+        @param client: The client's key (its IPv4 address, its IPv6 /64, or
+            C{uid N} on a UNIX socket), or L{None} to apply only the
+            proxy-wide limit (before a PROXY header has said who it is).
         @return: L{None} to admit it, or the refusal: 503 when the proxy is
             full, 429 when this client holds its share.
         """
@@ -1450,7 +1436,7 @@ class ConnectProxyFactory(Factory):
         """
         Let open connections finish, then close what remains.
 
-        Requests whose head completes from now on get a 503.  After
+        Requests authorised from now on get a 503.  After
         C{timeout} seconds every connection still open is aborted.
 
         @param timeout: Seconds to wait before aborting.
@@ -1514,21 +1500,22 @@ class ConnectProxyFactory(Factory):
             for d in waiting:
                 d.callback(None)
 
-    def tunnelOpened(self, client: str) -> None:
+    def connectionAdmitted(self, client: str) -> None:
         """
-        Count an admitted connection.
+        Count an admitted client connection (from its handshake on, whether
+        it becomes a tunnel or not).
 
-        @param client: The client's address (without port), for the
-            per-client limit.
+        @param client: The client's key, for the per-client limit: its IPv4
+            address, its IPv6 /64, or C{uid N} on a UNIX socket.
         """
         self._open += 1
         self._openPerClient[client] = self._openPerClient.get(client, 0) + 1
 
-    def tunnelClosed(self, client: str) -> None:
+    def connectionClosed(self, client: str) -> None:
         """
-        Stop counting an admitted connection.
+        Stop counting an admitted client connection.
 
-        @param client: The address given to L{tunnelOpened}.
+        @param client: The key given to L{connectionAdmitted}.
         """
         self._open -= 1
         left = self._openPerClient[client] - 1

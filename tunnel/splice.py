@@ -16,12 +16,17 @@ How it works:
     stands (see L{SpliceEnd.takeOver}), so starting a relay costs no system
     call.
 
-  - Each direction moves bytes from its source socket into a pipe and from
-    the pipe into its destination socket.  It reads from the source only
-    when the pipe is empty; while the destination cannot take what is in
-    the pipe, it stops reading the source and waits for the destination to
-    become writable.  So a direction holds at most one pipe's worth of bytes
-    (L{PIPE_SIZE}), in the kernel, and a stalled reader stalls the sender
+  - Each direction starts by copying: it reads the source with C{recv}
+    (64 KiB at most) and writes what it read to the destination with
+    C{send}, which for a request and a response in a few small pieces costs
+    no more system calls than splicing them would.  Once one read fills 64
+    KiB it splices for good: it moves bytes from its source socket into a
+    pipe and from the pipe into its destination socket.  Either way it reads
+    from the source only when nothing it read is still waiting; while the
+    destination cannot take what is waiting, it stops reading the source and
+    waits for the destination to become writable.  So a direction holds at
+    most one read (64 KiB, in Python) or one pipe's worth of bytes
+    (L{PIPE_SIZE}, in the kernel), and a stalled reader stalls the sender
     through TCP's own flow control.
 
   - Pipes are borrowed from a L{PipePool} only while bytes are in flight: an

@@ -251,7 +251,8 @@ class Options(usage.Options, AuthOptionMixin):
             "connect-timeout",
             None,
             15.0,
-            "Seconds allowed to reach the target (504 after)",
+            "Seconds allowed to check the credentials (503 after) and to "
+            "reach the target (504 after)",
             _number(float, 0.001),
         ],
         [
@@ -706,7 +707,8 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     resolver = ThreadedResolver(reactor, threads=options["resolver-threads"])
     connector: ITargetConnector
     if options["upstream"] is None:
-        # The connect timeout bounds each attempt.
+        # No timer of the connector's own: the factory's connect timeout
+        # bounds all of a tunnel's attempts together.
         connector = HostnameConnector(reactor, resolver=resolver, timeout=None)
     else:
         try:
@@ -714,6 +716,9 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
                 reactor,
                 options["upstream"],
                 caCertificate=options["upstream-ca"],
+                # As long as the factory's, which starts first and so ends
+                # the attempt first; this one only bounds the connector
+                # where it is used on its own.
                 timeout=options["connect-timeout"],
                 resolver=resolver,
             )

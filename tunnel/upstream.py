@@ -29,7 +29,7 @@ from attrs import evolve, field, frozen
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.address import HostnameAddress
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import (
     ConnectError,
@@ -58,15 +58,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .connector import (
-    AddressDenied,
     AllowAddress,
     _allowAll,
+    _DeniedEndpoint,
     _VettedEndpoint,
     canConnectDirectly,
 )
+from .filestamp import readRegularFile
 
 # The failures are defined with the seam; importable from here as before.
-from .filestamp import readRegularFile
 from .interfaces import (
     ITargetConnector,
     LookupsBusy,
@@ -74,7 +74,14 @@ from .interfaces import (
     UpstreamRefused,
     UpstreamUnreachable,
 )
-from .request import HOSTNAME, RequestRejected, findHeadEnd, parseAuthority
+from .policy import parseAddress
+from .request import (
+    HOSTNAME,
+    RequestRejected,
+    findHeadEnd,
+    formatAuthority,
+    parseAuthority,
+)
 from .resolver import sharedResolver
 
 __all__ = [
@@ -103,20 +110,12 @@ The most bytes read from the parent before its final response head must
 have ended (interim 1xx heads included).
 """
 
-# A DNS name or an IPv4 literal, as in tunnel.request.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?: (.*))?\Z", re.DOTALL)
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
-
-
-def _authority(host: str, port: int) -> str:
-    """
-    C{host:port}, with an IPv6 literal in brackets.
-    """
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @frozen
@@ -160,7 +159,7 @@ class UpstreamProxy:
         """
         The parent as C{host:port} (an IPv6 literal in brackets).
         """
-        return _authority(self.host, self.port)
+        return formatAuthority(self.host, self.port)
 
     @property
     def displayURL(self) -> str:
@@ -668,8 +667,10 @@ class UpstreamEndpoint:
     """
     Reach C{host:port} through a parent HTTP proxy with C{CONNECT}.
 
-    C{connect} reaches the parent with L{HostnameEndpoint} (Happy Eyeballs;
-    wrapped in TLS for an C{https://} parent) and sends::
+    C{connect} reaches the parent with L{HostnameEndpoint} (Happy Eyeballs),
+    or, given a resolver, as the default connector reaches a target's name
+    (its lookup cancelled with the attempt); wrapped in TLS for an
+    C{https://} parent; and sends::
 
         CONNECT host:port HTTP/1.1
         Host: host:port
@@ -738,7 +739,7 @@ class UpstreamEndpoint:
             options are given for an C{http://} parent.
         @raise OSError: If C{caCertificate} cannot be read.
         """
-        authority = _authority(host, port)
+        authority = formatAuthority(host, port)
         try:
             parseAuthority(authority.encode("ascii"))
         except (UnicodeEncodeError, RequestRejected) as e:
@@ -798,22 +799,6 @@ class UpstreamEndpoint:
         attempt.connecting = connecting
         connecting.addCallbacks(attempt.connected, attempt.connectFailed)
         return attempt.result
-
-
-@implementer(IStreamClientEndpoint)
-class _Refused:
-    """
-    An endpoint that fails at once with L{AddressDenied}.
-    """
-
-    def __init__(self, host: str) -> None:
-        self._host = host
-
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        """
-        Fail.
-        """
-        return fail(AddressDenied(string=f"{self._host} is not an allowed address"))
 
 
 @implementer(ITargetConnector)
@@ -896,13 +881,9 @@ class UpstreamConnector:
             L{AddressDenied} for a denied IP literal.
         """
         if allowAddress is not None:
-            try:
-                literal = ipaddress.ip_address(host)
-            except ValueError:
-                pass
-            else:
-                if not allowAddress(literal):
-                    return _Refused(host)
+            literal = parseAddress(host)
+            if literal is not None and not allowAddress(literal):
+                return _DeniedEndpoint(host)
         return UpstreamEndpoint(
             self._reactor,
             self.upstream,

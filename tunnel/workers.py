@@ -57,7 +57,6 @@ __all__ = [
 
 #: Options that belong to the main process only.
 _MAIN_ONLY = {"--workers", "--listen", "--metrics"}
-_MAIN_ONLY_FLAGS: set[str] = set()
 
 
 def workerArguments(argv: list[str]) -> list[str]:
@@ -78,8 +77,6 @@ def workerArguments(argv: list[str]) -> list[str]:
         # getopt accepts any unambiguous prefix of a long option (--work 2).
         if len(name) > 3 and any(option.startswith(name) for option in _MAIN_ONLY):
             skip = not equals
-            continue
-        if argument in _MAIN_ONLY_FLAGS:
             continue
         kept.append(argument)
     return kept
