@@ -1316,7 +1316,7 @@ class UNIXClientKeyTests(SynchronousTestCase):
         """
         import os
 
-        from tunnel.server import _unixClientKey
+        from tunnel.clients import unixClientKey
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(ours.close)
@@ -1326,4 +1326,4 @@ class UNIXClientKeyTests(SynchronousTestCase):
             def getHandle(self) -> socket.socket:
                 return ours
 
-        self.assertEqual(_unixClientKey(Transport()), f"uid {os.getuid()}")
+        self.assertEqual(unixClientKey(Transport()), f"uid {os.getuid()}")

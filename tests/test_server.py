@@ -57,18 +57,14 @@ from zope.interface import implementer
 
 from tests.fakes import FakeResolver
 from tunnel import ConnectProxyFactory, HostnameConnector, ITargetConnector, server
+from tunnel.answers import errorResponse
 from tunnel.auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
+from tunnel.clients import formatAddress
 from tunnel.connector import AddressDenied
 from tunnel.interfaces import LookupsBusy
 from tunnel.policy import Denial, PortRange, TunnelPolicy
 from tunnel.relay import Relay, TargetProtocol, canHalfClose
-from tunnel.server import (
-    LINGER_BYTES,
-    LINGER_SECONDS,
-    ConnectProxy,
-    errorResponse,
-    formatAddress,
-)
+from tunnel.server import LINGER_BYTES, LINGER_SECONDS, ConnectProxy
 from tunnel.upstream import UpstreamProtocolError, UpstreamRefused
 
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
@@ -1885,7 +1881,7 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         checker.pending[0].errback(UnauthorizedLogin())
         for client in clients:
             self.assertTrue(client.value().startswith(b"HTTP/1.1 407 "))
-        self.assertEqual(self.factory._logins, {})
+        self.assertEqual(self.factory._logins.pending, {})
         proxy, client = self.connectClient()
         proxy.dataReceived(basicHead(b"alice:another"))
         self.assertTrue(client.value().startswith(b"HTTP/1.1 429 "))

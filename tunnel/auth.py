@@ -9,13 +9,15 @@ import base64
 import binascii
 import re
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from attrs import frozen
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "IProxyUser",
     "ProxyRealm",
     "ProxyUser",
+    "SharedLogins",
     "challengeHeaders",
     "checkRealm",
     "noLogout",
@@ -273,3 +276,80 @@ class FailureDamper:
         self._failures.move_to_end(client)
         while len(self._failures) > self._maxClients:
             self._failures.popitem(last=False)
+
+
+class _SharedLogout:
+    """
+    A realm's logout shared by the connections that joined one login: it
+    runs when the last of them logs out.
+    """
+
+    __slots__ = ("_logout", "_users")
+
+    def __init__(self, logout: Callable[[], object], users: int) -> None:
+        self._logout = logout
+        self._users = users
+
+    def __call__(self) -> None:
+        self._users -= 1
+        if self._users == 0:
+            self._logout()
+
+
+class SharedLogins:
+    """
+    Logins through a portal, where a login of the same credentials still
+    running is joined rather than started again: the failed-login limit
+    counts such checks once, so without this one client could queue any
+    number of (costly) checks of one guess.
+
+    @ivar pending: The logins running, by attempt, with the Deferreds of
+        the connections waiting for each.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[
+            bytes, list[Deferred[tuple[Any, IProxyUser, Callable[[], object]]]]
+        ] = {}
+
+    def login(
+        self, portal: Portal, credentials: UsernamePassword, attempt: bytes
+    ) -> Deferred[tuple[Any, IProxyUser, Callable[[], object]]]:
+        """
+        Log in with C{credentials} through C{portal}, or join the login of
+        the same C{attempt} still running.  Connections that joined one
+        login share its avatar, and the realm's logout runs once, when the
+        last of them logs out.
+
+        @param portal: The portal, asked for an L{IProxyUser}.
+        @param credentials: What the client sent.
+        @param attempt: Names C{credentials} (a digest of them).
+        @return: Fires with the portal's login result, or fails with its
+            failure.
+        """
+        result: Deferred[tuple[Any, IProxyUser, Callable[[], object]]] = Deferred()
+        waiting = self.pending.get(attempt)
+        if waiting is not None:
+            waiting.append(result)
+            return result
+        waiting = self.pending[attempt] = [result]
+
+        def fire(outcome: Any) -> None:
+            del self.pending[attempt]
+            if not isinstance(outcome, Failure) and len(waiting) > 1:
+                # One login, one avatar, shared: the realm's logout is due
+                # when the last connection that shares it ends.
+                try:
+                    interface, avatar, logout = outcome
+                except Exception:
+                    outcome = Failure()
+                else:
+                    outcome = (interface, avatar, _SharedLogout(logout, len(waiting)))
+            for waiter in waiting:
+                if isinstance(outcome, Failure):
+                    waiter.errback(outcome)
+                else:
+                    waiter.callback(outcome)
+
+        portal.login(credentials, None, IProxyUser).addBoth(fire)
+        return result

@@ -6,14 +6,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import ipaddress
-import os
-import re
-import socket
-import struct
 import time
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any, cast
 
 from OpenSSL.SSL import Error as TLSError
@@ -44,14 +38,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .accesslog import escapeField
+from .answers import ESTABLISHED, errorResponse
 from .auth import (
     FailureDamper,
     IProxyUser,
+    SharedLogins,
     challengeHeaders,
     checkRealm,
     noLogout,
     parseBasicCredentials,
 )
+from .clients import clientKey, formatAddress, ipOf, unixClientKey
 from .connector import HostnameConnector
 from .idle import IdleWatch
 from .interfaces import (
@@ -62,7 +59,7 @@ from .interfaces import (
     UpstreamRefused,
     UpstreamUnreachable,
 )
-from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy, parseAddress
+from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
 from .relay import (
     Relay,
@@ -76,7 +73,6 @@ from .request import (
     ConnectRequest,
     RequestRejected,
     findHeadEnd,
-    formatAuthority,
     overlongRequestLine,
     parseConnectHead,
     requestLineLength,
@@ -84,8 +80,6 @@ from .request import (
 from .splice import SpliceRelay, canSplice, spliceAvailable
 
 __all__ = ["ConnectProxy", "ConnectProxyFactory", "formatAddress"]
-
-_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
 #: After an error answer, how long the proxy keeps reading (and dropping)
 #: what the client still sends, before it closes.
@@ -108,108 +102,6 @@ OUT_OF_RESOURCES_WARNING_INTERVAL = 10.0
 # something: descriptors (its own or the system's), buffers, memory.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-# Reason phrases that differ from http.HTTPStatus's, which took RFC 9110's
-# names only in Python 3.13.
-_REASONS = {
-    413: "Content Too Large",
-    414: "URI Too Long",
-    416: "Range Not Satisfiable",
-    422: "Unprocessable Content",
-}
-
-
-def _reasonPhrase(status: int) -> bytes:
-    """
-    The reason phrase for C{status}: the registered one (C{451 Unavailable
-    For Legal Reasons}), or C{Error} for a status without one.
-    """
-    phrase = _REASONS.get(status)
-    if phrase is None:
-        try:
-            phrase = HTTPStatus(status).phrase
-        except ValueError:
-            phrase = "Error"
-    return phrase.encode("ascii")
-
-
-def formatAddress(address: IAddress | None) -> str:
-    """
-    Render a transport address for logs: C{host:port}, C{[v6]:port}, or the
-    name of a UNIX socket (C{@name} for a name in Linux's abstract
-    namespace, as C{ss} shows it).
-
-    A UNIX client chooses its own socket's name, any bytes at all: bytes
-    other than visible ASCII, and backslashes, are written C{\\xNN}, so
-    that a name can neither split a log line or record nor start a forged
-    one.
-
-    @param address: The address, or L{None}.
-    @return: Its text form, or C{"-"} when there is nothing to say.
-    """
-    host = getattr(address, "host", None)
-    if host is not None:
-        return formatAuthority(host, getattr(address, "port", 0))
-    name = getattr(address, "name", None)
-    if not name:
-        return "-"
-    raw = name if isinstance(name, bytes) else os.fsencode(str(name))
-    if raw.startswith(b"\0"):
-        raw = b"@" + raw[1:]
-    return _UNSAFE_IN_NAME.sub(_hexEscaped, raw).decode("ascii")
-
-
-# What formatAddress escapes in a UNIX socket's name.
-_UNSAFE_IN_NAME = re.compile(rb"[^!-\[\]-~]")
-
-
-def _hexEscaped(match: re.Match[bytes]) -> bytes:
-    return b"\\x%02x" % match.group()[0]
-
-
-def _unixClientKey(transport: object) -> str:
-    """
-    The key a UNIX client's limits and failed logins are counted under: its
-    user, as the kernel tells it (C{SO_PEERCRED}), never the socket name it
-    chose (a name per connection would escape every limit, and an unnamed
-    socket would share one count with every other user's).
-
-    @param transport: The client's transport.
-    @return: C{"uid N"}, or C{"unix"} where the user cannot be told.
-    """
-    try:
-        handle = transport.getHandle()  # type: ignore[attr-defined]
-        credentials = handle.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-        )
-        _, uid, _ = struct.unpack("3i", credentials)
-    except (AttributeError, OSError, struct.error):
-        return "unix"
-    return f"uid {uid}"
-
-
-def _ipOf(address: IAddress | None) -> IPAddress | None:
-    """
-    The IP address of a transport address, or L{None} for a UNIX socket.
-    """
-    host = getattr(address, "host", None)
-    if not isinstance(host, str):
-        return None
-    return parseAddress(host.partition("%")[0])
-
-
-def _clientKey(ip: IPAddress) -> str:
-    """
-    The key a client's limits and failed logins are counted under: its IPv4
-    address, or its IPv6 /64 (one host usually holds a whole /64, so a
-    per-address count would be no limit at all).
-    """
-    if ip.version == 6:
-        mapped = ip.ipv4_mapped
-        if mapped is not None:
-            return str(mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
-
 
 def _noDelay(transport: object) -> None:
     """
@@ -218,30 +110,6 @@ def _noDelay(transport: object) -> None:
     """
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
-
-
-def errorResponse(
-    status: int, detail: str, headers: tuple[tuple[bytes, bytes], ...] = ()
-) -> bytes:
-    """
-    Build a complete error response that ends the connection.
-
-    @param status: The HTTP status code.
-    @param detail: The text of the C{text/plain} body.
-    @param headers: Extra header fields.
-    @return: The bytes to send.
-    """
-    body = detail.encode("utf-8")
-    if not body.endswith(b"\n"):
-        body += b"\n"
-    lines = [
-        b"HTTP/1.1 %d %s" % (status, _reasonPhrase(status)),
-        b"Content-Type: text/plain; charset=utf-8",
-        b"Content-Length: %d" % (len(body),),
-        b"Connection: close",
-    ]
-    lines.extend(name + b": " + value for name, value in headers)
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 @implementer(IProtocolFactory)
@@ -286,6 +154,17 @@ class ConnectProxy(Protocol, TimeoutMixin):
     header timeout; anything wrong gets a precise HTTP error and a closed
     connection, and nothing after the head is ever read as a new request
     (RFC 9931).
+
+    What it does with the bytes it reads is C{_reading}:
+      - C{"proxy"}: the PROXY header a load balancer sends first
+        (C{--proxy-protocol});
+      - C{"head"}: the request head, up to its empty line;
+      - C{"early"}: from the head on, while the credentials are checked and
+        the target is reached: bytes are early data, held for the target
+        (bounded: reading pauses beyond C{maxEarlyData});
+      - C{"tunnel"}: the relay has them (the C{200} went out);
+      - C{"done"}: answered with an error, or abandoned: what still comes is
+        read and dropped while the connection lingers.
 
     @ivar factory: The factory that built this protocol; its limits and
         timeouts apply.
@@ -401,9 +280,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
     def _identify(self, peer: IAddress | None) -> None:
         self._peer = formatAddress(peer)
-        self._clientIP = ip = _ipOf(peer)
+        self._clientIP = ip = ipOf(peer)
         self._clientKey = (
-            _clientKey(ip) if ip is not None else _unixClientKey(self._client)
+            clientKey(ip) if ip is not None else unixClientKey(self._client)
         )
 
     def _admit(self, peer: IAddress | None) -> bool:
@@ -754,7 +633,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._clientIP = None
         if self._earlyBytes > factory.maxEarlyData:
             self._client.resumeProducing()
-        relay.start(early, self._clientFinished, greeting=_ESTABLISHED)
+        relay.start(early, self._clientFinished, greeting=ESTABLISHED)
         # Anything the target already sent follows the 200.
         target.attach(relay)
 
@@ -1135,24 +1014,6 @@ class _Login:
         self.logout = logout
 
 
-class _SharedLogout:
-    """
-    A realm's logout shared by the connections that joined one login: it
-    runs when the last of them logs out.
-    """
-
-    __slots__ = ("_logout", "_users")
-
-    def __init__(self, logout: Callable[[], object], users: int) -> None:
-        self._logout = logout
-        self._users = users
-
-    def __call__(self) -> None:
-        self._users -= 1
-        if self._users == 0:
-            self._logout()
-
-
 @implementer(IProtocolNegotiationFactory)
 class ConnectProxyFactory(Factory):
     """
@@ -1324,9 +1185,7 @@ class ConnectProxyFactory(Factory):
         self.awaitingHeader = 0
         self.lingeringRefusals = 0
         self.maxLingeringRefusals = MAX_LINGERING_REFUSALS
-        self._logins: dict[
-            bytes, list[Deferred[tuple[Any, IProxyUser, Callable[[], object]]]]
-        ] = {}
+        self._logins = SharedLogins()
         self.draining = False
         self._drained: list[Deferred[None]] = []
         self._open = 0
@@ -1394,10 +1253,8 @@ class ConnectProxyFactory(Factory):
         self, credentials: UsernamePassword, attempt: bytes
     ) -> Deferred[tuple[Any, IProxyUser, Callable[[], object]]]:
         """
-        Check C{credentials} through the portal.  A check of the same
-        credentials still running is joined rather than started again: the
-        failed-login limit counts such checks once, so without this one
-        client could queue any number of (costly) checks of one guess.
+        Check C{credentials} through the portal, joining a check of the
+        same credentials still running (see L{SharedLogins}).
 
         @param credentials: What the client sent.
         @param attempt: Names C{credentials} (a digest of them).
@@ -1405,32 +1262,7 @@ class ConnectProxyFactory(Factory):
             failure.
         """
         assert self.portal is not None
-        result: Deferred[tuple[Any, IProxyUser, Callable[[], object]]] = Deferred()
-        waiting = self._logins.get(attempt)
-        if waiting is not None:
-            waiting.append(result)
-            return result
-        waiting = self._logins[attempt] = [result]
-
-        def fire(outcome: Any) -> None:
-            del self._logins[attempt]
-            if not isinstance(outcome, Failure) and len(waiting) > 1:
-                # One login, one avatar, shared: the realm's logout is due
-                # when the last connection that shares it ends.
-                try:
-                    interface, avatar, logout = outcome
-                except Exception:
-                    outcome = Failure()
-                else:
-                    outcome = (interface, avatar, _SharedLogout(logout, len(waiting)))
-            for waiter in waiting:
-                if isinstance(outcome, Failure):
-                    waiter.errback(outcome)
-                else:
-                    waiter.callback(outcome)
-
-        self.portal.login(credentials, None, IProxyUser).addBoth(fire)
-        return result
+        return self._logins.login(self.portal, credentials, attempt)
 
     def drain(self, timeout: float) -> Deferred[None]:
         """

@@ -1,0 +1,61 @@
+"""
+What the proxy answers a client itself: the C{200} that opens a tunnel, and
+the error responses that end a connection.  No I/O.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+__all__ = ["ESTABLISHED", "errorResponse"]
+
+#: The answer that opens a tunnel (RFC 9110 section 9.3.6: no content, no
+#: framing fields).
+ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+
+# Reason phrases that differ from http.HTTPStatus's, which took RFC 9110's
+# names only in Python 3.13.
+_REASONS = {
+    413: "Content Too Large",
+    414: "URI Too Long",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Content",
+}
+
+
+def _reasonPhrase(status: int) -> bytes:
+    """
+    The reason phrase for C{status}: the registered one (C{451 Unavailable
+    For Legal Reasons}), or C{Error} for a status without one.
+    """
+    phrase = _REASONS.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+    return phrase.encode("ascii")
+
+
+def errorResponse(
+    status: int, detail: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> bytes:
+    """
+    Build a complete error response that ends the connection.
+
+    @param status: The HTTP status code.
+    @param detail: The text of the C{text/plain} body.
+    @param headers: Extra header fields.
+    @return: The bytes to send.
+    """
+    body = detail.encode("utf-8")
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    lines = [
+        b"HTTP/1.1 %d %s" % (status, _reasonPhrase(status)),
+        b"Content-Type: text/plain; charset=utf-8",
+        b"Content-Length: %d" % (len(body),),
+        b"Connection: close",
+    ]
+    lines.extend(name + b": " + value for name, value in headers)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
