@@ -18,21 +18,16 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunnel import tap
+from tunnel import listeners, tap
 from tunnel.auth import IProxyUser, ProxyUser
 from tunnel.connector import HostnameConnector
 from tunnel.htpasswd import HtpasswdChecker
+from tunnel.listeners import StopInTurn, listensBeyondLoopback
 from tunnel.resolver import ThreadedResolver
 from tunnel.rules import RulesFilePolicy
 from tunnel.server import ConnectProxyFactory
 from tunnel.service import ProxyService
-from tunnel.tap import (
-    DEFAULT_LISTEN,
-    Options,
-    listensBeyondLoopback,
-    makeFactory,
-    makeService,
-)
+from tunnel.tap import DEFAULT_LISTEN, Options, makeFactory, makeService
 from tunnel.upstream import UpstreamConnector
 
 
@@ -43,11 +38,11 @@ def parse(*argv: str) -> Options:
     run; L{BindCheckTests} tries them).
     """
     options = Options()
-    check, tap._checkBindable = tap._checkBindable, lambda *args: None
+    check, listeners.checkBindable = listeners.checkBindable, lambda *args: None
     try:
         options.parseOptions(list(argv))
     finally:
-        tap._checkBindable = check
+        listeners.checkBindable = check
     return options
 
 
@@ -329,7 +324,7 @@ class MakeServiceTests(SynchronousTestCase):
         """
         With C{--metrics}, a single process's metrics listener is not one of
         the listeners that stop when the drain begins: it runs beside the
-        proxy's service, which stops first (L{tap._StopInTurn}), so the
+        proxy's service, which stops first (L{StopInTurn}), so the
         metrics answer while connections drain.  The listener is bound with
         the proxy's listeners.
         """
@@ -340,7 +335,7 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(
             parse("--metrics", "tcp:9100:interface=127.0.0.1"), reactor
         )
-        self.assertIsInstance(service, tap._StopInTurn)
+        self.assertIsInstance(service, StopInTurn)
         [listener, proxy] = list(service)  # type: ignore[call-overload]
         self.assertIsInstance(listener, StreamServerEndpointService)
         self.assertIsInstance(listener.factory, Site)
@@ -1160,7 +1155,7 @@ class UpstreamOptionsTests(SynchronousTestCase):
 
 class StopInTurnTests(SynchronousTestCase):
     """
-    Tests for L{tap._StopInTurn}, which runs the C{--workers} supervisor and
+    Tests for L{StopInTurn}, which runs the C{--workers} supervisor and
     the metrics listener of the main process.
     """
 
@@ -1178,7 +1173,7 @@ class StopInTurnTests(SynchronousTestCase):
             Service.stopService(second),
             secondStopped,
         )[1]
-        parent = tap._StopInTurn()
+        parent = StopInTurn()
         first.setServiceParent(parent)
         second.setServiceParent(parent)
         parent.startService()
@@ -1203,7 +1198,7 @@ class StopInTurnTests(SynchronousTestCase):
             raise ZeroDivisionError()
 
         second.stopService = fail  # type: ignore[method-assign]
-        parent = tap._StopInTurn()
+        parent = StopInTurn()
         first.setServiceParent(parent)
         second.setServiceParent(parent)
         parent.startService()

@@ -4,38 +4,38 @@ The twistd face of the proxy: command-line options and the service they make.
 
 from __future__ import annotations
 
-import errno
 import gc
 import ipaddress
 import math
 import os
-import re
-import socket
-import stat
 import sys
 from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService
 from twisted.cred.checkers import (
     FilePasswordDB,
     InMemoryUsernamePasswordDatabaseDontUse,
 )
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.strcred import AuthOptionMixin, UnsupportedInterfaces, makeChecker
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from . import splice
+from . import listeners, splice
 from .accesslog import AccessLogObserver
 from .auth import checkRealm, portalFromCheckers
 from .connector import HostnameConnector
 from .filestamp import MAX_SIZE, readRegularFile
 from .htpasswd import HtpasswdChecker, HtpasswdError
 from .interfaces import ITargetConnector
+from .listeners import (
+    InheritedPorts,
+    StopInTurn,
+    listen,
+    listensBeyondLoopback,
+)
 from .metrics import (
     MetricsReporter,
     MetricsUnavailable,
@@ -65,7 +65,6 @@ from .workers import (
     SHAREABLE_KINDS,
     KeptFile,
     WorkerSupervisor,
-    adoptListeningSocket,
     formatMetricsRecord,
     inheritedPorts,
     readKeptFile,
@@ -76,76 +75,6 @@ __all__ = ["Options", "makeService"]
 
 #: The listener without any C{--listen}.
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
-
-
-def _checkBindable(option: str, description: str, endpoint: object) -> None:
-    """
-    Try the address a TCP or UNIX server endpoint will listen on, so that a
-    port in use, an address this host does not have or a missing directory
-    is a usage error now, not twistd's traceback when the listener starts.
-    (The endpoints keep their address in private attributes; any other kind
-    of endpoint is left to fail, if it does, when it listens.)
-
-    @raise usage.UsageError: If the address cannot be bound.
-    """
-    port, interface = (
-        getattr(endpoint, "_port", None),
-        getattr(endpoint, "_interface", None),
-    )
-    path = getattr(endpoint, "_address", None)
-    try:
-        if isinstance(port, int) and port and isinstance(interface, str):
-            family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-            # getaddrinfo keeps an IPv6 zone (fe80::1%eth0) in the address.
-            [(_, _, _, _, address), *_] = socket.getaddrinfo(
-                interface or None,
-                port,
-                family,
-                socket.SOCK_STREAM,
-                0,
-                socket.AI_PASSIVE,
-            )
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                # As Twisted's own listening sockets do.
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
-        elif isinstance(path, str) and not path.startswith("\0"):
-            directory = os.path.dirname(path) or "."
-            if not os.path.isdir(directory):
-                raise OSError(f"no directory {directory}")
-            if os.path.lexists(path):
-                _checkSocketFree(path, getattr(endpoint, "_wantPID", False))
-    except OSError as e:
-        raise usage.UsageError(
-            f"{option} {description}: cannot listen: {e.strerror or e}"
-        ) from None
-
-
-def _checkSocketFree(path: str, locked: bool) -> None:
-    """
-    Check that the UNIX socket file at C{path}, which exists, may be listened
-    on: a socket nothing answers on, which Twisted will remove (it does so
-    only when the listener uses a lock file, C{lockfile=1} as by default,
-    and finds a stale lock, left by a process that died).
-
-    @param path: The socket's path.
-    @param locked: Whether the listener uses a lock file.
-    @raise OSError: If it is not a socket, is in use, or would stay.
-    """
-    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise OSError(f"{path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            pass
-        else:
-            raise OSError(errno.EADDRINUSE, "Address already in use")
-    if not (locked and os.path.lexists(path + ".lock")):
-        raise OSError(
-            f"{path} is a socket no one listens on, left without a lock file "
-            "by a process that did not clean up: remove it first"
-        )
 
 
 def _number(
@@ -571,7 +500,7 @@ class Options(usage.Options, AuthOptionMixin):
                     "strings, colons inside a value are written \\:, as in "
                     "tcp6:8080:interface=\\:\\:1)"
                 ) from None
-            _checkBindable("--listen", description, endpoint)
+            listeners.checkBindable("--listen", description, endpoint)
         if self["rules"] is not None and self["rules"] not in self["kept-files"]:
             # (A worker given the supervisor's copy uses that if the file
             # is broken: see makePolicy.)
@@ -619,7 +548,7 @@ class Options(usage.Options, AuthOptionMixin):
                 raise usage.UsageError(
                     f"--metrics {self['metrics']}: {type(e).__name__}: {e}"
                 ) from None
-            _checkBindable("--metrics", self["metrics"], endpoint)
+            listeners.checkBindable("--metrics", self["metrics"], endpoint)
         if self["max-request-line"] > self["max-header-size"]:
             raise usage.UsageError("--max-request-line cannot exceed --max-header-size")
 
@@ -748,34 +677,6 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     )
 
 
-_INTERFACE = re.compile(r"(?:^|:)interface=((?:[^:\\]|\\.)*)")
-
-
-def listensBeyondLoopback(description: str) -> bool:
-    """
-    Whether a server endpoint string may accept connections from other
-    machines.
-
-    @param description: The endpoint string.
-    @return: C{False} for UNIX sockets and for TCP/TLS listeners bound to a
-        loopback interface; C{True} otherwise (all interfaces, a public
-        address, or a kind this cannot tell, such as C{systemd:}).
-    """
-    kind = description.partition(":")[0].lower()
-    if kind == "unix":
-        return False
-    match = _INTERFACE.search(description)
-    if match is None:
-        return True
-    interface = re.sub(r"\\(.)", r"\1", match.group(1))
-    if interface.lower() == "localhost":
-        return False
-    try:
-        return not ipaddress.ip_address(interface).is_loopback
-    except ValueError:
-        return True
-
-
 #: Logged at start-up for each listener that other machines can reach when
 #: neither C{--auth} nor C{--allow-from} is set (C{{listen}} is the
 #: listener).
@@ -850,8 +751,8 @@ def _servingMetrics(
     @param metrics: A L{ProxyMetrics} or L{WorkerMetrics}.
     @return: A service of both, which stops C{service} first.
     """
-    parent = _StopInTurn()
-    _listen(reactor, description, metricsSite(metrics, reactor), parent)
+    parent = StopInTurn()
+    listen(reactor, description, metricsSite(metrics, reactor), parent)
     service.setServiceParent(parent)
     return parent
 
@@ -906,37 +807,12 @@ def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
         )
     _warnIfOpen(options["listen"], factory.portal is not None, factory.policy)
     for description in options["listen"]:
-        _listen(reactor, description, factory, service)
+        listen(reactor, description, factory, service)
     if options["inherit-fd"]:
-        _InheritedPorts(
+        InheritedPorts(
             reactor, inheritedPorts(options["inherit-fd"]), factory
         ).setServiceParent(service)
     return service
-
-
-class _InheritedPorts(Service):
-    """
-    Listening sockets inherited from the C{--workers} supervisor, adopted on
-    start and closed on stop.
-    """
-
-    def __init__(self, reactor: Any, fds: list[tuple[int, Any]], factory: Any) -> None:
-        self._reactor = reactor
-        self._fds = fds
-        self._factory = factory
-        self._ports: list[Any] = []
-
-    def startService(self) -> None:
-        super().startService()
-        for fd, family in self._fds:
-            self._ports.append(
-                adoptListeningSocket(self._reactor, fd, family, self._factory)
-            )
-            os.close(fd)
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return DeferredList([maybeDeferred(port.stopListening) for port in self._ports])
 
 
 def _sendMetrics(snapshot: str) -> None:
@@ -944,45 +820,6 @@ def _sendMetrics(snapshot: str) -> None:
     # main process through (see tunnel.workers).
     sys.stdout.write(formatMetricsRecord(snapshot))
     sys.stdout.flush()
-
-
-def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
-    listener = StreamServerEndpointService(
-        serverFromString(reactor, description), factory
-    )
-    # Fail start-up loudly if a listener cannot bind, instead of logging the
-    # error and running with fewer listeners than configured.
-    listener._raiseSynchronously = True
-    listener.setServiceParent(parent)
-
-
-def _stopService(_: object, service: IService) -> Deferred[Any] | None:
-    return service.stopService()  # type: ignore[no-any-return]
-
-
-class _StopInTurn(MultiService):
-    """
-    A L{MultiService} that stops its children one after another, the last
-    added first, each once the one before has stopped (L{MultiService}
-    stops them all at once).
-    """
-
-    def stopService(self) -> Deferred[None]:
-        """
-        Stop the children in turn.
-
-        @return: A Deferred that fires once the first child added has
-            stopped.
-        """
-        Service.stopService(self)
-        stopped: Deferred[Any] = succeed(None)
-        for child in reversed(list(self)):
-            stopped.addCallback(_stopService, child)
-            # One that fails to stop must not keep the next one running.
-            stopped.addErrback(
-                lambda reason: _log.failure("Stopping a service failed", reason)
-            )
-        return stopped
 
 
 def _restrictsClients(policy: ITunnelPolicy) -> bool:
