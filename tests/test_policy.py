@@ -19,6 +19,7 @@ from tunnel.policy import (
     PortRange,
     TunnelPolicy,
     embeddedIPv4,
+    hostBitsNote,
     isDeniedByDefault,
     isUnspecified,
     parseAddress,
@@ -311,6 +312,33 @@ class FromStringsTests(SynchronousTestCase):
         self.assertEqual(only.ports, (PortRange(8443, 8443),))
         self.assertIsNotNone(only.checkTarget(None, None, "example.com", 443))
         self.assertIsNone(only.checkTarget(None, None, "example.com", 8443))
+
+
+class HostBitsNoteTests(SynchronousTestCase):
+    """
+    Tests for L{hostBitsNote}.
+    """
+
+    def test_notes(self) -> None:
+        """
+        A network rule with host bits set is said to be taken for its
+        network, every address for a C{/0}; a network, an address, a name
+        or a malformed rule gets no note.
+        """
+        self.assertEqual(
+            hostBitsNote("192.0.2.7/24"),
+            "192.0.2.7/24 is taken for the network 192.0.2.0/24",
+        )
+        self.assertEqual(
+            hostBitsNote("10.0.0.1/0"),
+            "10.0.0.1/0 is taken for the network 0.0.0.0/0 (every address)",
+        )
+        self.assertEqual(
+            hostBitsNote("[2001:db8::1/32]"),
+            "[2001:db8::1/32] is taken for the network 2001:db8::/32",
+        )
+        for text in ["192.0.2.0/24", "0.0.0.0/0", "192.0.2.7", "a.example", "1/x"]:
+            self.assertIsNone(hostBitsNote(text), text)
 
 
 class DenialTests(SynchronousTestCase):

@@ -638,6 +638,28 @@ class OpenProxyWarningTests(SynchronousTestCase):
             self.warnings("--listen", "tcp:3128", "--allow-from", "10.0.0.0/8"), []
         )
 
+    def test_everyAddressIsOpen(self) -> None:
+        """
+        An C{--allow-from} of a whole address family (C{0.0.0.0/0}, or an
+        address over C{/0}) restricts nothing: the open-proxy warning
+        stays, and a rule with host bits set is said to be taken for its
+        network.
+        """
+        warnings = self.warnings("--listen", "tcp:3128", "--allow-from", "10.0.0.1/0")
+        self.assertEqual(len(warnings), 2)
+        self.assertIn(
+            "--allow-from 10.0.0.1/0 is taken for the network 0.0.0.0/0 "
+            "(every address)",
+            warnings[0],
+        )
+        self.assertIn("*** OPEN PROXY *** tcp:3128", warnings[1])
+        warnings = self.warnings(
+            "--listen", "tcp:3128", "--allow-from", "10.0.0.7/8", "--deny-to", "a.b"
+        )
+        self.assertEqual(
+            warnings, ["--allow-from 10.0.0.7/8 is taken for the network 10.0.0.0/8"]
+        )
+
     def test_listensBeyondLoopback(self) -> None:
         """
         L{listensBeyondLoopback} tells loopback and UNIX listeners from the
@@ -958,6 +980,25 @@ class RulesFilePolicyTests(SynchronousTestCase):
         self.assertEqual(warning["log_level"], LogLevel.warn)
         self.assertIn("no longer limit the clients", formatEvent(warning))
         self.assertIsNone(self.policy.checkClient(ipaddress.ip_address("192.0.2.9")))
+
+    def test_hostBitsNoted(self) -> None:
+        """
+        A rule in the file written with host bits set is said to be taken
+        for its network, with the file's name.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.write("allow-from 192.0.2.7/24\n")
+        self.clock.advance(1)
+        self.policy.refresh()
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(
+            formatEvent(warning),
+            f"{self.path}: allow-from 192.0.2.7/24 is taken for the network "
+            "192.0.2.0/24",
+        )
 
     def test_brokenKeepsRules(self) -> None:
         """

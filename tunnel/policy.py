@@ -39,6 +39,7 @@ __all__ = [
     "PortRange",
     "TunnelPolicy",
     "embeddedIPv4",
+    "hostBitsNote",
     "isDeniedByDefault",
     "isUnspecified",
     "parseAddress",
@@ -450,6 +451,33 @@ class ITunnelPolicy(Interface):
         @return: The refusal, naming the option that would open the
             destination.
         """
+
+
+def hostBitsNote(text: str) -> str | None:
+    """
+    What a network rule written with host bits set means, said plainly:
+    C{192.0.2.7/24} is taken for the network C{192.0.2.0/24} (as C{ip addr}
+    writes an interface's address), which is what is meant most of the
+    time, but C{10.0.0.1/0} is every address.
+
+    @param text: A rule (C{--allow-from}, C{--allow-to} or C{--deny-to}).
+    @return: A sentence naming the network it is taken for, or L{None} if
+        the rule is not a network with host bits set.
+    """
+    cleaned = text.strip()
+    if cleaned.startswith("[") and cleaned.endswith("]"):
+        cleaned = cleaned[1:-1]
+    if "/" not in cleaned:
+        return None
+    try:
+        interface = ipaddress.ip_interface(cleaned)
+    except ValueError:
+        return None
+    network = interface.network
+    if interface.ip == network.network_address:
+        return None
+    everything = " (every address)" if network.prefixlen == 0 else ""
+    return f"{text} is taken for the network {network}{everything}"
 
 
 def _parseNetworks(texts: Iterable[str]) -> tuple[IPNetwork, ...]:

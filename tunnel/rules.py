@@ -12,7 +12,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .filestamp import WatchedFile
-from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy, parseRules
+from .policy import (
+    Denial,
+    IPAddress,
+    ITunnelPolicy,
+    TunnelPolicy,
+    hostBitsNote,
+    parseRules,
+)
 
 if TYPE_CHECKING:
     from .auth import IProxyUser
@@ -93,6 +100,13 @@ class RulesFilePolicy:
         except UnicodeDecodeError as e:
             raise ValueError(f"{self.path}: {e}") from None
         rules = parseRules(text, self.path)
+        for kind in ("allow-from", "allow-to", "deny-to"):
+            for rule in rules[kind]:
+                note = hostBitsNote(rule)
+                if note is not None:
+                    self._log.warn(
+                        "{path}: {kind} {note}", path=self.path, kind=kind, note=note
+                    )
         return TunnelPolicy.fromStrings(
             ports=self._base["allow-port"] + rules["allow-port"],
             allowFrom=self._base["allow-from"] + rules["allow-from"],

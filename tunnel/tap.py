@@ -47,6 +47,7 @@ from .metricssite import metricsSite
 from .policy import (
     ITunnelPolicy,
     TunnelPolicy,
+    hostBitsNote,
     parsePortRange,
     parseRules,
     parseTargetRule,
@@ -699,6 +700,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    _noteHostBits(options)
     if options["workers"] > 1:
         policy = makePolicy(options, reactor)
         _warnIfOpen(options["listen"], bool(options.get("credCheckers")), policy)
@@ -822,7 +824,18 @@ def _sendMetrics(snapshot: str) -> None:
     sys.stdout.flush()
 
 
+def _noteHostBits(options: Options) -> None:
+    # 10.0.0.1/0 is every address, and passes for a restriction.
+    for option in ("allow-from", "allow-to", "deny-to"):
+        for text in options[option]:
+            note = hostBitsNote(text)
+            if note is not None:
+                _log.warn("--{option} {note}", option=option, note=note)
+
+
 def _restrictsClients(policy: ITunnelPolicy) -> bool:
     # A RulesFilePolicy holds its current TunnelPolicy as .policy.
     inner = getattr(policy, "policy", policy)
-    return bool(getattr(inner, "allowFrom", ()))
+    networks = getattr(inner, "allowFrom", ())
+    # 0.0.0.0/0 (or 10.0.0.1/0) lets every IPv4 client in.
+    return bool(networks) and all(network.prefixlen > 0 for network in networks)
