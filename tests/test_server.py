@@ -57,7 +57,7 @@ from zope.interface import implementer
 
 from tests.fakes import FakeResolver
 from tunnel import ConnectProxyFactory, HostnameConnector, ITargetConnector, server
-from tunnel.answers import errorResponse
+from tunnel.answers import errorResponse, httpDate
 from tunnel.auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from tunnel.clients import formatAddress
 from tunnel.connector import AddressDenied
@@ -1627,6 +1627,18 @@ class HelperTests(SynchronousTestCase):
             b"Content-Length: 4\r\nConnection: close\r\nAllow: CONNECT\r\n\r\nNo.\n",
         )
 
+    def test_dated(self) -> None:
+        """
+        Given a date (L{httpDate}: an IMF-fixdate), an error response
+        carries it in a C{Date} field, right after the status line.
+        """
+        self.assertEqual(httpDate(0), b"Thu, 01 Jan 1970 00:00:00 GMT")
+        self.assertTrue(
+            errorResponse(400, "No.", date=httpDate(86400 * 365)).startswith(
+                b"HTTP/1.1 400 Bad Request\r\nDate: Fri, 01 Jan 1971 00:00:00 GMT\r\n"
+            )
+        )
+
     def test_defaultConnector(self) -> None:
         """
         Without a connector, the factory reaches targets with a
@@ -2385,6 +2397,15 @@ class PolicyTests(ProxyTestMixin, SynchronousTestCase):
         self.assertAnswered(client)
         response: bytes = client.value()
         return response
+
+    def test_refusalDated(self) -> None:
+        """
+        The proxy's own error answers carry a C{Date} from the factory's
+        clock (RFC 9110 section 6.6.1); the C{200} stays exactly as it is.
+        """
+        self.clock.advance(86400 * 365)
+        response = self.deniedWith(Denial(403, "No.", "rule"))
+        self.assertIn(b"\r\nDate: Fri, 01 Jan 1971 00:00:00 GMT\r\n", response)
 
     def test_denialHeaders(self) -> None:
         """

@@ -5,9 +5,10 @@ the error responses that end a connection.  No I/O.
 
 from __future__ import annotations
 
+from email.utils import formatdate
 from http import HTTPStatus
 
-__all__ = ["ESTABLISHED", "errorResponse"]
+__all__ = ["ESTABLISHED", "errorResponse", "httpDate"]
 
 #: The answer that opens a tunnel (RFC 9110 section 9.3.6: no content, no
 #: framing fields).
@@ -37,8 +38,21 @@ def _reasonPhrase(status: int) -> bytes:
     return phrase.encode("ascii")
 
 
+def httpDate(seconds: float) -> bytes:
+    """
+    A time as a C{Date} field gives it (RFC 9110 section 5.6.7).
+
+    @param seconds: Seconds since the epoch.
+    @return: The IMF-fixdate, C{Fri, 27 Nov 2026 12:00:00 GMT}.
+    """
+    return formatdate(seconds, usegmt=True).encode("ascii")
+
+
 def errorResponse(
-    status: int, detail: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+    status: int,
+    detail: str,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+    date: bytes | None = None,
 ) -> bytes:
     """
     Build a complete error response that ends the connection.
@@ -46,13 +60,17 @@ def errorResponse(
     @param status: The HTTP status code.
     @param detail: The text of the C{text/plain} body.
     @param headers: Extra header fields.
+    @param date: The C{Date} field's value (see L{httpDate}): a server
+        with a clock sends one (RFC 9110 section 6.6.1).
     @return: The bytes to send.
     """
     body = detail.encode("utf-8")
     if not body.endswith(b"\n"):
         body += b"\n"
-    lines = [
-        b"HTTP/1.1 %d %s" % (status, _reasonPhrase(status)),
+    lines = [b"HTTP/1.1 %d %s" % (status, _reasonPhrase(status))]
+    if date is not None:
+        lines.append(b"Date: " + date)
+    lines += [
         b"Content-Type: text/plain; charset=utf-8",
         b"Content-Length: %d" % (len(body),),
         b"Connection: close",

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .accesslog import escapeField
-from .answers import ESTABLISHED, errorResponse
+from .answers import ESTABLISHED, errorResponse, httpDate
 from .auth import (
     FailureDamper,
     IProxyUser,
@@ -726,7 +726,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._buffer = b""
         self._early = None
         self._client.write(
-            errorResponse(rejected.status, rejected.detail, rejected.headers)
+            errorResponse(
+                rejected.status,
+                rejected.detail,
+                rejected.headers,
+                self.factory.date(),
+            )
         )
         if canHalfClose(self._client) and self._mayLinger():
             # Closing a socket with unread input makes the kernel send a
@@ -1191,6 +1196,19 @@ class ConnectProxyFactory(Factory):
         self._open = 0
         self._openPerClient: dict[str, int] = {}
         self._idleWatch: IdleWatch | None = None
+        self._date = (float("nan"), b"")
+
+    def date(self) -> bytes:
+        """
+        The time, as the C{Date} field of the proxy's own answers gives it
+        (made once a second at most).
+
+        @return: The field's value.
+        """
+        now = int(self.clock.seconds())
+        if now != self._date[0]:
+            self._date = (now, httpDate(now))
+        return self._date[1]
 
     def idleWatch(self) -> IdleWatch | None:
         """
