@@ -460,10 +460,32 @@ class Options(usage.Options, AuthOptionMixin):
 
     def postOptions(self) -> None:
         """
-        Fill in the default listener and check the limits fit together.
+        Fill in the default listener and check the options fit together.
         """
         if not self["listen"] and not self["inherit-fd"]:
             self["listen"] = [DEFAULT_LISTEN]
+        self._checkListeners()
+        if self["rules"] is not None and self["rules"] not in self["kept-files"]:
+            # (A worker given the supervisor's copy uses that if the file
+            # is broken: see makePolicy.)
+            try:
+                content = readRegularFile(self["rules"], MAX_SIZE)
+                parseRules(content.decode("utf-8"), self["rules"])
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise usage.UsageError(f"--rules: {e}") from None
+        self._checkUpstream()
+        self._checkAccessLog()
+        if self["access-log-format"] not in ("text", "json"):
+            raise usage.UsageError("--access-log-format must be text or json")
+        self._checkMetrics()
+        if self["max-request-line"] > self["max-header-size"]:
+            raise usage.UsageError("--max-request-line cannot exceed --max-header-size")
+
+    def _checkListeners(self) -> None:
+        """
+        Check the C{--listen} endpoint strings, that they fit C{--workers}
+        and C{--proxy-protocol}, and that their addresses can be bound.
+        """
         kinds = [
             description.partition(":")[0].lower() for description in self["listen"]
         ]
@@ -502,56 +524,58 @@ class Options(usage.Options, AuthOptionMixin):
                     "tcp6:8080:interface=\\:\\:1)"
                 ) from None
             listeners.checkBindable("--listen", description, endpoint)
-        if self["rules"] is not None and self["rules"] not in self["kept-files"]:
-            # (A worker given the supervisor's copy uses that if the file
-            # is broken: see makePolicy.)
-            try:
-                content = readRegularFile(self["rules"], MAX_SIZE)
-                parseRules(content.decode("utf-8"), self["rules"])
-            except (OSError, UnicodeDecodeError, ValueError) as e:
-                raise usage.UsageError(f"--rules: {e}") from None
-        if self["upstream"] is not None:
-            try:
-                self["upstream"] = parseUpstreamURL(self["upstream"])
-            except ValueError as e:
-                raise usage.UsageError(f"--upstream: {e}") from None
-            if self["upstream-credentials"] is not None:
-                try:
-                    self["upstream"] = readUpstreamCredentials(
-                        self["upstream"], self["upstream-credentials"]
-                    )
-                except ValueError as e:
-                    raise usage.UsageError(f"--upstream-credentials: {e}") from None
+
+    def _checkUpstream(self) -> None:
+        """
+        Parse C{--upstream}, with its credentials file and CA, which need it.
+        """
+        if self["upstream"] is None:
             if self["upstream-ca"] is not None:
-                if not self["upstream"].tls:
-                    raise usage.UsageError(
-                        "--upstream-ca: TLS options need an https:// parent proxy"
-                    )
-                try:
-                    upstreamTLSOptions(self["upstream"], self["upstream-ca"])
-                except (OSError, ValueError) as e:
-                    raise usage.UsageError(f"--upstream-ca: {e}") from None
-        elif self["upstream-ca"] is not None:
-            raise usage.UsageError("--upstream-ca needs --upstream")
-        elif self["upstream-credentials"] is not None:
-            raise usage.UsageError("--upstream-credentials needs --upstream")
-        self._checkAccessLog()
-        if self["access-log-format"] not in ("text", "json"):
-            raise usage.UsageError("--access-log-format must be text or json")
-        if self["metrics"] is not None:
+                raise usage.UsageError("--upstream-ca needs --upstream")
+            if self["upstream-credentials"] is not None:
+                raise usage.UsageError("--upstream-credentials needs --upstream")
+            return
+        try:
+            self["upstream"] = parseUpstreamURL(self["upstream"])
+        except ValueError as e:
+            raise usage.UsageError(f"--upstream: {e}") from None
+        if self["upstream-credentials"] is not None:
             try:
-                requirePrometheus()
-            except MetricsUnavailable as e:
-                raise usage.UsageError(str(e)) from None
-            try:
-                endpoint = serverFromString(reactor, self["metrics"])
-            except Exception as e:
+                self["upstream"] = readUpstreamCredentials(
+                    self["upstream"], self["upstream-credentials"]
+                )
+            except ValueError as e:
+                raise usage.UsageError(f"--upstream-credentials: {e}") from None
+        if self["upstream-ca"] is not None:
+            if not self["upstream"].tls:
                 raise usage.UsageError(
-                    f"--metrics {self['metrics']}: {type(e).__name__}: {e}"
-                ) from None
-            listeners.checkBindable("--metrics", self["metrics"], endpoint)
-        if self["max-request-line"] > self["max-header-size"]:
-            raise usage.UsageError("--max-request-line cannot exceed --max-header-size")
+                    "--upstream-ca: TLS options need an https:// parent proxy"
+                )
+            try:
+                upstreamTLSOptions(self["upstream"], self["upstream-ca"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--upstream-ca: {e}") from None
+
+    def _checkMetrics(self) -> None:
+        """
+        Check that C{--metrics} can be served: prometheus_client installed,
+        the endpoint string valid and its address free.
+        """
+        if self["metrics"] is None:
+            return
+        try:
+            requirePrometheus()
+        except MetricsUnavailable as e:
+            raise usage.UsageError(str(e)) from None
+        from twisted.internet import reactor
+
+        try:
+            endpoint = serverFromString(reactor, self["metrics"])
+        except Exception as e:
+            raise usage.UsageError(
+                f"--metrics {self['metrics']}: {type(e).__name__}: {e}"
+            ) from None
+        listeners.checkBindable("--metrics", self["metrics"], endpoint)
 
     def _checkAccessLog(self) -> None:
         """
