@@ -863,6 +863,38 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if not (factory.logTunnels or factory.tunnelObservers):
             self._forgetIfDone()
             return
+        fields = self._tunnelEvent(status, ended, bytesUp, bytesDown)
+        # Each reading of self._log makes a new Logger (it is a descriptor
+        # that binds the source): once will do.
+        log = self._log
+        if factory.logTunnels:
+            log.info("{line}", **fields)
+        if factory.tunnelObservers:
+            fields.update(
+                log_logger=log,
+                log_level=LogLevel.info,
+                log_namespace=log.namespace,
+                log_source=self,
+                log_format="{line}",
+                log_time=time.time(),
+            )
+            for observer in tuple(factory.tunnelObservers):
+                try:
+                    observer(fields)
+                except Exception:
+                    self._log.failure(
+                        "Tunnel observer {observer!r} failed", observer=observer
+                    )
+        self._forgetIfDone()
+
+    def _tunnelEvent(
+        self, status: int | None, ended: str, bytesUp: int, bytesDown: int
+    ) -> dict[str, Any]:
+        """
+        The fields of the one event for this connection (see the README's
+        I{Logging}), its log line among them.
+        """
+        factory = self.factory
         now = factory.clock.seconds()
         established = self._establishedAt
         connectStarted = self._connectStartedAt
@@ -870,10 +902,10 @@ class ConnectProxy(Protocol, TimeoutMixin):
         target = self._targetName
         shownStatus = status if status is not None else "-"
         duration = now - self._startedAt
-        # CONNECT only once a CONNECT request was read: a 400 or 405 answered
-        # something else.  A refusal says which rule refused (port, address,
-        # destination, client, auth), as the 403's body names the option;
-        # a parent proxy's refusal, its status.
+        # CONNECT only once a CONNECT request was read: a 400, 405 or 501
+        # answered something else.  A refusal says which rule refused (port,
+        # address, destination, client, auth), as the 403's body names the
+        # option; a parent proxy's refusal, its status.
         method = "CONNECT" if target != "-" else "-"
         why = f" ({self._refusal})" if self._refusal is not None else ""
         if self._parentStatus is not None:
@@ -904,28 +936,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             "parentStatus": self._parentStatus,
             "ended": ended,
         }
-        # Each reading of self._log makes a new Logger (it is a descriptor
-        # that binds the source): once will do.
-        log = self._log
-        if factory.logTunnels:
-            log.info("{line}", **fields)
-        if factory.tunnelObservers:
-            fields.update(
-                log_logger=log,
-                log_level=LogLevel.info,
-                log_namespace=log.namespace,
-                log_source=self,
-                log_format="{line}",
-                log_time=time.time(),
-            )
-            for observer in tuple(factory.tunnelObservers):
-                try:
-                    observer(fields)
-                except Exception:
-                    self._log.failure(
-                        "Tunnel observer {observer!r} failed", observer=observer
-                    )
-        self._forgetIfDone()
+        return fields
 
     def closeIfIdle(self) -> None:
         """
