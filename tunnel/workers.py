@@ -26,8 +26,8 @@ from twisted.application.service import Service
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ConnectionDone, ProcessDone
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReadDescriptor
+from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import (
@@ -38,11 +38,9 @@ from twisted.logger import (
     formatEvent,
 )
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 if TYPE_CHECKING:
     from .metrics import WorkerMetrics
-    from .service import StopOnSignals
 
 __all__ = [
     "KeptFile",
@@ -511,7 +509,7 @@ class WorkerSupervisor(Service):
             argv = [
                 sys.executable,
                 "-m",
-                "tunnel.workers",
+                "tunnel.workermain",
                 *inherit,
                 *self._workerArgv,
             ]
@@ -642,85 +640,6 @@ class WorkerSupervisor(Service):
         return DeferredList(endings).addCallback(workersEnded)
 
 
-def _workerMain(argv: list[str]) -> None:
-    """
-    Run one worker: adopt the inherited listening sockets and serve until
-    SIGTERM, then drain.
-    """
-    # Until the service handles SIGUSR1 (reopening the access log), the
-    # signal's default action would kill a worker still starting.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    from twisted.internet import reactor
-    from twisted.logger import FileLogObserver, globalLogBeginner
-
-    from .service import StopOnSignals
-    from .tap import Options, makeWorkerService
-
-    globalLogBeginner.beginLoggingTo(
-        [FileLogObserver(sys.stdout, formatWorkerRecord)],
-        redirectStandardIO=False,
-    )
-    options = Options()
-    options.parseOptions(argv)
-    service = makeWorkerService(options, reactor)
-    service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    # "systemctl stop" and Ctrl-C signal the whole process group, and the
-    # supervisor passes SIGTERM on as well.
-    stopping = StopOnSignals(reactor)
-    reactor.callWhenRunning(stopping.install)
-    # Standard input is a pipe from the supervisor: its end means the
-    # supervisor is gone (killed, crashed), and a worker left alone would
-    # hold the port against the next start.
-    reactor.addReader(_SupervisorWatch(stopping))
-    reactor.run()
-
-
-@implementer(IReadDescriptor)
-class _SupervisorWatch:
-    """
-    Reads the worker's standard input, the supervisor's end of a pipe that
-    carries nothing: end of file means the supervisor is gone, and the
-    worker drains and stops.
-    """
-
-    def __init__(self, stopping: StopOnSignals) -> None:
-        self._stopping = stopping
-
-    def fileno(self) -> int:
-        """
-        Standard input.
-        """
-        return 0
-
-    def doRead(self) -> Failure | None:
-        """
-        End of file (or an error): stop.
-        """
-        try:
-            data = os.read(0, 4096)
-        except BlockingIOError:
-            return None
-        except OSError:
-            data = b""
-        if not data:
-            return Failure(ConnectionDone("the supervisor is gone"))
-        return None
-
-    def connectionLost(self, reason: Failure) -> None:
-        """
-        Removed from the reactor: the supervisor is gone (or the reactor is
-        stopping anyway).
-        """
-        self._stopping.stop()
-
-    def logPrefix(self) -> str:
-        """
-        Name it in the log.
-        """
-        return "SupervisorWatch"
-
-
 def inheritedPorts(values: list[str]) -> list[tuple[int, socket.AddressFamily]]:
     """
     Parse C{--inherit-fd FD:FAMILY} values.
@@ -735,7 +654,3 @@ def inheritedPorts(values: list[str]) -> list[tuple[int, socket.AddressFamily]]:
         fd, _, family = value.partition(":")
         ports.append((int(fd), socket.AddressFamily(int(family))))
     return ports
-
-
-if __name__ == "__main__":
-    _workerMain(sys.argv[1:])
