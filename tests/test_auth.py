@@ -13,7 +13,7 @@ from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import ThreadPoolReactor
@@ -647,9 +647,10 @@ class HtpasswdCheckerTests(SynchronousTestCase):
             globalLogPublisher,
         )
         bob = bcryptLine(b"bob", b"pw")
+        # The file has settled by the checker's clock: not being written.
+        self.patch(HtpasswdChecker, "_now", staticmethod(lambda: self.now))
         self.checker = HtpasswdChecker(self.path, reactor=self.reactor, fallback=bob)
         self.patch(self.checker, "_sleep", lambda seconds: None)
-        self.patch(self.checker, "_now", lambda: self.now)
         self.assertEqual(self.check(b"bob", b"pw"), b"bob")
         self.assertNotEqual(self.check(b"alice", b"plaintext"), b"alice")
         [warning] = events
@@ -679,6 +680,7 @@ class HtpasswdCheckerTests(SynchronousTestCase):
             return read(watched)
 
         self.patch(WatchedFile, "read", readUnlessExhausted)
+        self.patch(HtpasswdChecker, "_now", staticmethod(lambda: self.now))
         self.checker = HtpasswdChecker(
             self.path, reactor=self.reactor, fallback=bcryptLine(b"carol", b"c")
         )
@@ -688,6 +690,29 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         exhausted[0] = False
         self.assertEqual(self.check(b"bob", b"pw"), b"bob")
         self.assertNotEqual(self.check(b"carol", b"c"), b"carol")
+
+    def test_fallbackWhileBeingWritten(self) -> None:
+        """
+        With a fallback, a file that changed less than L{SETTLE} seconds ago
+        (perhaps half written) is not read at start-up: the fallback's users
+        serve, a warning says why, and the file is read once it settled.
+        """
+        self.write(bcryptLine(b"carol", b"c"))
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.now = self.changed + SETTLE / 2
+        self.patch(HtpasswdChecker, "_now", staticmethod(lambda: self.now))
+        bob = bcryptLine(b"bob", b"pw")
+        self.checker = HtpasswdChecker(self.path, reactor=self.reactor, fallback=bob)
+        self.patch(self.checker, "_sleep", lambda seconds: None)
+        self.assertEqual(self.check(b"bob", b"pw"), b"bob")
+        [warning] = events
+        self.assertIn("is being written", formatEvent(warning))
+        self.now = self.changed + SETTLE
+        self.assertEqual(self.check(b"carol", b"c"), b"carol")
+        self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
 
     def test_contentOfLastGoodUsers(self) -> None:
         """

@@ -351,8 +351,11 @@ class DenialTests(SynchronousTestCase):
         A denial's status is an error, 400-599: a 2xx would read as an open
         tunnel to the client, a 1xx as an interim answer.
         """
+        from http import HTTPStatus
+
         self.assertEqual(Denial(403, "No.", "rule").status, 403)
         self.assertEqual(Denial(599, "No.", "rule").status, 599)
+        self.assertEqual(Denial(HTTPStatus.FORBIDDEN, "No.", "rule").status, 403)
         for status in [200, 100, 399, 600, "403", 403.0, True]:
             self.assertRaises(ValueError, Denial, status, "No.", "rule")
 
@@ -373,6 +376,8 @@ class DenialTests(SynchronousTestCase):
             ((b"X", b"1\r\nSet-Cookie: a=b"),),
             ((b"X", b"a\0"),),
             ((b"X",),),
+            ((b"Content-Length", b"0"),),
+            ((b"connection", b"keep-alive"),),
         ]:
             self.assertRaises(ValueError, Denial, 403, "No.", "rule", headers)
 

@@ -147,6 +147,29 @@ class BindCheckTests(SynchronousTestCase):
             ["--listen", f"unix:{busy}:lockfile=0"],
         )
         self.assertIn("remove it first", str(e))
+        # A listener whose queue is full (a wedged earlier instance) is in
+        # use too, and the check does not wait for it.
+        full = os.path.join(directory, "full")
+        with socket.socket(socket.AF_UNIX) as listening:
+            listening.bind(full)
+            listening.listen(0)
+            waiting = []
+            try:
+                for _ in range(1000):
+                    client = socket.socket(socket.AF_UNIX)
+                    waiting.append(client)
+                    client.setblocking(False)
+                    client.connect(full)
+            except BlockingIOError:
+                pass
+            finally:
+                for client in waiting:
+                    client.close()
+            # (Closed clients leave the queue full until accepted.)
+            e = self.assertRaises(
+                UsageError, Options().parseOptions, ["--listen", f"unix:{full}"]
+            )
+            self.assertIn("Address already in use", str(e))
         # A lock naming a process that is gone: Twisted breaks it.
         os.symlink("999999999", busy + ".lock")
         Options().parseOptions(["--listen", f"unix:{busy}"])
@@ -881,6 +904,9 @@ class RulesFilePolicyTests(SynchronousTestCase):
         self.patch(self.policy._file, "read", readUnlessExhausted)
         self.clock.advance(1)
         self.assertEqual(self.ports(), [22, 80, 443])
+        # Said once, not at every look (a file -u made unreadable).
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [22, 80, 443])
         [error] = [e for e in events if e["log_level"] == LogLevel.error]
         self.assertIn("Too many open files", formatEvent(error))
         exhausted[0] = False
@@ -939,6 +965,29 @@ class RulesFilePolicyTests(SynchronousTestCase):
         self.assertEqual(self.ports(), [80, 443, 8080])
         exhausted[0] = False
         self.clock.advance(1)
+        self.assertEqual(self.ports(), [22, 80, 443])
+
+    def test_fallbackWhileBeingWritten(self) -> None:
+        """
+        With a fallback, a file that changed less than a second ago (perhaps
+        half written: its C{allow-to} lines there, its C{deny-to} lines not
+        yet) is not read at start-up: the fallback's rules serve, a warning
+        says why, and the file is read once it has settled.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.write("allow-port 22\n")
+        clock = Clock()
+        clock.advance(os.stat(self.path).st_ctime_ns / 1e9 + 0.5)
+        self.policy = RulesFilePolicy(
+            self.path, clock, ports=["80"], fallback=b"allow-port 8080\n"
+        )
+        self.assertEqual(self.ports(), [80, 443, 8080])
+        [warning] = events
+        self.assertIn("is being written", formatEvent(warning))
+        clock.advance(1)
         self.assertEqual(self.ports(), [22, 80, 443])
 
     def test_contentOfLastGoodRules(self) -> None:

@@ -236,6 +236,8 @@ class WorkerMetricsTests(SynchronousTestCase):
         metrics.report(0, workerSnapshot(open=2))
         for labels in ({"a": 1}, {"a": None}, {"1": "x"}, {'a"b': "x"}):
             metrics.report(0, gaugeSnapshot(labels=labels))
+        # A lone surrogate, which JSON can carry and UTF-8 cannot.
+        metrics.report(0, gaugeSnapshot(labels={"a": "x"}).replace('"x"', '"\\ud800"'))
         self.assertEqual(sample(metrics, "tunnel_open"), 2)
         self.assertIn(b"tunnel_open 2.0", prometheus.generate_latest(metrics.registry))
 
@@ -255,7 +257,15 @@ class WorkerMetricsTests(SynchronousTestCase):
             ["tunnel_open"],
         ):
             metrics.report(0, json.dumps(bad))
-        for value in ('"1"', "true", "null", "NaN", "Infinity", "1" + "0" * 400):
+        for value in (
+            '"1"',
+            "true",
+            "null",
+            "NaN",
+            "Infinity",
+            "1" + "0" * 400,
+            "1e308",
+        ):
             metrics.report(0, gaugeSnapshot().replace("3.0", value))
         self.assertEqual(sample(metrics, "tunnel_open"), 2)
 

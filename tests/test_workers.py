@@ -603,6 +603,33 @@ class WorkerLogTests(SynchronousTestCase):
         self.assertEqual(event["text"], forged.replace("\x1e", "\\x1e"))
         self.assertEqual(self.metrics, [])
 
+    def test_controlsInSource(self) -> None:
+        """
+        A legacy event's system (Twisted's log prefix of a connection, which
+        holds a UNIX client's own name for its socket) has its control
+        characters escaped: a tab, a line break or a record separator in it
+        can start no forged record.
+        """
+        forged = "ConnectProxy,0,q\x1ecritical\tFORGED\tforged\x1e\n"
+        self.protocol.childDataReceived(
+            1,
+            formatWorkerRecord(
+                {
+                    "log_level": LogLevel.info,
+                    "log_namespace": "log_legacy",
+                    "log_system": forged,
+                    "log_format": "a line",
+                }
+            ).encode(),
+        )
+        [event] = self.events
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(
+            event["workerNamespace"],
+            "ConnectProxy,0,q\\x1ecritical\\x09FORGED\\x09forged\\x1e\\x0a",
+        )
+        self.assertEqual(event["text"], "a line")
+
     def test_unstructured(self) -> None:
         """
         Output on standard output that is not a record (a stray print) is
@@ -896,6 +923,7 @@ class SupervisorTests(TestCase):
         with open(rules, "w") as f:
             f.write("allow-to 127.0.0.0/8\ndeny-to 127.0.0.1\nallow-to bogus:::\n")
         ready = self.waitForLog("Starting factory")
+        before = len(self.events)
         for process in list(supervisor.workers.values()):
             process.signalProcess(signal.SIGKILL)
         yield ready
@@ -905,7 +933,7 @@ class SupervisorTests(TestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer)
         kept = [
             event
-            for event in self.events
+            for event in self.events[before:]
             if "Using the last good rules the supervisor kept"
             in str(event.get("text", ""))
         ]

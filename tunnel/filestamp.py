@@ -53,6 +53,10 @@ def readRegularFile(path: str, limit: int) -> bytes:
     @raise OSError: If it cannot be opened or read, is not a regular file
         (C{EINVAL}), or holds more than C{limit} bytes (C{EFBIG}).
     """
+    # Asked before opening too, since opening some devices does something;
+    # and again of what was opened, which may have been swapped in since.
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
     # Non-blocking, so that opening a FIFO with no writer does not wait.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -134,6 +138,8 @@ class WatchedFile:
     and its change (a rule, a user removed) is not lost.
 
     @ivar path: The file.
+    @ivar failing: Whether the last attempt to read it failed (so that its
+        reader says so once, not at every look).
     """
 
     def __init__(self, path: str) -> None:
@@ -141,6 +147,7 @@ class WatchedFile:
         @param path: The file.
         """
         self.path = path
+        self.failing = False
         # Taken before the first read, so that a change during it is seen.
         self._stamp: tuple[int, int, int, int] | None = fileStamp(path)
 
@@ -160,25 +167,37 @@ class WatchedFile:
         fallback: bytes | None,
         log: Logger,
         what: str,
+        now: float,
     ) -> tuple[bytes, _Parsed]:
         """
         Read and parse the file at start-up.
 
         With a C{fallback} (a C{--workers} supervisor's last good copy), a
-        file that cannot be read or parsed gives the fallback's content
-        instead, and a warning says why; a file that could not be read is
-        read at the next look even if it has not changed.
+        file that cannot be read or parsed, or that has not L{settled} (it
+        may be half written), gives the fallback's content instead, and a
+        warning says why; a file that could not be read, or had not
+        settled, is read at the next look even if it has not changed.
 
         @param parse: Turns content into what its reader uses.
         @param fallback: The content to use if the file cannot be used.
         @param log: Where the reader logs.
         @param what: What the file holds, for the warning (C{"rules"}).
+        @param now: The time, in seconds since the epoch.
         @return: The content used, and what C{parse} made of it.
         @raise OSError: If the file cannot be read, and there is no
             fallback.
         @raise ValueError: If C{parse} refuses the content, and there is
             no fallback.
         """
+        if fallback is not None and not settled(self._stamp, now):
+            self.readAgain()
+            log.warn(
+                "Using the last good {what} the supervisor kept: {path} is "
+                "being written",
+                what=what,
+                path=self.path,
+            )
+            return fallback, parse(fallback)
         try:
             content = self.read()
             return content, parse(content)
@@ -186,6 +205,7 @@ class WatchedFile:
             if fallback is None:
                 raise
             if isinstance(e, OSError):
+                self.failing = True
                 self.readAgain()
                 error = f"{self.path}: {e.strerror}"
             else:
@@ -219,6 +239,11 @@ class WatchedFile:
         stamp = fileStamp(self.path)
         if stamp == self._stamp or not settled(stamp, now):
             return None
-        content = self.read()
+        try:
+            content = self.read()
+        except OSError:
+            self.failing = True
+            raise
+        self.failing = False
         self._stamp = stamp
         return content

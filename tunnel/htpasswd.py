@@ -140,13 +140,13 @@ class HtpasswdChecker:
         self._cacheSize = cacheSize
         self._cache: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
         self._file = WatchedFile(path)
-        self._readFailing = False
         try:
             self.content, self._entries = self._file.readAtStart(
                 lambda content: parseHtpasswd(content, path),
                 fallback,
                 self._log,
                 "users",
+                self._now(),
             )
         except OSError as e:
             raise HtpasswdError(f"{path}: {e.strerror}") from None
@@ -157,12 +157,12 @@ class HtpasswdChecker:
         Re-read the file if it changed, keeping the users in force if it
         cannot be used (checked at every login).
         """
+        wasFailing = self._file.failing
         try:
             content = self._file.changed(self._now())
         except OSError as e:
             # Said once until a read succeeds: this runs at every login.
-            if not self._readFailing:
-                self._readFailing = True
+            if not wasFailing:
                 self._log.error(
                     "Keeping the previous users: cannot read {path}: {error}",
                     path=self.path,
@@ -171,7 +171,6 @@ class HtpasswdChecker:
             return
         if content is None:
             return
-        self._readFailing = False
         try:
             self._entries = parseHtpasswd(content, self.path)
         except HtpasswdError as e:

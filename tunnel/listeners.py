@@ -94,8 +94,13 @@ def _checkSocketFree(path: str, locked: bool) -> None:
     if not stat.S_ISSOCK(os.lstat(path).st_mode):
         raise OSError(f"{path} exists and is not a socket")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        # Not blocking: a connect to a listener whose queue is full (a
+        # wedged earlier instance) would wait, and start-up with it.
+        probe.setblocking(False)
         try:
             probe.connect(path)
+        except BlockingIOError:
+            raise OSError(errno.EADDRINUSE, "Address already in use") from None
         except OSError:
             pass
         else:

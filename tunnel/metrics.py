@@ -340,6 +340,23 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _MAX_KEYS = 10_000
 
 
+# Far more than any count or gauge of the proxy can reach (2**64 bytes
+# relayed), and small enough that the sums of any number of workers stay
+# finite.
+_LARGEST_VALUE = 2.0**80
+
+
+def _encodes(text: str) -> bool:
+    """
+    Whether C{text} can be written as UTF-8.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _Unreadable(Exception):
     """
     A snapshot is not one L{snapshotMetrics} makes of L{ProxyMetrics}.
@@ -458,11 +475,19 @@ class WorkerMetrics:
                     isinstance(label, str)
                     and isinstance(text, str)
                     and _LABEL_NAME.fullmatch(label)
+                    # A lone surrogate (JSON's "\ud800") fails to encode,
+                    # and so would every scrape.
+                    and _encodes(text)
                     for label, text in labels.items()
                 ):
                     raise _Unreadable(labels)
-                # A NaN or infinity would stay in the totals for good.
-                if isinstance(value, bool) or not math.isfinite(value):
+                # A NaN or infinity would stay in the totals for good, and so
+                # would a value whose sum with others overflows to one.
+                if (
+                    isinstance(value, bool)
+                    or not math.isfinite(value)
+                    or abs(value) > _LARGEST_VALUE
+                ):
                     raise _Unreadable(value)
                 key = (name, sampleName, tuple(sorted(labels.items())))
                 samples[key] = float(value)

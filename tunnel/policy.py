@@ -332,7 +332,11 @@ def parseTargetRule(text: str) -> AddressRule:
 def _checkDenialStatus(denial: Denial, attribute: object, status: Any) -> None:
     # A 2xx would read as an open tunnel to a client (curl took the body
     # for the start of TLS), a 1xx as an interim answer.
-    if type(status) is not int or not 400 <= status <= 599:
+    if (
+        not isinstance(status, int)
+        or isinstance(status, bool)
+        or not 400 <= status <= 599
+    ):
         raise ValueError(f"a Denial's status must be 400-599, not {status!r}")
 
 
@@ -343,14 +347,21 @@ def _checkDenialHeaders(denial: Denial, attribute: object, headers: Any) -> None
         and all(isinstance(part, bytes) for part in pair)
         and _HEADER_NAME.fullmatch(pair[0])
         and _HEADER_VALUE.fullmatch(pair[1])
+        and pair[0].lower() not in _FRAMING
         for pair in headers
     ):
         raise ValueError(
             "a Denial's headers must be (name, value) pairs of bytes, a token "
-            f"and a field value without CR, LF or NUL, not {headers!r}"
+            "and a field value without CR, LF or NUL, other than the fields "
+            f"the proxy writes itself, not {headers!r}"
         )
 
 
+# The fields an error response has already: a second of any would make the
+# answer ambiguous to the client (RFC 9112 section 6.3).
+_FRAMING = frozenset(
+    {b"content-length", b"content-type", b"connection", b"transfer-encoding", b"date"}
+)
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 

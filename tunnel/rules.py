@@ -89,7 +89,7 @@ class RulesFilePolicy:
         self._file = WatchedFile(path)
         try:
             self.content, self.policy = self._file.readAtStart(
-                self._build, fallback, self._log, "rules"
+                self._build, fallback, self._log, "rules", clock.seconds()
             )
         except OSError as e:
             raise ValueError(f"{path}: {e}") from None
@@ -125,14 +125,18 @@ class RulesFilePolicy:
         if now - self._checkedAt < self._checkInterval:
             return self.policy
         self._checkedAt = now
+        wasFailing = self._file.failing
         try:
             content = self._file.changed(now)
         except OSError as e:
-            self._log.error(
-                "Keeping the previous rules: cannot read {path}: {error}",
-                error=str(e),
-                path=self.path,
-            )
+            # Said once until a read succeeds: a file the proxy may not read
+            # (after -u dropped privileges, say) would be said every second.
+            if not wasFailing:
+                self._log.error(
+                    "Keeping the previous rules: cannot read {path}: {error}",
+                    error=str(e),
+                    path=self.path,
+                )
             return self.policy
         if content is None:
             return self.policy

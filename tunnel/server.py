@@ -14,7 +14,7 @@ from OpenSSL.SSL import Error as TLSError
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import (
     ConnectError,
@@ -101,6 +101,20 @@ OUT_OF_RESOURCES_WARNING_INTERVAL = 10.0
 # What socket() fails with when the proxy, not the target, is short of
 # something: descriptors (its own or the system's), buffers, memory.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _safeLogPrefix(transport: object, peer: IAddress | None) -> None:
+    """
+    Give a UNIX client's transport a log prefix that names its peer as
+    L{formatAddress} does: Twisted's holds the name the client bound its
+    socket to, raw, and a name with a line break or a worker's record
+    separator in it would forge log lines (and, with C{--workers}, metrics).
+    """
+    if isinstance(getattr(transport, "logstr", None), str):
+        sessionno = getattr(transport, "sessionno", 0)
+        transport.logstr = (  # type: ignore[attr-defined]
+            f"ConnectProxy,{sessionno},{formatAddress(peer)}"
+        )
 
 
 def _noDelay(transport: object) -> None:
@@ -262,12 +276,15 @@ class ConnectProxy(Protocol, TimeoutMixin):
         factory.connections.add(self)
         _noDelay(self.transport)
         self.setTimeout(factory.headerTimeout)
+        peer = self._client.getPeer()
+        if getattr(peer, "host", None) is None:
+            _safeLogPrefix(self._client, peer)
         if factory.proxyProtocol:
             # The client's address comes in the PROXY header; admission by
             # address waits for it, but the connection counts against the
             # proxy-wide limit at once, so silent connections cannot pile up.
             self._reading = "proxy"
-            self._identify(self._client.getPeer())
+            self._identify(peer)
             full = factory.admit(None)
             if full is not None:
                 self._reject(full)
@@ -276,7 +293,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._awaitingHeader = True
         else:
             self._reading = "head"
-            self._admit(self._client.getPeer())
+            self._admit(peer)
 
     def _identify(self, peer: IAddress | None) -> None:
         self._peer = formatAddress(peer)
@@ -710,6 +727,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
         elif reason.check(ConnectionRefusedError):
             rejected = RequestRejected(502, "The target refused the connection.")
         elif reason.check(ConnectError):
+            rejected = RequestRejected(502, "The proxy could not reach the target.")
+        elif reason.check(CancelledError):
+            # The connector gave up on its own (a deadline of its own, say):
+            # not the proxy's doing, not a fault to log with a traceback.
+            self._log.info(
+                "The connector gave up reaching {target}", target=self._targetName
+            )
             rejected = RequestRejected(502, "The proxy could not reach the target.")
         else:
             self._log.failure(

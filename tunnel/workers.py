@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import sys
@@ -279,12 +280,22 @@ def formatWorkerRecord(event: LogEvent) -> str:
     level = event.get("log_level", LogLevel.info)
     # A legacy twisted.python.log event names its source in log_system (as
     # twistd's own log shows it); its namespace is only "log_legacy".
-    source = event.get("log_system") or event.get("log_namespace", "-")
-    # A separator inside the text would end the record there and start a
-    # forged one (a log line, or metrics): whatever a client could get
-    # into a message, it stays text.
+    source = str(event.get("log_system") or event.get("log_namespace", "-"))
+    # A separator inside the text, or a tab or separator inside the source
+    # (Twisted's log prefix of a connection holds the peer's address, which
+    # a UNIX client names itself), would end the field or the record there
+    # and start a forged one (a log line, or metrics): whatever a client
+    # could get into a message, it stays text.
     text = text.replace(_RECORD_END, "\\x1e")
+    source = _CONTROL.sub(_hexEscaped, source)
     return f"{level.name}\t{source}\t{text}{_RECORD_END}\n"
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def _hexEscaped(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
 
 
 _RECORD_END = "\x1e"
