@@ -836,6 +836,25 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         onSecond(True, makeDummy(*arguments))
         self.assertEqual(self.checker._dummy, b"new")
 
+    def test_dummyNotMadeKeepsPrevious(self) -> None:
+        """
+        A reload whose dummy hash cannot be handed to the thread pool (a
+        pool stopped for shutdown) keeps the previous one and logs why; the
+        reload itself goes through.
+        """
+
+        def stopped(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("the pool is stopped")
+
+        self.patch(self.reactor.pool, "callInThreadWithCallback", stopped)
+        before = self.checker._dummy
+        carol = bcryptLine(b"carol", b"c")
+        self.write(carol)
+        self.checker.refresh()
+        self.assertEqual(self.checker.content, carol)
+        self.assertIs(self.checker._dummy, before)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_failureTimeNoise(self) -> None:
         """
         A failure that takes up to half as long again as the floor is noise:

@@ -198,9 +198,14 @@ class HtpasswdChecker:
         workers' log lines).  Until it is made, the previous one serves.
         """
         entries = self._entries
-        made = deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), _dummyHash, entries
-        )
+        try:
+            made = deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), _dummyHash, entries
+            )
+        except Exception:
+            # (A pool stopped for shutdown, say.)  The previous one serves.
+            self._log.failure("Could not make a dummy hash")
+            return
 
         def use(result: tuple[bytes, float]) -> None:
             # A later reload's own dummy is on its way.
