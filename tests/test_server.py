@@ -2740,6 +2740,44 @@ class ProxyProtocolTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(data[10:])
         self.assertEqual(self.connector.targets, [("target.example", 443)])
 
+    def test_onlyFromBalancers(self) -> None:
+        """
+        With C{proxyProtocolFrom}, a connection from outside those networks
+        gets a 403 at once, before any header is read, logged as refused by
+        the C{balancer} rule; one from inside (an IPv4 balancer seen as
+        IPv4-mapped by a dual-stack socket included) is served, and so is a
+        client of a UNIX listener.
+        """
+        self.factory = ConnectProxyFactory(
+            self.connector,
+            clock=self.clock,
+            proxyProtocol=True,
+            proxyProtocolFrom=["192.0.2.0/28", "2001:db8::/64"],
+        )
+        self.factory.logTunnels = True
+        for peer, refused in [
+            (IPv4Address("TCP", "192.0.2.99", 1), True),
+            (IPv4Address("TCP", "192.0.2.7", 1), False),
+            (IPv6Address("TCP", "::ffff:192.0.2.7", 1), False),
+            (IPv6Address("TCP", "2001:db8::5", 1), False),
+            (IPv6Address("TCP", "2001:db8:1::5", 1), True),
+            (UNIXAddress(b"/run/balancer.sock"), False),
+        ]:
+            proxy = self.factory.buildProtocol(None)
+            assert isinstance(proxy, ConnectProxy)
+            client = HalfCloseTransport(peerAddress=peer)
+            proxy.makeConnection(client)
+            if refused:
+                self.assertTrue(client.value().startswith(b"HTTP/1.1 403 "), peer)
+                self.assertIn(b"--proxy-protocol-from", client.value())
+                self.assertEqual(proxy._refusal, "balancer")
+            else:
+                self.assertEqual(client.value(), b"", peer)
+                proxy.dataReceived(
+                    b"PROXY TCP4 198.51.100.9 192.0.2.1 5555 3128\r\n" + HEAD
+                )
+                self.assertEqual(self.connector.targets[-1], ("target.example", 443))
+
     def test_allowFromUsesSource(self) -> None:
         """
         C{--allow-from} judges the header's source, not the balancer.

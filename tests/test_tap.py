@@ -322,6 +322,31 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(len(factories), 1)
         self.assertIsInstance(factories.pop(), ConnectProxyFactory)
 
+    def test_proxyProtocolFrom(self) -> None:
+        """
+        C{--proxy-protocol-from} networks reach the factory; the option
+        needs C{--proxy-protocol}, and a value that is not a network is a
+        usage error naming it.
+        """
+        options = parse(
+            "--proxy-protocol",
+            "--proxy-protocol-from",
+            "10.1.0.0/16",
+            "--proxy-protocol-from",
+            "2001:db8::1",
+        )
+        factory = makeFactory(options, MemoryReactorClock())
+        self.assertEqual(
+            [str(network) for network in factory.proxyProtocolFrom],
+            ["10.1.0.0/16", "2001:db8::1/128"],
+        )
+        e = self.assertRaises(UsageError, parse, "--proxy-protocol-from", "10.0.0.0/8")
+        self.assertIn("--proxy-protocol-from needs --proxy-protocol", str(e))
+        e = self.assertRaises(
+            UsageError, parse, "--proxy-protocol", "--proxy-protocol-from", "nope"
+        )
+        self.assertIn("--proxy-protocol-from nope: ", str(e))
+
     def test_proxyProtocolNotOverTLS(self) -> None:
         """
         C{--proxy-protocol} with an C{ssl:} listener is a usage error that

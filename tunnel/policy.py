@@ -40,6 +40,7 @@ __all__ = [
     "TunnelPolicy",
     "embeddedIPv4",
     "hostBitsNote",
+    "inNetworks",
     "isDeniedByDefault",
     "isUnspecified",
     "parseAddress",
@@ -464,6 +465,30 @@ class ITunnelPolicy(Interface):
         """
 
 
+def inNetworks(address: IPAddress, networks: Iterable[IPNetwork]) -> bool:
+    """
+    Whether a client's C{address} lies in one of C{networks}; an
+    IPv4-mapped IPv6 address (as a dual-stack socket reports an IPv4
+    client) lies in the IPv4 networks its IPv4 address does.
+
+    @param address: The client's address.
+    @param networks: The networks.
+    @return: Whether one of them holds it.
+    """
+    candidates: list[IPAddress] = [address]
+    # Only the IPv4-mapped form is an IPv4 client; a 6to4 or NAT64 source is
+    # an IPv6 host whose address merely carries IPv4 bits, and no IPv4 rule
+    # should admit it.
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        candidates.append(mapped)
+    return any(
+        candidate.version == network.version and candidate in network
+        for candidate in candidates
+        for network in networks
+    )
+
+
 def hostBitsNote(text: str) -> str | None:
     """
     What a network rule written with host bits set means, said plainly:
@@ -566,19 +591,8 @@ class TunnelPolicy:
         """
         if not self.allowFrom:
             return None
-        if client is not None:
-            candidates: list[IPAddress] = [client]
-            # Only the IPv4-mapped form is an IPv4 client (as a dual-stack
-            # socket reports one); a 6to4 or NAT64 source is an IPv6 host
-            # whose address merely carries IPv4 bits, and no IPv4 rule
-            # should admit it.
-            mapped = getattr(client, "ipv4_mapped", None)
-            if mapped is not None:
-                candidates.append(mapped)
-            for candidate in candidates:
-                for network in self.allowFrom:
-                    if candidate.version == network.version and candidate in network:
-                        return None
+        if client is not None and inNetworks(client, self.allowFrom):
+            return None
         return Denial(
             403,
             "Your address may not use this proxy (see --allow-from).",

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from OpenSSL.SSL import Error as TLSError
@@ -59,7 +60,7 @@ from .interfaces import (
     UpstreamRefused,
     UpstreamUnreachable,
 )
-from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy
+from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy, inNetworks
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
 from .relay import (
     Relay,
@@ -285,6 +286,21 @@ class ConnectProxy(Protocol, TimeoutMixin):
             # proxy-wide limit at once, so silent connections cannot pile up.
             self._reading = "proxy"
             self._identify(peer)
+            trusted = factory.proxyProtocolFrom
+            if (
+                trusted
+                and self._clientIP is not None
+                and not inNetworks(self._clientIP, trusted)
+            ):
+                self._refusal = "balancer"
+                self._reject(
+                    RequestRejected(
+                        403,
+                        "This port takes connections from its load balancer "
+                        "only (see --proxy-protocol-from).",
+                    )
+                )
+                return
             full = factory.admit(None)
             if full is not None:
                 self._reject(full)
@@ -1090,6 +1106,8 @@ class ConnectProxyFactory(Factory):
     @ivar maxTunnelsPerClient: The most per client address, or L{None}.
     @ivar damper: Refuses clients after repeated failed logins.
     @ivar proxyProtocol: Whether connections start with a PROXY header.
+    @ivar proxyProtocolFrom: The networks PROXY headers are taken from
+        (empty: any).
     @ivar splice: Whether plain TCP tunnels use a L{SpliceRelay}; by
         default what L{spliceAvailable} says.
     @ivar logTunnels: Whether tunnel events go to the global log.
@@ -1139,6 +1157,7 @@ class ConnectProxyFactory(Factory):
         proxyProtocol: bool = False,
         splice: bool | None = None,
         logTunnels: bool = True,
+        proxyProtocolFrom: Sequence[str] = (),
     ) -> None:
         """
         @param connector: Chooses how targets are reached; by default a
@@ -1175,6 +1194,11 @@ class ConnectProxyFactory(Factory):
             protocol (v1 or v2) header from a load balancer, whose source
             address is then the client's for the policy, the limits and the
             logs.  Connections without a valid header get a 400.
+        @param proxyProtocolFrom: With C{proxyProtocol}, the networks (CIDR
+            or address) the load balancers connect from: a connection from
+            anywhere else gets a 403 before its header is read, since its
+            header would name any client it likes.  Empty: from anywhere
+            (clients of a UNIX listener are never refused by it).
         @param splice: Whether tunnels between two plain TCP connections
             move their bytes with C{splice(2)} (a L{SpliceRelay}) instead of
             through Python (a L{Relay}); by default, wherever the system
@@ -1213,6 +1237,9 @@ class ConnectProxyFactory(Factory):
         self.maxTunnelsPerClient = maxTunnelsPerClient
         self.damper = damper if damper is not None else FailureDamper(self.clock)
         self.proxyProtocol = proxyProtocol
+        self.proxyProtocolFrom = tuple(
+            ipaddress.ip_network(text, strict=False) for text in proxyProtocolFrom
+        )
         self.splice = spliceAvailable() if splice is None else splice
         self.logTunnels = logTunnels
         self.tunnelObservers: list[Callable[[LogEvent], object]] = []

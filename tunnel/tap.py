@@ -121,6 +121,7 @@ _REPEATED = {
     "allow-to": parseTargetRule,
     "deny-to": parseTargetRule,
     "allow-from": lambda text: ipaddress.ip_network(text, strict=False),
+    "proxy-protocol-from": lambda text: ipaddress.ip_network(text, strict=False),
 }
 
 
@@ -417,6 +418,14 @@ class Options(usage.Options, AuthOptionMixin):
         """
         self._repeated("allow-from", network)
 
+    def opt_proxy_protocol_from(self, network: str) -> None:
+        """
+        With --proxy-protocol: take PROXY headers only from load balancers
+        in this network (CIDR); connections from elsewhere get a 403.
+        Repeatable.
+        """
+        self._repeated("proxy-protocol-from", network)
+
     def opt_auth(self, description: str) -> None:
         """
         Require Proxy-Authorization checked by this checker: htpasswd:PATH,
@@ -501,6 +510,8 @@ class Options(usage.Options, AuthOptionMixin):
                         f"--workers shares only tcp:, tcp6: and unix: listeners, "
                         f"not {description}{why}"
                     )
+        if self["proxy-protocol-from"] and not self["proxy-protocol"]:
+            raise usage.UsageError("--proxy-protocol-from needs --proxy-protocol")
         if self["proxy-protocol"] and "ssl" in kinds:
             # Twisted's ssl: listener decrypts before the proxy reads a byte,
             # so the header would be looked for inside TLS.
@@ -697,6 +708,7 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
         maxTunnels=options["max-tunnels"],
         maxTunnelsPerClient=options["max-tunnels-per-client"],
         proxyProtocol=bool(options["proxy-protocol"]),
+        proxyProtocolFrom=options["proxy-protocol-from"],
         splice=False if options["no-splice"] else None,
         logTunnels=not options["no-tunnel-log"],
     )
