@@ -1159,10 +1159,13 @@ def _makeCertificate(
     subject: str,
     key: ec.EllipticCurvePrivateKey,
     issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    alternativeName: bool = True,
 ) -> x509.Certificate:
     """
     Make a CA certificate (without C{issuer}) or a server certificate for
-    the DNS name C{subject}, signed by C{issuer}.
+    the DNS name C{subject}, signed by C{issuer}; without
+    C{alternativeName}, the name is only the certificate's subject (no
+    subjectAltName), as some private CAs still issue them.
     """
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -1199,11 +1202,15 @@ def _makeCertificate(
             .sign(key, hashes.SHA256())
         )
     issuerCertificate, issuerKey = issuer
+    builder = builder.issuer_name(issuerCertificate.subject).add_extension(
+        x509.BasicConstraints(ca=False, path_length=None), True
+    )
+    if alternativeName:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(subject)]), False
+        )
     return (
-        builder.issuer_name(issuerCertificate.subject)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), False)
-        .add_extension(
+        builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
         .add_extension(
@@ -1220,8 +1227,9 @@ def testCertificates() -> dict[str, tuple[bytes, bytes]]:
     Make, once, a test CA, a certificate for C{localhost} that it signed,
     and another CA; EC P-256 keys, so this is fast.
 
-    @return: C{"ca"}, C{"localhost"} and C{"otherCA"}, each the PEM
-        certificate and the PEM private key.
+    @return: C{"ca"}, C{"localhost"}, C{"localhostNoSAN"} (signed by the
+        test CA too, but naming C{localhost} in its subject only) and
+        C{"otherCA"}, each the PEM certificate and the PEM private key.
     """
     result = {}
     caKey = ec.generate_private_key(ec.SECP256R1())
@@ -1230,9 +1238,11 @@ def testCertificates() -> dict[str, tuple[bytes, bytes]]:
     server = _makeCertificate("localhost", serverKey, (ca, caKey))
     otherKey = ec.generate_private_key(ec.SECP256R1())
     other = _makeCertificate("another test CA", otherKey, None)
+    noSAN = _makeCertificate("localhost", serverKey, (ca, caKey), False)
     for name, certificate, key in [
         ("ca", ca, caKey),
         ("localhost", server, serverKey),
+        ("localhostNoSAN", noSAN, serverKey),
         ("otherCA", other, otherKey),
     ]:
         result[name] = (
@@ -1483,17 +1493,20 @@ class ChainTests(TestCase):
         )
         return self.listen(factory, tls)
 
-    def startParent(self, tls: bool = False, **kwargs: Any) -> int:
+    def startParent(
+        self, tls: bool = False, certificate: str = "localhost", **kwargs: Any
+    ) -> int:
         """
         Run the parent proxy, which connects directly.
 
         @param tls: Listen with TLS, as C{localhost} (a certificate signed
             by the test CA).
+        @param certificate: Which of L{testCertificates} it presents.
         @return: Its port.
         """
         options = None
         if tls:
-            certificatePEM, keyPEM = testCertificates()["localhost"]
+            certificatePEM, keyPEM = testCertificates()[certificate]
             options = PrivateCertificate.loadPEM(keyPEM + certificatePEM).options()
         connector = HostnameConnector(reactor, resolver=FakeResolver())
         return self.startProxy(connector, options, **kwargs)
@@ -1603,6 +1616,29 @@ class ChainTests(TestCase):
         )
         childPort = self.startProxy(connector)
         yield self.assertEcho(childPort, echoPort, halfClose=False)
+
+    @inlineCallbacks
+    def test_parentWithoutAlternativeName(self) -> Yielding:
+        """
+        A parent whose certificate chains to the CA but names no host in a
+        subjectAltName (only in its subject, as some private CAs still
+        issue them) is refused: the child's client gets a 502, and the
+        parent never sees the request (Twisted's own check let it through,
+        credentials and all).
+        """
+        echoPort = self.echoServer()
+        parentPort = self.startParent(tls=True, certificate="localhostNoSAN")
+        connector = self.upstreamConnector(
+            f"https://alice:pw@localhost:{parentPort}", caCertificate=self.caFile()
+        )
+        childPort = self.startProxy(connector)
+        yield self.assertBadGateway(childPort, echoPort)
+        parents = [
+            proxy
+            for proxy in self.proxies
+            if not isinstance(proxy.factory.connector, UpstreamConnector)
+        ]
+        self.assertFalse(any(proxy._request is not None for proxy in parents))
 
     @inlineCallbacks
     def test_parentRefuses(self) -> Yielding:

@@ -27,7 +27,10 @@ from urllib.parse import quote, unquote, urlsplit
 
 from attrs import evolve, field, frozen
 from OpenSSL import SSL
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import HostnameAddress
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -349,9 +352,73 @@ def upstreamTLSOptions(
     trustRoot = (
         platformTrust() if caCertificate is None else _loadTrustRoot(caCertificate)
     )
-    return optionsForClientTLS(
-        upstream.host, trustRoot=trustRoot, acceptableProtocols=[b"http/1.1"]
+    return _StrictIdentity(
+        optionsForClientTLS(
+            upstream.host, trustRoot=trustRoot, acceptableProtocols=[b"http/1.1"]
+        ),
+        upstream.host,
     )
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _StrictIdentity:
+    """
+    Twisted's client TLS options, whose check that the certificate is the
+    parent's is made to fail closed.
+
+    Twisted's own check (Twisted 26.10) refuses a certificate for another
+    name, but lets one with no subjectAltName at all through:
+    service_identity's C{CertificateError} is logged and the handshake goes
+    on, with the chain check alone.  A private CA (C{--upstream-ca}) may
+    well sign such a certificate for anyone, who would then receive the
+    parent's credentials and every tunnel.  So the check is made again,
+    here, in place of Twisted's, and anything but a match refuses.
+    """
+
+    def __init__(self, options: IOpenSSLClientConnectionCreator, host: str) -> None:
+        """
+        @param options: Twisted's options (trust root, ALPN, server name).
+        @param host: The parent's host name or IP address.
+        """
+        self._options = options
+        self._identity: Any = (
+            IPAddress_ID(host)
+            if isIPAddress(host) or isIPv6Address(host)
+            else DNS_ID(host.encode("idna").decode("ascii"))
+        )
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """
+        Make the connection as Twisted does, with the stricter check.
+
+        @param tlsProtocol: The TLS protocol of the connection.
+        @return: The connection.
+        """
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        identity = self._identity
+
+        def verify(
+            connection: SSL.Connection,
+            certificate: Any,
+            error: int,
+            depth: int,
+            ok: int,
+        ) -> bool:
+            # Only the parent's own certificate, once its chain is good.
+            if depth != 0 or not ok:
+                return bool(ok)
+            try:
+                verify_service_identity(extract_patterns(certificate), [identity], [])
+            except Exception:
+                # VerificationError (another name), CertificateError (no
+                # name at all), or a check that could not be made: no match.
+                # (An exception must not escape into OpenSSL.)
+                tlsProtocol.failVerification(Failure())
+                return False
+            return True
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return connection
 
 
 #: The most of a parent's reason phrase kept, in bytes.
@@ -636,7 +703,7 @@ class _Handshake(Protocol):
             return
         failure = self._failure
         if failure is None:
-            if reason.check(SSL.Error, VerificationError):
+            if reason.check(SSL.Error, VerificationError, CertificateError):
                 why = f"TLS with it failed: {reason.getErrorMessage()}"
             else:
                 ended = type(reason.value).__name__
