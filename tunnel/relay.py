@@ -209,12 +209,16 @@ class _PeerProducer:
     transport already half-closed it would close at once and cleanly, so a
     reset would pass on as a clean end.  The relay alone decides how the
     other side ends.
+
+    @ivar transport: The producing side's transport.
+    @ivar consumer: The consuming side's transport.
     """
 
-    __slots__ = ("transport",)
+    __slots__ = ("consumer", "transport")
 
-    def __init__(self, transport: StreamTransport) -> None:
+    def __init__(self, transport: StreamTransport, consumer: StreamTransport) -> None:
         self.transport = transport
+        self.consumer = consumer
 
     def pauseProducing(self) -> None:
         """
@@ -224,8 +228,20 @@ class _PeerProducer:
 
     def resumeProducing(self) -> None:
         """
-        The consumer's buffer drained: read the other side again.
+        The consumer's buffer drained: read the other side again, unless the
+        consumer is closing.
         """
+        if _closing(self.consumer):
+            # A TCP transport asked to close that still has a paused
+            # producer resumes it rather than close, and closes only once
+            # the producer is gone (FileDescriptor.doWrite).  Twisted's TLS
+            # asks its transport to close when the peer sends close_notify
+            # and writes nothing more: so the connection would never close
+            # nor be lost, while the other side was read at full speed into
+            # nowhere.  Letting go of the consumer lets the close finish,
+            # and the relay hears of it.
+            self.consumer.unregisterProducer()
+            return
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -233,6 +249,17 @@ class _PeerProducer:
         The consumer's connection is gone: the relay hears of it and ends
         the other side itself.
         """
+
+
+def _closing(transport: object) -> bool:
+    """
+    Whether C{transport} was asked to close: itself, or (behind TLS, whose
+    close_notify from the peer closes only the TCP transport under it) the
+    transport it wraps.
+    """
+    if getattr(transport, "disconnecting", False):
+        return True
+    return bool(getattr(getattr(transport, "transport", None), "disconnecting", False))
 
 
 @frozen
@@ -513,8 +540,8 @@ class Relay(RelayLifecycle):
         """
         if greeting:
             self._client.write(greeting)
-        self._target.registerProducer(_PeerProducer(self._client), True)
-        self._client.registerProducer(_PeerProducer(self._target), True)
+        self._target.registerProducer(_PeerProducer(self._client, self._target), True)
+        self._client.registerProducer(_PeerProducer(self._target, self._client), True)
         self._consuming = [self._client, self._target]
         if earlyData:
             # Written after the producers are registered, so that a large
