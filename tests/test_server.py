@@ -1223,28 +1223,6 @@ class TunnelTests(ProxyTestMixin, SynchronousTestCase):
         self.assertTrue(tlsLike.disconnecting)
         self.assertIsNone(tlsLike.producer)
 
-    def test_closedTLSClientAnswersWithFin(self) -> None:
-        """
-        A client that cannot half-close, closed by the relay after the
-        target's FIN, whose peer answers with a bare FIN (not TLS's
-        close_notify: its loss is not clean) ends the tunnel as the target's
-        FIN began it: the target is closed gracefully, flushing what it was
-        still to be sent, not reset.
-        """
-        self.proxy.dataReceived(HEAD)
-        tlsLike = StringTransport()
-        self.proxy.transport = tlsLike
-        self.proxy._client = tlsLike  # type: ignore[assignment]
-        target, transport = self.reachTarget()
-        target.readConnectionLost()
-        self.assertTrue(tlsLike.disconnecting)
-        self.proxy.connectionLost(Failure(ConnectionLost()))
-        self.assertTrue(transport.disconnecting)
-        self.assertFalse(transport.disconnected)
-        target.connectionLost(Failure(ConnectionDone()))
-        [event] = self.tunnelEvents()
-        self.assertEqual(event["ended"], "target-eof")
-
     def test_targetReset(self) -> None:
         """
         A target lost before both sides finished resets the client at once.

@@ -300,7 +300,6 @@ class RelayLifecycle:
         "_clientOpen",
         "_clock",
         "_closeDeadline",
-        "_closedSide",
         "_closing",
         "_firstEnd",
         "_idleTimeout",
@@ -341,8 +340,6 @@ class RelayLifecycle:
         self._targetOpen = True
         self._firstEnd: str | None = None
         self._closing: str | None = None
-        # The side this relay closed because it could not half-close it.
-        self._closedSide: str | None = None
         self._closeDeadline: IDelayedCall | None = None
         self._idleWatch = idleWatch
         self.lastActivity = 0.0
@@ -405,11 +402,8 @@ class RelayLifecycle:
             # Closed by something other than this relay.  A clean close is
             # that side's FIN (a transport that cannot half-close, TLS for
             # one, ends that way): let the other side flush and close.
-            # Anything else is a reset, passed on as one; but for the side
-            # this relay closed itself (it could not half-close it), whose
-            # peer may well answer a TLS close with a bare FIN: resetting the
-            # other side then would throw away what is still on its way.
-            clean = reason.check(ConnectionDone) is not None or side == self._closedSide
+            # Anything else is a reset, passed on as one.
+            clean = reason.check(ConnectionDone) is not None
             if clean:
                 self._firstEnd = self._firstEnd or f"{side}-eof"
             self._close(self._firstEnd if clean else f"{side}-reset", not clean)
@@ -610,7 +604,6 @@ class Relay(RelayLifecycle):
             # TLS and other wrapped transports cannot send a FIN alone (and
             # their loseWriteConnection would reach the raw socket under
             # the TLS layer): close that side once its data is flushed.
-            self._closedSide = "client" if towards is self._client else "target"
             self._unregister(towards)
             towards.loseConnection()
 
