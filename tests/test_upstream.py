@@ -1617,6 +1617,17 @@ class ChainTests(TestCase):
         childPort = self.startProxy(connector)
         yield self.assertEcho(childPort, echoPort, halfClose=False)
 
+    def test_identityInIDNA2008(self) -> None:
+        """
+        The parent's name is checked in the form Twisted's TLS sends it
+        (IDNA 2008), not Python's own (IDNA 2003), which would check
+        C{faß.de} as C{fass.de}, another domain.
+        """
+        from tunnel.upstream import _idnaText
+
+        self.assertEqual(_idnaText("faß.de"), "xn--fa-hia.de")
+        self.assertEqual(_idnaText("proxy.example"), "proxy.example")
+
     @inlineCallbacks
     def test_parentWithoutAlternativeName(self) -> Yielding:
         """

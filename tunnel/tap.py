@@ -862,7 +862,7 @@ def _sendMetrics(snapshot: str) -> None:
 
 def _noteHostBits(options: Options) -> None:
     # 10.0.0.1/0 is every address, and passes for a restriction.
-    for option in ("allow-from", "allow-to", "deny-to"):
+    for option in ("allow-from", "allow-to", "deny-to", "proxy-protocol-from"):
         for text in options[option]:
             note = hostBitsNote(text)
             if note is not None:
