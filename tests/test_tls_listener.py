@@ -25,6 +25,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 
@@ -401,3 +402,44 @@ class TLSCloseTests(TLSProxyTestCase):
         self.assertClosedCleanly(target)
         [event] = yield self.proxyEnded(1)
         self.assertEqual((event["ended"], event["bytesUp"]), ("client-eof", self.size))
+
+
+class TLSCloseWhileStalledTests(TLSProxyTestCase):
+    """
+    A TLS client's close_notify that reaches the proxy while the proxy has
+    stopped reading the target (the client was not reading).
+    """
+
+    @inlineCallbacks
+    def test_closeNotifyWhileStalled(self) -> Yielding[None]:
+        """
+        A TLS client that stops reading while the target sends, closes its
+        TLS connection (close_notify), then reads again: the tunnel ends
+        and is logged.  Twisted's TLS had the proxy's connection to it ask
+        to close with the target's reading paused; once the buffered bytes
+        left, Twisted resumed that reading instead of closing, and the
+        tunnel stayed open for ever, reading the target into nowhere.
+        """
+        proxy = yield self.runTLSProxy()
+        targets = self.serve(lambda: Peer(keep=False))
+        client = yield self.connectThroughTLS(
+            proxy.port, f"127.0.0.1:{targets.port}", Peer(keep=False)
+        )
+        target = yield targets.accepted.get()
+        client.tcp.pauseProducing()
+        # More than loopback's socket buffers hold: the proxy has to stop
+        # reading the target.
+        target.tcp.write(b"s" * (64 * MiB))
+        [connection] = proxy.factory.connections
+        relay = connection._relay
+        assert relay is not None
+        for _ in range(200):
+            if relay._target not in reactor.getReaders():
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertNotIn(relay._target, reactor.getReaders())
+        client.tcp.loseConnection()
+        client.tcp.resumeProducing()
+        [event] = yield self.proxyEnded(1)
+        self.assertEqual(event["status"], 200)
+        target.tcp.abortConnection()
