@@ -443,3 +443,29 @@ class TLSCloseWhileStalledTests(TLSProxyTestCase):
         [event] = yield self.proxyEnded(1)
         self.assertEqual(event["status"], 200)
         target.tcp.abortConnection()
+
+
+class TLSHandshakeTimeoutTests(TLSProxyTestCase):
+    """
+    A client of the TLS listener that never finishes its handshake.
+    """
+
+    @inlineCallbacks
+    def test_handshakeTimeout(self) -> Yielding[None]:
+        """
+        A client that connects to the TLS listener and never finishes the
+        TLS handshake is dropped at the header timeout and logged as
+        C{tls-timeout}, without a status: a 408 could not have reached it.
+        """
+        proxy = yield self.runTLSProxy()
+        proxy.factory.headerTimeout = 0.2
+        silent = Peer()
+        yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), silent
+        )
+        self._open.append(silent)
+        self._proxyClients += 1
+        [event] = yield self.proxyEnded(1)
+        self.assertEqual((event["status"], event["ended"]), ("-", "tls-timeout"))
+        yield silent.lost.wait()
+        self.assertEqual(silent.count, 0)

@@ -118,6 +118,18 @@ def _safeLogPrefix(transport: object, peer: IAddress | None) -> None:
         )
 
 
+def _tlsUnfinished(transport: object) -> bool:
+    """
+    Whether C{transport} is TLS whose handshake has not finished: its
+    connection (pyOpenSSL's, from C{getHandle}) has no cipher yet.
+    """
+    getHandle = getattr(transport, "getHandle", None)
+    if getHandle is None:
+        return False
+    cipherName = getattr(getHandle(), "get_cipher_name", None)
+    return cipherName is not None and cipherName() is None
+
+
 def _noDelay(transport: object) -> None:
     """
     Turn off Nagle's algorithm on a TCP transport: a relay must pass small
@@ -446,6 +458,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
         target was not reached in time (504).
         """
         if self._reading in ("head", "proxy"):
+            if _tlsUnfinished(self.transport):
+                # A 408 would wait inside TLS for a handshake that never
+                # ends: none is sent, and none is logged.
+                self._abandon("tls-timeout")
+                self._client.abortConnection()
+                return
             self._reject(RequestRejected(408, "The request head took too long."))
         elif self._connecting is not None:
             self._timedOut = True
