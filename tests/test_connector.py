@@ -620,9 +620,11 @@ class AddressRaceTests(SynchronousTestCase):
 
     def assertNothingLeft(self) -> None:
         """
-        No attempt is registered and no timer is pending.
+        No attempt is registered and, once the sockets of the attempts that
+        ended are closed (at the reactor's next turn), no timer is pending.
         """
         self.assertEqual(list(self.reactor.getWriters()), [])
+        self.reactor.advance(0)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_firstAddressWins(self) -> None:
@@ -657,9 +659,9 @@ class AddressRaceTests(SynchronousTestCase):
         ipv6 = [a for a in self.attempts() if a._socket is second]
         ipv6[0].doWrite()
         self.assertIs(self.successResultOf(d), self.protocol)
+        self.assertNothingLeft()
         self.assertTrue(first.closed)
         self.assertFalse(second.closed)
-        self.assertNothingLeft()
         self.assertEqual(self.factory.calls, ["start", "start", "stop", "stop"])
 
     def test_nextAtOnceWhenAllFailed(self) -> None:
@@ -673,6 +675,8 @@ class AddressRaceTests(SynchronousTestCase):
         [attempt] = self.attempts()
         attempt.doWrite()
         self.assertEqual(len(self.sockets), 2)
+        # (Only the failed attempt's socket, closing at the next turn.)
+        self.reactor.advance(0)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertNoResult(d)
 
@@ -729,8 +733,8 @@ class AddressRaceTests(SynchronousTestCase):
         self.reactor.advance(ATTEMPT_DELAY)
         d.cancel()
         self.failureResultOf(d, ConnectingCancelledError)
-        self.assertEqual([s.closed for s in self.sockets], [True, True])
         self.assertNothingLeft()
+        self.assertEqual([s.closed for s in self.sockets], [True, True])
 
     def test_cancelDuringLookup(self) -> None:
         """

@@ -128,6 +128,16 @@ class DirectEndpointTests(SynchronousTestCase):
         attempt = writers[0] if writers else None
         return d, attempt
 
+    def assertClosedSoon(self) -> None:
+        """
+        Assert that the socket is closed at the reactor's next turn, not at
+        once: a socket made later in the same poll would reuse its
+        descriptor number, and get the events still due for it.
+        """
+        self.assertFalse(self.socket.closed)
+        self.reactor.advance(0)
+        self.assertTrue(self.socket.closed)
+
     def test_connected(self) -> None:
         """
         A non-blocking IPv4 socket is made and connected; once it is
@@ -190,7 +200,7 @@ class DirectEndpointTests(SynchronousTestCase):
         self.socket.error = errno.ECONNREFUSED
         attempt.doWrite()
         self.failureResultOf(d, ConnectionRefusedError)
-        self.assertTrue(self.socket.closed)
+        self.assertClosedSoon()
         self.assertEqual(list(self.reactor.getWriters()), [])
         self.assertEqual(list(self.reactor.getReaders()), [])
         self.assertEqual(self.factory.calls, ["start", "stop"])
@@ -205,7 +215,7 @@ class DirectEndpointTests(SynchronousTestCase):
         d, attempt = self.connect()
         self.assertIsNone(attempt)
         self.failureResultOf(d, NoRouteError)
-        self.assertTrue(self.socket.closed)
+        self.assertClosedSoon()
 
     def test_hangUp(self) -> None:
         """
@@ -218,13 +228,42 @@ class DirectEndpointTests(SynchronousTestCase):
         self.reactor.removeWriter(attempt)
         attempt.connectionLost(Failure(ConnectionLost()))
         self.failureResultOf(d, ConnectionRefusedError)
-        self.assertTrue(self.socket.closed)
+        self.assertClosedSoon()
+
+        # No error in the socket, and a second connect that fails: that
+        # error.
+        self.socket = FakeSocket()
+        d, attempt = self.connect()
+        self.reactor.removeWriter(attempt)
+        self.socket.again = errno.ECONNRESET
+        attempt.connectionLost(Failure(ConnectionLost()))
+        failure = self.failureResultOf(d, ConnectError)
+        self.assertIn("Connection reset by peer", str(failure.value))
+
+    def test_staleHangUp(self) -> None:
+        """
+        A hang-up the reactor passes on while the handshake is still under
+        way (the stale event of an earlier socket whose descriptor this one
+        reuses: no error in the socket, a second C{connect} says
+        C{EALREADY}) does not fail the attempt: it registers again, and
+        connects once the handshake ends; one after the handshake ended
+        (C{EISCONN}) is the connection.
+        """
+        d, attempt = self.connect()
+        self.reactor.removeWriter(attempt)
+        self.socket.again = errno.EALREADY
+        attempt.connectionLost(Failure(ConnectionLost()))
+        self.assertNoResult(d)
+        self.assertEqual(list(self.reactor.getWriters()), [attempt])
+        self.socket.again = None
+        attempt.doWrite()
+        self.assertIs(self.successResultOf(d), self.protocol)
 
         self.socket = FakeSocket()
         d, attempt = self.connect()
         self.reactor.removeWriter(attempt)
         attempt.connectionLost(Failure(ConnectionLost()))
-        self.failureResultOf(d, ConnectionLost)
+        self.successResultOf(d)
 
     def test_timeout(self) -> None:
         """
@@ -258,8 +297,8 @@ class DirectEndpointTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertEqual(list(self.reactor.getWriters()), [])
+        self.assertClosedSoon()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
-        self.assertTrue(self.socket.closed)
         self.assertEqual(self.factory.calls, ["start", "stop"])
 
     def test_noProtocol(self) -> None:
@@ -271,7 +310,7 @@ class DirectEndpointTests(SynchronousTestCase):
         d, attempt = self.connect()
         attempt.doWrite()
         self.failureResultOf(d, NoProtocol)
-        self.assertTrue(self.socket.closed)
+        self.assertClosedSoon()
         self.assertEqual(list(self.reactor.getReaders()), [])
 
     def test_makeConnectionRaises(self) -> None:
@@ -290,7 +329,7 @@ class DirectEndpointTests(SynchronousTestCase):
         attempt.doWrite()
         self.failureResultOf(d, ZeroDivisionError)
         self.assertEqual(list(self.reactor.getReaders()), [])
-        self.assertTrue(self.socket.closed)
+        self.assertClosedSoon()
 
     def test_noSocket(self) -> None:
         """
@@ -334,7 +373,7 @@ class DirectEndpointTests(SynchronousTestCase):
         self.socket.again = errno.ECONNABORTED
         attempt.doWrite()
         self.failureResultOf(d, ConnectionRefusedError)
-        self.assertTrue(self.socket.closed)
+        self.assertClosedSoon()
 
     def test_connectRaises(self) -> None:
         """
@@ -354,6 +393,7 @@ class DirectEndpointTests(SynchronousTestCase):
         )
         d = endpoint.connect(self.factory)
         self.failureResultOf(d, OverflowError)
+        self.reactor.advance(0)
         self.assertTrue(sock.closed)
         self.assertEqual(self.factory.calls, ["start", "stop"])
         self.assertEqual(list(self.reactor.getWriters()), [])

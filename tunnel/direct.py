@@ -176,12 +176,23 @@ class _Connecting:
     def connectionLost(self, reason: Failure) -> None:
         """
         The reactor saw the socket fail (it reports a refused handshake as
-        a hang-up, before any C{doWrite}) and unregistered it.
+        a hang-up, before any C{doWrite}) and unregistered it; or it passed
+        on a stale hang-up, that of an earlier socket whose descriptor this
+        one reuses, which a second C{connect} tells apart (as in
+        L{doWrite}).
 
         @param reason: What the reactor saw; the socket's own error, if it
             has one, says more.
         """
         number = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not number:
+            number = self._socket.connect_ex(self._address)
+            if number in _IN_PROGRESS:
+                self._reactor.addWriter(self)
+                return
+            if number in (0, errno.EISCONN):
+                self._connected()
+                return
         self._fail(_connectError(number) if number else reason)
 
     def _timedOut(self) -> None:
@@ -193,7 +204,7 @@ class _Connecting:
         # Deferred.cancel fails the Deferred with CancelledError next.
         self._reactor.removeWriter(self)
         self._finish()
-        self._socket.close()
+        self._closeSoon()
 
     def _finish(self) -> None:
         """
@@ -209,9 +220,18 @@ class _Connecting:
 
     def _fail(self, reason: Exception | Failure) -> None:
         self._finish()
-        self._socket.close()
+        self._closeSoon()
         if not self.connected.called:
             self.connected.errback(reason)
+
+    def _closeSoon(self) -> None:
+        # Not at once: this may run in the middle of a poll's batch of
+        # events (a client that left cancels its attempt), and a socket
+        # made later in the batch (an accepted client, another attempt)
+        # would get this descriptor number, and the events still due for
+        # it: a hang-up drops an accepted client unanswered.  Twisted's own
+        # transports close a turn later for the same reason.
+        self._reactor.callLater(0, self._socket.close)
 
     def _connected(self) -> None:
         factory = self._factory
