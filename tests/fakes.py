@@ -4,6 +4,7 @@ Test doubles shared by the test modules.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -231,3 +232,28 @@ class FakeGetaddrinfo:
             )
             for address in answer
         ]
+
+
+class DescriptorsExhausted:
+    """
+    While C{on}, every L{tunnel.filestamp.WatchedFile.read} fails as an
+    open does when the process has no descriptor left (C{EMFILE}).
+
+    @ivar on: Whether reads fail; clear it to let them succeed again.
+    """
+
+    def __init__(self, testCase: Any) -> None:
+        """
+        @param testCase: Patches C{WatchedFile.read} until it ends.
+        """
+        from tunnel.filestamp import WatchedFile
+
+        self.on = True
+        read = WatchedFile.read
+
+        def readUnlessExhausted(watched: WatchedFile) -> bytes:
+            if self.on:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return read(watched)
+
+        testCase.patch(WatchedFile, "read", readUnlessExhausted)

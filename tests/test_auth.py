@@ -16,7 +16,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.fakes import ThreadPoolReactor
+from tests.fakes import DescriptorsExhausted, ThreadPoolReactor
 from tunnel import htpasswd
 from tunnel.auth import (
     FailureDamper,
@@ -617,21 +617,13 @@ class HtpasswdCheckerTests(SynchronousTestCase):
             globalLogPublisher,
         )
         self.write(bcryptLine(b"alice", b"s3:cret"))
-        read = self.checker._file.read
-        exhausted = [True]
-
-        def readUnlessExhausted() -> bytes:
-            if exhausted[0]:
-                raise OSError(24, "Too many open files")
-            return read()
-
-        self.patch(self.checker._file, "read", readUnlessExhausted)
+        exhausted = DescriptorsExhausted(self)
         self.assertEqual(self.check(b"bob", b"pw"), b"bob")
         self.assertEqual(self.check(b"bob", b"pw"), b"bob")
         errors = [e for e in events if e["log_level"] == LogLevel.error]
         self.assertEqual(len(errors), 1)
         self.assertIn("Too many open files", errors[0]["error"])
-        exhausted[0] = False
+        exhausted.on = False
         self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
         self.assertEqual(self.check(b"alice", b"s3:cret"), b"alice")
 
@@ -669,17 +661,8 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         fallback's users, and is read at the next check even though it has
         not changed.
         """
-        from tunnel.filestamp import WatchedFile
 
-        read = WatchedFile.read
-        exhausted = [True]
-
-        def readUnlessExhausted(watched: WatchedFile) -> bytes:
-            if exhausted[0]:
-                raise OSError(24, "Too many open files")
-            return read(watched)
-
-        self.patch(WatchedFile, "read", readUnlessExhausted)
+        exhausted = DescriptorsExhausted(self)
         self.patch(HtpasswdChecker, "_now", staticmethod(lambda: self.now))
         self.checker = HtpasswdChecker(
             self.path, reactor=self.reactor, fallback=bcryptLine(b"carol", b"c")
@@ -687,7 +670,7 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         self.patch(self.checker, "_sleep", lambda seconds: None)
         self.patch(self.checker, "_now", lambda: self.now)
         self.assertEqual(self.check(b"carol", b"c"), b"carol")
-        exhausted[0] = False
+        exhausted.on = False
         self.assertEqual(self.check(b"bob", b"pw"), b"bob")
         self.assertNotEqual(self.check(b"carol", b"c"), b"carol")
 

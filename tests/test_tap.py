@@ -18,6 +18,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.fakes import DescriptorsExhausted
 from tunnel import listeners, tap
 from tunnel.auth import IProxyUser, ProxyUser
 from tunnel.connector import HostnameConnector
@@ -918,15 +919,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
             globalLogPublisher,
         )
         self.write("allow-port 8080\n")
-        read = self.policy._file.read
-        exhausted = [True]
-
-        def readUnlessExhausted() -> bytes:
-            if exhausted[0]:
-                raise OSError(24, "Too many open files")
-            return read()
-
-        self.patch(self.policy._file, "read", readUnlessExhausted)
+        exhausted = DescriptorsExhausted(self)
         self.clock.advance(1)
         self.assertEqual(self.ports(), [22, 80, 443])
         # Said once, not at every look (a file -u made unreadable).
@@ -934,7 +927,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
         self.assertEqual(self.ports(), [22, 80, 443])
         [error] = [e for e in events if e["log_level"] == LogLevel.error]
         self.assertIn("Too many open files", formatEvent(error))
-        exhausted[0] = False
+        exhausted.on = False
         self.clock.advance(1)
         self.assertEqual(self.ports(), [80, 443, 8080])
 
@@ -973,22 +966,13 @@ class RulesFilePolicyTests(SynchronousTestCase):
         with a fallback uses the fallback, and is read at the next look
         even though it has not changed.
         """
-        from tunnel.filestamp import WatchedFile
 
-        read = WatchedFile.read
-        exhausted = [True]
-
-        def readUnlessExhausted(watched: WatchedFile) -> bytes:
-            if exhausted[0]:
-                raise OSError(24, "Too many open files")
-            return read(watched)
-
-        self.patch(WatchedFile, "read", readUnlessExhausted)
+        exhausted = DescriptorsExhausted(self)
         self.policy = RulesFilePolicy(
             self.path, self.clock, ports=["80"], fallback=b"allow-port 8080\n"
         )
         self.assertEqual(self.ports(), [80, 443, 8080])
-        exhausted[0] = False
+        exhausted.on = False
         self.clock.advance(1)
         self.assertEqual(self.ports(), [22, 80, 443])
 

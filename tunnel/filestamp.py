@@ -190,33 +190,29 @@ class WatchedFile:
             no fallback.
         """
         if fallback is not None and not settled(self._stamp, now):
+            # Perhaps half written: read at a later look instead.
             self.readAgain()
-            log.warn(
-                "Using the last good {what} the supervisor kept: {path} is "
-                "being written",
-                what=what,
-                path=self.path,
-            )
-            return fallback, parse(fallback)
-        try:
-            content = self.read()
-            return content, parse(content)
-        except (OSError, ValueError) as e:
-            if fallback is None:
-                raise
-            if isinstance(e, OSError):
-                self.failing = True
-                self.readAgain()
-                error = f"{self.path}: {e.strerror}"
-            else:
-                error = str(e)
-            log.warn(
-                "Using the last good {what} the supervisor kept: {error}",
-                what=what,
-                error=error,
-                path=self.path,
-            )
-            return fallback, parse(fallback)
+            error = f"{self.path} is being written"
+        else:
+            try:
+                content = self.read()
+                return content, parse(content)
+            except (OSError, ValueError) as e:
+                if fallback is None:
+                    raise
+                if isinstance(e, OSError):
+                    self.failing = True
+                    self.readAgain()
+                    error = f"{self.path}: {e.strerror}"
+                else:
+                    error = str(e)
+        log.warn(
+            "Using the last good {what} the supervisor kept: {error}",
+            what=what,
+            error=error,
+            path=self.path,
+        )
+        return fallback, parse(fallback)
 
     def readAgain(self) -> None:
         """
