@@ -8,6 +8,7 @@ import base64
 import errno
 import gc
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from twisted.cred.checkers import (
@@ -1021,6 +1022,93 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.connector.endpoint.attempts[0][1].errback(UpstreamProtocolError())
         response = self.assertRejected(502, "target-failed")
         self.assertTrue(response.endswith(b"\r\n\r\nThe parent proxy failed.\n"))
+
+    def parentTimeoutLines(self) -> Callable[[], list[str]]:
+        """
+        Start collecting the log's events.
+
+        @return: A function giving the lines about a parent's timeout
+            logged since.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+
+        def lines() -> list[str]:
+            return [
+                formatEvent(e)
+                for e in events
+                if "Parent proxy timed out" in formatEvent(e)
+            ]
+
+        return lines
+
+    def test_parentTimeoutSaysSo(self) -> None:
+        """
+        When the connect timeout cancels an attempt through a parent proxy,
+        the 504 says the parent did not answer in time (not that reaching
+        the target did), and the log says how far the attempt got.
+        """
+        from tunnel.interfaces import UpstreamCancelled
+
+        lines = self.parentTimeoutLines()
+        for answering, why in [
+            (False, "could not reach the parent proxy in time"),
+            (True, "the parent proxy did not answer in time"),
+        ]:
+            self.connector.endpoint.cancelWith = UpstreamCancelled(answering)
+            proxy, client = self.connectClient()
+            proxy.dataReceived(HEAD)
+            self.clock.advance(15)
+            self.assertTrue(client.value().startswith(b"HTTP/1.1 504 "))
+            self.assertTrue(
+                client.value().endswith(
+                    b"\r\n\r\nThe parent proxy did not answer in time.\n"
+                )
+            )
+            self.assertIn(why, lines()[-1])
+        self.assertEqual(len(lines()), 2)
+
+    def test_parentCancelledNotTimedOut(self) -> None:
+        """
+        An attempt through a parent that fails as cancelled without the
+        proxy's timeout (the connector gave up on its own) is not reported
+        as the parent's timeout.
+        """
+        from tunnel.interfaces import UpstreamCancelled
+
+        lines = self.parentTimeoutLines()
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(UpstreamCancelled(True))
+        response = self.assertRejected(502, "target-failed")
+        self.assertTrue(
+            response.endswith(b"\r\n\r\nThe proxy could not reach the target.\n")
+        )
+        self.assertEqual(lines(), [])
+
+    def test_parentOwnTimeoutSaysSo(self) -> None:
+        """
+        A parent connector's own timeout (L{UpstreamTimedOut}, as with no
+        connect timeout of the proxy's) gets the same 504, and its message
+        in the log.
+        """
+        from tunnel.interfaces import UpstreamTimedOut
+
+        lines = self.parentTimeoutLines()
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[0][1].errback(
+            UpstreamTimedOut(string="the parent proxy did not answer within 30 s")
+        )
+        response = self.assertRejected(504, "target-failed")
+        self.assertTrue(
+            response.endswith(b"\r\n\r\nThe parent proxy did not answer in time.\n")
+        )
+        [line] = lines()
+        self.assertIn("did not answer within 30 s", line)
 
     def test_defaultLimits(self) -> None:
         """

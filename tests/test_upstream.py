@@ -65,11 +65,13 @@ from tunnel.policy import TunnelPolicy
 from tunnel.resolver import ThreadedResolver
 from tunnel.upstream import (
     MAX_RESPONSE_HEAD,
+    UpstreamCancelled,
     UpstreamConnector,
     UpstreamEndpoint,
     UpstreamProtocolError,
     UpstreamProxy,
     UpstreamRefused,
+    UpstreamTimedOut,
     UpstreamUnreachable,
     parseUpstreamURL,
     readUpstreamCredentials,
@@ -763,29 +765,47 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         """
         A parent that does not answer within C{timeout} seconds: the
         connection is aborted and the Deferred fails with
-        L{twisted.internet.error.TimeoutError}.
+        L{UpstreamTimedOut}, a L{twisted.internet.error.TimeoutError} that
+        says the parent was reached.
         """
         result, protocol, transport = self.connect(self.endpoint(timeout=5))
         self.reactor.advance(4.9)
         self.assertNoResult(result)
         self.reactor.advance(0.1)
         self.assertTrue(transport.disconnected)
-        failure = self.failureResultOf(result, TimeoutError)
-        self.assertIn("did not answer within 5 s", str(failure.value))
+        failure = self.failureResultOf(result, UpstreamTimedOut)
+        self.assertIsInstance(failure.value, TimeoutError)
+        self.assertIn("the parent proxy did not answer within 5 s", str(failure.value))
         protocol.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_timeoutConnecting(self) -> None:
         """
         A parent not reached within C{timeout} seconds: the attempt is
-        cancelled and the Deferred fails with L{TimeoutError}.
+        cancelled and the Deferred fails with L{UpstreamTimedOut}, saying
+        the parent was not reached.
         """
         result = self.endpoint(timeout=5).connect(self.factory)
         self.reactor.advance(5)
-        failure = self.failureResultOf(result, TimeoutError)
-        self.assertIn("could not reach the parent proxy", str(failure.value))
+        failure = self.failureResultOf(result, UpstreamTimedOut)
+        self.assertIn("could not reach the parent proxy within 5 s", str(failure.value))
         [connector] = self.reactor.connectors
         self.assertTrue(connector.stoppedConnecting)
+
+    def test_parentConnectTimedOut(self) -> None:
+        """
+        A timeout of the connection attempt to the parent (the network's
+        or the endpoint's own) fails the Deferred with L{UpstreamTimedOut}
+        that names the parent, not a bare timeout to be read as the
+        target's.
+        """
+        result = self.endpoint().connect(self.factory)
+        [(_, _, factory, _, _)] = self.reactor.tcpClients
+        [connector] = self.reactor.connectors
+        factory.clientConnectionFailed(connector, Failure(TimeoutError()))
+        self.reactor.advance(1)
+        failure = self.failureResultOf(result, UpstreamTimedOut)
+        self.assertIn("could not reach the parent proxy: ", str(failure.value))
 
     def test_noTimeoutAfterSuccess(self) -> None:
         """
@@ -797,13 +817,16 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
     def test_cancelWaitingForAnswer(self) -> None:
         """
         Cancelling while the parent has not answered aborts the connection;
-        the Deferred fails with L{CancelledError}, and a late answer or the
-        end of the connection change nothing.
+        the Deferred fails with L{UpstreamCancelled} (a L{CancelledError})
+        saying the parent was reached, and a late answer or the end of the
+        connection change nothing.
         """
         result, protocol, transport = self.connect()
         result.cancel()
         self.assertTrue(transport.disconnected)
-        self.failureResultOf(result, CancelledError)
+        failure = self.failureResultOf(result, UpstreamCancelled)
+        self.assertIsInstance(failure.value, CancelledError)
+        self.assertTrue(failure.value.answering)
         protocol.dataReceived(ESTABLISHED)
         protocol.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.factory.addresses, [])
@@ -815,7 +838,8 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         """
         result = self.endpoint().connect(self.factory)
         result.cancel()
-        self.failureResultOf(result, CancelledError)
+        failure = self.failureResultOf(result, UpstreamCancelled)
+        self.assertFalse(failure.value.answering)
         [connector] = self.reactor.connectors
         self.assertTrue(connector.stoppedConnecting)
         self.assertEqual(self.reactor.getDelayedCalls(), [])

@@ -21,9 +21,11 @@ The public API (C{__all__}):
     L{StopOnSignals} makes a second SIGTERM harmless during the drain;
   - L{UpstreamEndpoint} and L{UpstreamConnector}: reaching targets through a
     parent CONNECT proxy, an L{UpstreamProxy} (see L{parseUpstreamURL});
-    they fail with L{UpstreamRefused} when the parent refuses, and with
-    L{UpstreamProtocolError} when it gives no usable answer, and with
-    L{UpstreamUnreachable} when it cannot be reached.
+    they fail with L{UpstreamRefused} when the parent refuses, with
+    L{UpstreamProtocolError} when it gives no usable answer, with
+    L{UpstreamUnreachable} when it cannot be reached, with
+    L{UpstreamTimedOut} when it does not answer in time, and with
+    L{UpstreamCancelled} when cancelled.
 
 The submodules hold more, for those who build on the parts; what they list
 in C{__all__} is public too.
@@ -41,11 +43,13 @@ from .resolver import ThreadedResolver
 from .server import ConnectProxy, ConnectProxyFactory
 from .service import ProxyService, StopOnSignals
 from .upstream import (
+    UpstreamCancelled,
     UpstreamConnector,
     UpstreamEndpoint,
     UpstreamProtocolError,
     UpstreamProxy,
     UpstreamRefused,
+    UpstreamTimedOut,
     UpstreamUnreachable,
     parseUpstreamURL,
 )
@@ -72,11 +76,13 @@ __all__ = [
     "StopOnSignals",
     "ThreadedResolver",
     "TunnelPolicy",
+    "UpstreamCancelled",
     "UpstreamConnector",
     "UpstreamEndpoint",
     "UpstreamProtocolError",
     "UpstreamProxy",
     "UpstreamRefused",
+    "UpstreamTimedOut",
     "UpstreamUnreachable",
     "metricsResource",
     "parseConnectHead",

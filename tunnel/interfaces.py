@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
-from twisted.internet.error import ConnectError
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import Interface
 
@@ -16,8 +17,10 @@ __all__ = [
     "AddressDenied",
     "ITargetConnector",
     "LookupsBusy",
+    "UpstreamCancelled",
     "UpstreamProtocolError",
     "UpstreamRefused",
+    "UpstreamTimedOut",
     "UpstreamUnreachable",
 ]
 
@@ -109,3 +112,51 @@ class UpstreamUnreachable(ConnectError):
     """
 
     MESSAGE = "The parent proxy could not be reached"
+
+
+class UpstreamTimedOut(TimeoutError):
+    """
+    The parent proxy was not reached, or did not answer the C{CONNECT}
+    request, in the time allowed; the message says which.  A
+    L{twisted.internet.error.TimeoutError}, as a direct connection's
+    timeout is.
+    """
+
+    MESSAGE = "The parent proxy timed out"
+
+
+class UpstreamCancelled(CancelledError):
+    """
+    An attempt through the parent proxy was cancelled: what a cancelled
+    L{tunnel.UpstreamEndpoint} attempt fails with, telling how far it got
+    (the proxy uses it to say, when its own connect timeout cancelled the
+    attempt, whether the parent was reached).
+
+    @ivar answering: Whether the parent had been reached and the
+        C{CONNECT} request sent, the attempt waiting for its answer.
+    """
+
+    def __init__(self, answering: bool) -> None:
+        """
+        @param answering: Whether the parent had been reached.
+        """
+        super().__init__(
+            "cancelled waiting for the parent proxy's answer"
+            if answering
+            else "cancelled reaching the parent proxy"
+        )
+        self.answering = answering
+
+    def timeoutText(self, timeout: float | None) -> str:
+        """
+        Say what did not happen in time, for a cancellation made because
+        of a timeout.
+
+        @param timeout: The seconds allowed, if known.
+        @return: A phrase such as C{"the parent proxy did not answer within
+            10 s"}.
+        """
+        within = "in time" if timeout is None else f"within {timeout:g} s"
+        if self.answering:
+            return f"the parent proxy did not answer {within}"
+        return f"could not reach the parent proxy {within}"

@@ -56,8 +56,10 @@ from .interfaces import (
     AddressDenied,
     ITargetConnector,
     LookupsBusy,
+    UpstreamCancelled,
     UpstreamProtocolError,
     UpstreamRefused,
+    UpstreamTimedOut,
     UpstreamUnreachable,
 )
 from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy, inNetworks
@@ -737,6 +739,20 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 if unreachable
                 else "The parent proxy failed.",
             )
+        elif reason.check(UpstreamTimedOut) or (
+            self._timedOut and reason.check(UpstreamCancelled)
+        ):
+            why = (
+                cast(UpstreamCancelled, reason.value).timeoutText(None)
+                if reason.check(UpstreamCancelled)
+                else str(reason.value)
+            )
+            self._log.info(
+                "Parent proxy timed out for {target}: {why}",
+                target=self._targetName,
+                why=why,
+            )
+            rejected = RequestRejected(504, "The parent proxy did not answer in time.")
         elif self._timedOut or reason.check(ConnectTimeoutError, DeferredTimeoutError):
             rejected = RequestRejected(504, "Connecting to the target timed out.")
         elif (

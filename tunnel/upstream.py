@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import re
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, unquote, urlsplit
 
 import idna
@@ -33,7 +33,7 @@ from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identit
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import HostnameAddress
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import (
     ConnectError,
@@ -74,8 +74,10 @@ from .filestamp import readRegularFile
 from .interfaces import (
     ITargetConnector,
     LookupsBusy,
+    UpstreamCancelled,
     UpstreamProtocolError,
     UpstreamRefused,
+    UpstreamTimedOut,
     UpstreamUnreachable,
 )
 from .policy import parseAddress
@@ -91,11 +93,13 @@ from .resolver import sharedResolver
 __all__ = [
     "DEFAULT_PORTS",
     "MAX_RESPONSE_HEAD",
+    "UpstreamCancelled",
     "UpstreamConnector",
     "UpstreamEndpoint",
     "UpstreamProtocolError",
     "UpstreamProxy",
     "UpstreamRefused",
+    "UpstreamTimedOut",
     "UpstreamUnreachable",
     "parseUpstreamURL",
     "readUpstreamCredentials",
@@ -453,22 +457,15 @@ def _parseStatusLine(head: bytes) -> tuple[int, str]:
     return int(match.group(1)), _CONTROL.sub("?", reason).strip()
 
 
-def _timedOut(attempt: _Attempt) -> Any:
+def _timedOut(result: object, timeout: float) -> object:
     """
-    Make the C{onTimeoutCancel} of an attempt: a cancellation because of
-    the timeout becomes L{twisted.internet.error.TimeoutError}.
+    The C{onTimeoutCancel} of an attempt: its cancellation because of the
+    timeout becomes L{UpstreamTimedOut}.
     """
-
-    def convert(result: object, timeout: float) -> object:
-        if isinstance(result, Failure) and result.check(CancelledError):
-            if attempt.stage == "connecting":
-                why = f"could not reach the parent proxy within {timeout:g} s"
-            else:
-                why = f"the parent proxy did not answer within {timeout:g} s"
-            return Failure(TimeoutError(string=why))
-        return result
-
-    return convert
+    if isinstance(result, Failure) and result.check(UpstreamCancelled):
+        cancelled = cast(UpstreamCancelled, result.value)
+        return Failure(UpstreamTimedOut(string=cancelled.timeoutText(timeout)))
+    return result
 
 
 class _Attempt:
@@ -496,12 +493,16 @@ class _Attempt:
 
     def _cancel(self, result: Deferred[IProtocol]) -> None:
         self.finished = True
+        answering = self.stage == "answer"
         if self.handshake is not None:
             self.handshake.abort()
         elif self.connecting is not None:
             connecting, self.connecting = self.connecting, None
             connecting.cancel()
         self.factory.doStop()
+        # Rather than a bare CancelledError: whoever cancelled because of a
+        # timeout of its own can say whether the parent had been reached.
+        result.errback(Failure(UpstreamCancelled(answering)))
 
     def connected(self, handshake: _Handshake) -> None:
         """
@@ -519,11 +520,18 @@ class _Attempt:
         The parent could not be reached.
         """
         self.connecting = None
-        if reason.check(ConnectError, DNSLookupError) and not reason.check(
-            TimeoutError, ConnectingCancelledError, LookupsBusy
+        # Said of the parent, not left to read as the target's refusal,
+        # unknown name or timeout.
+        if reason.check(TimeoutError) and not reason.check(UpstreamTimedOut):
+            reason = Failure(
+                UpstreamTimedOut(
+                    string="could not reach the parent proxy: "
+                    + reason.getErrorMessage()
+                )
+            )
+        elif reason.check(ConnectError, DNSLookupError) and not reason.check(
+            ConnectingCancelledError, LookupsBusy
         ):
-            # Said of the parent, not left to read as the target's refusal
-            # or unknown name.
             reason = Failure(UpstreamUnreachable(string=reason.getErrorMessage()))
         self.fail(reason)
 
@@ -773,15 +781,17 @@ class UpstreamEndpoint:
       - L{UpstreamProtocolError} (a L{twisted.internet.error.ConnectError})
         when the answer is malformed or too large, or the connection ends
         (or TLS fails) before it;
-      - L{twisted.internet.error.TimeoutError} when the parent was not
-        reached, or did not answer, within C{timeout};
+      - L{UpstreamTimedOut} (a L{twisted.internet.error.TimeoutError})
+        when the parent was not reached, or did not answer, within
+        C{timeout};
       - L{UpstreamUnreachable} (a L{twisted.internet.error.ConnectError})
         when the parent cannot be reached (its name does not resolve, it
         refuses the connection...), with the underlying error's message;
       - L{tunnel.interfaces.LookupsBusy} when too many name lookups wait.
     On each of these the connection to the parent is already closed.  The
     Deferred can be cancelled at any time before it fires: the connection
-    attempt is cancelled or the connection aborted.
+    attempt is cancelled or the connection aborted, and it fails with
+    L{UpstreamCancelled} (a L{twisted.internet.defer.CancelledError}).
     """
 
     def __init__(
@@ -872,7 +882,7 @@ class UpstreamEndpoint:
         """
         attempt = _Attempt(protocolFactory, self._target, self._request)
         protocolFactory.doStart()
-        attempt.result.addTimeout(self._timeout, self._reactor, _timedOut(attempt))
+        attempt.result.addTimeout(self._timeout, self._reactor, _timedOut)
         connecting = self._parent.connect(_HandshakeFactory(attempt))
         attempt.connecting = connecting
         connecting.addCallbacks(attempt.connected, attempt.connectFailed)
