@@ -1184,15 +1184,19 @@ def _makeCertificate(
     key: ec.EllipticCurvePrivateKey,
     issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
     alternativeName: bool = True,
+    expired: bool = False,
 ) -> x509.Certificate:
     """
     Make a CA certificate (without C{issuer}) or a server certificate for
     the DNS name C{subject}, signed by C{issuer}; without
     C{alternativeName}, the name is only the certificate's subject (no
-    subjectAltName), as some private CAs still issue them.
+    subjectAltName), as some private CAs still issue them.  An C{expired}
+    one was valid for a day, two days ago.
     """
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = datetime.datetime.now(datetime.timezone.utc)
+    if expired:
+        now -= datetime.timedelta(days=2)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -1252,7 +1256,8 @@ def testCertificates() -> dict[str, tuple[bytes, bytes]]:
     and another CA; EC P-256 keys, so this is fast.
 
     @return: C{"ca"}, C{"localhost"}, C{"localhostNoSAN"} (signed by the
-        test CA too, but naming C{localhost} in its subject only) and
+        test CA too, but naming C{localhost} in its subject only),
+        C{"localhostExpired"} (signed by the test CA, expired) and
         C{"otherCA"}, each the PEM certificate and the PEM private key.
     """
     result = {}
@@ -1263,10 +1268,12 @@ def testCertificates() -> dict[str, tuple[bytes, bytes]]:
     otherKey = ec.generate_private_key(ec.SECP256R1())
     other = _makeCertificate("another test CA", otherKey, None)
     noSAN = _makeCertificate("localhost", serverKey, (ca, caKey), False)
+    expired = _makeCertificate("localhost", serverKey, (ca, caKey), expired=True)
     for name, certificate, key in [
         ("ca", ca, caKey),
         ("localhost", server, serverKey),
         ("localhostNoSAN", noSAN, serverKey),
+        ("localhostExpired", expired, serverKey),
         ("otherCA", other, otherKey),
     ]:
         result[name] = (
@@ -1798,16 +1805,41 @@ class ChainTests(TestCase):
     @inlineCallbacks
     def test_untrustedParent(self) -> Yielding:
         """
-        A parent whose certificate does not chain to the trusted CA, or does
-        not name the host in the URL, is refused: TLS fails before any
-        request is sent.
+        A parent whose certificate does not chain to the trusted CA, has
+        expired, or does not name the host in the URL (another name, or
+        none in a subjectAltName) is refused: TLS fails before any request
+        is sent, and the failure says which.
         """
         echoPort = self.echoServer()
         parentPort = self.startParent(tls=True)
+        expiredPort = self.startParent(tls=True, certificate="localhostExpired")
+        noNamePort = self.startParent(tls=True, certificate="localhostNoSAN")
         resolver = FakeResolver({"localhost": ["127.0.0.1"]})
-        for url, ca in [
-            (f"https://localhost:{parentPort}", self.caFile("otherCA")),
-            (f"https://127.0.0.1:{parentPort}", self.caFile()),
+        for url, ca, why in [
+            (
+                f"https://localhost:{parentPort}",
+                self.caFile("otherCA"),
+                "certificate verify failed: unable to get local issuer"
+                " certificate (the parent's certificate)",
+            ),
+            (
+                f"https://localhost:{expiredPort}",
+                self.caFile(),
+                "certificate verify failed: certificate has expired"
+                " (the parent's certificate)",
+            ),
+            (
+                f"https://127.0.0.1:{parentPort}",
+                self.caFile(),
+                "certificate verify failed: the parent's certificate does not"
+                " name 127.0.0.1 in its subjectAltName",
+            ),
+            (
+                f"https://localhost:{noNamePort}",
+                self.caFile(),
+                "certificate verify failed: the parent's certificate names no"
+                " host in a subjectAltName",
+            ),
         ]:
             endpoint = UpstreamEndpoint(
                 reactor,
@@ -1819,4 +1851,5 @@ class ChainTests(TestCase):
             )
             with self.assertRaises(UpstreamProtocolError) as raised:
                 yield connectProtocol(endpoint, Peer())
-            self.assertIn("TLS with it failed", str(raised.exception))
+            self.assertIn("TLS with it failed: ", str(raised.exception))
+            self.assertIn(why, str(raised.exception))

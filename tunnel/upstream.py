@@ -375,6 +375,53 @@ def _idnaText(host: str) -> str:
     return idna.encode(host).decode("ascii")
 
 
+#: What OpenSSL's commonest certificate verification errors mean (the codes
+#: of C{X509_V_ERR_*}, in C{x509_vfy.h}; pyOpenSSL gives the code to a
+#: verify callback, but no public way to its text).
+_CHAIN_ERRORS = {
+    2: "unable to get issuer certificate",
+    4: "unable to decrypt certificate's signature",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    13: "format error in certificate's notBefore field",
+    14: "format error in certificate's notAfter field",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    22: "certificate chain too long",
+    23: "certificate revoked",
+    24: "invalid CA certificate",
+    25: "path length constraint exceeded",
+    26: "unsupported certificate purpose",
+    27: "certificate not trusted",
+    28: "certificate rejected",
+    34: "unhandled critical extension",
+    47: "permitted subtree violation",
+    48: "excluded subtree violation",
+    68: "CA cert does not include key usage extension",
+}
+
+
+def _chainErrorText(error: int, depth: int) -> str:
+    """
+    Say why the parent's certificate chain was refused.
+
+    @param error: OpenSSL's C{X509_V_ERR_*} code.
+    @param depth: Where in the chain: 0 for the parent's own certificate.
+    @return: For instance C{"certificate verify failed: certificate has
+        expired (the parent's certificate)"}.
+    """
+    what = _CHAIN_ERRORS.get(error, f"X509 error {error}")
+    where = (
+        "the parent's certificate"
+        if depth == 0
+        else f"an issuer's certificate, depth {depth}"
+    )
+    return f"certificate verify failed: {what} ({where})"
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class _StrictIdentity:
     """
@@ -396,6 +443,7 @@ class _StrictIdentity:
         @param host: The parent's host name or IP address.
         """
         self._options = options
+        self._host = host
         self._identity: Any = (
             IPAddress_ID(host)
             if isIPAddress(host) or isIPv6Address(host)
@@ -410,7 +458,7 @@ class _StrictIdentity:
         @return: The connection.
         """
         connection = self._options.clientConnectionForTLS(tlsProtocol)
-        identity = self._identity
+        identity, host = self._identity, self._host
 
         def verify(
             connection: SSL.Connection,
@@ -419,18 +467,37 @@ class _StrictIdentity:
             depth: int,
             ok: int,
         ) -> bool:
+            if not ok:
+                # OpenSSL's own words would be "certificate verify failed",
+                # whatever failed: the log says which check.
+                tlsProtocol.failVerification(
+                    Failure(CertificateError(_chainErrorText(error, depth)))
+                )
+                return False
             # Only the parent's own certificate, once its chain is good.
-            if depth != 0 or not ok:
-                return bool(ok)
+            if depth != 0:
+                return True
             try:
                 verify_service_identity(extract_patterns(certificate), [identity], [])
+            except VerificationError:
+                why = f"does not name {host} in its subjectAltName"
+            except CertificateError:
+                why = "names no host in a subjectAltName"
             except Exception:
-                # VerificationError (another name), CertificateError (no
-                # name at all), or a check that could not be made: no match.
-                # (An exception must not escape into OpenSSL.)
+                # A check that could not be made: no match either.  (An
+                # exception must not escape into OpenSSL.)
                 tlsProtocol.failVerification(Failure())
                 return False
-            return True
+            else:
+                return True
+            tlsProtocol.failVerification(
+                Failure(
+                    CertificateError(
+                        f"certificate verify failed: the parent's certificate {why}"
+                    )
+                )
+            )
+            return False
 
         connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
         return connection
