@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import (
     EventLoggingObserver,
@@ -27,13 +27,14 @@ from tunnel.tap import Options, makeService
 GET = b"GET /metrics HTTP/1.1\r\nHost: metrics\r\n\r\n"
 
 
-def connect(site: Site) -> tuple[Any, StringTransport]:
+def connect(site: Site, host: str = "127.0.0.1") -> tuple[Any, StringTransport]:
     """
     Connect a client to C{site} over a L{StringTransport}.
 
+    @param host: The client's address.
     @return: The site's protocol and the transport.
     """
-    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol = site.buildProtocol(IPv4Address("TCP", host, 40000))
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport
@@ -169,7 +170,7 @@ class MetricsSiteTests(SynchronousTestCase):
         protocol, transport = connect(self.site)
         protocol.dataReceived(GET)
         self.clock.advance(9.5)
-        protocol.dataReceived(b"GET /metrics HTTP/1.1\r\n")
+        protocol.dataReceived(GET)
         self.clock.advance(9.5)
         self.assertFalse(transport.disconnecting)
         self.clock.advance(0.5)
@@ -181,23 +182,91 @@ class MetricsSiteTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(list(self.events), [])
 
+    def test_headDeadline(self) -> None:
+        """
+        A request head must arrive whole within 10 seconds of the
+        connection or of the previous answer, however often its bytes come:
+        a client sending a byte every few seconds does not keep the
+        connection.
+        """
+        protocol, transport = connect(self.site)
+        for byte in b"GET /metrics HTTP/1.1\r\n"[:5]:
+            protocol.dataReceived(bytes([byte]))
+            self.clock.advance(1.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.6)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+        # The same after an answer: the next head has 10 seconds too.
+        protocol, transport = connect(self.site)
+        self.clock.advance(9)
+        protocol.dataReceived(GET)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        for byte in GET[:5]:
+            protocol.dataReceived(bytes([byte]))
+            self.clock.advance(1.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.6)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(list(self.events), [])
+
+    def test_pipelinedHeads(self) -> None:
+        """
+        Requests sent together are all answered, and the connection then
+        waits for the next head with the full 10 seconds.
+        """
+        protocol, transport = connect(self.site)
+        self.clock.advance(5)
+        protocol.dataReceived(GET + GET)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 "), 2)
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_connectionsPerClient(self) -> None:
+        """
+        One client (an IPv4 address, or an IPv6 /64) holds at most 4
+        connections; a fifth is aborted at once, another client's is not,
+        and one that closes leaves room again.
+        """
+        opened = [connect(self.site, "192.0.2.1") for _ in range(4)]
+        self.assertFalse(any(t.disconnecting for _, t in opened))
+        self.assertTrue(connect(self.site, "192.0.2.1")[1].disconnected)
+        self.assertFalse(connect(self.site, "192.0.2.2")[1].disconnecting)
+        opened[0][0].connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(connect(self.site, "192.0.2.1")[1].disconnecting)
+
+        site = metricsSite(ProxyMetrics(), self.clock)
+        for port in range(4):
+            site.buildProtocol(
+                IPv6Address("TCP", f"2001:db8::{port}", 40000)
+            ).makeConnection(StringTransport())
+        protocol = site.buildProtocol(IPv6Address("TCP", "2001:db8::ff", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.disconnected)
+
     def test_connectionLimit(self) -> None:
         """
         While 32 connections are open, a new one is aborted at once; each
         that closes, however (here: timed out, refused a body, closed by
         its client), leaves room for another.
         """
-        opened = [connect(self.site) for _ in range(32)]
+        opened = [connect(self.site, f"192.0.2.{i // 4}") for i in range(32)]
         self.assertFalse(any(t.disconnecting for _, t in opened))
-        protocol, transport = connect(self.site)
+        protocol, transport = connect(self.site, "192.0.2.100")
         self.assertTrue(transport.disconnected)
         protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertTrue(connect(self.site)[1].disconnected)
+        self.assertTrue(connect(self.site, "192.0.2.101")[1].disconnected)
 
         # Timed out: all of them, but for the one kept busy.
         busy, _ = opened.pop()
         self.clock.advance(5)
-        busy.dataReceived(b"GET")
+        busy.dataReceived(GET)
         self.clock.advance(5)
         self.assertTrue(all(t.disconnecting for _, t in opened))
         opened[0][0].connectionLost(Failure(ConnectionDone()))

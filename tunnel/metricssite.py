@@ -13,16 +13,21 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from .clients import clientKey, ipOf
 from .metrics import ProxyMetrics, WorkerMetrics, metricsResource
 
 __all__ = ["metricsSite"]
 
-# Seconds a metrics connection may stay idle, or between two bytes of a
-# request, before it is closed (twisted.web's default is 60).
+# Seconds a metrics connection may stay idle, and may take to send a
+# request head, from its start or the previous answer, before it is closed
+# (twisted.web's default is 60, from the last byte).
 _METRICS_TIMEOUT = 10.0
 # Metrics connections open at once; beyond, a new one is closed at once.
 # A scraper needs one or two.
 _METRICS_CONNECTIONS = 32
+# Of those, the most from one client (one IPv4 address or IPv6 /64): one
+# host cannot take them all.
+_METRICS_CONNECTIONS_PER_CLIENT = 4
 
 # The answer to a request with a body, which the metrics never need.
 _BODY_REFUSED = (
@@ -83,30 +88,70 @@ class _MetricsRequest(Request):
 class _MetricsChannel(http.HTTPChannel):
     """
     An HTTP connection to the metrics site, counted in its C{connections}
-    from when it is made until it is lost, and timed out without a log
-    line.
+    (and its client's) from when it is made until it is lost, that must
+    send each request head within the site's timeout, and is timed out
+    without a log line.
+
+    @ivar client: The key its client is counted under, if any.
     """
 
     site: _MetricsSite
+    client: str | None = None
     _counted = False
+    _timedOut = False
     _abortCall: IDelayedCall | None = None
+    _headCall: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         """
-        Count the connection.
+        Count the connection, and wait for a request head.
         """
         super().connectionMade()
         self.site.connections += 1
+        self.site.count(self.client, 1)
         self._counted = True
+        self._awaitHead()
+
+    def _awaitHead(self) -> None:
+        """
+        Give the next request head the site's timeout to arrive whole.
+        twisted.web's timeout counts from the last byte, so a client
+        sending a byte every few seconds would keep the connection for
+        ever.
+        """
+        if self._headCall is not None and self._headCall.active():
+            self._headCall.cancel()
+        self._headCall = self.callLater(self.site.timeOut, self.timeoutConnection)
+
+    def allHeadersReceived(self) -> None:
+        """
+        The head arrived in time.
+        """
+        if self._headCall is not None and self._headCall.active():
+            self._headCall.cancel()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: http.Request) -> None:
+        """
+        Wait for the next request's head, which may be read at once.
+
+        @param request: The request answered.
+        """
+        self._awaitHead()
+        super().requestDone(request)
 
     def timeoutConnection(self) -> None:
         """
-        Close the idle connection, and abort it if it has not closed
-        C{abortTimeout} seconds later (its client reads nothing of what is
-        left to send).  twisted.web would log a line for each: one per
-        scrape, for a Prometheus server that keeps its connection between
-        scrapes longer than the timeout.
+        Close the idle or slow connection, and abort it if it has not
+        closed C{abortTimeout} seconds later (its client reads nothing of
+        what is left to send).  twisted.web would log a line for each: one
+        per scrape, for a Prometheus server that keeps its connection
+        between scrapes longer than the timeout.
         """
+        if self._timedOut:
+            # Both timers ran out: closing already.
+            return
+        self._timedOut = True
         if self.abortTimeout is not None:
             self._abortCall = self.callLater(
                 self.abortTimeout,
@@ -120,11 +165,13 @@ class _MetricsChannel(http.HTTPChannel):
 
         @param reason: Why it ended.
         """
-        if self._abortCall is not None and self._abortCall.active():
-            self._abortCall.cancel()
+        for call in (self._abortCall, self._headCall):
+            if call is not None and call.active():
+                call.cancel()
         if self._counted:
             self._counted = False
             self.site.connections -= 1
+            self.site.count(self.client, -1)
         super().connectionLost(reason)
 
 
@@ -145,6 +192,7 @@ class _MetricsSite(Site):
     The site of L{metricsSite}.
 
     @ivar maxConnections: The most connections open at once.
+    @ivar maxPerClient: The most of them from one client.
     @ivar connections: The connections open now.
     """
 
@@ -159,31 +207,57 @@ class _MetricsSite(Site):
         reactor: IReactorTime,
         timeout: float,
         maxConnections: int,
+        maxPerClient: int,
     ) -> None:
         """
         @param resource: The root resource.
         @param reactor: Times the connections out.
-        @param timeout: Seconds a connection may stay idle.
+        @param timeout: Seconds a connection may stay idle, or take to send
+            a request head.
         @param maxConnections: The most connections open at once.
+        @param maxPerClient: The most of them from one client.
         """
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self.maxConnections = maxConnections
+        self.maxPerClient = maxPerClient
         self.connections = 0
+        self._perClient: dict[str, int] = {}
+
+    def count(self, client: str | None, change: int) -> None:
+        """
+        Count a connection of C{client} made (C{1}) or lost (C{-1}).
+
+        @param client: The client's key, or L{None} (not counted).
+        @param change: C{1} or C{-1}.
+        """
+        if client is None:
+            return
+        left = self._perClient.get(client, 0) + change
+        if left:
+            self._perClient[client] = left
+        else:
+            del self._perClient[client]
 
     def buildProtocol(  # type: ignore[override]
         self, addr: IAddress | None
     ) -> Protocol:
         """
         A channel for a new connection, or one that closes it if
-        C{maxConnections} are open already.  (Not L{None}, which a TLS
-        listener would fail on.)
+        C{maxConnections} are open already, or C{maxPerClient} from the
+        same client (an IPv4 address or IPv6 /64; UNIX clients are not
+        counted apart).  (Not L{None}, which a TLS listener would fail on.)
 
         @param addr: The client's address.
         @return: The protocol.
         """
-        if self.connections >= self.maxConnections:
+        ip = ipOf(addr)
+        client = None if ip is None else clientKey(ip)
+        if self.connections >= self.maxConnections or (
+            client is not None and self._perClient.get(client, 0) >= self.maxPerClient
+        ):
             return _Refused()
-        channel: Protocol = super().buildProtocol(addr)
+        channel: _MetricsChannel = super().buildProtocol(addr)
+        channel.client = client
         return channel
 
     def log(self, request: http.Request) -> None:
@@ -200,19 +274,25 @@ def metricsSite(
     reactor: IReactorTime,
     timeout: float = _METRICS_TIMEOUT,
     maxConnections: int = _METRICS_CONNECTIONS,
+    maxPerClient: int = _METRICS_CONNECTIONS_PER_CLIENT,
 ) -> Site:
     """
     The site that serves C{metrics} (L{metricsResource}) at C{--metrics}.
     Unlike a plain L{Site}, it refuses a request with a body (413) without
-    reading it, closes a connection idle for C{timeout} seconds, closes a
-    new connection at once while C{maxConnections} are open, and does not
-    log each request.
+    reading it, closes a connection idle for C{timeout} seconds or that has
+    not sent a whole request head C{timeout} seconds after it connected or
+    was last answered, closes a new connection at once while
+    C{maxConnections} are open or C{maxPerClient} from the same client, and
+    does not log each request.
 
     @param metrics: The metrics to serve.
     @param reactor: Times the connections out.
-    @param timeout: Seconds a connection may stay idle (waiting for a
-        request, or for the rest of one) before it is closed.
+    @param timeout: Seconds a connection may stay idle, or take to send a
+        request head, before it is closed.
     @param maxConnections: The most connections open at once.
+    @param maxPerClient: The most connections open at once from one client.
     @return: The site, to listen with.
     """
-    return _MetricsSite(metricsResource(metrics), reactor, timeout, maxConnections)
+    return _MetricsSite(
+        metricsResource(metrics), reactor, timeout, maxConnections, maxPerClient
+    )
