@@ -305,6 +305,41 @@ class RespawnTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(self.supervisor.workers, {})
 
+    def test_usr1HandledWhileDraining(self) -> None:
+        """
+        SIGUSR1 stays the supervisor's while the workers drain, passed on to
+        them, and the handler from before comes back only once they have
+        all ended: before, with twistd logging to standard output (no
+        handler of its own), a logrotate's SIGUSR1 during the drain ended
+        the main process.
+        """
+        before = self.supervisor._previousUSR1
+        self.assertEqual(signal.getsignal(signal.SIGUSR1), self.supervisor._onUSR1)
+        for protocol in self.supervisor._protocols.values():
+            protocol.childDataReceived(
+                1,
+                formatWorkerRecord(
+                    {
+                        "log_level": LogLevel.info,
+                        "log_namespace": "x",
+                        "log_format": "up",
+                    }
+                ).encode(),
+            )
+        stopped = self.supervisor.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGUSR1), self.supervisor._onUSR1)
+        self.supervisor._onUSR1(signal.SIGUSR1, None)
+        self.assertEqual(
+            [p.signals for p in self.supervisor.workers.values()],
+            [[signal.SIGTERM, signal.SIGUSR1]] * 2,
+        )
+        self.supervisor._protocols[0].processEnded(Failure(ProcessTerminated(0)))
+        self.assertEqual(signal.getsignal(signal.SIGUSR1), self.supervisor._onUSR1)
+        self.supervisor._protocols[1].processEnded(Failure(ProcessTerminated(0)))
+        self.successResultOf(stopped)
+        self.assertEqual(signal.getsignal(signal.SIGUSR1), before)
+        self.assertNotEqual(before, self.supervisor._onUSR1)
+
     def test_usr1OnlyToReadyWorkers(self) -> None:
         """
         SIGUSR1 goes only to workers that have logged a record, that is,

@@ -625,8 +625,6 @@ class WorkerSupervisor(Service):
         super().stopService()
         if self._keeping.running:
             self._keeping.stop()
-        if self._previousUSR1 is not None:
-            signal.signal(signal.SIGUSR1, self._previousUSR1)
         for respawn in self._respawns.values():
             respawn.cancel()
         self._respawns.clear()
@@ -646,6 +644,13 @@ class WorkerSupervisor(Service):
         def workersEnded(result: object) -> Deferred[Any]:
             if killer.active():
                 killer.cancel()
+            # Only now: a logrotate's SIGUSR1 during the drain still reaches
+            # the draining workers, and does not meet the handler from
+            # before (none, with twistd logging to standard output, so the
+            # default action: ending this process).
+            if self._previousUSR1 is not None:
+                signal.signal(signal.SIGUSR1, self._previousUSR1)
+                self._previousUSR1 = None
             return closed
 
         return DeferredList(endings).addCallback(workersEnded)
