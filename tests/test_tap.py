@@ -19,6 +19,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import DescriptorsExhausted
+from tests.test_auth import bcryptLine
 from tunnel import listeners, tap
 from tunnel.auth import IProxyUser, ProxyUser
 from tunnel.connector import HostnameConnector
@@ -205,6 +206,44 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(factory.idleTimeout, 600)
         self.assertEqual(factory.maxRequestLine, 8192)
         self.assertEqual(factory.maxHeaderSize, 65536)
+
+    def test_relativePathsMadeAbsolute(self) -> None:
+        """
+        The files the proxy reads again later (rules, htpasswd and C{file:}
+        logins, the access log it reopens) are named by absolute paths, as
+        are the parent's CA and credentials: twistd's C{-d} changes
+        directory once the options are read.
+        """
+        from twisted.cred.checkers import FilePasswordDB
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        for name, content in [
+            ("rules", b"allow-port 8443\n"),
+            ("users", bcryptLine(b"alice", b"pw")),
+            ("logins", b"bob:pw\n"),
+            ("credentials", b"carol:pw\n"),
+        ]:
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(content)
+        options = parse(
+            *("--rules", f"{directory}/rules"),
+            *("--auth", f"htpasswd:{directory}/users"),
+            *("--auth", f"file:{directory}/logins"),
+            *("--access-log", f"{directory}/access.log"),
+            *("--upstream", "http://127.0.0.1:3128"),
+            *("--upstream-credentials", f"{directory}/credentials"),
+        )
+        absolute = os.path.abspath(directory)
+        self.assertEqual(options["rules"], f"{absolute}/rules")
+        self.assertEqual(options["access-log"], f"{absolute}/access.log")
+        self.assertEqual(options["upstream-credentials"], f"{absolute}/credentials")
+        htpasswd, logins = options["credCheckers"]
+        self.assertIsInstance(htpasswd, HtpasswdChecker)
+        self.assertEqual(htpasswd.path, f"{absolute}/users")
+        self.assertIsInstance(logins, FilePasswordDB)
+        self.assertEqual(logins.filename, f"{absolute}/logins")
+        self.assertEqual(parse("--access-log", "-")["access-log"], "-")
 
     def test_resolverThreads(self) -> None:
         """

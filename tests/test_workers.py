@@ -156,11 +156,15 @@ class WorkerArgumentsTests(SynchronousTestCase):
 
     def test_options(self) -> None:
         """
-        C{--workers} makes a supervisor; a TLS listener cannot be shared.
+        C{--workers} makes a supervisor, which starts the workers where
+        twistd started; a TLS listener cannot be shared.
         """
         options = Options()
         options.parseOptions(["--workers", "3", "--listen", "tcp:0"])
-        self.assertIsInstance(makeService(options, reactor), WorkerSupervisor)
+        supervisor = makeService(options, reactor)
+        self.assertIsInstance(supervisor, WorkerSupervisor)
+        # Where twistd started: -d changes directory later.
+        self.assertEqual(supervisor._directory, os.getcwd())  # type: ignore[attr-defined]
         # A worker adopting a TLS listener's socket would serve it in clear.
         e = self.assertRaises(
             UsageError,
@@ -201,6 +205,7 @@ class _SpawningClock(Clock):
         self.spawned: list[Any] = []
         self.keptFiles: list[list[bytes]] = []
         self.childFDs: list[dict[int, Any]] = []
+        self.directories: list[str | None] = []
         self.failing = False
 
     def spawnProcess(self, protocol: Any, *args: Any, **kwargs: Any) -> _FakeProcess:
@@ -217,6 +222,7 @@ class _SpawningClock(Clock):
             ]
         )
         self.childFDs.append(kwargs["childFDs"])
+        self.directories.append(kwargs.get("path"))
         return _FakeProcess(len(self.spawned))
 
     def callFromThread(self, f: Any, *args: Any) -> None:
@@ -304,6 +310,20 @@ class RespawnTests(SynchronousTestCase):
         self.assertIn("signal 9", logged[1][1])
         self.clock.advance(60)
         self.assertEqual(self.supervisor.workers, {})
+
+    def test_directory(self) -> None:
+        """
+        Workers start in the directory the supervisor is given (where twistd
+        started, before its C{-d}), so that they read their options'
+        relative paths as the main process did; by default in this
+        process's.
+        """
+        supervisor = WorkerSupervisor(
+            self.clock, [], [], 1, stopTimeout=5, directory="/srv/proxy"
+        )
+        supervisor.startService()
+        self.addCleanup(supervisor.stopService)
+        self.assertEqual(self.clock.directories, [None, None, "/srv/proxy"])
 
     def test_usr1HandledWhileDraining(self) -> None:
         """

@@ -125,6 +125,28 @@ _REPEATED = {
 }
 
 
+def _absolutePath(path: str) -> str:
+    """
+    A file option's path made absolute: twistd's C{-d} changes directory
+    after the options are read, and the proxy opens some files again later
+    (rules, htpasswd, the access log on SIGUSR1).
+
+    @param path: The path as given.
+    @return: The same file's absolute path.
+    """
+    return os.path.abspath(path)
+
+
+def _logPath(path: str) -> str:
+    """
+    An C{--access-log} path made absolute, but for C{-} (standard output).
+
+    @param path: The path as given.
+    @return: The absolute path, or C{-}.
+    """
+    return path if path == "-" else _absolutePath(path)
+
+
 def _utf8(text: str | bytes) -> bytes:
     return text.encode("utf-8") if isinstance(text, str) else text
 
@@ -221,6 +243,7 @@ class Options(usage.Options, AuthOptionMixin):
             "A file of rules, one a line (allow-port 22, allow-to 10.0.0.0/8, "
             "deny-to *.example, allow-from 192.0.2.0/24; # comments), added "
             "to the options and re-read when it changes",
+            _absolutePath,
         ],
         [
             "max-tunnels",
@@ -276,6 +299,7 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             "A PEM file of CA certificates to verify an https:// parent with "
             "(default: the system's trust store)",
+            _absolutePath,
         ],
         [
             "upstream-credentials",
@@ -283,6 +307,7 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             "A file holding the parent proxy's user:password (one line), "
             "instead of the --upstream URL, which ps shows to every local user",
+            _absolutePath,
         ],
         [
             "drain-timeout",
@@ -297,6 +322,7 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             "Write one line per finished connection to this file (- for "
             "standard output); reopened on SIGUSR1",
+            _logPath,
         ],
         [
             "access-log-format",
@@ -361,7 +387,7 @@ class Options(usage.Options, AuthOptionMixin):
             path, content = readKeptFile(int(value))
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"--kept-file {value}: {e}") from None
-        self["kept-files"][path] = content
+        self["kept-files"][_absolutePath(path)] = content
 
     def opt_worker_of(self, value: str) -> None:
         """
@@ -432,6 +458,10 @@ class Options(usage.Options, AuthOptionMixin):
         memory:USER:PASSWORD, file:PATH, unix, ... (see --help-auth).
         """
         kind, _, argument = description.partition(":")
+        if kind in ("htpasswd", "file") and argument:
+            # Read again at every change (htpasswd) or every login (file).
+            argument = _absolutePath(argument)
+            description = f"{kind}:{argument}"
         kept = self["kept-files"].get(argument) if kind == "htpasswd" else None
         try:
             if kept is None:
@@ -759,6 +789,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             stopTimeout=options["drain-timeout"] + 5,
             metrics=workerMetrics,
             keptFiles=keptFiles,
+            # Where twistd started, before -d: the workers read their
+            # options' relative paths as the main process did.
+            directory=os.getcwd(),
         )
         if workerMetrics is None:
             return supervisor

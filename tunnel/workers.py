@@ -396,6 +396,7 @@ class WorkerSupervisor(Service):
         respawnDelay: float = 1.0,
         metrics: WorkerMetrics | None = None,
         keptFiles: Sequence[KeptFile] = (),
+        directory: str | None = None,
     ) -> None:
         """
         @param reactor: The reactor (spawnProcess, callLater).
@@ -412,6 +413,8 @@ class WorkerSupervisor(Service):
             are to report them.
         @param keptFiles: The files whose last good version each new
             worker is given, looked at every second.
+        @param directory: The workers' working directory, if not this
+            process's (when it runs, after twistd's C{-d}).
         """
         self._reactor = reactor
         self._listen = listen
@@ -421,6 +424,7 @@ class WorkerSupervisor(Service):
         self._respawnDelay = respawnDelay
         self._metrics = metrics
         self._keptFiles = keptFiles
+        self._directory = directory
         self._keeping = LoopingCall(self._refreshKeptFiles)
         self._keeping.clock = reactor
         self._ports: list[tuple[IListeningPort, int]] = []
@@ -525,7 +529,12 @@ class WorkerSupervisor(Service):
                 *self._workerArgv,
             ]
             self.workers[number] = self._reactor.spawnProcess(
-                protocol, sys.executable, argv, env=dict(os.environ), childFDs=childFDs
+                protocol,
+                sys.executable,
+                argv,
+                env=dict(os.environ),
+                path=self._directory,
+                childFDs=childFDs,
             )
         finally:
             for fd in keptFDs:
