@@ -1905,17 +1905,20 @@ class PendingChecker:
     A checker that answers when the test says so.
 
     @ivar pending: The Deferreds of the checks asked for, in order.
+    @ivar credentials: The credentials checked, in order.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
     def __init__(self) -> None:
         self.pending: list[Deferred[Any]] = []
+        self.credentials: list[Any] = []
 
     def requestAvatarId(self, credentials: object) -> Deferred[Any]:
         """
         Answer later.
         """
+        self.credentials.append(credentials)
         self.pending.append(Deferred())
         return self.pending[-1]
 
@@ -2026,6 +2029,37 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
             "407 up=0 down=0 0.000s refused (auth)",
             lines,
         )
+
+    def test_longUserNameCut(self) -> None:
+        """
+        A claimed user name longer than 256 characters is logged, and kept
+        as the connection's C{user}, cut to its first 256 and C{...}: a
+        head may claim 40 KB, which escaped in each log line would cost
+        the disk several times the request; the check sees it whole.
+        """
+        checker = PendingChecker()
+        self.factory.portal = portalFromCheckers([checker])
+        name = "é" * 300
+        self.proxy.dataReceived(basicHead(name.encode("utf-8") + b":wrong"))
+        [pending] = checker.pending
+        pending.errback(UnauthorizedLogin())
+        [credentials] = checker.credentials
+        self.assertEqual(credentials.username, name.encode("utf-8"))
+        self.assertEqual(self.proxy.user, "é" * 256 + "...")
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        from twisted.logger import formatEvent
+
+        [line] = [
+            formatEvent(e)
+            for e in self.events
+            if formatEvent(e).startswith("Authentication failed")
+        ]
+        self.assertIn("%C3%A9" * 256 + "... from", line)
+        self.assertNotIn("%C3%A9" * 257, line)
+        short = "é" * 256
+        proxy, _client = self.connectClient()
+        proxy.dataReceived(basicHead(short.encode("utf-8") + b":wrong"))
+        self.assertEqual(proxy.user, short)
 
     def test_valid(self) -> None:
         """

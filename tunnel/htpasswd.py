@@ -13,6 +13,7 @@ import hashlib
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import bcrypt
@@ -33,21 +34,27 @@ __all__ = ["HtpasswdChecker", "HtpasswdError", "parseHtpasswd"]
 _BCRYPT = re.compile(rb"\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
 
 
-def _dummyHash(entries: dict[bytes, bytes]) -> tuple[bytes, float]:
+def _dummyHash(
+    entries: dict[bytes, bytes], monotonic: Callable[[], float] = time.monotonic
+) -> tuple[bytes, float]:
     """
     A hash to check unknown users against, as costly as the file's most
     costly entry, so that a missing user takes as long as a wrong password
     and timing does not tell which user names exist.
 
-    @return: The hash, and how many seconds making it took: about what one
-        check against it takes.
+    @param entries: The file's users and hashes.
+    @param monotonic: The clock the hash's making is timed with.
+    @return: The hash, and the least time a failed check must take: what
+        checking the file's costliest entry takes, estimated from the time
+        the hash took to make (each cost step doubles bcrypt's work).
     """
     costs = [int(hashed[4:6]) for hashed in entries.values() if hashed[4:6].isdigit()]
+    highest = max(costs, default=10)
     # Capped: at start-up this runs on the reactor thread.
-    cost = min(max(costs, default=10), 13)
-    started = time.monotonic()
-    hashed = bcrypt.hashpw(b"tunnel-dummy-password", bcrypt.gensalt(max(cost, 4)))
-    return hashed, time.monotonic() - started
+    cost = max(min(highest, 13), 4)
+    started = monotonic()
+    hashed = bcrypt.hashpw(b"tunnel-dummy-password", bcrypt.gensalt(cost))
+    return hashed, (monotonic() - started) * 2 ** max(highest - cost, 0)
 
 
 class HtpasswdError(ValueError):
@@ -210,8 +217,9 @@ class HtpasswdChecker:
         def use(result: tuple[bytes, float]) -> None:
             # A later reload's own dummy is on its way.
             if self._entries is entries:
-                self._dummy, dummyTime = result
-                self._failureTime = max(self._failureTime, dummyTime)
+                # The floor goes down too: it is the file's, not the
+                # slowest time yet (a busy machine's would only ever rise).
+                self._dummy, self._failureTime = result
 
         made.addCallback(use).addErrback(
             lambda failure: self._log.failure("Could not make a dummy hash", failure)
@@ -220,21 +228,18 @@ class HtpasswdChecker:
     def _verify(self, password: bytes, hashed: bytes) -> bool:
         """
         Check C{password} against C{hashed}, in a pool thread.  A failure
-        takes at least as long as the slowest failure yet (or the dummy
-        hash's making): the file's entries may have different costs, and a
-        wrong password for a cheap entry must not answer faster than an
-        unknown user does.
+        takes at least as long as checking the file's costliest entry (see
+        L{_dummyHash}): the entries may have different costs, and a wrong
+        password for a cheap entry must not answer faster than an unknown
+        user does.  One that took longer (a busy machine) leaves the floor
+        as it is: raised by the time taken, it would only ever rise, and
+        every later failure would wait the longer.
         """
         started = self._monotonic()
         if bcrypt.checkpw(password, hashed):
             return True
         spent = self._monotonic() - started
-        if spent > 1.5 * self._failureTime:
-            # An entry costlier than the dummy (each cost step doubles the
-            # time; less is noise): the floor for every later failure.  The
-            # first such failure cannot be hidden.
-            self._failureTime = spent
-        elif spent < self._failureTime:
+        if spent < self._failureTime:
             self._sleep(self._failureTime - spent)
         return False
 

@@ -97,6 +97,11 @@ LINGER_BYTES = 16 << 20
 #: cannot hold descriptors beyond the limits.
 MAX_LINGERING_REFUSALS = 100
 
+#: The most characters of a claimed user name kept for the log (with
+#: C{...} after): a 64 KiB head may claim one that, percent-encoded in the
+#: log lines and the access log, would cost the disk many times that.
+MAX_LOGGED_USER = 256
+
 #: The least seconds between two warnings that sockets to targets could not
 #: be made (no descriptor or memory left).
 OUT_OF_RESOURCES_WARNING_INTERVAL = 10.0
@@ -492,7 +497,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._reject(
                 RequestRejected(
                     429,
-                    "Too many failed logins from your address; try again later.",
+                    "Too many failed logins from your address (or logins still"
+                    " being checked); try again later.",
                     [(b"Retry-After", b"%d" % (retryAfter,))],
                 ),
             )
@@ -501,7 +507,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if credentials is None:
             self._challenge("no valid Basic credentials")
             return
-        self._user = credentials.username.decode("utf-8")
+        claimed = credentials.username.decode("utf-8")
+        self._user = (
+            claimed
+            if len(claimed) <= MAX_LOGGED_USER
+            else claimed[:MAX_LOGGED_USER] + "..."
+        )
         # Names the credentials without keeping them: many tunnels opened
         # at once with the same password are one guess, not many.
         self._attempt = hashlib.sha256(
@@ -1039,7 +1050,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def user(self) -> str | None:
         """
         The user name: the one authenticated, or claimed while the check
-        runs or after it failed; L{None} without credentials.
+        runs or after it failed (its first L{MAX_LOGGED_USER} characters
+        and C{...}, if longer); L{None} without credentials.
         """
         return self._user
 
