@@ -5,6 +5,7 @@ Tests for L{tunnel.tap}: the command line and the service it makes.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import socket
 import time
@@ -520,7 +521,8 @@ class SecurityOptionsTests(SynchronousTestCase):
     def test_secureDefaults(self) -> None:
         """
         Without options: no authentication, port 443 only, private
-        destinations refused, no limits.
+        destinations refused, and as many connections at once as the file
+        descriptor limit holds.
         """
         factory = makeFactory(parse(), MemoryReactorClock())
         self.assertIsNone(factory.portal)
@@ -529,7 +531,29 @@ class SecurityOptionsTests(SynchronousTestCase):
         self.assertFalse(
             policy.checkAddress(None, None, "h", 443, ipaddress.ip_address("10.0.0.1"))
         )
-        self.assertIsNone(factory.maxTunnels)
+        self.assertEqual(factory.maxTunnels, tap.descriptorBoundTunnels())
+
+    def test_descriptorBoundTunnels(self) -> None:
+        """
+        The default C{--max-tunnels} gives each connection two descriptors
+        of the soft limit, less a quarter of it (at most 256) kept back;
+        an unlimited or huge limit counts as 2**20.
+        """
+        import resource
+
+        for soft, expected in [
+            (1024, 384),
+            (65536, 32640),
+            (64, 24),
+            (1, 1),
+            (resource.RLIM_INFINITY, 524160),
+            (1 << 30, 524160),
+        ]:
+            self.assertEqual(
+                tap.descriptorBoundTunnels(itertools.repeat((soft, soft)).__next__),
+                expected,
+                soft,
+            )
 
     def test_rules(self) -> None:
         """

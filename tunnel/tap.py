@@ -8,6 +8,7 @@ import gc
 import ipaddress
 import math
 import os
+import resource
 import sys
 from collections.abc import Callable
 from typing import Any, cast
@@ -249,7 +250,8 @@ class Options(usage.Options, AuthOptionMixin):
             "max-tunnels",
             None,
             None,
-            "The most connections at once, handshakes included (503 beyond)",
+            "The most connections at once, handshakes included (503 beyond); "
+            "by default, what the file descriptor limit (ulimit -n) allows",
             _number(int, 1),
         ],
         [
@@ -690,6 +692,29 @@ def makePolicy(options: Options, clock: Any) -> ITunnelPolicy:
     return TunnelPolicy.fromStrings(**rules)
 
 
+def descriptorBoundTunnels(
+    limit: Callable[[], tuple[int, int]] = lambda: resource.getrlimit(
+        resource.RLIMIT_NOFILE
+    ),
+) -> int:
+    """
+    The default C{--max-tunnels}: as many connections as this process's
+    file descriptor limit holds, two descriptors each (client and target),
+    less a quarter of the limit, at most 256, kept back for the rest (the
+    listeners, logs, splice pipes, refused connections lingering, metrics
+    scrapes).  Past it new clients get a 503 with C{Retry-After}, rather
+    than the reset, and the log lines at each, of an accept that found no
+    descriptor left.
+
+    @param limit: Gives the soft and hard C{RLIMIT_NOFILE}.
+    @return: The most connections at once.
+    """
+    soft, _ = limit()
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    return max(1, (soft - min(256, soft // 4)) // 2)
+
+
 def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     """
     Build the proxy factory the options describe.
@@ -724,6 +749,14 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
             parent=upstream.upstream.displayURL,
         )
         connector = upstream
+    maxTunnels = options["max-tunnels"]
+    if maxTunnels is None:
+        maxTunnels = descriptorBoundTunnels()
+        _log.info(
+            "At most {count} connections at once, as the file descriptor "
+            "limit allows (--max-tunnels sets another)",
+            count=maxTunnels,
+        )
     return ConnectProxyFactory(
         connector,
         reactor=reactor,
@@ -735,7 +768,7 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
         idleTimeout=options["idle-timeout"],
         maxRequestLine=options["max-request-line"],
         maxHeaderSize=options["max-header-size"],
-        maxTunnels=options["max-tunnels"],
+        maxTunnels=maxTunnels,
         maxTunnelsPerClient=options["max-tunnels-per-client"],
         proxyProtocol=bool(options["proxy-protocol"]),
         proxyProtocolFrom=options["proxy-protocol-from"],
