@@ -9,8 +9,10 @@ import os
 from collections.abc import Callable
 
 import bcrypt
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -21,6 +23,7 @@ from tunnel import htpasswd
 from tunnel.auth import (
     FailureDamper,
     IProxyUser,
+    PooledChecker,
     ProxyRealm,
     ProxyUser,
     challengeHeaders,
@@ -888,3 +891,75 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         self.assertEqual(self.reactor.pool.calls, calls)
         self.check(b"bob", b"b")
         self.assertEqual(self.reactor.pool.calls, calls + 1)
+
+
+class PooledCheckerTests(SynchronousTestCase):
+    """
+    Tests for L{PooledChecker}: Twisted's checkers that answer at once
+    (C{unix}, C{file:}), run in the thread pool.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = ThreadPoolReactor()
+        users = InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw")
+        self.checker = PooledChecker(users, reactor=self.reactor)
+
+    def test_inThePool(self) -> None:
+        """
+        A check runs in the pool, and its answer, a user name or a
+        failure, is the checker's.
+        """
+        self.assertEqual(
+            self.successResultOf(
+                self.checker.requestAvatarId(UsernamePassword(b"alice", b"pw"))
+            ),
+            b"alice",
+        )
+        self.failureResultOf(
+            self.checker.requestAvatarId(UsernamePassword(b"alice", b"no")),
+            UnauthorizedLogin,
+        )
+        self.assertEqual(self.reactor.pool.calls, 2)
+        self.assertIn(IUsernamePassword, self.checker.credentialInterfaces)
+
+    def test_lateAnswerIsAnError(self) -> None:
+        """
+        A checker whose Deferred has not fired when it returns (not one this
+        is meant for) fails the login rather than leave it waiting.
+        """
+
+        class Late:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+                return Deferred()
+
+        checker = PooledChecker(Late(), reactor=self.reactor)  # type: ignore[arg-type]
+        failure = self.failureResultOf(
+            checker.requestAvatarId(UsernamePassword(b"alice", b"pw")), RuntimeError
+        )
+        self.assertIn("did not answer at once", str(failure.value))
+
+    def test_wrapsUnixAndFile(self) -> None:
+        """
+        C{--auth unix} and C{--auth file:PATH} are run in the pool; other
+        checkers (C{memory:}, answering from a dict) are not wrapped.
+        """
+        from twisted.cred.checkers import FilePasswordDB
+        from twisted.plugins.cred_unix import UNIXChecker
+
+        from tunnel.tap import Options
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("bob:pw\n")
+        options = Options()
+        options.parseOptions(
+            ["--auth", "unix", "--auth", f"file:{path}", "--auth", "memory:carol:pw"]
+        )
+        unix, logins, memory = options["credCheckers"]
+        self.assertIsInstance(unix, PooledChecker)
+        self.assertIsInstance(unix.checker, UNIXChecker)
+        self.assertIsInstance(logins, PooledChecker)
+        self.assertIsInstance(logins.checker, FilePasswordDB)
+        self.assertIsInstance(memory, InMemoryUsernamePasswordDatabaseDontUse)

@@ -242,8 +242,8 @@ class OptionsTests(SynchronousTestCase):
         htpasswd, logins = options["credCheckers"]
         self.assertIsInstance(htpasswd, HtpasswdChecker)
         self.assertEqual(htpasswd.path, f"{absolute}/users")
-        self.assertIsInstance(logins, FilePasswordDB)
-        self.assertEqual(logins.filename, f"{absolute}/logins")
+        self.assertIsInstance(logins.checker, FilePasswordDB)
+        self.assertEqual(logins.checker.filename, f"{absolute}/logins")
         self.assertEqual(parse("--access-log", "-")["access-log"], "-")
 
     def test_resolverThreads(self) -> None:

@@ -13,16 +13,19 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from attrs import frozen
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 __all__ = [
     "FailureDamper",
     "IProxyUser",
+    "PooledChecker",
     "ProxyRealm",
     "ProxyUser",
     "SharedLogins",
@@ -154,6 +157,56 @@ class ProxyRealm:
             raise NotImplementedError("only IProxyUser avatars are available")
         name = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else ""
         return IProxyUser, ProxyUser(name), noLogout
+
+
+@implementer(ICredentialsChecker)
+class PooledChecker:
+    """
+    A checker that answers at once, on the thread that asks (Twisted's
+    C{unix} and C{file:} checkers: C{crypt} of a system password, or a read
+    of the whole file, at each login), run in the reactor's thread pool
+    instead, so that a flood of logins cannot stall the tunnels, as
+    L{tunnel.htpasswd.HtpasswdChecker} runs bcrypt.
+
+    @ivar checker: The checker wrapped.
+    @ivar credentialInterfaces: The checker's.
+    """
+
+    def __init__(self, checker: ICredentialsChecker, reactor: Any = None) -> None:
+        """
+        @param checker: A checker whose C{requestAvatarId} gives a Deferred
+            that has fired already.
+        @param reactor: Whose thread pool runs it; by default the global
+            reactor, looked up at the first login (the options that make
+            this run before twistd installs its reactor).
+        """
+        self.checker = checker
+        self.credentialInterfaces = checker.credentialInterfaces
+        self._reactor = reactor
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        """
+        Check C{credentials} in a pool thread.
+
+        @param credentials: What the client sent.
+        @return: A Deferred that fires, on the reactor thread, as the
+            checker's did.
+        """
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        return deferToThreadPool(
+            reactor, reactor.getThreadPool(), self._answer, credentials
+        )
+
+    def _answer(self, credentials: Any) -> Any:
+        outcome: list[Any] = []
+        self.checker.requestAvatarId(credentials).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError(f"{self.checker!r} did not answer at once")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        return outcome[0]
 
 
 def portalFromCheckers(checkers: list[Any]) -> Portal:

@@ -22,11 +22,12 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.strcred import AuthOptionMixin, UnsupportedInterfaces, makeChecker
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
+from twisted.plugins.cred_unix import UNIXChecker
 from twisted.python import usage
 
 from . import listeners, splice
 from .accesslog import AccessLogObserver
-from .auth import checkRealm, portalFromCheckers
+from .auth import PooledChecker, checkRealm, portalFromCheckers
 from .connector import HostnameConnector
 from .filestamp import MAX_SIZE, readRegularFile
 from .htpasswd import HtpasswdChecker, HtpasswdError
@@ -492,6 +493,10 @@ class Options(usage.Options, AuthOptionMixin):
             # Twisted's file: checker only warns, and then refuses every
             # login as a wrong password.
             raise usage.UsageError(f"--auth {description}: cannot read the file")
+        if isinstance(checker, (FilePasswordDB, UNIXChecker)):
+            # They answer at once, crypt and file reads included, on the
+            # thread that asks: make that a pool thread.
+            checker = PooledChecker(checker)
         try:
             self.addChecker(checker)
         except UnsupportedInterfaces as e:
