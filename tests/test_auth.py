@@ -587,6 +587,24 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         self.assertEqual(self.check(b"carol", b"c"), b"carol")
         self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
 
+    def test_reloadKeepsCache(self) -> None:
+        """
+        A reload keeps the cached verifications of the users it leaves as
+        they were (their logins need no bcrypt after an edit of others),
+        not those of a user whose password changed, nor of one removed.
+        """
+        alice = bcryptLine(b"alice", b"s3:cret")
+        self.write(alice + bcryptLine(b"bob", b"pw"))
+        self.check(b"alice", b"s3:cret")
+        self.check(b"bob", b"pw")
+        calls = self.reactor.pool.calls
+        self.write(alice + bcryptLine(b"bob", b"new") + bcryptLine(b"carol", b"c"))
+        self.assertEqual(self.check(b"alice", b"s3:cret"), b"alice")
+        self.assertNotEqual(self.check(b"bob", b"pw"), b"bob")
+        self.assertEqual(self.reactor.pool.calls, calls + 2)  # bob, the dummy's
+        self.write(bcryptLine(b"carol", b"c"))
+        self.assertNotEqual(self.check(b"alice", b"s3:cret"), b"alice")
+
     def test_fileBeingWrittenWaits(self) -> None:
         """
         A file that changed less than L{SETTLE} seconds ago may be half

@@ -188,7 +188,10 @@ class HtpasswdChecker:
             )
             return
         self.content = content
-        self._cache.clear()
+        # The cache is kept: its keys hold the hash they were verified
+        # against, so a user removed or given another password misses it,
+        # and the others' logins stay free of bcrypt (a cleared cache made
+        # every login after an edit a cold one, all at once).
         self._renewDummy()
         self._log.info(
             "Reloaded {count} users from {path}",
