@@ -337,8 +337,30 @@ class HostBitsNoteTests(SynchronousTestCase):
             hostBitsNote("[2001:db8::1/32]"),
             "[2001:db8::1/32] is taken for the network 2001:db8::/32",
         )
+        self.assertEqual(
+            hostBitsNote("128.0.0.1/1"),
+            "128.0.0.1/1 is taken for the network 128.0.0.0/1",
+        )
         for text in ["192.0.2.0/24", "0.0.0.0/0", "192.0.2.7", "a.example", "1/x"]:
             self.assertIsNone(hostBitsNote(text), text)
+
+
+class ParseAddressTests(SynchronousTestCase):
+    """
+    Tests for L{parseAddress}.
+    """
+
+    def test_literalsOnly(self) -> None:
+        """
+        An IPv4 or IPv6 literal (without brackets) is an address; anything
+        else, surrounding space included, is not.
+        """
+        self.assertEqual(parseAddress("192.0.2.1"), ipaddress.ip_address("192.0.2.1"))
+        self.assertEqual(
+            parseAddress("2001:db8::1"), ipaddress.ip_address("2001:db8::1")
+        )
+        for text in [" 192.0.2.1", "192.0.2.1 ", "[::1]", "a.example", "", "1.2.3"]:
+            self.assertIsNone(parseAddress(text), text)
 
 
 class DenialTests(SynchronousTestCase):
@@ -376,10 +398,19 @@ class DenialTests(SynchronousTestCase):
             ((b"X", b"1\r\nSet-Cookie: a=b"),),
             ((b"X", b"a\0"),),
             ((b"X",),),
+            ((b"X", b"a\x7f"),),
+            ((b"X", b"a\x1b[31m"),),
             ((b"Content-Length", b"0"),),
             ((b"connection", b"keep-alive"),),
+            ((b"Content-Type", b"text/html"),),
+            ((b"Transfer-Encoding", b"chunked"),),
+            ((b"Date", b"Thu, 01 Jan 1970 00:00:00 GMT"),),
         ]:
             self.assertRaises(ValueError, Denial, 403, "No.", "rule", headers)
+        # Tab is the one control character a field value may hold.
+        self.assertEqual(
+            Denial(403, "No.", "rule", ((b"X", b"a\tb"),)).headers, ((b"X", b"a\tb"),)
+        )
 
 
 class DestinationRuleTests(SynchronousTestCase):

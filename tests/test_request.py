@@ -268,6 +268,40 @@ class ParseConnectHeadTests(SynchronousTestCase):
         ]:
             self.assertRejected(line, 400)
 
+    def test_badTargetsSaySo(self) -> None:
+        """
+        The 400's text names what is wrong with the request line: an empty
+        target is a malformed line, user info in the target is said to be
+        one.
+        """
+        for line, detail in [
+            (b"CONNECT  HTTP/1.1", "The request line is malformed."),
+            (
+                b"CONNECT user@a.example:443 HTTP/1.1",
+                "The request target must not hold user info.",
+            ),
+            (
+                b"CONNECT user:pw@a.example:443 HTTP/1.1",
+                "The request target must not hold user info.",
+            ),
+        ]:
+            self.assertEqual(self.assertRejected(line, 400).detail, detail, line)
+
+    def test_formatAuthority(self) -> None:
+        """
+        L{formatAuthority} brackets every IPv6 literal, with or without
+        C{::}, and nothing else.
+        """
+        from tunnel.request import formatAuthority
+
+        for host, authority in [
+            ("a.example", "a.example:443"),
+            ("192.0.2.1", "192.0.2.1:443"),
+            ("2001:db8::1", "[2001:db8::1]:443"),
+            ("2001:db8:1:2:3:4:5:6", "[2001:db8:1:2:3:4:5:6]:443"),
+        ]:
+            self.assertEqual(formatAuthority(host, 443), authority)
+
     def test_missingRequestLine(self) -> None:
         """
         A head of empty lines gets 400.

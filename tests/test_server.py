@@ -1835,6 +1835,17 @@ class HelperTests(SynchronousTestCase):
         self.assertTrue(canHalfClose(HalfCloseTransport()))
         self.assertFalse(canHalfClose(StringTransport()))
 
+    def test_errorBodyUTF8(self) -> None:
+        """
+        An error's text (a policy's own, say) is sent as UTF-8, as its
+        C{Content-Type} says, with the length in bytes.
+        """
+        response = errorResponse(403, "Zugriff verweigert: Straße gesperrt.")
+        head, body = response.split(b"\r\n\r\n", 1)
+        self.assertEqual(body, "Zugriff verweigert: Straße gesperrt.\n".encode())
+        self.assertIn(b"Content-Type: text/plain; charset=utf-8", head)
+        self.assertIn(b"Content-Length: %d" % (len(body),), head)
+
     def test_reasonPhrases(self) -> None:
         """
         Each status the proxy answers with has its standard reason phrase;
@@ -1854,6 +1865,11 @@ class HelperTests(SynchronousTestCase):
             (503, b"Service Unavailable"),
             (504, b"Gateway Timeout"),
             (505, b"HTTP Version Not Supported"),
+            # RFC 9110's names, where Python before 3.13 has older ones.
+            (413, b"Content Too Large"),
+            (416, b"Range Not Satisfiable"),
+            (422, b"Unprocessable Content"),
+            (451, b"Unavailable For Legal Reasons"),
             (599, b"Error"),
         ]:
             self.assertTrue(

@@ -1121,6 +1121,102 @@ class RulesFilePolicyTests(SynchronousTestCase):
             "192.0.2.0/24",
         )
 
+    def test_combinedWithOptions(self) -> None:
+        """
+        The file's rules add to the options' own, of every kind: clients
+        from either's networks, targets in either's, and either's denials.
+        """
+        self.write(
+            "allow-from 192.0.2.0/24\nallow-to 10.1.0.0/16\ndeny-to 10.9.9.0/24\n"
+        )
+        policy = RulesFilePolicy(
+            self.path,
+            self.clock,
+            ports=["443"],
+            allowFrom=["198.51.100.0/24"],
+            allowTo=["10.9.0.0/16"],
+            denyTo=["10.1.1.0/24"],
+        )
+        address = ipaddress.ip_address
+        for client, allowed in [
+            ("192.0.2.1", True),
+            ("198.51.100.1", True),
+            ("203.0.113.1", False),
+        ]:
+            self.assertEqual(policy.checkClient(address(client)) is None, allowed)
+        for target, allowed in [
+            ("10.1.0.1", True),
+            ("10.9.0.1", True),
+            ("10.1.1.1", False),
+            ("10.9.9.1", False),
+            ("10.2.0.1", False),
+        ]:
+            self.assertEqual(
+                policy.checkAddress(None, None, "h", 443, address(target)),
+                allowed,
+                target,
+            )
+
+    def test_emptiedFileLeavesOptions(self) -> None:
+        """
+        A file emptied (not broken: empty is a valid file of no rules)
+        takes its rules away, leaving the options' own.
+        """
+        self.write("")
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [80, 443])
+
+    def test_notUTF8(self) -> None:
+        """
+        A file that is not UTF-8 is refused at start-up, and kept out at a
+        reload, with the file's name and the reason.
+        """
+        with open(self.path, "wb") as f:
+            f.write(b"# caf\xe9\nallow-port 8080\n")
+        e = self.assertRaises(ValueError, RulesFilePolicy, self.path, self.clock)
+        self.assertTrue(str(e).startswith(f"{self.path}: "), str(e))
+        self.assertIn("utf-8", str(e))
+        stamp = os.stat(self.path).st_mtime_ns + 10**9
+        os.utime(self.path, ns=(stamp, stamp))
+        self.clock.advance(1)
+        self.assertEqual(self.ports(), [22, 80, 443])
+
+    def test_noWarningWithoutAllowFrom(self) -> None:
+        """
+        A reload of a file that never limited the clients does not warn
+        that it no longer does.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.write("allow-port 8080\n")
+        self.clock.advance(1)
+        self.policy.refresh()
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.info])
+
+    def test_hostBitsNotedEveryKind(self) -> None:
+        """
+        Host bits are noted in C{allow-to} and C{deny-to} rules too.
+        """
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.write("allow-to 10.1.2.3/16\ndeny-to 10.1.9.9/24\n")
+        self.clock.advance(1)
+        self.policy.refresh()
+        warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(
+            warnings,
+            [
+                f"{self.path}: allow-to 10.1.2.3/16 is taken for the network "
+                "10.1.0.0/16",
+                f"{self.path}: deny-to 10.1.9.9/24 is taken for the network "
+                "10.1.9.0/24",
+            ],
+        )
+
     def test_brokenKeepsRules(self) -> None:
         """
         A file that no longer parses keeps the last good rules, and says why
