@@ -904,6 +904,9 @@ class OverlongRequestLineTests(SynchronousTestCase):
             (b"A" * 9 + b"\x00", 414),
             (b"\r\n" * 5000, 414),
             (b"", 414),
+            # A CR after the empty lines, not followed by LF, ends no line:
+            # the request line starts with it, and a CR is no token.
+            (b"\n\r" + b"A" * 9000, 414),
         ]:
             self.assertEqual(overlongRequestLine(buffer).status, status, buffer)
 

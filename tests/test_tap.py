@@ -1291,6 +1291,15 @@ class RulesFilePolicyTests(SynchronousTestCase):
         [error] = [e for e in events if e["log_level"] == LogLevel.error]
         self.assertIn(self.path, formatEvent(error))
 
+    def test_missingAtStart(self) -> None:
+        """
+        A rules file missing at start-up is a L{ValueError} naming the file,
+        as the class says, for code that builds the policy itself.
+        """
+        missing = self.mktemp()
+        e = self.assertRaises(ValueError, RulesFilePolicy, missing, self.clock)
+        self.assertTrue(str(e).startswith(f"{missing}: "), str(e))
+
 
 class UpstreamOptionsTests(SynchronousTestCase):
     """
