@@ -1530,6 +1530,27 @@ class CanSpliceTests(TestCase):
         self.assertFalse(canSplice(client.transport))
 
     @inlineCallbacks
+    def test_tlsStartedOrHalfClosed(self) -> Yielding[None]:
+        """
+        A TCP transport that has started TLS (C{startTLS} marks it so), or
+        whose writing side is closing, does not qualify.
+        """
+        server, client = yield self.connected(
+            lambda factory: reactor.listenTCP(0, factory, interface="127.0.0.1"),
+            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        )
+        transport: Any = server.transport
+        self.assertTrue(canSplice(transport))
+        transport.TLS = True
+        self.assertFalse(canSplice(transport))
+        transport.TLS = False
+        self.assertTrue(canSplice(transport))
+        transport.loseWriteConnection()
+        # Before the reactor has shut the socket's writing side down.
+        self.assertFalse(transport._writeDisconnected)
+        self.assertFalse(canSplice(transport))
+
+    @inlineCallbacks
     def test_direct(self) -> Yielding[None]:
         """
         A connection L{DirectEndpoint} made (how the proxy reaches address
