@@ -1535,7 +1535,7 @@ class CanSpliceTests(TestCase):
         A TCP transport that has started TLS (C{startTLS} marks it so), or
         whose writing side is closing, does not qualify.
         """
-        server, client = yield self.connected(
+        server, _ = yield self.connected(
             lambda factory: reactor.listenTCP(0, factory, interface="127.0.0.1"),
             lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
         )
