@@ -319,6 +319,16 @@ class SpliceFlowTests(SpliceLoopbackTestCase, integration.FlowTests):
         client.tcp.resumeProducing()
         yield gatherResults([resumed.wait(), client.waitFor(alreadyReceived + MiB)])
 
+        # Once the target stops and the client has everything, the relay
+        # waits to write no more: a destination left registered as a writer
+        # would have the reactor spin on the idle tunnel.
+        source.stopProducing()
+        yield client.waitFor(source.sent)
+        yield deferLater(reactor, 0, lambda: None)
+        self.assertEqual((relay.pipeBytes(), relay.pythonBytes()), ((0, 0), (0, 0)))
+        self.assertFalse(relay.clientEnd.writing)
+        self.assertNotIn(relay.clientEnd, reactor.getWriters())
+
 
 class CopyingTunnelTests(SpliceLoopbackTestCase, integration.TunnelTests):
     """
@@ -338,6 +348,23 @@ class CopyingTunnelTests(SpliceLoopbackTestCase, integration.TunnelTests):
         self.assertEqual(self.pool.opened, 0)
         client.tcp.loseConnection()
         yield self.proxyEnded(1)
+
+
+class OneRoundTunnelTests(SpliceLoopbackTestCase, integration.TunnelTests):
+    """
+    L{integration.TunnelTests} through L{SpliceRelay} moving at most one
+    piece per direction each time it is called: a direction with bytes
+    still to move when its turn ends is taken up again as soon as its
+    destination can be written, not left in the pipe until the source
+    sends more (or the idle timeout ends the tunnel).
+    """
+
+    def setUp(self) -> None:
+        """
+        Let the relay make one round a call.
+        """
+        super().setUp()
+        self.patch(splice, "_ROUNDS", 1)
 
 
 class CopyingFlowTests(SpliceLoopbackTestCase, integration.FlowTests):
@@ -1362,6 +1389,24 @@ class PipePoolTests(SynchronousTestCase):
         pool.release(full, True)
         self.assertEqual((pool.idle, pool.opened), (1, 1))
         self.assertIs(pool.acquire(), full)
+
+    def test_smallerPipeMadeLaterNotKept(self) -> None:
+        """
+        A pipe made smaller than one made before it (the quota used up in
+        between) is not kept either: the size to keep is the largest the
+        pool has made, not the last.
+        """
+        pool = PipePool(SMALL_PIPE * 4, maxIdle=4)
+        self.addCleanup(pool.clear)
+        full = pool.acquire()
+        # As the kernel would give while the user's pipe quota is used up.
+        pool.pipeSize = SMALL_PIPE
+        small = pool.acquire()
+        self.assertEqual((full.size, small.size), (SMALL_PIPE * 4, SMALL_PIPE))
+        pool.release(small, True)
+        self.assertEqual((pool.idle, pool.opened), (0, 1))
+        pool.release(full, True)
+        self.assertEqual((pool.idle, pool.opened), (1, 1))
 
     def test_idleLimit(self) -> None:
         """
