@@ -989,15 +989,9 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         says so (not that the target refused or does not resolve), and a
         log line that gives the reason.
         """
-        from twisted.internet.testing import EventLoggingObserver
-        from twisted.logger import formatEvent, globalLogPublisher
-
         from tunnel.interfaces import UpstreamUnreachable
 
-        events = EventLoggingObserver.createWithCleanup(
-            self,  # type: ignore[arg-type]
-            globalLogPublisher,
-        )
+        lines = self.loggedLines("Parent proxy unreachable")
         self.proxy.dataReceived(HEAD)
         self.connector.endpoint.attempts[0][1].errback(
             UpstreamUnreachable(string="Connection refused")
@@ -1006,11 +1000,7 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertTrue(
             response.endswith(b"\r\n\r\nThe parent proxy could not be reached.\n")
         )
-        [line] = [
-            formatEvent(e)
-            for e in events
-            if "Parent proxy unreachable" in formatEvent(e)
-        ]
+        [line] = lines()
         self.assertIn("Connection refused", line)
 
     def test_parentFailedSaysSo(self) -> None:
@@ -1023,12 +1013,12 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         response = self.assertRejected(502, "target-failed")
         self.assertTrue(response.endswith(b"\r\n\r\nThe parent proxy failed.\n"))
 
-    def parentTimeoutLines(self) -> Callable[[], list[str]]:
+    def loggedLines(self, containing: str) -> Callable[[], list[str]]:
         """
         Start collecting the log's events.
 
-        @return: A function giving the lines about a parent's timeout
-            logged since.
+        @param containing: What the lines wanted contain.
+        @return: A function giving the lines logged since that contain it.
         """
         from twisted.internet.testing import EventLoggingObserver
         from twisted.logger import formatEvent, globalLogPublisher
@@ -1039,11 +1029,7 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         )
 
         def lines() -> list[str]:
-            return [
-                formatEvent(e)
-                for e in events
-                if "Parent proxy timed out" in formatEvent(e)
-            ]
+            return [formatEvent(e) for e in events if containing in formatEvent(e)]
 
         return lines
 
@@ -1055,7 +1041,7 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         """
         from tunnel.interfaces import UpstreamCancelled
 
-        lines = self.parentTimeoutLines()
+        lines = self.loggedLines("Parent proxy timed out")
         for answering, why in [
             (False, "could not reach the parent proxy in time"),
             (True, "the parent proxy did not answer in time"),
@@ -1081,7 +1067,7 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         """
         from tunnel.interfaces import UpstreamCancelled
 
-        lines = self.parentTimeoutLines()
+        lines = self.loggedLines("Parent proxy timed out")
         self.proxy.dataReceived(HEAD)
         self.connector.endpoint.attempts[0][1].errback(UpstreamCancelled(True))
         response = self.assertRejected(502, "target-failed")
@@ -1098,7 +1084,7 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         """
         from tunnel.interfaces import UpstreamTimedOut
 
-        lines = self.parentTimeoutLines()
+        lines = self.loggedLines("Parent proxy timed out")
         self.proxy.dataReceived(HEAD)
         self.connector.endpoint.attempts[0][1].errback(
             UpstreamTimedOut(string="the parent proxy did not answer within 30 s")

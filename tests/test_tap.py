@@ -928,6 +928,17 @@ class RulesFilePolicyTests(SynchronousTestCase):
         stamp = os.stat(self.path).st_mtime_ns + 10**9
         os.utime(self.path, ns=(stamp, stamp))
 
+    def logEvents(self) -> EventLoggingObserver:
+        """
+        Collect the log's events until the test ends.
+
+        @return: The events logged from now on.
+        """
+        return EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+
     def ports(self) -> list[int]:
         """
         Which of some ports the policy allows now (after a client connects,
@@ -977,10 +988,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
         the rules, logs why, and is read at the next look: its change is
         not lost.
         """
-        events = EventLoggingObserver.createWithCleanup(
-            self,  # type: ignore[arg-type]
-            globalLogPublisher,
-        )
+        events = self.logEvents()
         self.write("allow-port 8080\n")
         exhausted = DescriptorsExhausted(self)
         self.clock.advance(1)
@@ -1003,10 +1011,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
         """
         self.write("allow-port 0\n")
         self.assertRaises(ValueError, RulesFilePolicy, self.path, self.clock)
-        events = EventLoggingObserver.createWithCleanup(
-            self,  # type: ignore[arg-type]
-            globalLogPublisher,
-        )
+        events = self.logEvents()
         self.policy = RulesFilePolicy(
             self.path, self.clock, ports=["80"], fallback=b"allow-port 8080\n"
         )
@@ -1046,10 +1051,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
         yet) is not read at start-up: the fallback's rules serve, a warning
         says why, and the file is read once it has settled.
         """
-        events = EventLoggingObserver.createWithCleanup(
-            self,  # type: ignore[arg-type]
-            globalLogPublisher,
-        )
+        events = self.logEvents()
         self.write("allow-port 22\n")
         clock = Clock()
         clock.advance(os.stat(self.path).st_ctime_ns / 1e9 + 0.5)
@@ -1083,10 +1085,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
         one means anyone) says so in a warning; one that keeps some says
         nothing of the kind.
         """
-        events = EventLoggingObserver.createWithCleanup(
-            self,  # type: ignore[arg-type]
-            globalLogPublisher,
-        )
+        events = self.logEvents()
         self.write("allow-from 10.0.0.0/8\nallow-from 192.0.2.0/24\n")
         self.clock.advance(1)
         self.policy.refresh()
@@ -1107,10 +1106,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
         A rule in the file written with host bits set is said to be taken
         for its network, with the file's name.
         """
-        events = EventLoggingObserver.createWithCleanup(
-            self,  # type: ignore[arg-type]
-            globalLogPublisher,
-        )
+        events = self.logEvents()
         self.write("allow-from 192.0.2.7/24\n")
         self.clock.advance(1)
         self.policy.refresh()
@@ -1186,10 +1182,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
         A reload of a file that never limited the clients does not warn
         that it no longer does.
         """
-        events = EventLoggingObserver.createWithCleanup(
-            self,  # type: ignore[arg-type]
-            globalLogPublisher,
-        )
+        events = self.logEvents()
         self.write("allow-port 8080\n")
         self.clock.advance(1)
         self.policy.refresh()
@@ -1199,10 +1192,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
         """
         Host bits are noted in C{allow-to} and C{deny-to} rules too.
         """
-        events = EventLoggingObserver.createWithCleanup(
-            self,  # type: ignore[arg-type]
-            globalLogPublisher,
-        )
+        events = self.logEvents()
         self.write("allow-to 10.1.2.3/16\ndeny-to 10.1.9.9/24\n")
         self.clock.advance(1)
         self.policy.refresh()
@@ -1222,10 +1212,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
         A file that no longer parses keeps the last good rules, and says why
         in the log.
         """
-        events = EventLoggingObserver.createWithCleanup(
-            self,  # type: ignore[arg-type]
-            globalLogPublisher,
-        )
+        events = self.logEvents()
         self.write("allow-port 22\nallow-port 0\n")
         self.clock.advance(1)
         self.assertEqual(self.ports(), [22, 80, 443])
@@ -1249,10 +1236,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
         Looking again at a file that did not change since it was last read
         keeps the rules without re-reading it.
         """
-        events = EventLoggingObserver.createWithCleanup(
-            self,  # type: ignore[arg-type]
-            globalLogPublisher,
-        )
+        events = self.logEvents()
         self.write("allow-port 8080\n")
         for _ in range(3):
             self.clock.advance(1)
@@ -1281,10 +1265,7 @@ class RulesFilePolicyTests(SynchronousTestCase):
         A rules file that disappears (or cannot be read) keeps the last good
         rules, and says why in the log.
         """
-        events = EventLoggingObserver.createWithCleanup(
-            self,  # type: ignore[arg-type]
-            globalLogPublisher,
-        )
+        events = self.logEvents()
         os.remove(self.path)
         self.clock.advance(1)
         self.assertEqual(self.ports(), [22, 80, 443])

@@ -732,6 +732,20 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         failure = self.failureResultOf(result, UpstreamProtocolError)
         self.assertIn("closed the connection before answering", str(failure.value))
 
+    def parentConnectionFails(self, error: Exception) -> Deferred[Any]:
+        """
+        Start an attempt whose connection to the parent fails with C{error}.
+
+        @return: The attempt's Deferred, once the endpoint has reported.
+        """
+        result = self.endpoint().connect(self.factory)
+        [(_, _, factory, _, _)] = self.reactor.tcpClients
+        [connector] = self.reactor.connectors
+        factory.clientConnectionFailed(connector, Failure(error))
+        # HostnameEndpoint reports once its (single) address was tried.
+        self.reactor.advance(1)
+        return result
+
     def test_parentUnreachable(self) -> None:
         """
         When the parent cannot be reached the Deferred fails with
@@ -739,12 +753,7 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         connection error: not with the bare error, which the proxy would
         report as the target's.
         """
-        result = self.endpoint().connect(self.factory)
-        [(_, _, factory, _, _)] = self.reactor.tcpClients
-        [connector] = self.reactor.connectors
-        factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
-        # HostnameEndpoint reports once its (single) address was tried.
-        self.reactor.advance(1)
+        result = self.parentConnectionFails(ConnectionRefusedError())
         failure = self.failureResultOf(result, UpstreamUnreachable)
         self.assertIsInstance(failure.value, ConnectError)
         self.assertIn("could not be reached", str(failure.value))
@@ -799,11 +808,7 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         that names the parent, not a bare timeout to be read as the
         target's.
         """
-        result = self.endpoint().connect(self.factory)
-        [(_, _, factory, _, _)] = self.reactor.tcpClients
-        [connector] = self.reactor.connectors
-        factory.clientConnectionFailed(connector, Failure(TimeoutError()))
-        self.reactor.advance(1)
+        result = self.parentConnectionFails(TimeoutError())
         failure = self.failureResultOf(result, UpstreamTimedOut)
         self.assertIn("could not reach the parent proxy: ", str(failure.value))
 

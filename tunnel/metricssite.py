@@ -119,16 +119,18 @@ class _MetricsChannel(http.HTTPChannel):
         sending a byte every few seconds would keep the connection for
         ever.
         """
+        self._stopWaitingForHead()
+        self._headCall = self.callLater(self.site.timeOut, self.timeoutConnection)
+
+    def _stopWaitingForHead(self) -> None:
         if self._headCall is not None and self._headCall.active():
             self._headCall.cancel()
-        self._headCall = self.callLater(self.site.timeOut, self.timeoutConnection)
 
     def allHeadersReceived(self) -> None:
         """
         The head arrived in time.
         """
-        if self._headCall is not None and self._headCall.active():
-            self._headCall.cancel()
+        self._stopWaitingForHead()
         super().allHeadersReceived()
 
     def requestDone(self, request: http.Request) -> None:

@@ -753,10 +753,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
         elif reason.check(UpstreamTimedOut) or (
             self._timedOut and reason.check(UpstreamCancelled)
         ):
+            value = reason.value
             why = (
-                cast(UpstreamCancelled, reason.value).timeoutText(None)
-                if reason.check(UpstreamCancelled)
-                else str(reason.value)
+                value.timeoutText(None)
+                if isinstance(value, UpstreamCancelled)
+                else str(value)
             )
             self._log.info(
                 "Parent proxy timed out for {target}: {why}",

@@ -410,8 +410,8 @@ def _chainErrorText(error: int, depth: int) -> str:
 
     @param error: OpenSSL's C{X509_V_ERR_*} code.
     @param depth: Where in the chain: 0 for the parent's own certificate.
-    @return: For instance C{"certificate verify failed: certificate has
-        expired (the parent's certificate)"}.
+    @return: For instance C{"certificate has expired (the parent's
+        certificate)"}.
     """
     what = _CHAIN_ERRORS.get(error, f"X509 error {error}")
     where = (
@@ -419,7 +419,26 @@ def _chainErrorText(error: int, depth: int) -> str:
         if depth == 0
         else f"an issuer's certificate, depth {depth}"
     )
-    return f"certificate verify failed: {what} ({where})"
+    return f"{what} ({where})"
+
+
+def _nameMismatch(certificate: Any, identity: Any, host: str) -> str | None:
+    """
+    Say why the parent's certificate is not for its name, if it is not.
+
+    @param certificate: The certificate (pyOpenSSL's X509).
+    @param identity: service_identity's ID of the name asked for.
+    @param host: That name, as the log shows it.
+    @return: Why not, or L{None} if the certificate names it.
+    @raise Exception: If the check cannot be made.
+    """
+    try:
+        verify_service_identity(extract_patterns(certificate), [identity], [])
+    except VerificationError:
+        return f"the parent's certificate does not name {host} in its subjectAltName"
+    except CertificateError:
+        return "the parent's certificate names no host in a subjectAltName"
+    return None
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -467,35 +486,26 @@ class _StrictIdentity:
             depth: int,
             ok: int,
         ) -> bool:
-            if not ok:
-                # OpenSSL's own words would be "certificate verify failed",
-                # whatever failed: the log says which check.
-                tlsProtocol.failVerification(
-                    Failure(CertificateError(_chainErrorText(error, depth)))
-                )
-                return False
-            # Only the parent's own certificate, once its chain is good.
-            if depth != 0:
+            if ok and depth != 0:
+                # An issuer, its part of the chain good.
                 return True
             try:
-                verify_service_identity(extract_patterns(certificate), [identity], [])
-            except VerificationError:
-                why = f"does not name {host} in its subjectAltName"
-            except CertificateError:
-                why = "names no host in a subjectAltName"
+                # OpenSSL's own words would be "certificate verify failed",
+                # whatever failed: the log says which check.
+                why = (
+                    _nameMismatch(certificate, identity, host)
+                    if ok
+                    else _chainErrorText(error, depth)
+                )
             except Exception:
                 # A check that could not be made: no match either.  (An
                 # exception must not escape into OpenSSL.)
                 tlsProtocol.failVerification(Failure())
                 return False
-            else:
+            if why is None:
                 return True
             tlsProtocol.failVerification(
-                Failure(
-                    CertificateError(
-                        f"certificate verify failed: the parent's certificate {why}"
-                    )
-                )
+                Failure(CertificateError(f"certificate verify failed: {why}"))
             )
             return False
 
