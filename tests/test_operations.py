@@ -219,6 +219,29 @@ class AccessLogObserverTests(SynchronousTestCase):
         with open(path) as f:
             self.assertEqual(len(f.read().splitlines()), 1)
 
+    def test_reopenIfMoved(self) -> None:
+        """
+        C{reopenIfMoved} reopens only when the path no longer names the file
+        open: not while it does, but after a rename, and after a removal
+        (making the file anew).
+        """
+        path = self.mktemp()
+        observer = AccessLogObserver(path)
+        self.assertFalse(observer.reopenIfMoved())
+        observer(EVENT)
+        os.rename(path, path + ".1")
+        self.assertTrue(observer.reopenIfMoved())
+        observer(EVENT)
+        self.assertFalse(observer.reopenIfMoved())
+        os.remove(path)
+        self.assertTrue(observer.reopenIfMoved())
+        observer(EVENT)
+        observer.close()
+        with open(path + ".1") as f:
+            self.assertEqual(len(f.read().splitlines()), 1)
+        with open(path) as f:
+            self.assertEqual(len(f.read().splitlines()), 1)
+
     def test_stdout(self) -> None:
         """
         C{-} writes to standard output, which reopen and close leave alone.
@@ -228,6 +251,7 @@ class AccessLogObserverTests(SynchronousTestCase):
         observer = AccessLogObserver("-")
         observer(EVENT)
         observer.reopen()
+        self.assertFalse(observer.reopenIfMoved())
         observer(EVENT)
         observer.close()
         self.assertFalse(stdout.closed)
@@ -517,6 +541,27 @@ class ServiceObserverTests(SynchronousTestCase):
         self.assertEqual(factory.tunnelObservers, [])
         self.successResultOf(service.stopService())
         self.assertEqual(factory.tunnelObservers, [])
+
+    def test_startCatchesUpOnRotation(self) -> None:
+        """
+        An access log rotated after it was opened but before the service
+        started (a worker starting while logrotate runs: the SIGUSR1 came
+        before anything handled it) is reopened when the service starts, so
+        records go to the file the path names, not to the rotated one.
+        """
+        path = self.mktemp()
+        observer = AccessLogObserver(path)
+        os.rename(path, path + ".1")
+        service = ProxyService(
+            ConnectProxyFactory(reactor=MemoryReactorClock()), observers=[observer]
+        )
+        service.startService()
+        observer(EVENT)
+        self.successResultOf(service.stopService())
+        with open(path) as f:
+            self.assertEqual(len(f.read().splitlines()), 1)
+        with open(path + ".1") as f:
+            self.assertEqual(f.read(), "")
 
     def test_listenersStoppedOnceStopping(self) -> None:
         """

@@ -364,7 +364,9 @@ class RespawnTests(SynchronousTestCase):
         """
         SIGUSR1 goes only to workers that have logged a record, that is,
         that ignore it by now: before that, its default action would kill a
-        worker still starting.  SIGTERM goes to every worker.
+        worker still starting (worker 1 gets the one held back from it when
+        it logs, then the next; worker 0 never logs and gets none).  SIGTERM
+        goes to every worker.
         """
         # Whatever handler was there before is not this test's business
         # (but is put back when the supervisor stops).
@@ -381,7 +383,33 @@ class RespawnTests(SynchronousTestCase):
         self.supervisor.signalWorkers(signal.SIGTERM)
         self.assertEqual(
             [process.signals for process in self.supervisor.workers.values()],
-            [[signal.SIGTERM], [signal.SIGUSR1, signal.SIGTERM]],
+            [[signal.SIGTERM], [signal.SIGUSR1, signal.SIGUSR1, signal.SIGTERM]],
+        )
+
+    def test_usr1HeldUntilReady(self) -> None:
+        """
+        A SIGUSR1 held back from a worker that was not ready yet is sent to
+        it, once, as soon as it logs its first record: a worker starting
+        while logrotate runs must not go on writing to the rotated log.
+        """
+        self.supervisor.signalWorkers(signal.SIGUSR1, readyOnly=True)
+        self.assertEqual(
+            [process.signals for process in self.supervisor.workers.values()],
+            [[], []],
+        )
+        record = formatWorkerRecord(
+            {"log_level": LogLevel.info, "log_namespace": "x", "log_format": "up"}
+        ).encode()
+        self.supervisor._protocols[1].childDataReceived(1, record)
+        self.supervisor._protocols[1].childDataReceived(1, record)
+        self.assertEqual(
+            [process.signals for process in self.supervisor.workers.values()],
+            [[], [signal.SIGUSR1]],
+        )
+        self.supervisor._protocols[0].childDataReceived(1, record)
+        self.assertEqual(
+            [process.signals for process in self.supervisor.workers.values()],
+            [[signal.SIGUSR1], [signal.SIGUSR1]],
         )
 
     def test_spawnFailureRetried(self) -> None:

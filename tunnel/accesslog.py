@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -244,6 +245,26 @@ class AccessLogObserver:
         with contextlib.suppress(OSError):
             old.close()
         return True
+
+    def reopenIfMoved(self) -> bool:
+        """
+        Reopen the file if its path no longer names the file open: it was
+        renamed or removed (by logrotate, say) since it was opened, before
+        a SIGUSR1 could ask for the reopen.
+
+        @return: Whether the file was reopened.
+        """
+        if self._path == "-":
+            return False
+        try:
+            named = os.stat(self._path)
+            opened = os.fstat(self._file.fileno())
+        except (OSError, ValueError):
+            # Gone (or the open file closed): a reopen makes the file anew.
+            return self.reopen()
+        if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
+            return False
+        return self.reopen()
 
     def close(self) -> None:
         """

@@ -152,6 +152,13 @@ class ProxyService(MultiService):
             # the listeners started: a service that failed to start is
             # never stopped, and must not leave its handler behind.
             self._previousUSR1 = signal.signal(signal.SIGUSR1, self._onUSR1)
+        # A log rotated between the file's opening and now (a worker
+        # starting while logrotate runs) sent its SIGUSR1 before this
+        # service could take it: catch up, after the handler is in place so
+        # that no later rotation falls between the two.
+        for observer in self.observers:
+            if isinstance(observer, AccessLogObserver):
+                observer.reopenIfMoved()
 
     def _onUSR1(self, signum: int, frame: Any) -> None:
         # Signal handlers may run at any point; do the work on the reactor.

@@ -333,6 +333,8 @@ class _WorkerProtocol(ProcessProtocol):
         self.ended: Deferred[None] = Deferred()
         # A worker writes log records only once it ignores SIGUSR1.
         self.ready = False
+        # Signals held back until it is ready (see signalWorkers).
+        self.held: set[int] = set()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         separator = _RECORD_END.encode() if childFD == 1 else b"\n"
@@ -358,7 +360,11 @@ class _WorkerProtocol(ProcessProtocol):
                     fields[1],
                     fields[2],
                 )
-                self.ready = True
+                if not self.ready:
+                    self.ready = True
+                    held, self.held = self.held, set()
+                    for signum in sorted(held):
+                        self._supervisor.signalWorker(self.number, signum)
         self._log.emit(
             level,
             "worker {number}: [{workerNamespace}] {text}",
@@ -481,19 +487,34 @@ class WorkerSupervisor(Service):
         Send C{signum} to every worker.
 
         @param signum: The signal.
-        @param readyOnly: Skip the workers that have not logged anything
-            yet: until then a worker may not handle the signal (SIGUSR1's
-            default action would kill it), and it has opened no log to
-            reopen.
+        @param readyOnly: Hold it back from the workers that have not
+            logged anything yet, and send it to each when it does: until
+            then a worker may not handle the signal (SIGUSR1's default
+            action would kill it).  A worker that is told to reopen its log
+            while it starts must not miss it.
         """
-        for number, process in self.workers.items():
+        for number in list(self.workers):
             protocol = self._protocols.get(number)
             if readyOnly and not (protocol is not None and protocol.ready):
+                if protocol is not None:
+                    protocol.held.add(signum)
                 continue
-            try:
-                process.signalProcess(signum)
-            except Exception:
-                self._log.failure("Could not signal a worker")
+            self.signalWorker(number, signum)
+
+    def signalWorker(self, number: int, signum: int) -> None:
+        """
+        Send C{signum} to one worker, if it runs.
+
+        @param number: The worker's number.
+        @param signum: The signal.
+        """
+        process = self.workers.get(number)
+        if process is None:
+            return
+        try:
+            process.signalProcess(signum)
+        except Exception:
+            self._log.failure("Could not signal a worker")
 
     def _refreshKeptFiles(self) -> None:
         for kept in self._keptFiles:
