@@ -29,7 +29,7 @@ from twisted.web.server import Site
 
 from tests.fakes import FakeGetaddrinfo, ManualWorkers, ThreadReactor
 from tests.test_resolver import RecordingReceiver
-from tests.test_server import ProxyTestMixin, RecordingConnector
+from tests.test_server import PendingChecker, ProxyTestMixin, RecordingConnector
 from tunnel.accesslog import (
     ACCESS_FIELDS,
     AccessLogObserver,
@@ -37,6 +37,7 @@ from tunnel.accesslog import (
     formatAccessJSON,
     formatAccessText,
 )
+from tunnel.auth import portalFromCheckers
 from tunnel.connector import HostnameConnector
 from tunnel.metrics import MetricsUnavailable, ProxyMetrics, metricsResource
 from tunnel.resolver import ThreadedResolver
@@ -665,6 +666,38 @@ class DrainTests(ProxyTestMixin, SynchronousTestCase):
         self.factory.drain(30)
         self.proxy.dataReceived(b"\r\n")
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 503 "))
+
+    def test_refusedBeforeAnyCheck(self) -> None:
+        """
+        During the drain a completed request gets the 503 before its
+        credentials or its target are looked at: no password is checked
+        for a request refused anyway, and one the policy would refuse gets
+        the 503 too (as the README says), not a 403.
+        """
+        checker = PendingChecker()
+        self.factory.portal = portalFromCheckers([checker])
+        self.proxy.dataReceived(b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: h\r\n")
+        self.factory.drain(30)
+        self.proxy.dataReceived(b"Proxy-Authorization: Basic YWxpY2U6cHc=\r\n\r\n")
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 503 "))
+        self.assertEqual(checker.credentials, [])
+        self.assertEqual(self.connector.targets, [])
+
+    def test_loginOutlastsDrainStart(self) -> None:
+        """
+        A request whose login was still being checked when the drain began
+        gets the 503 once the login succeeds, and no target is reached.
+        """
+        checker = PendingChecker()
+        self.factory.portal = portalFromCheckers([checker])
+        self.proxy.dataReceived(
+            b"CONNECT target.example:443 HTTP/1.1\r\nHost: h\r\n"
+            b"Proxy-Authorization: Basic YWxpY2U6cHc=\r\n\r\n"
+        )
+        self.factory.drain(30)
+        checker.pending[0].callback(b"alice")
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 503 "))
+        self.assertEqual(self.connector.targets, [])
 
     def test_timeout(self) -> None:
         """

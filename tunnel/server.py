@@ -450,6 +450,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
             # the reactor's "Unhandled Error" and a silent close.
             self._failedInternally(Failure(), "parsing the request head")
             return
+        if self._refusedForDrain():
+            # Before the login: no password check for a request refused anyway.
+            return
         # The same timer now bounds authentication and reaching the target.
         self.setTimeout(factory.connectTimeout)
         self._request = request
@@ -607,14 +610,25 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if refusal is not None:
             self._reject(refusal)
             return
-        if self.factory.draining:
-            self._reject(
-                RequestRejected(
-                    503, "The proxy is shutting down.", [(b"Retry-After", b"1")]
-                )
-            )
+        if self._refusedForDrain():
+            # The drain began while the login was checked.
             return
         self._connect(request)
+
+    def _refusedForDrain(self) -> bool:
+        """
+        Answer C{503} if the factory drains.
+
+        @return: Whether it did.
+        """
+        if not self.factory.draining:
+            return False
+        self._reject(
+            RequestRejected(
+                503, "The proxy is shutting down.", [(b"Retry-After", b"1")]
+            )
+        )
+        return True
 
     # Reaching the target.
 
