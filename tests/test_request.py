@@ -17,10 +17,12 @@ from tunnel.request import (
     ConnectRequest,
     RequestRejected,
     findHeadEnd,
+    isHeadRequest,
     overlongRequestLine,
     parseAuthority,
     parseConnectHead,
     requestLineLength,
+    strayCarriageReturn,
 )
 
 # Every status the parser may answer with.
@@ -63,6 +65,82 @@ class RequestLineLengthTests(SynchronousTestCase):
             (b"\r\n\r\rab\r\n", 6),
         ]:
             self.assertEqual(requestLineLength(buffer), length, buffer)
+
+
+def hasBareCR(buffer: bytes) -> bool:
+    """
+    Whether a CR in C{buffer} is followed by anything but LF, byte by byte.
+    """
+    return any(
+        buffer[i : i + 1] == b"\r" and buffer[i + 1 : i + 2] != b"\n"
+        for i in range(len(buffer) - 1)
+    )
+
+
+class StrayCarriageReturnTests(SynchronousTestCase):
+    """
+    Tests for L{strayCarriageReturn} and L{isHeadRequest}.
+    """
+
+    def test_examples(self) -> None:
+        """
+        A CR followed by anything but LF is refused with 400; CRLFs, bare
+        LFs and a CR at the very end (which may start a CRLF) are not.
+        """
+        for buffer in [
+            b"",
+            b"\r",
+            b"CONNECT a:1 HTTP/1.1\r\nHost: h\r",
+            b"CONNECT a:1 HTTP/1.1\nHost: h\n",
+            b"\r\n\r\nCONNECT",
+        ]:
+            self.assertIsNone(strayCarriageReturn(buffer), buffer)
+        for buffer in [
+            b"\r\r",
+            b"CONNECT a:1 HTTP/1.1\rHost: h",
+            b"CONNECT a:1 HTTP/1.1\r\r\n",
+            b"\rCONNECT",
+        ]:
+            rejected = strayCarriageReturn(buffer)
+            assert rejected is not None, buffer
+            self.assertEqual(
+                (rejected.status, rejected.detail),
+                (400, "A bare CR is not a line ending."),
+            )
+
+    def test_fromWhereItLeftOff(self) -> None:
+        """
+        Given where the last look ended, a CR just before it is judged by
+        the byte after it, and what came before it is not looked at again.
+        """
+        self.assertIsNotNone(strayCarriageReturn(b"abc\rx", 4))
+        self.assertIsNone(strayCarriageReturn(b"abc\r\nx", 5))
+        self.assertIsNone(strayCarriageReturn(b"a\rbc\r\nx", 5))
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b" "]), max_size=40))
+    def test_piecesAgreeWithWhole(self, pieces: list[bytes]) -> None:
+        """
+        Looking at a head as it grows, piece by piece, each time from where
+        the last look ended, finds a bare CR exactly when one is there.
+        """
+        buffer = b""
+        found = False
+        for piece in pieces:
+            start, buffer = len(buffer), buffer + piece
+            found = found or strayCarriageReturn(buffer, start) is not None
+        self.assertEqual(found, hasBareCR(buffer))
+
+    def test_isHeadRequest(self) -> None:
+        """
+        A head asks for C{HEAD} when that is its method, after any empty
+        lines.
+        """
+        self.assertTrue(isHeadRequest(b"HEAD / HTTP/1.1\r\n"))
+        self.assertTrue(isHeadRequest(b"\r\n\nHEAD "))
+        self.assertFalse(isHeadRequest(b"HEADER / HTTP/1.1"))
+        self.assertFalse(isHeadRequest(b"GET / HTTP/1.1"))
+        self.assertFalse(isHeadRequest(b"head / HTTP/1.1"))
 
 
 class ParseConnectHeadTests(SynchronousTestCase):

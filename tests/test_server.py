@@ -389,6 +389,37 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         self.assertIn(b"\r\nAllow: CONNECT\r\n", self.assertRejected(405))
 
+    def test_headGetsNoContent(self) -> None:
+        """
+        The error answering a C{HEAD} request carries no content (RFC 9110
+        section 9.3.2), only its head: whether the head parsed (405) or
+        could not (414, for a request line too long).
+        """
+        self.proxy.dataReceived(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = self.client.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 405 "), response)
+        self.assertIn(b"\r\nAllow: CONNECT\r\n", response)
+        self.assertTrue(response.endswith(b"\r\n\r\n"), response)
+        proxy, client = self.connectClient()
+        proxy.dataReceived(b"HEAD /" + b"a" * self.factory.maxRequestLine)
+        response = client.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 414 "), response)
+        self.assertTrue(response.endswith(b"\r\n\r\n"), response)
+
+    def test_bareCarriageReturnsWhileIncomplete(self) -> None:
+        """
+        A head whose lines end in bare CRs gets 400 as soon as a CR is
+        followed by anything but LF, even split between two reads: its end
+        is never found, so the client would otherwise wait for the header
+        timeout (408), or be told its request line is too long (414).
+        """
+        self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r")
+        self.assertEqual(self.client.value(), b"")
+        self.proxy.dataReceived(b"Host: h\r\r")
+        response = self.assertRejected(400)
+        self.assertIn(b"A bare CR is not a line ending.", response)
+        self.assertEqual(self.connector.targets, [])
+
     def test_versionNotSupported(self) -> None:
         """
         HTTP/2.0 in a request line gets 505.
@@ -1710,13 +1741,20 @@ class HelperTests(SynchronousTestCase):
     def test_errorResponse(self) -> None:
         """
         An error response has the status line, a text body and its length,
-        C{Connection: close}, and any extra fields.
+        C{Connection: close}, and any extra fields; without its content (for
+        C{HEAD}) it still gives the body's length.
         """
         self.assertEqual(
             errorResponse(405, "No.", ((b"Allow", b"CONNECT"),)),
             b"HTTP/1.1 405 Method Not Allowed\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: 4\r\nConnection: close\r\nAllow: CONNECT\r\n\r\nNo.\n",
+        )
+        self.assertEqual(
+            errorResponse(405, "No.", ((b"Allow", b"CONNECT"),), content=False),
+            b"HTTP/1.1 405 Method Not Allowed\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: 4\r\nConnection: close\r\nAllow: CONNECT\r\n\r\n",
         )
 
     def test_dated(self) -> None:

@@ -53,6 +53,7 @@ def errorResponse(
     detail: str,
     headers: tuple[tuple[bytes, bytes], ...] = (),
     date: bytes | None = None,
+    content: bool = True,
 ) -> bytes:
     """
     Build a complete error response that ends the connection.
@@ -62,6 +63,9 @@ def errorResponse(
     @param headers: Extra header fields.
     @param date: The C{Date} field's value (see L{httpDate}): a server
         with a clock sends one (RFC 9110 section 6.6.1).
+    @param content: Whether to send the body; without it (the answer to a
+        C{HEAD} request) the head still gives the body's type and length,
+        as RFC 9110 section 9.3.2 allows.
     @return: The bytes to send.
     """
     body = detail.encode("utf-8")
@@ -76,4 +80,4 @@ def errorResponse(
         b"Connection: close",
     ]
     lines.extend(name + b": " + value for name, value in headers)
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+    return b"\r\n".join(lines) + b"\r\n\r\n" + (body if content else b"")

@@ -24,12 +24,15 @@ __all__ = [
     "RequestRejected",
     "findHeadEnd",
     "formatAuthority",
+    "isHeadRequest",
     "overlongRequestLine",
     "parseAuthority",
     "parseConnectHead",
     "requestLineLength",
+    "strayCarriageReturn",
 ]
 
+_BARE_CR = "A bare CR is not a line ending."
 # RFC 9110 section 5.6.2: token = 1*tchar.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # RFC 9112 section 2.3: HTTP-version is case-sensitive, one digit each.
@@ -143,6 +146,7 @@ class RequestRejected(Exception):
     @ivar status: The HTTP status code to answer with.
     @ivar detail: A short human-readable explanation for the response body.
     @ivar headers: Extra header fields for the response.
+    @ivar content: Whether the response carries the body.
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class RequestRejected(Exception):
         status: int,
         detail: str,
         headers: Sequence[tuple[bytes, bytes]] = (),
+        content: bool = True,
     ) -> None:
         """
         @param status: The HTTP status code to answer with.
@@ -157,11 +162,14 @@ class RequestRejected(Exception):
             body.
         @param headers: Extra header fields for the response, as
             C{(name, value)} pairs.
+        @param content: Whether the response carries the body, which an
+            answer to C{HEAD} must not (RFC 9110 section 9.3.2).
         """
         super().__init__(status, detail)
         self.status = status
         self.detail = detail
         self.headers = tuple(headers)
+        self.content = content
 
 
 def formatAuthority(host: str, port: int) -> str:
@@ -250,6 +258,39 @@ def requestLineLength(buffer: bytes) -> int:
         return len(buffer) - buffer.endswith(b"\r")
     # The line after the empty lines is not empty, so this CR is its own.
     return end - buffer.endswith(b"\r", 0, end)
+
+
+def strayCarriageReturn(buffer: bytes, start: int = 0) -> RequestRejected | None:
+    """
+    The refusal of a head, perhaps incomplete, in which a CR is followed by
+    anything but LF (RFC 9112 section 2.2: a bare CR is invalid).  Checked
+    while the head is still coming: the end of a head whose lines end in
+    bare CRs is never found, and the client would wait for a timeout, or be
+    told its request line is too long.
+
+    @param buffer: The start of a request head.
+    @param start: Where to start looking; the bytes before it were looked
+        at already, but for a CR just before it, which needs the byte after
+        it to be told.
+    @return: The C{400} to answer with, or L{None}: no bare CR yet (a CR
+        at the end of C{buffer} may still start a CRLF).
+    """
+    start = max(0, start - 1)
+    crs = buffer.count(b"\r", start) - buffer.endswith(b"\r")
+    if crs > buffer.count(b"\r\n", start):
+        return RequestRejected(400, _BARE_CR)
+    return None
+
+
+def isHeadRequest(buffer: bytes) -> bool:
+    """
+    Whether C{buffer}, the start of a request head, asks for C{HEAD}: the
+    answer must then carry no content (RFC 9110 section 9.3.2).
+
+    @param buffer: The start of a request head.
+    @return: Whether its method is C{HEAD}.
+    """
+    return buffer.startswith(b"HEAD ", _emptyLinesLength(buffer))
 
 
 def overlongRequestLine(buffer: bytes) -> RequestRejected:
@@ -520,7 +561,7 @@ def parseConnectHead(
         # A CR may only end a line, just before its LF.
         head = head.replace(b"\r\n", b"\n")
         if b"\r" in head:
-            raise RequestRejected(400, "A bare CR is not a line ending.")
+            raise RequestRejected(400, _BARE_CR)
     # The empty lines before the request line go at once: deleting them one
     # by one from the list of lines takes time in the square of their number.
     lines = head.lstrip(b"\n").split(b"\n")

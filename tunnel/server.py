@@ -76,9 +76,11 @@ from .request import (
     ConnectRequest,
     RequestRejected,
     findHeadEnd,
+    isHeadRequest,
     overlongRequestLine,
     parseConnectHead,
     requestLineLength,
+    strayCarriageReturn,
 )
 from .splice import SpliceRelay, canSplice, spliceAvailable
 
@@ -425,11 +427,16 @@ class ConnectProxy(Protocol, TimeoutMixin):
         window = self._buffer + data[: limit + 4 - buffered]
         found = findHeadEnd(window, max(0, buffered - 3), skipEmptyLines=True)
         if found is None:
-            if requestLineLength(window) > factory.maxRequestLine:
+            stray = strayCarriageReturn(window, buffered)
+            if stray is not None:
+                self._refuseHead(stray, window)
+            elif requestLineLength(window) > factory.maxRequestLine:
                 # 414, or 501 for a method longer than any known.
-                self._reject(overlongRequestLine(window))
+                self._refuseHead(overlongRequestLine(window), window)
             elif len(window) > limit:
-                self._reject(RequestRejected(431, "The request head is too large."))
+                self._refuseHead(
+                    RequestRejected(431, "The request head is too large."), window
+                )
             else:
                 self._buffer = window
             return
@@ -438,12 +445,14 @@ class ConnectProxy(Protocol, TimeoutMixin):
         early = data[consumed - buffered :]
         self._buffer = b""
         if headLength > limit:
-            self._reject(RequestRejected(431, "The request head is too large."))
+            self._refuseHead(
+                RequestRejected(431, "The request head is too large."), head
+            )
             return
         try:
             request = parseConnectHead(head, factory.maxRequestLine)
         except RequestRejected as rejected:
-            self._reject(rejected)
+            self._refuseHead(rejected, head)
             return
         except Exception:
             # A request the parser did not foresee is answered, not left to
@@ -461,6 +470,20 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if early:
             self.dataReceived(early)
         self._authenticate(request)
+
+    def _refuseHead(self, rejected: RequestRejected, head: bytes) -> None:
+        """
+        Answer a request head that cannot be served with C{rejected}: with
+        no content if it asks for C{HEAD}.
+
+        @param rejected: The refusal.
+        @param head: The request head, perhaps incomplete.
+        """
+        if isHeadRequest(head):
+            rejected = RequestRejected(
+                rejected.status, rejected.detail, rejected.headers, content=False
+            )
+        self._reject(rejected)
 
     def timeoutConnection(self) -> None:
         """
@@ -831,6 +854,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 rejected.detail,
                 rejected.headers,
                 self.factory.date(),
+                rejected.content,
             )
         )
         if canHalfClose(self._client) and self._mayLinger():
