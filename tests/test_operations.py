@@ -6,6 +6,7 @@ service and its graceful drain.
 from __future__ import annotations
 
 import builtins
+import errno
 import io
 import json
 import os
@@ -240,6 +241,33 @@ class AccessLogObserverTests(SynchronousTestCase):
         observer.close()
         with open(path + ".1") as f:
             self.assertEqual(len(f.read().splitlines()), 1)
+        with open(path) as f:
+            self.assertEqual(len(f.read().splitlines()), 1)
+
+    def test_reopenIfMovedCannotTell(self) -> None:
+        """
+        A path that cannot be looked at (a log opened as root in a
+        directory the user the proxy runs as cannot search) is not taken
+        for a removed file: no reopen is tried, so none fails, and records
+        go on to the file open.
+        """
+        path = self.mktemp()
+        observer = AccessLogObserver(path)
+
+        def denied(path: str) -> os.stat_result:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+
+        events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.patch(os, "stat", denied)
+        opening = self.patch(builtins, "open", denied)
+        self.assertFalse(observer.reopenIfMoved())
+        observer(EVENT)
+        observer.close()
+        opening.restore()
+        self.assertEqual([formatEvent(event) for event in events], [])
         with open(path) as f:
             self.assertEqual(len(f.read().splitlines()), 1)
 
@@ -682,6 +710,19 @@ class DrainTests(ProxyTestMixin, SynchronousTestCase):
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 503 "))
         self.assertEqual(checker.credentials, [])
         self.assertEqual(self.connector.targets, [])
+
+    def test_drainRefusalNamesTarget(self) -> None:
+        """
+        A CONNECT refused with 503 for the drain is logged as a CONNECT to
+        its target, like any refusal of a parsed request.
+        """
+        self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
+        self.factory.drain(30)
+        self.proxy.dataReceived(b"Host: h\r\n\r\n")
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["status"], 503)
+        self.assertEqual(event["target"], "target.example:443")
+        self.assertIn(" CONNECT target.example:443 503 ", event["line"])
 
     def test_loginOutlastsDrainStart(self) -> None:
         """

@@ -406,6 +406,17 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertTrue(response.startswith(b"HTTP/1.1 414 "), response)
         self.assertTrue(response.endswith(b"\r\n\r\n"), response)
 
+    def test_headTimeoutHasNoContent(self) -> None:
+        """
+        The 408 answering an incomplete C{HEAD} head carries no content
+        either.
+        """
+        self.proxy.dataReceived(b"HEAD / HTTP/1.1\r\nHost: a\r\n")
+        self.clock.advance(self.factory.headerTimeout)
+        response = self.client.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 408 "), response)
+        self.assertTrue(response.endswith(b"\r\n\r\n"), response)
+
     def test_bareCarriageReturnsWhileIncomplete(self) -> None:
         """
         A head whose lines end in bare CRs gets 400 as soon as a CR is

@@ -412,6 +412,24 @@ class RespawnTests(SynchronousTestCase):
             [[signal.SIGUSR1], [signal.SIGUSR1]],
         )
 
+    def test_heldSignalNotSentAtEnd(self) -> None:
+        """
+        A worker that ends with its first record unfinished is not sent the
+        signal held back from it when that record is passed on at its end:
+        the process is gone (signalling it would fail, and log a
+        traceback).
+        """
+        self.supervisor.signalWorkers(signal.SIGUSR1, readyOnly=True)
+        process = self.supervisor.workers[0]
+        record = formatWorkerRecord(
+            {"log_level": LogLevel.info, "log_namespace": "x", "log_format": "up"}
+        ).encode()
+        protocol = self.supervisor._protocols[0]
+        # The record without its end: the worker died writing it.
+        protocol.childDataReceived(1, record[: record.index(b"\x1e")])
+        protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        self.assertEqual(process.signals, [])
+
     def test_spawnFailureRetried(self) -> None:
         """
         A replacement that cannot be started (fork failing for a while) is

@@ -257,11 +257,15 @@ class AccessLogObserver:
         if self._path == "-":
             return False
         try:
-            named = os.stat(self._path)
             opened = os.fstat(self._file.fileno())
-        except (OSError, ValueError):
+            named = os.stat(self._path)
+        except (FileNotFoundError, ValueError):
             # Gone (or the open file closed): a reopen makes the file anew.
             return self.reopen()
+        except OSError:
+            # Not to be told (the directory not searchable by the user the
+            # proxy runs as, say): a SIGUSR1 still reopens it.
+            return False
         if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
             return False
         return self.reopen()

@@ -146,7 +146,6 @@ class RequestRejected(Exception):
     @ivar status: The HTTP status code to answer with.
     @ivar detail: A short human-readable explanation for the response body.
     @ivar headers: Extra header fields for the response.
-    @ivar content: Whether the response carries the body.
     """
 
     def __init__(
@@ -154,7 +153,6 @@ class RequestRejected(Exception):
         status: int,
         detail: str,
         headers: Sequence[tuple[bytes, bytes]] = (),
-        content: bool = True,
     ) -> None:
         """
         @param status: The HTTP status code to answer with.
@@ -162,14 +160,11 @@ class RequestRejected(Exception):
             body.
         @param headers: Extra header fields for the response, as
             C{(name, value)} pairs.
-        @param content: Whether the response carries the body, which an
-            answer to C{HEAD} must not (RFC 9110 section 9.3.2).
         """
         super().__init__(status, detail)
         self.status = status
         self.detail = detail
         self.headers = tuple(headers)
-        self.content = content
 
 
 def formatAuthority(host: str, port: int) -> str:

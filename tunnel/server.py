@@ -427,41 +427,35 @@ class ConnectProxy(Protocol, TimeoutMixin):
         window = self._buffer + data[: limit + 4 - buffered]
         found = findHeadEnd(window, max(0, buffered - 3), skipEmptyLines=True)
         if found is None:
+            # Kept before any refusal too: the answer to a HEAD head has no
+            # content.
+            self._buffer = window
             stray = strayCarriageReturn(window, buffered)
             if stray is not None:
-                self._refuseHead(stray, window)
+                self._reject(stray)
             elif requestLineLength(window) > factory.maxRequestLine:
                 # 414, or 501 for a method longer than any known.
-                self._refuseHead(overlongRequestLine(window), window)
+                self._reject(overlongRequestLine(window))
             elif len(window) > limit:
-                self._refuseHead(
-                    RequestRejected(431, "The request head is too large."), window
-                )
-            else:
-                self._buffer = window
+                self._reject(RequestRejected(431, "The request head is too large."))
             return
         headLength, consumed = found
-        head = window[:headLength]
+        head = self._buffer = window[:headLength]
         early = data[consumed - buffered :]
-        self._buffer = b""
         if headLength > limit:
-            self._refuseHead(
-                RequestRejected(431, "The request head is too large."), head
-            )
+            self._reject(RequestRejected(431, "The request head is too large."))
             return
         try:
             request = parseConnectHead(head, factory.maxRequestLine)
         except RequestRejected as rejected:
-            self._refuseHead(rejected, head)
+            self._reject(rejected)
             return
         except Exception:
             # A request the parser did not foresee is answered, not left to
             # the reactor's "Unhandled Error" and a silent close.
             self._failedInternally(Failure(), "parsing the request head")
             return
-        if self._refusedForDrain():
-            # Before the login: no password check for a request refused anyway.
-            return
+        self._buffer = b""
         # The same timer now bounds authentication and reaching the target.
         self.setTimeout(factory.connectTimeout)
         self._request = request
@@ -469,21 +463,10 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._reading = "early"
         if early:
             self.dataReceived(early)
+        if self._refusedForDrain():
+            # Before the login: no password check for a request refused anyway.
+            return
         self._authenticate(request)
-
-    def _refuseHead(self, rejected: RequestRejected, head: bytes) -> None:
-        """
-        Answer a request head that cannot be served with C{rejected}: with
-        no content if it asks for C{HEAD}.
-
-        @param rejected: The refusal.
-        @param head: The request head, perhaps incomplete.
-        """
-        if isHeadRequest(head):
-            rejected = RequestRejected(
-                rejected.status, rejected.detail, rejected.headers, content=False
-            )
-        self._reject(rejected)
 
     def timeoutConnection(self) -> None:
         """
@@ -846,6 +829,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def _reject(self, rejected: RequestRejected, ended: str = "refused") -> None:
         self.setTimeout(None)
         self._reading = "done"
+        # RFC 9110 section 9.3.2: no content in an answer to HEAD (whose
+        # head, complete or not, is still in the buffer).
+        content = not isHeadRequest(self._buffer)
         self._buffer = b""
         self._early = None
         self._client.write(
@@ -854,7 +840,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 rejected.detail,
                 rejected.headers,
                 self.factory.date(),
-                rejected.content,
+                content,
             )
         )
         if canHalfClose(self._client) and self._mayLinger():

@@ -374,6 +374,8 @@ class _WorkerProtocol(ProcessProtocol):
         )
 
     def processEnded(self, reason: Failure) -> None:
+        # Its last words may make it ready, too late for a signal.
+        self.held.clear()
         for fd, partial in sorted(self._partial.items()):
             self._pass(partial.decode("utf-8", "replace").strip("\n"), fd == 1)
         self._partial.clear()
