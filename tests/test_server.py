@@ -52,6 +52,7 @@ from twisted.internet.testing import (
 )
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.compat import iterbytes
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -964,9 +965,9 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
     def test_headAtSizeLimit(self) -> None:
         """
         A head of exactly C{maxHeaderSize} bytes (without the empty line
-        that ends it) is accepted, whether that empty line comes with it or
-        later; one byte more gets 431 even when the empty line arrives in
-        the same write.
+        that ends it) is accepted, whether that empty line comes with it,
+        later, or byte by byte; one byte more gets 431 even when the empty
+        line arrives in the same write, and when it comes byte by byte.
         """
         self.factory.maxHeaderSize = 100
         self.proxy.dataReceived(headOfLength(100) + b"\r\n")
@@ -976,9 +977,17 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         proxy.dataReceived(b"\r\n")
         self.assertEqual(self.connector.targets, [("a.example", 443)] * 2)
         proxy, client = self.connectClient()
+        for byte in iterbytes(headOfLength(100) + b"\r\n"):
+            proxy.dataReceived(byte)
+        self.assertEqual(self.connector.targets, [("a.example", 443)] * 3)
+        proxy, client = self.connectClient()
         proxy.dataReceived(headOfLength(101) + b"\r\n")
         self.assertTrue(client.value().startswith(b"HTTP/1.1 431 "), client.value())
-        self.assertEqual(len(self.connector.targets), 2)
+        proxy, client = self.connectClient()
+        for byte in iterbytes(headOfLength(101) + b"\r\n"):
+            proxy.dataReceived(byte)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 431 "), client.value())
+        self.assertEqual(len(self.connector.targets), 3)
 
     def test_headInPiecesThenEarlyData(self) -> None:
         """

@@ -436,7 +436,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
             elif requestLineLength(window) > factory.maxRequestLine:
                 # 414, or 501 for a method longer than any known.
                 self._reject(overlongRequestLine(window))
-            elif len(window) > limit:
+            elif len(window) > limit + 1:
+                # Not at limit + 1: a head of the limit's length may have the
+                # CR of its final CRLF there.
                 self._reject(RequestRejected(431, "The request head is too large."))
             return
         headLength, consumed = found
