@@ -23,7 +23,7 @@ peers' virtualenv (proxy.py) is --peers-venv, else $PEERS_VENV, else
 <workdir>/peers-venv; setup-peers.sh creates it.  Built-in proxies whose
 program is missing are skipped with a note.
 
-Ports: target 18000; built-in proxies 18011-18030; --extra proxies from 18040.
+Ports: target 18000; built-in proxies 18011-18032; --extra proxies from 18040.
 
     tox -e bench                                   # the default, 3 rounds
     tox -e bench -- --quick                        # smoke test (~2 min)
@@ -239,6 +239,25 @@ BUILTIN = {
         "cmd": "{python} {bench}/python_floor.py --port {port} --reactor",
         "note": "python_floor.py --reactor: the same sockets dispatched by Twisted's"
         " epoll reactor, without Twisted's transports or protocols",
+    },
+    "checks-floor": {
+        "kind": "connect",
+        "group": "ref",
+        "port": 18031,
+        "needs": [],
+        "cmd": "{python} {bench}/python_floor.py --port {port} --reactor --checks",
+        "note": "python_floor.py --reactor --checks: the reactor floor plus tunnel's"
+        " own parser, policy and header/connect timers, still without Twisted's"
+        " transports: a bound on any hand-written handshake path",
+    },
+    "checks-floor-w2": {
+        "kind": "connect",
+        "group": "ref",
+        "port": 18032,
+        "needs": [],
+        "cmd": "{python} {bench}/python_floor.py --port {port} --reactor --checks"
+        " --workers 2",
+        "note": "python_floor.py --reactor --checks --workers 2",
     },
     "ours": {
         "kind": "connect",

@@ -16,6 +16,13 @@ above that is Twisted's transports and its own features.
 
 ``--workers N`` forks N processes after ``listen`` that share the socket, as
 ``tunnel --workers`` does.
+
+``--checks`` (with ``--reactor``) adds ``tunnel``'s own work per request
+that any handshake path must keep: its head parser, its policy (opened to
+loopback and any port, as the benchmark's ``ours`` is) and the header and
+connect timers.  Still no Twisted transports, Deferreds, limits, metrics,
+log events or idle timeouts: what this reaches bounds from above what a
+hand-written handshake path beside Twisted's transports could give.
 """
 
 import argparse
@@ -42,6 +49,7 @@ class End:
     """
 
     __slots__ = (
+        "clientIP",
         "connecting",
         "eof",
         "fd",
@@ -52,6 +60,7 @@ class End:
         "relay",
         "shut",
         "sock",
+        "timer",
     )
 
     def __init__(self, relay, sock):
@@ -65,6 +74,7 @@ class End:
         self.shut = False  # we sent this socket our FIN
         self.connecting = False
         self.mask = 0
+        self.timer = None
 
     # What Twisted's reactor calls (--reactor).
 
@@ -86,21 +96,84 @@ class End:
         self.relay.event(self, select.EPOLLERR)
 
 
+class TunnelChecks:
+    """
+    tunnel's per-request work (``--checks``): its parser and policy, and a
+    timer from accept to the head and another from the head to connected.
+    """
+
+    def __init__(self, clock):
+        from ipaddress import ip_address
+
+        from tunnel.policy import TunnelPolicy
+        from tunnel.request import RequestRejected, findHeadEnd, parseConnectHead
+
+        self._clock = clock
+        self._address = ip_address
+        self._findHeadEnd = findHeadEnd
+        self._parse = parseConnectHead
+        self._rejected = RequestRejected
+        self._policy = TunnelPolicy.fromStrings(ports=["any"], allowTo=["127.0.0.0/8"])
+
+    def accepted(self, client):
+        client.timer = self._clock.callLater(10, _timedOut)
+        client.clientIP = self._address(client.sock.getpeername()[0])
+
+    def target(self, client):
+        """
+        The address to connect to and the length of the head, or None while
+        the head is incomplete; raises ValueError for a refused request.
+        """
+        found = self._findHeadEnd(client.head, 0, skipEmptyLines=True)
+        if found is None:
+            return None
+        try:
+            request = self._parse(client.head[: found[0]], 8192)
+        except self._rejected as rejected:
+            raise ValueError(rejected.status) from None
+        policy, host, port = self._policy, request.host, request.port
+        if policy.checkTarget(None, client.clientIP, host, port) is not None:
+            raise ValueError("refused")
+        address = self._address(host)
+        if not policy.checkAddress(None, client.clientIP, host, port, address):
+            raise ValueError("refused")
+        client.timer.cancel()
+        client.timer = self._clock.callLater(10, _timedOut)
+        return (str(address), port), found[1]
+
+    def connected(self, client):
+        client.timer.cancel()
+        client.timer = None
+
+    def closed(self, client):
+        if client.timer is not None:
+            client.timer.cancel()
+            client.timer = None
+
+
+def _timedOut():
+    # The timers are here for what they cost; a floor ends nothing.
+    pass
+
+
 class Relay:
     """
     The tunnels' logic, whichever loop waits: ``want(end, mask)`` says what
     an end waits for now, ``forget(end)`` that it waits for nothing ever.
     """
 
-    def __init__(self, want, forget):
+    def __init__(self, want, forget, checks=None):
         self.want = want
         self.forget = forget
         self.open = {}
+        self.checks = checks
 
     def accepted(self, sock):
         sock.setblocking(False)
         sock.setsockopt(*NODELAY)
         client = End(self, sock)
+        if self.checks is not None:
+            self.checks.accepted(client)
         self.open[client.fd] = client
         self.want(client, IN)
 
@@ -109,6 +182,8 @@ class Relay:
             if e is not None and self.open.pop(e.fd, None) is e:
                 self.forget(e)
                 e.sock.close()
+                if self.checks is not None:
+                    self.checks.closed(e)
 
     def shutWrite(self, end):
         end.shut = True
@@ -213,24 +288,19 @@ class Relay:
             self.close(client)
             return
         client.head += data
-        end = client.head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(client.head) > MAX_HEAD:
-                self.close(client)
-            return
         try:
-            line = client.head[:end].split(b"\r\n", 1)[0]
-            method, authority, _ = line.split(b" ")
-            host, _, port = authority.decode("ascii").rpartition(":")
-            address = (host.strip("[]"), int(port))
-            if method != b"CONNECT":
-                raise ValueError(method)
+            found = self.target(client)
         except ValueError:
             with contextlib.suppress(OSError):
                 client.sock.send(BAD_REQUEST)
             self.close(client)
             return
-        early = client.head[end + 4 :]
+        if found is None:
+            if len(client.head) > MAX_HEAD:
+                self.close(client)
+            return
+        address, consumed = found
+        early = client.head[consumed:]
         client.head = b""
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -249,6 +319,23 @@ class Relay:
         self.want(client, 0)
         self.want(target, OUT)
 
+    def target(self, client):
+        """
+        The address to connect to and the length of the head, or None while
+        the head is incomplete; raises ValueError for a bad request.
+        """
+        if self.checks is not None:
+            return self.checks.target(client)
+        end = client.head.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        line = client.head[:end].split(b"\r\n", 1)[0]
+        method, authority, _ = line.split(b" ")
+        host, _, port = authority.decode("ascii").rpartition(":")
+        if method != b"CONNECT":
+            raise ValueError(method)
+        return (host.strip("[]"), int(port)), end + 4
+
     def connected(self, target):
         client = target.peer
         number = target.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -258,6 +345,8 @@ class Relay:
             self.close(client)
             return
         target.connecting = False
+        if self.checks is not None:
+            self.checks.connected(client)
         target.sock.setsockopt(*NODELAY)
         client.pending = OK
         # Once the 200 is sent, drain has both sockets wait for reading.
@@ -303,7 +392,7 @@ def serveEpoll(listener):
                 relay.event(end, event)
 
 
-def serveReactor(listener):
+def serveReactor(listener, checks=False):
     """Have Twisted's epoll reactor dispatch the same sockets."""
     from twisted.internet import epollreactor
 
@@ -326,7 +415,7 @@ def serveReactor(listener):
     def forget(end):
         want(end, 0)
 
-    relay = Relay(want, forget)
+    relay = Relay(want, forget, TunnelChecks(reactor) if checks else None)
 
     class Listening:
         def fileno(self):
@@ -362,8 +451,17 @@ def main():
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--reactor", action="store_true")
+    parser.add_argument("--checks", action="store_true", help="needs --reactor")
     args = parser.parse_args()
-    serve = serveReactor if args.reactor else serveEpoll
+    if args.checks and not args.reactor:
+        parser.error("--checks needs --reactor (its timers are the reactor's)")
+    if args.reactor:
+
+        def serve(listener):
+            serveReactor(listener, args.checks)
+
+    else:
+        serve = serveEpoll
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.host, args.port))
