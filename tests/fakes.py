@@ -128,6 +128,32 @@ class SynchronousThreadPool:
             onResult(True, result)
 
 
+class ManualThreadPool:
+    """
+    A thread pool that runs each call only when the test says so, in the
+    test's thread, reporting its result as a real pool would.
+
+    @ivar jobs: The calls handed over and not run yet: C{(onResult, func,
+        args)}.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, Any, tuple[Any, ...]]] = []
+
+    def callInThreadWithCallback(self, onResult: Any, func: Any, *args: Any) -> None:
+        """
+        Keep the call for L{runNext}.
+        """
+        self.jobs.append((onResult, func, args))
+
+    def runNext(self) -> None:
+        """
+        Run the oldest call kept.
+        """
+        onResult, func, args = self.jobs.pop(0)
+        SynchronousThreadPool().callInThreadWithCallback(onResult, func, *args)
+
+
 class ThreadPoolReactor:
     """
     Just enough reactor for C{deferToThreadPool}: a synchronous pool and a

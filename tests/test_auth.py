@@ -7,18 +7,20 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Callable
+from typing import Any
 
 import bcrypt
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.cred.portal import Portal
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.fakes import DescriptorsExhausted, ThreadPoolReactor
+from tests.fakes import DescriptorsExhausted, ManualThreadPool, ThreadPoolReactor
 from tunnel import htpasswd
 from tunnel.auth import (
     FailureDamper,
@@ -26,6 +28,7 @@ from tunnel.auth import (
     PooledChecker,
     ProxyRealm,
     ProxyUser,
+    SharedLogins,
     challengeHeaders,
     checkRealm,
     parseBasicCredentials,
@@ -499,6 +502,21 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         [result] = results
         return result
 
+    def test_cancelledBeforeItRuns(self) -> None:
+        """
+        A check cancelled while it waits for a thread (its client left)
+        never runs bcrypt.
+        """
+        pool = ManualThreadPool()
+        self.patch(self.reactor, "getThreadPool", lambda: pool)
+        checked: list[bytes] = []
+        self.patch(bcrypt, "checkpw", lambda p, h: checked.append(p))
+        checking = self.checker.requestAvatarId(UsernamePassword(b"alice", b"x"))
+        checking.cancel()
+        pool.runNext()
+        self.failureResultOf(checking, CancelledError)
+        self.assertEqual(checked, [])
+
     def test_failuresTakeAsLong(self) -> None:
         """
         Every failed check takes at least as long as checking the file's
@@ -911,6 +929,92 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         self.assertEqual(self.reactor.pool.calls, calls + 1)
 
 
+class SharedLoginsTests(SynchronousTestCase):
+    """
+    Tests for L{SharedLogins}: leaving a login, and cancelling it.
+    """
+
+    def setUp(self) -> None:
+        from tests.test_server import PendingChecker, RecordingRealm
+
+        self.checker = PendingChecker()
+        self.realm = RecordingRealm()
+        self.portal = Portal(self.realm, [self.checker])
+        self.logins = SharedLogins()
+        self.credentials = UsernamePassword(b"alice", b"pw")
+
+    def login(self) -> Deferred[Any]:
+        """
+        Log in (or join the login) with the test's credentials.
+        """
+        return self.logins.login(self.portal, self.credentials, b"attempt")
+
+    def test_lastToLeaveCancels(self) -> None:
+        """
+        A connection that leaves a shared login fails with
+        L{CancelledError}; the check goes on for the others, and is
+        cancelled once the last has left.
+        """
+        first, second = self.login(), self.login()
+        self.assertEqual(len(self.checker.pending), 1)
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.assertNoResult(self.checker.pending[0])
+        second.cancel()
+        self.failureResultOf(second, CancelledError)
+        # Cancelled: the check's own Deferred has its (consumed) result.
+        self.assertTrue(self.checker.pending[0].called)
+        self.assertEqual(self.logins.pending, {})
+        self.assertEqual(self.realm.events, [])
+
+    def test_othersStillServed(self) -> None:
+        """
+        Once one connection left, the login's answer goes to the others,
+        and its logout is theirs alone.
+        """
+        first, second = self.login(), self.login()
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.checker.pending[0].callback(b"alice")
+        _, avatar, logout = self.successResultOf(second)
+        self.assertEqual(avatar.name, "alice")
+        logout()
+        self.assertEqual(self.realm.events, ["login alice", "logout alice"])
+
+    def test_answeredAfterAllLeft(self) -> None:
+        """
+        A check that answers even though it was cancelled (its canceller
+        fires it: one that cannot be withdrawn) logs in nobody's avatar: its
+        logout runs at once (one that fails is logged).
+        """
+
+        class Stubborn:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+                return Deferred(lambda d: d.callback(b"alice"))
+
+        self.portal = Portal(self.realm, [Stubborn()])  # type: ignore[list-item]
+        only = self.login()
+        only.cancel()
+        self.failureResultOf(only, CancelledError)
+        self.assertEqual(self.realm.events, ["login alice", "logout alice"])
+        self.assertEqual(self.logins.pending, {})
+
+        def brokenLogout() -> None:
+            raise ZeroDivisionError()
+
+        self.patch(
+            self.realm,
+            "requestAvatar",
+            lambda avatarId, mind, *interfaces: (IProxyUser, None, brokenLogout),
+        )
+        another = self.login()
+        another.cancel()
+        self.failureResultOf(another, CancelledError)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
 class PooledCheckerTests(SynchronousTestCase):
     """
     Tests for L{PooledChecker}: Twisted's checkers that answer at once
@@ -939,6 +1043,29 @@ class PooledCheckerTests(SynchronousTestCase):
         )
         self.assertEqual(self.reactor.pool.calls, 2)
         self.assertIn(IUsernamePassword, self.checker.credentialInterfaces)
+
+    def test_cancelledBeforeItRuns(self) -> None:
+        """
+        A check cancelled while it waits for a thread (its client left)
+        never runs.
+        """
+        asked: list[object] = []
+
+        class Recording:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+                asked.append(credentials)
+                return Deferred()
+
+        pool = ManualThreadPool()
+        self.patch(self.reactor, "getThreadPool", lambda: pool)
+        checker = PooledChecker(Recording(), reactor=self.reactor)  # type: ignore[arg-type]
+        checking = checker.requestAvatarId(UsernamePassword(b"alice", b"pw"))
+        checking.cancel()
+        pool.runNext()
+        self.failureResultOf(checking, CancelledError)
+        self.assertEqual(asked, [])
 
     def test_lateAnswerIsAnError(self) -> None:
         """

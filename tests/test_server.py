@@ -2181,7 +2181,8 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
     def test_slowChecker(self) -> None:
         """
         Credentials that are not checked within the connect timeout get a
-        503 with Retry-After, and the late answer is ignored.
+        503 with Retry-After; the check is cancelled, and a late answer is
+        ignored.
         """
         pending: Deferred[Any] = Deferred()
 
@@ -2196,6 +2197,8 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(basicHead(b"alice:s3:cret"))
         self.clock.advance(15)
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 503 "))
+        # Given up with the 503: a check still waiting would not run.
+        self.assertTrue(pending.called)
         pending.callback(b"alice")
         self.assertEqual(self.connector.targets, [])
 
@@ -2256,8 +2259,11 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
     def test_clientLeavesDuringFailedLogin(self) -> None:
         """
         A client that leaves while its credentials are checked is not
-        answered when the check fails (wrong credentials, or a checker's
-        bug), and leaves no timer or count behind.
+        answered, whatever the check would have said (wrong credentials, or
+        a checker's bug): the check is cancelled, and its late answer is
+        dropped, unlogged.  It leaves no timer or count behind, but a
+        failure for its address: leaving at once must not make guessing
+        cheaper.
         """
         checker = PendingChecker()
         self.factory.portal = portalFromCheckers([checker])
@@ -2265,13 +2271,16 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
             proxy, client = self.connectClient()
             proxy.dataReceived(basicHead(b"alice:wrong"))
             proxy.connectionLost(Failure(ConnectionLost()))
+            self.assertTrue(checker.pending[-1].called)
             checker.pending[-1].errback(failure)
             self.assertEqual(client.value(), b"", failure)
-        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
         self.proxy.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.factory.lingeringRefusals, 0)
         self.assertEqual(self.factory.connections, set())
+        self.assertEqual(self.factory.damper._checking, {})
+        self.assertEqual(self.factory.damper._failures["192.0.2.7"][1], 2)
 
     def test_differentCredentialsCheckedApart(self) -> None:
         """
@@ -2402,15 +2411,64 @@ class RealmTests(ProxyTestMixin, SynchronousTestCase):
 
     def test_logoutClientLeftDuringLogin(self) -> None:
         """
-        A client that left while its credentials were checked is logged out
-        as soon as the login completes.
+        A client that left while its credentials were checked is never
+        logged in: the check is cancelled, so the realm is not asked, even
+        if the checker answers later.  A check that answers its
+        cancellation with a success is logged out at once.
         """
         checker = PendingChecker()
         self.factory.portal = Portal(self.realm, [checker])
         self.proxy.dataReceived(basicHead(b"alice:pw"))
         self.proxy.connectionLost(Failure(ConnectionLost()))
         checker.pending[0].callback(b"alice")
-        self.assertEqual(self.realm.events, ["login alice", "logout alice"])
+        self.assertEqual(self.realm.events, [])
+
+        @implementer(ICredentialsChecker)
+        class Stubborn:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[Any]:
+                return Deferred(lambda d: d.callback(b"bob"))
+
+        self.factory.portal = Portal(self.realm, [Stubborn()])
+        proxy, _ = self.connectClient()
+        proxy.dataReceived(basicHead(b"bob:pw"))
+        proxy.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.realm.events, ["login bob", "logout bob"])
+        self.assertEqual(self.connector.targets, [])
+
+    def test_loginAnsweringItsCancellation(self) -> None:
+        """
+        A login that answers its own cancellation (a factory whose login
+        cannot be withdrawn) for a client that left is not acted on:
+        nothing is written, no target is reached, and a success's avatar
+        is logged out.
+        """
+        avatar = TeamMember("alice", "red")
+        answers: list[Any] = [
+            (IProxyUser, avatar, lambda: self.realm.events.append("logout")),
+            Failure(UnauthorizedLogin()),
+            Failure(ZeroDivisionError()),
+        ]
+        for answer in list(answers):
+            self.patch(
+                self.factory,
+                "login",
+                lambda credentials, attempt, answer=answer: Deferred(
+                    lambda d: (
+                        d.errback(answer)
+                        if isinstance(answer, Failure)
+                        else d.callback(answer)
+                    )
+                ),
+            )
+            proxy, client = self.connectClient()
+            proxy.dataReceived(basicHead(b"alice:pw"))
+            proxy.connectionLost(Failure(ConnectionLost()))
+            self.assertEqual(client.value(), b"")
+        self.assertEqual(self.realm.events, ["logout"])
+        self.assertEqual(self.connector.targets, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_sharedLoginLogsOutOnce(self) -> None:
         """

@@ -18,9 +18,11 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
+
+from .pooled import deferToPoolUnlessCancelled
 
 __all__ = [
     "FailureDamper",
@@ -35,6 +37,8 @@ __all__ = [
     "parseBasicCredentials",
     "portalFromCheckers",
 ]
+
+_log = Logger(namespace="tunnel.auth")
 
 
 def parseBasicCredentials(value: bytes | None) -> UsernamePassword | None:
@@ -195,9 +199,8 @@ class PooledChecker:
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor
-        return deferToThreadPool(
-            reactor, reactor.getThreadPool(), self._answer, credentials
-        )
+        # Withdrawn if the client leaves before a thread takes it.
+        return deferToPoolUnlessCancelled(reactor, self._answer, credentials)
 
     def _answer(self, credentials: Any) -> Any:
         outcome: list[Any] = []
@@ -349,6 +352,43 @@ class _SharedLogout:
             self._logout()
 
 
+def _logOutUnused(outcome: Any) -> None:
+    """
+    Log out of a login whose connections all left before it completed.
+
+    @param outcome: The portal's result, C{(interface, avatar, logout)}.
+    """
+    try:
+        outcome[2]()
+    except Exception:
+        _log.failure("Logging out of an unused login failed")
+
+
+class _PendingLogin:
+    """
+    A login still running: the Deferreds of the connections waiting for
+    it, and the portal's.
+    """
+
+    __slots__ = ("checking", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: list[Deferred[tuple[Any, IProxyUser, Callable[[], object]]]] = []
+        self.checking: Deferred[Any] | None = None
+
+    def leave(self, waiter: Deferred[Any]) -> None:
+        """
+        The canceller of a waiting connection's Deferred (its client left,
+        or its time ran out): the check is cancelled when nobody waits for
+        it any more.
+
+        @param waiter: The Deferred cancelled.
+        """
+        self.waiting.remove(waiter)
+        if not self.waiting and self.checking is not None:
+            self.checking.cancel()
+
+
 class SharedLogins:
     """
     Logins through a portal, where a login of the same credentials still
@@ -356,14 +396,11 @@ class SharedLogins:
     counts such checks once, so without this one client could queue any
     number of (costly) checks of one guess.
 
-    @ivar pending: The logins running, by attempt, with the Deferreds of
-        the connections waiting for each.
+    @ivar pending: The logins running, by attempt.
     """
 
     def __init__(self) -> None:
-        self.pending: dict[
-            bytes, list[Deferred[tuple[Any, IProxyUser, Callable[[], object]]]]
-        ] = {}
+        self.pending: dict[bytes, _PendingLogin] = {}
 
     def login(
         self, portal: Portal, credentials: UsernamePassword, attempt: bytes
@@ -378,17 +415,31 @@ class SharedLogins:
         @param credentials: What the client sent.
         @param attempt: Names C{credentials} (a digest of them).
         @return: Fires with the portal's login result, or fails with its
-            failure.
+            failure.  Cancelling it leaves the login; the login itself is
+            cancelled (a check still waiting for a thread does not run)
+            once no connection waits for it.
         """
-        result: Deferred[tuple[Any, IProxyUser, Callable[[], object]]] = Deferred()
-        waiting = self.pending.get(attempt)
-        if waiting is not None:
-            waiting.append(result)
+        pending = self.pending.get(attempt)
+        starting = pending is None
+        if pending is None:
+            pending = self.pending[attempt] = _PendingLogin()
+        result: Deferred[tuple[Any, IProxyUser, Callable[[], object]]] = Deferred(
+            pending.leave
+        )
+        pending.waiting.append(result)
+        if not starting:
             return result
-        waiting = self.pending[attempt] = [result]
 
         def fire(outcome: Any) -> None:
             del self.pending[attempt]
+            waiting = pending.waiting
+            if not waiting:
+                # Every connection left, and the check answered all the
+                # same (one that cannot be withdrawn): a realm's login that
+                # nobody will use is logged out at once.
+                if not isinstance(outcome, Failure):
+                    _logOutUnused(outcome)
+                return
             if not isinstance(outcome, Failure) and len(waiting) > 1:
                 # One login, one avatar, shared: the realm's logout is due
                 # when the last connection that shares it ends.
@@ -404,5 +455,6 @@ class SharedLogins:
                 else:
                     waiter.callback(outcome)
 
-        portal.login(credentials, None, IProxyUser).addBoth(fire)
+        pending.checking = portal.login(credentials, None, IProxyUser)
+        pending.checking.addBoth(fire)
         return result

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .filestamp import WatchedFile
+from .pooled import deferToPoolUnlessCancelled
 
 __all__ = ["HtpasswdChecker", "HtpasswdError", "parseHtpasswd"]
 
@@ -270,9 +271,9 @@ class HtpasswdChecker:
         if hashed is not None and key in self._cache:
             self._cache.move_to_end(key)
             return succeed(username)
-        d = deferToThreadPool(
+        # Withdrawn if the client leaves before a thread takes it.
+        d = deferToPoolUnlessCancelled(
             self._reactor,
-            self._reactor.getThreadPool(),
             self._verify,
             password,
             hashed if hashed is not None else self._dummy,

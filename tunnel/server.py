@@ -231,6 +231,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         "_lingerBytes",
         "_lingerCounted",
         "_lingering",
+        "_loggingIn",
         "_login",
         "_parentStatus",
         "_peer",
@@ -254,6 +255,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # Once logged in: the realm's avatar, or, if its logout does
         # something, a _Login of both (what an idle tunnel keeps).
         self._login: IProxyUser | _Login | None = None
+        self._loggingIn: Deferred[Any] | None = None
         self._admitted = False
         self._connectedTo = "-"
         self._refusal: str | None = None
@@ -530,7 +532,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             credentials.username + b"\0" + credentials.password
         ).digest()
         factory.damper.checking(self._clientKey, self._attempt)
-        login = factory.login(credentials, self._attempt)
+        login = self._loggingIn = factory.login(credentials, self._attempt)
         login.addCallbacks(self._authenticated, self._authenticationFailed)
         # What the application's realm and policy do after the login must
         # not fail silently and leave the client waiting.
@@ -539,11 +541,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def _authenticated(
         self, result: tuple[Any, IProxyUser, Callable[[], object]]
     ) -> None:
+        self._loggingIn = None
         self.factory.damper.checked(self._clientKey, self._attempt, succeeded=True)
         _, avatar, logout = result
         self._login = avatar if logout is noLogout else _Login(avatar, logout)
         if self._reading == "done":
-            # The client left during the check.
+            # Given up, but answered all the same (a login that cannot be
+            # withdrawn): the client left, or its time ran out.
             self._forgetIfDone()
             return
         self._user = avatar.name
@@ -565,14 +569,18 @@ class ConnectProxy(Protocol, TimeoutMixin):
             )
 
     def _authenticationFailed(self, reason: Failure) -> None:
+        self._loggingIn = None
+        # A check given up (the client left, or took too long) counts as a
+        # failure too: leaving at once must not make guessing cheaper.
         self.factory.damper.checked(self._clientKey, self._attempt, succeeded=False)
+        if reason.check(CancelledError) or self._reading == "done":
+            # Given up: the client left, or its time ran out.
+            return
         if reason.check(UnauthorizedLogin, UnhandledCredentials):
-            if self._reading != "done":
-                self._challenge("wrong user name or password")
+            self._challenge("wrong user name or password")
             return
         self._log.failure("Checking credentials failed", reason)
-        if self._reading != "done":
-            self._reject(RequestRejected(500, "Credentials could not be checked."))
+        self._reject(RequestRejected(500, "Credentials could not be checked."))
 
     def _challenge(self, why: str) -> None:
         self._refusal = "auth"
@@ -828,9 +836,19 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
     # Ending.
 
+    def _stopLoggingIn(self) -> None:
+        """
+        Give up the login under way, if any: nobody waits for its answer
+        (a check still waiting for a thread then does not run).
+        """
+        loggingIn, self._loggingIn = self._loggingIn, None
+        if loggingIn is not None:
+            loggingIn.cancel()
+
     def _reject(self, rejected: RequestRejected, ended: str = "refused") -> None:
         self.setTimeout(None)
         self._reading = "done"
+        self._stopLoggingIn()
         # RFC 9110 section 9.3.2: no content in an answer to HEAD (whose
         # head, complete or not, is still in the buffer).
         content = not isHeadRequest(self._buffer)
@@ -950,6 +968,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def _abandon(self, ended: str = "client-left") -> None:
         self.setTimeout(None)
         self._reading = "done"
+        self._stopLoggingIn()
         connecting, self._connecting = self._connecting, None
         if connecting is not None:
             connecting.cancel()
