@@ -931,7 +931,7 @@ class HtpasswdCheckerTests(SynchronousTestCase):
 
 class SharedLoginsTests(SynchronousTestCase):
     """
-    Tests for L{SharedLogins}: leaving a login, and cancelling it.
+    Tests for L{SharedLogins}: leaving a login, and withdrawing its check.
     """
 
     def setUp(self) -> None:
@@ -949,70 +949,69 @@ class SharedLoginsTests(SynchronousTestCase):
         """
         return self.logins.login(self.portal, self.credentials, b"attempt")
 
-    def test_lastToLeaveCancels(self) -> None:
+    def test_lastToLeaveWithdraws(self) -> None:
         """
-        A connection that leaves a shared login fails with
-        L{CancelledError}; the check goes on for the others, and is
-        cancelled once the last has left.
+        The check goes on while a connection waits for it, and is cancelled
+        once the last has left; every connection, gone or not, gets the
+        outcome, L{CancelledError}, and the realm is never asked.
         """
         first, second = self.login(), self.login()
         self.assertEqual(len(self.checker.pending), 1)
-        first.cancel()
+        self.logins.leave(b"attempt")
+        self.assertNoResult(first)
+        self.logins.leave(b"attempt")
         self.failureResultOf(first, CancelledError)
-        self.assertNoResult(self.checker.pending[0])
-        second.cancel()
         self.failureResultOf(second, CancelledError)
-        # Cancelled: the check's own Deferred has its (consumed) result.
-        self.assertTrue(self.checker.pending[0].called)
         self.assertEqual(self.logins.pending, {})
         self.assertEqual(self.realm.events, [])
+        self.logins.leave(b"attempt")
 
-    def test_othersStillServed(self) -> None:
+    def test_leaversGetTheOutcome(self) -> None:
         """
-        Once one connection left, the login's answer goes to the others,
-        and its logout is theirs alone.
+        A connection that left a check others still wait for gets its
+        outcome all the same, to count it and to log out its share.
         """
         first, second = self.login(), self.login()
-        first.cancel()
-        self.failureResultOf(first, CancelledError)
+        self.logins.leave(b"attempt")
         self.checker.pending[0].callback(b"alice")
-        _, avatar, logout = self.successResultOf(second)
-        self.assertEqual(avatar.name, "alice")
-        logout()
+        for waiter in (first, second):
+            _, avatar, logout = self.successResultOf(waiter)
+            self.assertEqual(avatar.name, "alice")
+            logout()
         self.assertEqual(self.realm.events, ["login alice", "logout alice"])
 
-    def test_answeredAfterAllLeft(self) -> None:
+    def test_ownPortalWhole(self) -> None:
         """
-        A check that answers even though it was cancelled (its canceller
-        fires it: one that cannot be withdrawn) logs in nobody's avatar: its
-        logout runs at once (one that fails is logged).
+        A portal of the application's own (a subclass) logs in by its own
+        C{login}, whole: leaving withdraws nothing, and its answer comes.
         """
+        asked: list[object] = []
 
-        class Stubborn:
-            credentialInterfaces = (IUsernamePassword,)
+        class OwnPortal(Portal):
+            def login(self, credentials: Any, mind: object, *interfaces: Any) -> Any:
+                asked.append(credentials)
+                return super().login(credentials, mind, *interfaces)
 
-            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
-                return Deferred(lambda d: d.callback(b"alice"))
-
-        self.portal = Portal(self.realm, [Stubborn()])  # type: ignore[list-item]
+        self.portal = OwnPortal(self.realm, [self.checker])
         only = self.login()
-        only.cancel()
-        self.failureResultOf(only, CancelledError)
-        self.assertEqual(self.realm.events, ["login alice", "logout alice"])
-        self.assertEqual(self.logins.pending, {})
+        self.logins.leave(b"attempt")
+        self.checker.pending[0].callback(b"alice")
+        self.successResultOf(only)
+        self.assertEqual(asked, [self.credentials])
 
-        def brokenLogout() -> None:
-            raise ZeroDivisionError()
-
-        self.patch(
-            self.realm,
-            "requestAvatar",
-            lambda avatarId, mind, *interfaces: (IProxyUser, None, brokenLogout),
-        )
-        another = self.login()
-        another.cancel()
-        self.failureResultOf(another, CancelledError)
-        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+    def test_realmNeverWithdrawn(self) -> None:
+        """
+        Once the check has passed, leaving withdraws nothing: a realm that
+        answers later is not cancelled, so its logout is not lost.
+        """
+        answer: Deferred[Any] = Deferred()
+        self.patch(self.realm, "requestAvatar", lambda *args: answer)
+        only = self.login()
+        self.checker.pending[0].callback(b"alice")
+        self.logins.leave(b"attempt")
+        self.assertNoResult(only)
+        answer.callback((IProxyUser, None, lambda: None))
+        self.successResultOf(only)
 
 
 class PooledCheckerTests(SynchronousTestCase):

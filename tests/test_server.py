@@ -2437,38 +2437,71 @@ class RealmTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(self.realm.events, ["login bob", "logout bob"])
         self.assertEqual(self.connector.targets, [])
 
-    def test_loginAnsweringItsCancellation(self) -> None:
+    def test_leftWhileOthersWaited(self) -> None:
         """
-        A login that answers its own cancellation (a factory whose login
-        cannot be withdrawn) for a client that left is not acted on:
-        nothing is written, no target is reached, and a success's avatar
-        is logged out.
+        A client that left a check another connection still waits for is
+        not answered, reaches no target, logs out its share of a success,
+        and is counted by the check's real outcome: a valid user's
+        abandoned connections are not failed guesses.
         """
-        avatar = TeamMember("alice", "red")
-        answers: list[Any] = [
-            (IProxyUser, avatar, lambda: self.realm.events.append("logout")),
-            Failure(UnauthorizedLogin()),
-            Failure(ZeroDivisionError()),
-        ]
-        for answer in list(answers):
-            self.patch(
-                self.factory,
-                "login",
-                lambda credentials, attempt, answer=answer: Deferred(
-                    lambda d: (
-                        d.errback(answer)
-                        if isinstance(answer, Failure)
-                        else d.callback(answer)
-                    )
-                ),
-            )
+        checker = PendingChecker()
+        self.factory.portal = Portal(self.realm, [checker])
+        self.proxy.dataReceived(basicHead(b"alice:pw"))
+        for _ in range(9):
             proxy, client = self.connectClient()
             proxy.dataReceived(basicHead(b"alice:pw"))
             proxy.connectionLost(Failure(ConnectionLost()))
             self.assertEqual(client.value(), b"")
-        self.assertEqual(self.realm.events, ["logout"])
+        [pending] = checker.pending
+        pending.callback(b"alice")
+        self.assertEqual(self.factory.damper._failures, {})
+        self.assertEqual(len(self.connector.targets), 1)
+        self.assertEqual(self.realm.events, ["login alice"])
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.realm.events, ["login alice", "logout alice"])
+
+    def test_asyncRealmLoggedOutWhenClientLeft(self) -> None:
+        """
+        A realm that answers after the client left is not cancelled: its
+        avatar is logged out when it comes.
+        """
+        answer: Deferred[Any] = Deferred()
+        checker = PendingChecker()
+        self.factory.portal = Portal(self.realm, [checker])
+        self.patch(self.realm, "requestAvatar", lambda *args: answer)
+        self.proxy.dataReceived(basicHead(b"alice:pw"))
+        checker.pending[0].callback(b"alice")
+        self.proxy.connectionLost(Failure(ConnectionLost()))
+        answer.callback(
+            (
+                IProxyUser,
+                TeamMember("alice", "red"),
+                lambda: self.realm.events.append("out"),
+            )
+        )
+        self.assertEqual(self.realm.events, ["out"])
         self.assertEqual(self.connector.targets, [])
-        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_checkersOwnCancellation(self) -> None:
+        """
+        A checker that fails with L{CancelledError} of its own while the
+        client waits is a checker's failure like any: logged, and answered
+        with a 500.
+        """
+
+        @implementer(ICredentialsChecker)
+        class SelfCancelling:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[Any]:
+                d: Deferred[Any] = Deferred()
+                d.cancel()
+                return d
+
+        self.factory.portal = Portal(self.realm, [SelfCancelling()])
+        self.proxy.dataReceived(basicHead(b"alice:pw"))
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertEqual(len(self.flushLoggedErrors(CancelledError)), 1)
 
     def test_sharedLoginLogsOutOnce(self) -> None:
         """

@@ -15,10 +15,10 @@ from typing import Any
 from attrs import frozen
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
@@ -37,8 +37,6 @@ __all__ = [
     "parseBasicCredentials",
     "portalFromCheckers",
 ]
-
-_log = Logger(namespace="tunnel.auth")
 
 
 def parseBasicCredentials(value: bytes | None) -> UsernamePassword | None:
@@ -352,41 +350,30 @@ class _SharedLogout:
             self._logout()
 
 
-def _logOutUnused(outcome: Any) -> None:
-    """
-    Log out of a login whose connections all left before it completed.
-
-    @param outcome: The portal's result, C{(interface, avatar, logout)}.
-    """
-    try:
-        outcome[2]()
-    except Exception:
-        _log.failure("Logging out of an unused login failed")
-
-
 class _PendingLogin:
     """
     A login still running: the Deferreds of the connections waiting for
-    it, and the portal's.
+    it, how many of them are still there, and the check's own Deferred
+    while it can be withdrawn.
     """
 
-    __slots__ = ("checking", "waiting")
+    __slots__ = ("checking", "present", "waiting")
 
     def __init__(self) -> None:
         self.waiting: list[Deferred[tuple[Any, IProxyUser, Callable[[], object]]]] = []
+        self.present = 0
         self.checking: Deferred[Any] | None = None
 
-    def leave(self, waiter: Deferred[Any]) -> None:
-        """
-        The canceller of a waiting connection's Deferred (its client left,
-        or its time ran out): the check is cancelled when nobody waits for
-        it any more.
 
-        @param waiter: The Deferred cancelled.
-        """
-        self.waiting.remove(waiter)
-        if not self.waiting and self.checking is not None:
-            self.checking.cancel()
+def _check(portal: Portal, credentials: UsernamePassword) -> Deferred[Any]:
+    """
+    Ask the portal's checker for C{credentials}, as L{Portal.login} does
+    before it asks the realm.
+    """
+    for interface, checker in portal.checkers.items():
+        if interface.providedBy(credentials):
+            return maybeDeferred(checker.requestAvatarId, credentials)
+    return fail(UnhandledCredentials("No checker for these credentials"))
 
 
 class SharedLogins:
@@ -395,6 +382,11 @@ class SharedLogins:
     running is joined rather than started again: the failed-login limit
     counts such checks once, so without this one client could queue any
     number of (costly) checks of one guess.
+
+    A check that every connection waiting for it has left (see L{leave}) is
+    withdrawn: cancelled, so one still waiting for a pool thread never
+    runs.  Only the check: the realm, once asked, always answers, so that
+    an avatar's logout is never lost.
 
     @ivar pending: The logins running, by attempt.
     """
@@ -415,31 +407,22 @@ class SharedLogins:
         @param credentials: What the client sent.
         @param attempt: Names C{credentials} (a digest of them).
         @return: Fires with the portal's login result, or fails with its
-            failure.  Cancelling it leaves the login; the login itself is
-            cancelled (a check still waiting for a thread does not run)
-            once no connection waits for it.
+            failure (L{twisted.internet.defer.CancelledError} if the check
+            was withdrawn).
         """
+        result: Deferred[tuple[Any, IProxyUser, Callable[[], object]]] = Deferred()
         pending = self.pending.get(attempt)
-        starting = pending is None
-        if pending is None:
-            pending = self.pending[attempt] = _PendingLogin()
-        result: Deferred[tuple[Any, IProxyUser, Callable[[], object]]] = Deferred(
-            pending.leave
-        )
-        pending.waiting.append(result)
-        if not starting:
+        if pending is not None:
+            pending.waiting.append(result)
+            pending.present += 1
             return result
+        pending = self.pending[attempt] = _PendingLogin()
+        pending.waiting.append(result)
+        pending.present = 1
 
         def fire(outcome: Any) -> None:
             del self.pending[attempt]
             waiting = pending.waiting
-            if not waiting:
-                # Every connection left, and the check answered all the
-                # same (one that cannot be withdrawn): a realm's login that
-                # nobody will use is logged out at once.
-                if not isinstance(outcome, Failure):
-                    _logOutUnused(outcome)
-                return
             if not isinstance(outcome, Failure) and len(waiting) > 1:
                 # One login, one avatar, shared: the realm's logout is due
                 # when the last connection that shares it ends.
@@ -455,6 +438,37 @@ class SharedLogins:
                 else:
                     waiter.callback(outcome)
 
-        pending.checking = portal.login(credentials, None, IProxyUser)
-        pending.checking.addBoth(fire)
+        if type(portal) is Portal:
+            # The check and the realm apart (as Portal.login joins them), so
+            # that only the check can be withdrawn.
+            checking = pending.checking = _check(portal, credentials)
+
+            def checked(avatarId: Any) -> Any:
+                pending.checking = None
+                return portal.realm.requestAvatar(avatarId, None, IProxyUser)
+
+            def notChecked(reason: Failure) -> Failure:
+                pending.checking = None
+                return reason
+
+            checking.addCallbacks(checked, notChecked).addBoth(fire)
+        else:
+            # A portal of the application's own: its login, whole.
+            portal.login(credentials, None, IProxyUser).addBoth(fire)
         return result
+
+    def leave(self, attempt: bytes) -> None:
+        """
+        A connection waiting for the login of C{attempt} left (its client
+        went, or its time ran out): once none is left, the check is
+        withdrawn.  The connection still gets the login's outcome.
+
+        @param attempt: What was given to L{login}.
+        """
+        pending = self.pending.get(attempt)
+        if pending is None:
+            return
+        pending.present -= 1
+        if not pending.present and pending.checking is not None:
+            checking, pending.checking = pending.checking, None
+            checking.cancel()

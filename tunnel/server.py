@@ -255,7 +255,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # Once logged in: the realm's avatar, or, if its logout does
         # something, a _Login of both (what an idle tunnel keeps).
         self._login: IProxyUser | _Login | None = None
-        self._loggingIn: Deferred[Any] | None = None
+        self._loggingIn = False
         self._admitted = False
         self._connectedTo = "-"
         self._refusal: str | None = None
@@ -532,7 +532,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
             credentials.username + b"\0" + credentials.password
         ).digest()
         factory.damper.checking(self._clientKey, self._attempt)
-        login = self._loggingIn = factory.login(credentials, self._attempt)
+        self._loggingIn = True
+        login = factory.login(credentials, self._attempt)
         login.addCallbacks(self._authenticated, self._authenticationFailed)
         # What the application's realm and policy do after the login must
         # not fail silently and leave the client waiting.
@@ -541,13 +542,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def _authenticated(
         self, result: tuple[Any, IProxyUser, Callable[[], object]]
     ) -> None:
-        self._loggingIn = None
+        self._loggingIn = False
         self.factory.damper.checked(self._clientKey, self._attempt, succeeded=True)
         _, avatar, logout = result
         self._login = avatar if logout is noLogout else _Login(avatar, logout)
         if self._reading == "done":
-            # Given up, but answered all the same (a login that cannot be
-            # withdrawn): the client left, or its time ran out.
+            # The client left, or its time ran out, while others waited for
+            # the same check (or it could not be withdrawn).
             self._forgetIfDone()
             return
         self._user = avatar.name
@@ -569,12 +570,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
             )
 
     def _authenticationFailed(self, reason: Failure) -> None:
-        self._loggingIn = None
-        # A check given up (the client left, or took too long) counts as a
-        # failure too: leaving at once must not make guessing cheaper.
+        self._loggingIn = False
+        # A check withdrawn because every client waiting for it left counts
+        # as a failure too: leaving at once must not make guessing cheaper.
         self.factory.damper.checked(self._clientKey, self._attempt, succeeded=False)
-        if reason.check(CancelledError) or self._reading == "done":
-            # Given up: the client left, or its time ran out.
+        if self._reading == "done":
+            # The client left, or its time ran out.
             return
         if reason.check(UnauthorizedLogin, UnhandledCredentials):
             self._challenge("wrong user name or password")
@@ -838,12 +839,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
     def _stopLoggingIn(self) -> None:
         """
-        Give up the login under way, if any: nobody waits for its answer
-        (a check still waiting for a thread then does not run).
+        Leave the login under way, if any: once no connection waits for
+        its check, the check is withdrawn (one still waiting for a thread
+        then does not run).  The login's outcome still comes.
         """
-        loggingIn, self._loggingIn = self._loggingIn, None
-        if loggingIn is not None:
-            loggingIn.cancel()
+        if self._loggingIn:
+            self._loggingIn = False
+            self.factory.leaveLogin(self._attempt)
 
     def _reject(self, rejected: RequestRejected, ended: str = "refused") -> None:
         self.setTimeout(None)
@@ -1435,6 +1437,15 @@ class ConnectProxyFactory(Factory):
         """
         assert self.portal is not None
         return self._logins.login(self.portal, credentials, attempt)
+
+    def leaveLogin(self, attempt: bytes) -> None:
+        """
+        A connection that asked L{login} for C{attempt} no longer waits for
+        the answer (see L{SharedLogins.leave}).
+
+        @param attempt: What was given to L{login}.
+        """
+        self._logins.leave(attempt)
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
