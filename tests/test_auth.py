@@ -957,14 +957,14 @@ class SharedLoginsTests(SynchronousTestCase):
         """
         first, second = self.login(), self.login()
         self.assertEqual(len(self.checker.pending), 1)
-        self.logins.leave(b"attempt")
+        self.logins.leave(b"attempt", first)
         self.assertNoResult(first)
-        self.logins.leave(b"attempt")
+        self.logins.leave(b"attempt", second)
         self.failureResultOf(first, CancelledError)
         self.failureResultOf(second, CancelledError)
         self.assertEqual(self.logins.pending, {})
         self.assertEqual(self.realm.events, [])
-        self.logins.leave(b"attempt")
+        self.logins.leave(b"attempt", first)
 
     def test_leaversGetTheOutcome(self) -> None:
         """
@@ -972,13 +972,34 @@ class SharedLoginsTests(SynchronousTestCase):
         outcome all the same, to count it and to log out its share.
         """
         first, second = self.login(), self.login()
-        self.logins.leave(b"attempt")
+        self.logins.leave(b"attempt", first)
         self.checker.pending[0].callback(b"alice")
         for waiter in (first, second):
             _, avatar, logout = self.successResultOf(waiter)
             self.assertEqual(avatar.name, "alice")
             logout()
         self.assertEqual(self.realm.events, ["login alice", "logout alice"])
+
+    def test_leavesOnlyItsOwnLogin(self) -> None:
+        """
+        A connection leaves the login it waits for, never a later one of
+        the same credentials (started while the first was handing out its
+        answer, before this connection got it).
+        """
+        first, second = self.login(), self.login()
+        later: list[Deferred[Any]] = []
+
+        def firstAnswered(result: Any) -> Any:
+            later.append(self.login())
+            self.logins.leave(b"attempt", second)
+            return result
+
+        first.addBoth(firstAnswered)
+        self.checker.pending[0].errback(UnauthorizedLogin())
+        self.failureResultOf(first, UnauthorizedLogin)
+        self.failureResultOf(second, UnauthorizedLogin)
+        self.assertNoResult(later[0])
+        self.assertNoResult(self.checker.pending[1])
 
     def test_ownPortalWhole(self) -> None:
         """
@@ -994,7 +1015,7 @@ class SharedLoginsTests(SynchronousTestCase):
 
         self.portal = OwnPortal(self.realm, [self.checker])
         only = self.login()
-        self.logins.leave(b"attempt")
+        self.logins.leave(b"attempt", only)
         self.checker.pending[0].callback(b"alice")
         self.successResultOf(only)
         self.assertEqual(asked, [self.credentials])
@@ -1008,7 +1029,7 @@ class SharedLoginsTests(SynchronousTestCase):
         self.patch(self.realm, "requestAvatar", lambda *args: answer)
         only = self.login()
         self.checker.pending[0].callback(b"alice")
-        self.logins.leave(b"attempt")
+        self.logins.leave(b"attempt", only)
         self.assertNoResult(only)
         answer.callback((IProxyUser, None, lambda: None))
         self.successResultOf(only)

@@ -457,16 +457,18 @@ class SharedLogins:
             portal.login(credentials, None, IProxyUser).addBoth(fire)
         return result
 
-    def leave(self, attempt: bytes) -> None:
+    def leave(self, attempt: bytes, login: Deferred[Any]) -> None:
         """
         A connection waiting for the login of C{attempt} left (its client
         went, or its time ran out): once none is left, the check is
         withdrawn.  The connection still gets the login's outcome.
 
         @param attempt: What was given to L{login}.
+        @param login: What L{login} gave the connection: it leaves only the
+            login it waits for, not a later one of the same attempt.
         """
         pending = self.pending.get(attempt)
-        if pending is None:
+        if pending is None or not any(login is w for w in pending.waiting):
             return
         pending.present -= 1
         if not pending.present and pending.checking is not None:

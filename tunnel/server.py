@@ -255,7 +255,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # Once logged in: the realm's avatar, or, if its logout does
         # something, a _Login of both (what an idle tunnel keeps).
         self._login: IProxyUser | _Login | None = None
-        self._loggingIn = False
+        self._loggingIn: Deferred[Any] | None = None
         self._admitted = False
         self._connectedTo = "-"
         self._refusal: str | None = None
@@ -532,8 +532,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             credentials.username + b"\0" + credentials.password
         ).digest()
         factory.damper.checking(self._clientKey, self._attempt)
-        self._loggingIn = True
-        login = factory.login(credentials, self._attempt)
+        login = self._loggingIn = factory.login(credentials, self._attempt)
         login.addCallbacks(self._authenticated, self._authenticationFailed)
         # What the application's realm and policy do after the login must
         # not fail silently and leave the client waiting.
@@ -542,7 +541,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def _authenticated(
         self, result: tuple[Any, IProxyUser, Callable[[], object]]
     ) -> None:
-        self._loggingIn = False
+        self._loggingIn = None
         self.factory.damper.checked(self._clientKey, self._attempt, succeeded=True)
         _, avatar, logout = result
         self._login = avatar if logout is noLogout else _Login(avatar, logout)
@@ -570,7 +569,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             )
 
     def _authenticationFailed(self, reason: Failure) -> None:
-        self._loggingIn = False
+        self._loggingIn = None
         # A check withdrawn because every client waiting for it left counts
         # as a failure too: leaving at once must not make guessing cheaper.
         self.factory.damper.checked(self._clientKey, self._attempt, succeeded=False)
@@ -843,9 +842,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
         its check, the check is withdrawn (one still waiting for a thread
         then does not run).  The login's outcome still comes.
         """
-        if self._loggingIn:
-            self._loggingIn = False
-            self.factory.leaveLogin(self._attempt)
+        login, self._loggingIn = self._loggingIn, None
+        if login is not None:
+            self.factory.leaveLogin(self._attempt, login)
 
     def _reject(self, rejected: RequestRejected, ended: str = "refused") -> None:
         self.setTimeout(None)
@@ -1438,14 +1437,15 @@ class ConnectProxyFactory(Factory):
         assert self.portal is not None
         return self._logins.login(self.portal, credentials, attempt)
 
-    def leaveLogin(self, attempt: bytes) -> None:
+    def leaveLogin(self, attempt: bytes, login: Deferred[Any]) -> None:
         """
         A connection that asked L{login} for C{attempt} no longer waits for
         the answer (see L{SharedLogins.leave}).
 
         @param attempt: What was given to L{login}.
+        @param login: What L{login} gave it.
         """
-        self._logins.leave(attempt)
+        self._logins.leave(attempt, login)
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
