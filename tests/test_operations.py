@@ -64,6 +64,14 @@ EVENT: dict[str, Any] = {
 }
 
 
+def lineCount(path: str) -> int:
+    """
+    How many lines the file at C{path} holds.
+    """
+    with open(path) as f:
+        return len(f.read().splitlines())
+
+
 class AccessLogFormatTests(SynchronousTestCase):
     """
     The two access log formats.
@@ -216,10 +224,8 @@ class AccessLogObserverTests(SynchronousTestCase):
         observer.reopen()
         observer(EVENT)
         observer.close()
-        with open(path + ".1") as f:
-            self.assertEqual(len(f.read().splitlines()), 2)
-        with open(path) as f:
-            self.assertEqual(len(f.read().splitlines()), 1)
+        self.assertEqual(lineCount(path + ".1"), 2)
+        self.assertEqual(lineCount(path), 1)
 
     def test_reopenIfMoved(self) -> None:
         """
@@ -239,10 +245,8 @@ class AccessLogObserverTests(SynchronousTestCase):
         self.assertTrue(observer.reopenIfMoved())
         observer(EVENT)
         observer.close()
-        with open(path + ".1") as f:
-            self.assertEqual(len(f.read().splitlines()), 1)
-        with open(path) as f:
-            self.assertEqual(len(f.read().splitlines()), 1)
+        self.assertEqual(lineCount(path + ".1"), 1)
+        self.assertEqual(lineCount(path), 1)
 
     def test_reopenIfMovedCannotTell(self) -> None:
         """
@@ -268,8 +272,7 @@ class AccessLogObserverTests(SynchronousTestCase):
         observer.close()
         opening.restore()
         self.assertEqual([formatEvent(event) for event in events], [])
-        with open(path) as f:
-            self.assertEqual(len(f.read().splitlines()), 1)
+        self.assertEqual(lineCount(path), 1)
 
     def test_stdout(self) -> None:
         """
@@ -378,10 +381,8 @@ class AccessLogObserverTests(SynchronousTestCase):
         observer(EVENT)
         failing[0] = False
         observer(EVENT)
-        with builtins.open(path + ".1") as f:
-            self.assertEqual(len(f.read().splitlines()), 2)
-        with builtins.open(path) as f:
-            self.assertEqual(len(f.read().splitlines()), 1)
+        self.assertEqual(lineCount(path + ".1"), 2)
+        self.assertEqual(lineCount(path), 1)
         messages = [(e["log_level"], formatEvent(e)) for e in events]
         self.assertEqual(
             [level for level, text in messages], [LogLevel.error, LogLevel.info]
@@ -412,8 +413,7 @@ class AccessLogObserverTests(SynchronousTestCase):
             observer = AccessLogObserver(path)
             observer(EVENT)
             observer.close()
-        with open(path) as f:
-            self.assertEqual(len(f.read().splitlines()), 2)
+        self.assertEqual(lineCount(path), 2)
 
 
 class MetricsTests(SynchronousTestCase):
@@ -587,8 +587,7 @@ class ServiceObserverTests(SynchronousTestCase):
         service.startService()
         observer(EVENT)
         self.successResultOf(service.stopService())
-        with open(path) as f:
-            self.assertEqual(len(f.read().splitlines()), 1)
+        self.assertEqual(lineCount(path), 1)
         with open(path + ".1") as f:
             self.assertEqual(f.read(), "")
 

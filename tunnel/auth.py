@@ -353,15 +353,15 @@ class _SharedLogout:
 class _PendingLogin:
     """
     A login still running: the Deferreds of the connections waiting for
-    it, how many of them are still there, and the check's own Deferred
-    while it can be withdrawn.
+    its outcome, those of them whose connection is still there, and the
+    check's own Deferred while it can be withdrawn.
     """
 
     __slots__ = ("checking", "present", "waiting")
 
     def __init__(self) -> None:
         self.waiting: list[Deferred[tuple[Any, IProxyUser, Callable[[], object]]]] = []
-        self.present = 0
+        self.present: list[Deferred[Any]] = []
         self.checking: Deferred[Any] | None = None
 
 
@@ -412,13 +412,13 @@ class SharedLogins:
         """
         result: Deferred[tuple[Any, IProxyUser, Callable[[], object]]] = Deferred()
         pending = self.pending.get(attempt)
-        if pending is not None:
-            pending.waiting.append(result)
-            pending.present += 1
-            return result
-        pending = self.pending[attempt] = _PendingLogin()
+        starting = pending is None
+        if pending is None:
+            pending = self.pending[attempt] = _PendingLogin()
         pending.waiting.append(result)
-        pending.present = 1
+        pending.present.append(result)
+        if not starting:
+            return result
 
         def fire(outcome: Any) -> None:
             del self.pending[attempt]
@@ -468,9 +468,9 @@ class SharedLogins:
             login it waits for, not a later one of the same attempt.
         """
         pending = self.pending.get(attempt)
-        if pending is None or not any(login is w for w in pending.waiting):
+        if pending is None or login not in pending.present:
             return
-        pending.present -= 1
+        pending.present.remove(login)
         if not pending.present and pending.checking is not None:
             checking, pending.checking = pending.checking, None
             checking.cancel()
