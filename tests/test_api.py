@@ -39,8 +39,8 @@ class PublicNamesTests(SynchronousTestCase):
         What an application needs to plug into each seam is importable from
         C{tunnel} itself: the value a policy returns, the exception a
         connector raises, the avatar interface, the observers, the signal
-        guard a composed service uses, and the default connector's
-        resolver.
+        guard a composed service uses, the default connector's resolver,
+        and the failed-login limit the factory's C{damper} takes.
         """
         for name in (
             "Denial",
@@ -54,6 +54,7 @@ class PublicNamesTests(SynchronousTestCase):
             "StopOnSignals",
             "ThreadedResolver",
             "LookupsBusy",
+            "FailureDamper",
         ):
             self.assertIn(name, tunnel.__all__)
 

@@ -313,6 +313,18 @@ class FromStringsTests(SynchronousTestCase):
         self.assertIsNotNone(only.checkTarget(None, None, "example.com", 443))
         self.assertIsNone(only.checkTarget(None, None, "example.com", 8443))
 
+    def test_stringForSequence(self) -> None:
+        """
+        A string where a sequence of rule texts is expected is refused with
+        L{TypeError}: iterated, C{"8443"} would allow ports 8, 4 and 3.
+        """
+        for name in ["ports", "allowFrom", "allowTo", "denyTo"]:
+            error = self.assertRaises(
+                TypeError, TunnelPolicy.fromStrings, **{name: "8443"}
+            )
+            self.assertIn(f"{name} must be a sequence of rule texts", str(error))
+            self.assertIn("['8443']", str(error))
+
 
 class HostBitsNoteTests(SynchronousTestCase):
     """
@@ -380,6 +392,16 @@ class DenialTests(SynchronousTestCase):
         self.assertEqual(Denial(HTTPStatus.FORBIDDEN, "No.", "rule").status, 403)
         for status in [200, 100, 399, 600, "403", 403.0, True]:
             self.assertRaises(ValueError, Denial, status, "No.", "rule")
+
+    def test_text(self) -> None:
+        """
+        A denial's detail and reason are text: bytes (or anything else) are
+        refused where the policy makes the denial, not when the answer is
+        written.
+        """
+        self.assertRaises(TypeError, Denial, 403, b"No.", "rule")
+        self.assertRaises(TypeError, Denial, 403, "No.", b"rule")
+        self.assertRaises(TypeError, Denial, 403, None, "rule")
 
     def test_headers(self) -> None:
         """

@@ -2573,6 +2573,26 @@ class RealmTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
         self.assertEqual(self.connector.targets, [])
 
+    def test_bytesName(self) -> None:
+        """
+        An avatar whose C{name} is bytes (twisted.cred's avatar ID, passed on
+        undecoded) gets the client a 500 at the login, with the reason
+        logged, where it used to get a tunnel whose end failed and was
+        never recorded nor forgotten: the connection is forgotten once
+        closed, and the realm's logout runs.
+        """
+        self.realm.avatar = TeamMember(b"alice", "red")  # type: ignore[arg-type]
+        self.proxy.dataReceived(basicHead(b"alice:pw"))
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertEqual(self.connector.targets, [])
+        [failure] = self.flushLoggedErrors(TypeError)
+        self.assertIn("IProxyUser.name must be a str", str(failure.value))
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory.connections, set())
+        self.assertEqual(self.realm.events, ["login alice", "logout alice"])
+        [event] = self.tunnelEvents()
+        self.assertEqual((event["status"], event["user"]), (500, "alice"))
+
 
 class BrokenPolicyTests(ProxyTestMixin, SynchronousTestCase):
     """
@@ -2736,10 +2756,70 @@ class PolicyTests(ProxyTestMixin, SynchronousTestCase):
         client a 500, and the error is logged: no traceback out of the
         protocol, no tunnel.
         """
-        response = self.deniedWith(("403", "no"))
-        self.assertTrue(response.startswith(b"HTTP/1.1 500 "), response)
-        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        for where in ["checkClient", "checkTarget", "addressDenial"]:
+            response = self.deniedWith(("403", "no"), where)
+            self.assertTrue(response.startswith(b"HTTP/1.1 500 "), response)
+            [failure] = self.flushLoggedErrors(TypeError)
+            self.assertIn("it must give a Denial", str(failure.value))
+        self.assertEqual(self.connector.targets, [("target.example", 443)])
+
+    def test_addressAnswerNotABool(self) -> None:
+        """
+        A C{checkAddress} that answers something other than C{True} or
+        C{False} (here a L{Denial}, which is true) gets the client a 500,
+        not a tunnel to the address it meant to refuse.
+        """
+
+        class Confused(TunnelPolicy):
+            def checkAddress(self, *args: object) -> Any:
+                return Denial(403, "No.", "address")
+
+        self.factory.policy = Confused()
+        self.proxy.dataReceived(b"CONNECT 198.51.100.1:443 HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        [failure] = self.flushLoggedErrors(TypeError)
+        self.assertIn("must give True or False", str(failure.value))
         self.assertEqual(self.connector.targets, [])
+
+    def test_literalVettedWhateverConnector(self) -> None:
+        """
+        An address literal is vetted by the policy before the connector is
+        asked, so a connector of the application's that ignores
+        C{allowAddress} (this test's records it and connects anywhere)
+        cannot open the addresses the default policy refuses.
+        """
+        for address in [b"127.0.0.1", b"169.254.169.254", b"[::1]", b"10.0.0.1"]:
+            proxy, client = self.connectClient()
+            proxy.dataReceived(
+                b"CONNECT " + address + b":443 HTTP/1.1\r\nHost: h\r\n\r\n"
+            )
+            self.assertTrue(client.value().startswith(b"HTTP/1.1 403 "), address)
+            self.assertIn(b"--allow-to", client.value())
+        self.assertEqual(self.connector.targets, [])
+
+    def test_literalVettedOnce(self) -> None:
+        """
+        An allowed address literal is checked once: the connector's
+        C{allowAddress} answers yes for it without asking the policy again,
+        and still asks it about any other address.
+        """
+        asked: list[object] = []
+
+        class Counting(TunnelPolicy):
+            def checkAddress(self, *args: Any) -> bool:
+                asked.append(args[-1])
+                return True
+
+        self.factory.policy = Counting()
+        self.proxy.dataReceived(b"CONNECT 198.51.100.1:443 HTTP/1.1\r\nHost: h\r\n\r\n")
+        literal = ipaddress.ip_address("198.51.100.1")
+        self.assertEqual(asked, [literal])
+        self.assertEqual(self.connector.targets, [("198.51.100.1", 443)])
+        self.assertTrue(self.connector.allowAddress(literal))
+        self.assertEqual(asked, [literal])
+        other = ipaddress.ip_address("198.51.100.2")
+        self.assertTrue(self.connector.allowAddress(other))
+        self.assertEqual(asked, [literal, other])
 
     def assertForbidden(self, client: HalfCloseTransport, phrase: bytes) -> None:
         """
@@ -3142,3 +3222,51 @@ class ProxyProtocolTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(self.factory.awaitingHeader, 1)
         proxy.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.factory.awaitingHeader, 0)
+
+
+class FactoryArgumentTests(SynchronousTestCase):
+    """
+    What L{ConnectProxyFactory} refuses when it is built, rather than fail
+    on every request.
+    """
+
+    def test_wrongSeams(self) -> None:
+        """
+        A connector or policy that does not provide its interface, a portal
+        without C{login} (a checker, say) and a realm that is not the
+        challenge's text (a twisted.cred realm, say) are L{TypeError}s that
+        name the mistake.  A policy given where the connector goes, its
+        one positional place, is one of them.
+        """
+        clock = MemoryReactorClock()
+        policy = TunnelPolicy()
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw")
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"connector": policy}, "connector must provide ITargetConnector"),
+            ({"policy": RecordingConnector()}, "policy must provide ITunnelPolicy"),
+            ({"portal": checker}, "portal must be a twisted.cred Portal"),
+            ({"realm": RecordingRealm()}, "a twisted.cred IRealm goes into"),
+        ]
+        for arguments, message in cases:
+            error = self.assertRaises(
+                TypeError, ConnectProxyFactory, reactor=clock, **arguments
+            )
+            self.assertIn(message, str(error))
+        error = self.assertRaises(TypeError, ConnectProxyFactory, policy, reactor=clock)
+        self.assertIn("connector must provide ITargetConnector", str(error))
+
+    def test_rightSeams(self) -> None:
+        """
+        What provides the interfaces, a L{Portal} and a string realm are
+        taken as they are.
+        """
+        clock = MemoryReactorClock()
+        connector, policy = RecordingConnector(), TunnelPolicy()
+        portal = Portal(RecordingRealm(), [])
+        factory = ConnectProxyFactory(
+            connector, reactor=clock, policy=policy, portal=portal, realm="office"
+        )
+        self.assertEqual(
+            (factory.connector, factory.policy, factory.portal, factory.realm),
+            (connector, policy, portal, "office"),
+        )

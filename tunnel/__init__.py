@@ -15,7 +15,8 @@ The public API (C{__all__}):
     (a policy refuses with a L{Denial}; the addresses it judges are
     L{IPAddress}es);
   - L{IProxyUser}, L{ProxyUser} and L{portalFromCheckers}: authentication
-    through C{twisted.cred};
+    through C{twisted.cred}, and L{FailureDamper}, which refuses a client
+    after repeated failed logins;
   - L{ProxyService}: listeners, access log (L{AccessLogObserver}), metrics
     (L{ProxyMetrics}, L{metricsResource}) and graceful drain;
     L{StopOnSignals} makes a second SIGTERM harmless during the drain;
@@ -32,7 +33,7 @@ in C{__all__} is public too.
 """
 
 from .accesslog import AccessLogObserver
-from .auth import IProxyUser, ProxyUser, portalFromCheckers
+from .auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from .connector import HostnameConnector
 from .interfaces import AddressDenied, ITargetConnector, LookupsBusy
 from .metrics import ProxyMetrics, metricsResource
@@ -61,6 +62,7 @@ __all__ = [
     "ConnectProxyFactory",
     "ConnectRequest",
     "Denial",
+    "FailureDamper",
     "HostnameConnector",
     "IPAddress",
     "IProxyUser",

@@ -118,7 +118,9 @@ class IProxyUser(Interface):
 
     name = Attribute(
         """
-        The user name (a L{str}), shown in the logs and the access log.
+        The user name, shown in the logs and the access log: a L{str}
+        (a realm decodes the C{bytes} avatar ID twisted.cred gives it);
+        a login whose avatar has any other name is answered C{500}.
         """
     )
 

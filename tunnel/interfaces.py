@@ -50,7 +50,9 @@ class ITargetConnector(Interface):
             resolved addresses for which this returns C{True}, and fail with
             L{AddressDenied} if none is left.  A connector
             that hands the name on (to a parent proxy, say) may ignore it;
-            the policy's name and port rules still apply.
+            the policy's name and port rules still apply.  An address
+            literal is vetted before the connector is asked, whatever the
+            connector does.
         @return: An L{IStreamClientEndpoint} whose C{connect} Deferred fires
             when the target is reached, and fails with a
             L{twisted.internet.error.ConnectError} (or a

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from attrs import field, frozen
+from attrs.validators import instance_of
 from zope.interface import Interface, implementer
 
 if TYPE_CHECKING:
@@ -384,8 +385,8 @@ class Denial:
     """
 
     status: int = field(validator=_checkDenialStatus)
-    detail: str
-    reason: str
+    detail: str = field(validator=instance_of(str))
+    reason: str = field(validator=instance_of(str))
     headers: tuple[tuple[bytes, bytes], ...] = field(
         default=(), validator=_checkDenialHeaders
     )
@@ -569,7 +570,21 @@ class TunnelPolicy:
         @param denyTo: Destination rules that close one.
         @return: The policy.
         @raise ValueError: If a rule cannot be parsed.
+        @raise TypeError: If a string is given where a sequence of them is.
         """
+        for name, texts in (
+            ("ports", ports),
+            ("allowFrom", allowFrom),
+            ("allowTo", allowTo),
+            ("denyTo", denyTo),
+        ):
+            if isinstance(texts, (str, bytes)):
+                # A string is a sequence too: "8443" would allow ports 8,
+                # 4 and 3, and not 8443.
+                raise TypeError(
+                    f"{name} must be a sequence of rule texts, such as"
+                    f" [{texts!r}], not {type(texts).__name__}"
+                )
         defaults = DEFAULT_PORTS if defaultPorts else ()
         return cls(
             ports=tuple(PortRange(p, p) for p in defaults)

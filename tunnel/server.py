@@ -62,7 +62,14 @@ from .interfaces import (
     UpstreamTimedOut,
     UpstreamUnreachable,
 )
-from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy, inNetworks
+from .policy import (
+    Denial,
+    IPAddress,
+    ITunnelPolicy,
+    TunnelPolicy,
+    inNetworks,
+    parseAddress,
+)
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
 from .relay import (
     Relay,
@@ -550,6 +557,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
             # the same check (or it could not be withdrawn).
             self._forgetIfDone()
             return
+        if not isinstance(avatar.name, str):
+            # It names the user in every record: bytes (twisted.cred's
+            # avatarId, passed on as is) would fail when the tunnel ends.
+            raise TypeError(
+                f"the realm's avatar {avatar!r} has the name {avatar.name!r};"
+                " IProxyUser.name must be a str"
+            )
         self._user = avatar.name
         assert self._request is not None
         self._authorize(self._request)
@@ -602,7 +616,15 @@ class ConnectProxy(Protocol, TimeoutMixin):
         """
         The answer to a policy's refusal, whose reason is now the
         connection's.
+
+        @raise TypeError: If the policy gave something else than a
+            L{Denial}.
         """
+        if not isinstance(denial, Denial):
+            raise TypeError(
+                f"the policy refused with {denial!r}; it must give a Denial"
+                " (or None to allow)"
+            )
         headers = denial.headers
         if denial.status == 407 and not any(
             name.lower() == b"proxy-authenticate" for name, _ in headers
@@ -658,12 +680,36 @@ class ConnectProxy(Protocol, TimeoutMixin):
             request.port,
         )
 
-        def allowAddress(address: IPAddress) -> bool:
+        def checkAddress(address: IPAddress) -> bool:
             try:
-                return policy.checkAddress(user, client, host, port, address)
+                allowed = policy.checkAddress(user, client, host, port, address)
+                if type(allowed) is not bool:
+                    # A Denial is true: taken for a yes, it would open the
+                    # very address it was meant to refuse.
+                    raise TypeError(
+                        f"the policy's checkAddress gave {allowed!r}; it must"
+                        " give True or False"
+                    )
+                return allowed
             except Exception:
                 self._failedInternally(Failure(), "checking an address")
                 return False
+
+        allowAddress = checkAddress
+        literal = parseAddress(host)
+        if literal is not None:
+            # An address literal is vetted here, whatever the connector: one
+            # of the application's that forgets allowAddress (or hands the
+            # address to a parent proxy) must not open the loopback,
+            # private and metadata addresses the policy refuses.
+            if not checkAddress(literal):
+                if self._reading != "done":
+                    self._refuseAddress(request)
+                return
+
+            def allowAddress(address: IPAddress) -> bool:
+                # Vetted once is enough.
+                return address == literal or checkAddress(address)
 
         target = TargetProtocol()
         try:
@@ -731,6 +777,20 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # Anything the target already sent follows the 200.
         target.attach(relay)
 
+    def _refuseAddress(self, request: ConnectRequest) -> None:
+        """
+        Answer with the policy's refusal when it allowed none of the target's
+        addresses.
+        """
+        try:
+            refusal = self._denied(
+                self.factory.policy.addressDenial(request.host, request.port)
+            )
+        except Exception:
+            self._failedInternally(Failure(), "explaining an address denial")
+            return
+        self._reject(refusal)
+
     def _targetFailed(self, reason: Failure) -> None:
         self._connecting = None
         if self._reading == "done":
@@ -743,16 +803,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # below; one the connector made itself is a failure like any other.)
         if reason.check(AddressDenied):
             assert self._request is not None
-            try:
-                refusal = self._denied(
-                    self.factory.policy.addressDenial(
-                        self._request.host, self._request.port
-                    )
-                )
-            except Exception:
-                self._failedInternally(Failure(), "explaining an address denial")
-                return
-            self._reject(refusal)
+            self._refuseAddress(self._request)
             return
         if reason.check(UpstreamRefused):
             refused = cast(UpstreamRefused, reason.value)
@@ -1299,7 +1350,29 @@ class ConnectProxyFactory(Factory):
         @param logTunnels: Whether the event that ends each client
             connection goes to the global log (twistd's log file).  The
             L{tunnelObservers} get it either way.
+        @raise TypeError: If C{connector} or C{policy} does not provide its
+            interface, C{portal} has no C{login}, or C{realm} is no L{str}.
         """
+        # Checked now, where a mistake is one traceback at start-up, rather
+        # than a 500 (or a client left waiting) on every request.
+        for name, value, interface in (
+            ("connector", connector, ITargetConnector),
+            ("policy", policy, ITunnelPolicy),
+        ):
+            if value is not None and not interface.providedBy(value):
+                raise TypeError(
+                    f"{name} must provide {interface.__name__}"
+                    f" (@implementer({interface.__name__})), not {value!r}"
+                )
+        if portal is not None and not callable(getattr(portal, "login", None)):
+            raise TypeError(
+                f"portal must be a twisted.cred Portal (with login), not {portal!r}"
+            )
+        if not isinstance(realm, str):
+            raise TypeError(
+                f"realm is the str named in the 407 challenge, not {realm!r}"
+                " (a twisted.cred IRealm goes into the portal)"
+            )
         if reactor is None:
             from twisted.internet import reactor as globalReactor
 

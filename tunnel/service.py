@@ -128,8 +128,13 @@ class ProxyService(MultiService):
         """
         Add the observers, then start the listeners.  A service stopped
         before starts again as new: the factory no longer drains, and the
-        access logs closed on stop are opened again.
+        access logs closed on stop are opened again.  Starting it while it
+        runs does nothing.
         """
+        if self.running:
+            # Started by hand and again by its parent: a second start would
+            # add every observer twice (and listen twice).
+            return
         if self._stopping:
             raise RuntimeError(
                 "ProxyService is still draining: start it again once the "
