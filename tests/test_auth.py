@@ -1120,7 +1120,13 @@ class PooledCheckerTests(SynchronousTestCase):
             f.write("bob:pw\n")
         options = Options()
         options.parseOptions(
-            ["--auth", "unix", "--auth", f"file:{path}", "--auth", "memory:carol:pw"]
+            [
+                # Not the default listener: the start-up check would try to
+                # bind 127.0.0.1:8080.
+                *("--listen", "tcp:0:interface=127.0.0.1"),
+                *("--auth", "unix", "--auth", f"file:{path}"),
+                *("--auth", "memory:carol:pw"),
+            ]
         )
         unix, logins, memory = options["credCheckers"]
         self.assertIsInstance(unix, PooledChecker)

@@ -4,6 +4,7 @@ Tests for L{tunnel.idle}.
 
 from __future__ import annotations
 
+from twisted.internet.base import DelayedCall
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -104,25 +105,32 @@ class IdleWatchTests(SynchronousTestCase):
 
     def test_granularity(self) -> None:
         """
-        Tunnels that keep moving bytes just before their time make the
-        watch look at most once per granularity.
+        Tunnels that keep moving bytes just before their time, each at its
+        own moment, make the watch look at most once per granularity, not
+        each time the oldest of them would run out.
         """
         watch = IdleWatch(self.clock, 10, granularity=2)
-        tunnels = [FakeTunnel(self.clock, watch) for _ in range(3)]
-        for tunnel in tunnels:
-            watch.watch(tunnel)
+        tunnels: list[FakeTunnel] = []
         looks = 0
-        for _ in range(100):
-            self.clock.advance(0.5)
+        # 60 seconds in quarters; a new tunnel every half second for the
+        # first ten, each active again after 9.5 quiet seconds.
+        for step in range(240):
+            if step % 2 == 0 and len(tunnels) < 20:
+                tunnel = FakeTunnel(self.clock, watch)
+                watch.watch(tunnel)
+                tunnels.append(tunnel)
             for tunnel in tunnels:
-                tunnel.active()
+                if self.clock.seconds() - tunnel.lastActivity >= 9.5:
+                    tunnel.active()
             [call] = self.clock.getDelayedCalls()
-            self.assertGreaterEqual(call.getTime() - self.clock.seconds(), 0)
-            looks += call.getTime() <= self.clock.seconds() + 0.5
-        # 50 seconds of activity: a look every 10 seconds at first, then
-        # none closer together than 2 seconds.
-        self.assertLessEqual(looks, 25)
-        self.assertEqual([t.timedOut for t in tunnels], [[], [], []])
+            assert isinstance(call, DelayedCall)
+            self.clock.advance(0.25)
+            looks += call.called
+        # The first look comes after 10 seconds; then one each 2 seconds
+        # at most (without the floor, one every half second).
+        self.assertLessEqual(looks, 26)
+        self.assertGreaterEqual(looks, 20)
+        self.assertEqual([t.timedOut for t in tunnels], [[]] * 20)
 
     def test_granularityDelaysAtMost(self) -> None:
         """

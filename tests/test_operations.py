@@ -338,6 +338,9 @@ class AccessLogObserverTests(SynchronousTestCase):
                 written.append(text)
                 return len(text)
 
+        # The file the observer opened is replaced: closed here, or it
+        # would be left to the garbage collector.
+        observer._file.close()
         observer._file = Disk()
         for _ in range(3):
             observer(EVENT)
@@ -558,12 +561,15 @@ class ServiceObserverTests(SynchronousTestCase):
 
     def test_observersWhileRunning(self) -> None:
         """
-        The observers are the factory's tunnel observers from start to stop;
-        stopping a second time finds them gone and does not fail.
+        The observers are the factory's tunnel observers from start to stop,
+        once each even if the service is started twice (by hand, then by
+        its parent); stopping a second time finds them gone and does not
+        fail.
         """
         factory = ConnectProxyFactory(reactor=MemoryReactorClock())
         observer = AccessLogObserver(self.mktemp())
         service = ProxyService(factory, observers=[observer])
+        service.startService()
         service.startService()
         self.assertEqual(factory.tunnelObservers, [observer])
         self.successResultOf(service.stopService())
@@ -652,6 +658,7 @@ class ServiceObserverTests(SynchronousTestCase):
         self.successResultOf(stopped)
         service.startService()
         self.assertEqual(factory.tunnelObservers, service.observers)
+        self.successResultOf(service.stopService())
 
 
 class DrainTests(ProxyTestMixin, SynchronousTestCase):
@@ -887,10 +894,14 @@ class ServiceTests(TestCase):
             b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\nping"
         )
         yield client.gotData
-        while b"ping" not in client.received:
+        for _ in range(4):
+            # "ping" comes back in at most as many reads as it has bytes.
+            if b"ping" in client.received:
+                break
             more: Deferred[bytes] = Deferred()
             client.gotData = more
             yield more
+        self.assertIn(b"ping", client.received)
 
         body = yield _scrape(metricsPort)
         self.assertIn(b"tunnel_open 1.0", body)

@@ -25,7 +25,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 
@@ -226,8 +226,9 @@ class TLSListenerTests(TLSProxyTestCase):
             context = stdlibSSL.create_default_context(cafile=certificatePath)
             context.set_alpn_protocols(["http/1.1"])
             # The timeout only keeps a broken proxy from hanging the thread.
-            with socket.create_connection(("127.0.0.1", proxy.port), 30) as raw:
-                tls = context.wrap_socket(raw, server_hostname="localhost")
+            raw = socket.create_connection(("127.0.0.1", proxy.port), 30)
+            # The TLS socket takes the descriptor over: closing it closes both.
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
                 tls.sendall(connectHead(authority))
                 head = readUntil(tls, b"\r\n\r\n")
                 tls.sendall(b"stdlib ping")
@@ -433,10 +434,12 @@ class TLSCloseWhileStalledTests(TLSProxyTestCase):
         [connection] = proxy.factory.connections
         relay = connection._relay
         assert relay is not None
-        for _ in range(200):
+        # Turns of the reactor, not time: the proxy stops reading once its
+        # buffers fill, within a few reads.
+        for _ in range(10000):
             if relay._target not in reactor.getReaders():
                 break
-            yield deferLater(reactor, 0.05, lambda: None)
+            yield deferLater(reactor, 0, lambda: None)
         self.assertNotIn(relay._target, reactor.getReaders())
         client.tcp.loseConnection()
         client.tcp.resumeProducing()
@@ -458,13 +461,19 @@ class TLSHandshakeTimeoutTests(TLSProxyTestCase):
         C{tls-timeout}, without a status: a 408 could not have reached it.
         """
         proxy = yield self.runTLSProxy()
-        proxy.factory.headerTimeout = 0.2
+        # The proxy's timers run on a clock of the test's: no waiting.
+        clock = proxy.factory.clock = Clock()
         silent = Peer()
         yield connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), silent
         )
         self._open.append(silent)
         self._proxyClients += 1
+        for _ in range(10000):
+            if proxy.factory.connections:
+                break
+            yield deferLater(reactor, 0, lambda: None)
+        clock.advance(proxy.factory.headerTimeout)
         [event] = yield self.proxyEnded(1)
         self.assertEqual((event["status"], event["ended"]), ("-", "tls-timeout"))
         yield silent.lost.wait()

@@ -21,6 +21,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import (
     ILogObserver,
     LogEvent,
@@ -44,6 +45,16 @@ from tunnel.workers import (
     inheritedPorts,
     workerArguments,
 )
+
+
+def keepSignalHandlers(case: TestCase) -> None:
+    """
+    Put back, when C{case} ends, the SIGINT and SIGTERM handlers a service
+    made on the running reactor installs (L{tunnel.service.StopOnSignals}),
+    so that they do not pile up from test to test.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        case.addCleanup(signal.signal, signum, signal.getsignal(signum))
 
 
 class WorkerArgumentsTests(SynchronousTestCase):
@@ -97,7 +108,7 @@ class WorkerArgumentsTests(SynchronousTestCase):
             f.write("allow-port 22\n")
         options = Options()
         options.parseOptions(["--workers", "2", "--listen", "tcp:0", "--rules", rules])
-        makeService(options, reactor)
+        makeService(options, MemoryReactorClock())
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertEqual(len(warnings), 1)
 
@@ -161,7 +172,7 @@ class WorkerArgumentsTests(SynchronousTestCase):
         """
         options = Options()
         options.parseOptions(["--workers", "3", "--listen", "tcp:0"])
-        supervisor = makeService(options, reactor)
+        supervisor = makeService(options, MemoryReactorClock())
         self.assertIsInstance(supervisor, WorkerSupervisor)
         # Where twistd started: -d changes directory later.
         self.assertEqual(supervisor._directory, os.getcwd())  # type: ignore[attr-defined]
@@ -835,6 +846,7 @@ class SupervisorTests(TestCase):
         """
         options = Options()
         options.parseOptions(list(argv))
+        keepSignalHandlers(self)
         supervisor = makeService(options, reactor)
         assert isinstance(supervisor, WorkerSupervisor)
         ready = [self.waitForLog("Starting factory") for _ in range(options["workers"])]
@@ -893,6 +905,7 @@ class SupervisorTests(TestCase):
         options.parseOptions(
             [*TWO_TCP_WORKERS, "--metrics", "tcp:0:interface=127.0.0.1"]
         )
+        keepSignalHandlers(self)
         service: Any = makeService(options, reactor)
         [listener, supervisor] = list(service)
         ready = [self.waitForLog("Starting factory") for _ in range(2)]
