@@ -2660,6 +2660,29 @@ class BrokenPolicyTests(ProxyTestMixin, SynchronousTestCase):
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
         self.assertEqual(self.clock.tcpClients, [])
+        self.clock.advance(60)
+        self.assertEqual(self.client.value().count(b"HTTP/1.1 "), 1)
+
+    def test_checkAddressResolvedNotABool(self) -> None:
+        """
+        A C{checkAddress} that answers a name's resolved address with
+        something other than C{True} or C{False} (a L{Denial}, which is
+        true) gets the client a 500, logged, and no connection attempt.
+        """
+
+        class Confused(TunnelPolicy):
+            def checkAddress(self, *args: object) -> Any:
+                return Denial(403, "No.", "address")
+
+        self.realConnector()
+        self.factory.policy = Confused()
+        self.proxy.dataReceived(HEAD)
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        [failure] = self.flushLoggedErrors(TypeError)
+        self.assertIn("must give True or False", str(failure.value))
+        self.assertEqual(self.clock.tcpClients, [])
+        self.clock.advance(60)
+        self.assertEqual(self.client.value().count(b"HTTP/1.1 "), 1)
 
     def test_checkAddressResolved(self) -> None:
         """
