@@ -305,11 +305,24 @@ class OptionsTests(SynchronousTestCase):
     def test_badListen(self) -> None:
         """
         An endpoint string that does not parse is a usage error that says
-        how to escape colons, not a traceback.
+        how to escape colons, not a traceback; one whose file is missing is
+        a usage error that names the file and says nothing of colons.
         """
         e = self.assertRaises(UsageError, parse, "--listen", "tcp6:80:interface=::1")
         self.assertIn("\\:", str(e))
         self.assertRaises(UsageError, parse, "--listen", "nonsense:1")
+        missing = os.path.abspath(self.mktemp())
+        e = self.assertRaises(
+            UsageError,
+            parse,
+            "--listen",
+            f"ssl:0:interface=127.0.0.1:privateKey={missing}:certKey={missing}",
+        )
+        self.assertIn(
+            "FileNotFoundError: [Errno 2] No such file or directory: ", str(e)
+        )
+        self.assertIn(missing, str(e))
+        self.assertNotIn("colons", str(e))
 
     def test_requestLineWithinHead(self) -> None:
         """
@@ -636,7 +649,12 @@ class SecurityOptionsTests(SynchronousTestCase):
         with open(path, "wb") as f:
             f.write(b"alice:$apr1$x$y\n")
         e = self.assertRaises(UsageError, parse, "--auth", "htpasswd:" + path)
-        self.assertIn(f"{path}:1: ", str(e))
+        self.assertIn(f"--auth htpasswd: {os.path.abspath(path)}:1: ", str(e))
+        missing = os.path.abspath(self.mktemp())
+        e = self.assertRaises(UsageError, parse, "--auth", "htpasswd:" + missing)
+        self.assertEqual(
+            str(e), f"--auth htpasswd: {missing}: No such file or directory"
+        )
 
     def test_badAuth(self) -> None:
         """

@@ -751,13 +751,15 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         When the parent cannot be reached the Deferred fails with
         L{UpstreamUnreachable} (a C{ConnectError}), whose message holds the
         connection error: not with the bare error, which the proxy would
-        report as the target's.
+        report as the target's.  The message is one sentence, with one full
+        stop.
         """
         result = self.parentConnectionFails(ConnectionRefusedError())
         failure = self.failureResultOf(result, UpstreamUnreachable)
         self.assertIsInstance(failure.value, ConnectError)
         self.assertIn("could not be reached", str(failure.value))
         self.assertIn("refused", str(failure.value))
+        self.assertFalse(str(failure.value).endswith(".."), str(failure.value))
 
     def test_parentNameUnknown(self) -> None:
         """
@@ -811,6 +813,7 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         result = self.parentConnectionFails(TimeoutError())
         failure = self.failureResultOf(result, UpstreamTimedOut)
         self.assertIn("could not reach the parent proxy: ", str(failure.value))
+        self.assertFalse(str(failure.value).endswith(".."), str(failure.value))
 
     def test_noTimeoutAfterSuccess(self) -> None:
         """
@@ -1856,5 +1859,9 @@ class ChainTests(TestCase):
             )
             with self.assertRaises(UpstreamProtocolError) as raised:
                 yield connectProtocol(endpoint, Peer())
-            self.assertIn("TLS with it failed: ", str(raised.exception))
+            self.assertTrue(
+                str(raised.exception).startswith("TLS with the parent proxy failed: "),
+                str(raised.exception),
+            )
+            self.assertNotIn("did not answer properly", str(raised.exception))
             self.assertIn(why, str(raised.exception))

@@ -472,7 +472,7 @@ class Options(usage.Options, AuthOptionMixin):
             else:
                 checker = HtpasswdChecker(argument, fallback=kept)
         except HtpasswdError as e:
-            raise usage.UsageError(str(e)) from None
+            raise usage.UsageError(f"--auth {kind}: {e}") from None
         except Exception:
             # Unknown types and other mistakes get strcred's own messages.
             AuthOptionMixin.opt_auth(self, description)
@@ -566,10 +566,17 @@ class Options(usage.Options, AuthOptionMixin):
                 # string, so that a mistake is a usage error, not a traceback.
                 endpoint = serverFromString(reactor, description)
             except Exception as e:
+                # A colon left unescaped in a value makes Twisted's parsers
+                # fail with one of these; a missing file or a systemd:
+                # index out of range has nothing to do with colons.
+                hint = (
+                    " (in endpoint strings, colons inside a value are written"
+                    " \\:, as in tcp6:8080:interface=\\:\\:1)"
+                    if isinstance(e, (TypeError, ValueError))
+                    else ""
+                )
                 raise usage.UsageError(
-                    f"--listen {description}: {type(e).__name__}: {e} (in endpoint "
-                    "strings, colons inside a value are written \\:, as in "
-                    "tcp6:8080:interface=\\:\\:1)"
+                    f"--listen {description}: {type(e).__name__}: {e}{hint}"
                 ) from None
             listeners.checkBindable("--listen", description, endpoint)
 

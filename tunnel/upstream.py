@@ -599,17 +599,17 @@ class _Attempt:
         self.connecting = None
         # Said of the parent, not left to read as the target's refusal,
         # unknown name or timeout.
+        # Twisted's messages end with a full stop, and so do these errors'
+        # own: one is enough.
+        why = reason.getErrorMessage().rstrip(".")
         if reason.check(TimeoutError) and not reason.check(UpstreamTimedOut):
             reason = Failure(
-                UpstreamTimedOut(
-                    string="could not reach the parent proxy: "
-                    + reason.getErrorMessage()
-                )
+                UpstreamTimedOut(string="could not reach the parent proxy: " + why)
             )
         elif reason.check(ConnectError, DNSLookupError) and not reason.check(
             ConnectingCancelledError, LookupsBusy
         ):
-            reason = Failure(UpstreamUnreachable(string=reason.getErrorMessage()))
+            reason = Failure(UpstreamUnreachable(string=why))
         self.fail(reason)
 
     def succeed(self, protocol: IProtocol) -> None:
@@ -800,12 +800,24 @@ class _Handshake(Protocol):
         failure = self._failure
         if failure is None:
             if reason.check(SSL.Error, VerificationError, CertificateError):
-                why = f"TLS with it failed: {reason.getErrorMessage()}"
+                failure = Failure(
+                    _UpstreamTLSFailed(string=reason.getErrorMessage().rstrip("."))
+                )
             else:
                 ended = type(reason.value).__name__
                 why = f"the connection ended before it answered ({ended})"
-            failure = Failure(UpstreamProtocolError(string=why))
+                failure = Failure(UpstreamProtocolError(string=why))
         self._attempt.fail(failure)
+
+
+class _UpstreamTLSFailed(UpstreamProtocolError):
+    """
+    TLS with the parent proxy failed (its certificate, most often), so it
+    could give no answer: said as such in the log, not as a malformed
+    answer.
+    """
+
+    MESSAGE = "TLS with the parent proxy failed"
 
 
 class _HandshakeFactory(Factory):
