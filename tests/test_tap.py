@@ -305,12 +305,15 @@ class OptionsTests(SynchronousTestCase):
     def test_badListen(self) -> None:
         """
         An endpoint string that does not parse is a usage error that says
-        how to escape colons, not a traceback; one whose file is missing is
-        a usage error that names the file and says nothing of colons.
+        how to escape colons, not a traceback; a misspelt endpoint type, or
+        a missing file (named), is a usage error that says nothing of
+        colons.
         """
         e = self.assertRaises(UsageError, parse, "--listen", "tcp6:80:interface=::1")
         self.assertIn("\\:", str(e))
-        self.assertRaises(UsageError, parse, "--listen", "nonsense:1")
+        e = self.assertRaises(UsageError, parse, "--listen", "tpc:8080")
+        self.assertIn("Unknown endpoint type: 'tpc'", str(e))
+        self.assertNotIn("colons", str(e))
         missing = os.path.abspath(self.mktemp())
         e = self.assertRaises(
             UsageError,

@@ -567,12 +567,14 @@ class Options(usage.Options, AuthOptionMixin):
                 endpoint = serverFromString(reactor, description)
             except Exception as e:
                 # A colon left unescaped in a value makes Twisted's parsers
-                # fail with one of these; a missing file or a systemd:
-                # index out of range has nothing to do with colons.
+                # fail with one of these (an argument given twice, a value
+                # cut short); a missing file, a systemd: index out of range
+                # or a misspelt endpoint type has nothing to do with colons.
                 hint = (
                     " (in endpoint strings, colons inside a value are written"
                     " \\:, as in tcp6:8080:interface=\\:\\:1)"
                     if isinstance(e, (TypeError, ValueError))
+                    and not str(e).startswith("Unknown endpoint type")
                     else ""
                 )
                 raise usage.UsageError(
