@@ -617,6 +617,36 @@ class DestinationRuleTests(SynchronousTestCase):
             ),
         )
 
+    def test_addressDenialNameOpenedByName(self) -> None:
+        """
+        A name whose addresses were all refused although an C{--allow-to}
+        rule names it was refused by C{--deny-to}: the denial says so, as a
+        C{"destination"} refusal, instead of pointing at the C{--allow-to}
+        rule already there.  A name no rule opens is still pointed at
+        C{--allow-to}.
+        """
+        policy = TunnelPolicy.fromStrings(
+            allowTo=["localhost", "*.lan"], denyTo=["127.0.0.1"]
+        )
+        for host in ["localhost", "printer.lan"]:
+            self.assertFalse(
+                policy.checkAddress(
+                    None, None, host, 443, ipaddress.ip_address("127.0.0.1")
+                )
+            )
+            denial = policy.addressDenial(host, 443)
+            self.assertEqual(
+                (denial.detail, denial.reason),
+                (
+                    f"{host} resolves only to addresses that --deny-to rules deny"
+                    " (or to the unspecified address).",
+                    "destination",
+                ),
+            )
+        denial = policy.addressDenial("other.example", 443)
+        self.assertEqual(denial.reason, "address")
+        self.assertIn("see --allow-to other.example", denial.detail)
+
     def test_ruleLabelLength(self) -> None:
         """
         A name rule may have labels of up to 63 characters, as a host name

@@ -681,13 +681,25 @@ class TunnelPolicy:
         @param host: The target host as requested.
         @param port: The target port (unused).
         @return: The refusal: C{"destination"} if a C{denyTo} rule covers
-            an address literal, C{"address"} otherwise.
+            an address literal, or if an C{allowTo} rule names C{host} (so
+            only C{denyTo} can have refused its addresses), C{"address"}
+            otherwise.
         """
         # The policy may have refused by default or by a --deny-to rule;
         # name both, since --deny-to wins.
         hint = f"see --allow-to {host}, unless a --deny-to rule covers it"
         literal = parseAddress(host)
         if literal is None:
+            if any(rule.matchesName(host) for rule in self.allowTo):
+                # Opened by name already: only --deny-to (or the unspecified
+                # address, which is never a destination) refused its
+                # addresses, and pointing at --allow-to would not help.
+                return Denial(
+                    403,
+                    f"{host} resolves only to addresses that --deny-to rules"
+                    " deny (or to the unspecified address).",
+                    "destination",
+                )
             return Denial(
                 403,
                 f"{host} resolves only to addresses this proxy may not reach ({hint}).",
