@@ -1,5 +1,6 @@
 """
-Test doubles shared by the test modules.
+Test doubles, and a way to wait for a real reactor, shared by the test
+modules.
 """
 
 from __future__ import annotations
@@ -7,15 +8,17 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IHostResolution,
     IResolutionReceiver,
 )
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -283,3 +286,23 @@ class DescriptorsExhausted:
             return read(watched)
 
         testCase.patch(WatchedFile, "read", readUnlessExhausted)
+
+
+@inlineCallbacks
+def turnsUntil(
+    reactor: Any, condition: Callable[[], object], turns: int = 100_000
+) -> Generator[Deferred[None], None, None]:
+    """
+    Let a real C{reactor} run a turn at a time, not for a time, until
+    C{condition()} is true or C{turns} turns have passed: bounded, so the
+    caller asserts the condition afterwards.
+
+    @param reactor: The running reactor.
+    @param condition: What is waited for.
+    @param turns: The most turns to wait.
+    @return: Fires once the condition holds or the turns are spent.
+    """
+    for _ in range(turns):
+        if condition():
+            return
+        yield deferLater(reactor, 0, lambda: None)

@@ -234,6 +234,19 @@ class BrokenConnector:
         raise RuntimeError("broken connector")
 
 
+class DenialForAddress(TunnelPolicy):
+    """
+    A policy with a mistake: its C{checkAddress} answers with a L{Denial}
+    (which is true), as its C{checkTarget} would, instead of C{False}.
+    """
+
+    def checkAddress(self, *args: object) -> Any:
+        """
+        Refuse the wrong way.
+        """
+        return Denial(403, "No.", "address")
+
+
 class ProxyTestMixin:
     """
     Build a proxy on a fake clock with a recording connector.
@@ -2670,12 +2683,8 @@ class BrokenPolicyTests(ProxyTestMixin, SynchronousTestCase):
         true) gets the client a 500, logged, and no connection attempt.
         """
 
-        class Confused(TunnelPolicy):
-            def checkAddress(self, *args: object) -> Any:
-                return Denial(403, "No.", "address")
-
         self.realConnector()
-        self.factory.policy = Confused()
+        self.factory.policy = DenialForAddress()
         self.proxy.dataReceived(HEAD)
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
         [failure] = self.flushLoggedErrors(TypeError)
@@ -2793,11 +2802,7 @@ class PolicyTests(ProxyTestMixin, SynchronousTestCase):
         not a tunnel to the address it meant to refuse.
         """
 
-        class Confused(TunnelPolicy):
-            def checkAddress(self, *args: object) -> Any:
-                return Denial(403, "No.", "address")
-
-        self.factory.policy = Confused()
+        self.factory.policy = DenialForAddress()
         self.proxy.dataReceived(b"CONNECT 198.51.100.1:443 HTTP/1.1\r\nHost: h\r\n\r\n")
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
         [failure] = self.flushLoggedErrors(TypeError)

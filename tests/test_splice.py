@@ -46,6 +46,7 @@ from zope.interface import implementer, provider
 
 import tunnel.server
 from tests import test_integration as integration
+from tests.fakes import turnsUntil
 from tests.test_integration import (
     DataSource,
     Echo,
@@ -842,10 +843,9 @@ class SpliceRelayTests(TestCase):
         client.tcp.pauseProducing()
         source = DataSource(b"never read", 64 * MiB)
         source.start(target.tcp)
-        for _ in range(100_000):
-            if relay.clientEnd.writing and relay.pipeBytes()[1]:
-                break
-            yield deferLater(reactor, 0, lambda: None)
+        yield turnsUntil(
+            reactor, lambda: relay.clientEnd.writing and relay.pipeBytes()[1]
+        )
         self.assertTrue(relay.clientEnd.writing, "the client never held back")
         self.assertNotIn(relay.targetEnd, reactor.getReaders())
         client.tcp.abortConnection()
@@ -868,10 +868,7 @@ class SpliceRelayTests(TestCase):
         client.tcp.pauseProducing()
         source = DataSource(b"never read", 64 * MiB)
         source.start(target.tcp)
-        for _ in range(100_000):
-            if relay.clientEnd.writing:
-                break
-            yield deferLater(reactor, 0, lambda: None)
+        yield turnsUntil(reactor, lambda: relay.clientEnd.writing)
         self.assertTrue(relay.clientEnd.writing, "the client never held back")
         self.assertFalse(relay.clientEnd.reading)
         client.tcp.abortConnection()
@@ -1011,10 +1008,7 @@ class SpliceRelayTests(TestCase):
         client, target = Peer(), Peer()
         clientSide, targetSide = yield self.connectPair(client, target)
         target.tcp.write(b"target spoke first;")
-        for _ in range(100_000):
-            if targetSide.pending:
-                break
-            yield deferLater(reactor, 0, lambda: None)
+        yield turnsUntil(reactor, lambda: targetSide.pending)
         self.assertEqual(targetSide.pending, [b"target spoke first;"])
         clientSide.transport.write(b"written by Twisted;")
         relay, ended = self.relayBetween(clientSide, targetSide)
@@ -1125,10 +1119,7 @@ class SpliceRelayTests(TestCase):
             raw = fcntl.ioctl(proxyClient.fileno(), termios.FIONREAD, b"\0\0\0\0")
             return int.from_bytes(raw, sys.byteorder)
 
-        for _ in range(100_000):
-            if queued() >= waiting:
-                break
-            yield deferLater(reactor, 0, lambda: None)
+        yield turnsUntil(reactor, lambda: queued() >= waiting)
         self.assertEqual(queued(), waiting)
         relay, ended = self.relayBetween(clientSide, targetSide)
         relay.start()
@@ -1168,10 +1159,9 @@ class SpliceRelayTests(TestCase):
         client, target, relay, ended = yield self.relayed()
         target.tcp.pauseProducing()
         DataSource(b"held", 32 * MiB).start(client.tcp)
-        for _ in range(100_000):
-            if relay.targetEnd.writing and relay.pipeBytes()[0]:
-                break
-            yield deferLater(reactor, 0, lambda: None)
+        yield turnsUntil(
+            reactor, lambda: relay.targetEnd.writing and relay.pipeBytes()[0]
+        )
         self.assertTrue(relay.pipeBytes()[0], "no bytes held in the pipe")
         relay.clientEnd.transport.loseConnection()
         result = yield ended.wait()

@@ -25,11 +25,11 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 
-from tests.fakes import FakeResolver
+from tests.fakes import FakeResolver, turnsUntil
 from tests.test_integration import (
     ESTABLISHED,
     PAGE,
@@ -436,10 +436,9 @@ class TLSCloseWhileStalledTests(TLSProxyTestCase):
         assert relay is not None
         # Turns of the reactor, not time: the proxy stops reading once its
         # buffers fill, within a few reads.
-        for _ in range(10000):
-            if relay._target not in reactor.getReaders():
-                break
-            yield deferLater(reactor, 0, lambda: None)
+        yield turnsUntil(
+            reactor, lambda: relay._target not in reactor.getReaders(), turns=10000
+        )
         self.assertNotIn(relay._target, reactor.getReaders())
         client.tcp.loseConnection()
         client.tcp.resumeProducing()
@@ -469,10 +468,7 @@ class TLSHandshakeTimeoutTests(TLSProxyTestCase):
         )
         self._open.append(silent)
         self._proxyClients += 1
-        for _ in range(10000):
-            if proxy.factory.connections:
-                break
-            yield deferLater(reactor, 0, lambda: None)
+        yield turnsUntil(reactor, lambda: proxy.factory.connections, turns=10000)
         clock.advance(proxy.factory.headerTimeout)
         [event] = yield self.proxyEnded(1)
         self.assertEqual((event["status"], event["ended"]), ("-", "tls-timeout"))

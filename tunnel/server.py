@@ -695,21 +695,19 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 self._failedInternally(Failure(), "checking an address")
                 return False
 
-        allowAddress = checkAddress
         literal = parseAddress(host)
-        if literal is not None:
+        if literal is not None and not checkAddress(literal):
             # An address literal is vetted here, whatever the connector: one
             # of the application's that forgets allowAddress (or hands the
             # address to a parent proxy) must not open the loopback,
             # private and metadata addresses the policy refuses.
-            if not checkAddress(literal):
-                if self._reading != "done":
-                    self._refuseAddress(request)
-                return
+            if self._reading != "done":
+                self._refuseAddress(request)
+            return
 
-            def allowAddress(address: IPAddress) -> bool:
-                # Vetted once is enough.
-                return address == literal or checkAddress(address)
+        def allowAddress(address: IPAddress) -> bool:
+            # A literal, vetted above, is not asked about twice.
+            return address == literal or checkAddress(address)
 
         target = TargetProtocol()
         try:

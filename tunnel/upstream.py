@@ -598,9 +598,8 @@ class _Attempt:
         """
         self.connecting = None
         # Said of the parent, not left to read as the target's refusal,
-        # unknown name or timeout.
-        # Twisted's messages end with a full stop, and so do these errors'
-        # own: one is enough.
+        # unknown name or timeout; without the message's full stop, as
+        # these errors add their own.
         why = reason.getErrorMessage().rstrip(".")
         if reason.check(TimeoutError) and not reason.check(UpstreamTimedOut):
             reason = Failure(
