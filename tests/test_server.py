@@ -1737,7 +1737,8 @@ class RelayCycleTests(SynchronousTestCase):
 
 class HelperTests(SynchronousTestCase):
     """
-    Tests for the small helpers of L{tunnel.server}.
+    Tests for the helpers the server writes its answers and log lines
+    with, from L{tunnel.clients} and L{tunnel.answers}.
     """
 
     def test_formatAddress(self) -> None:

@@ -42,7 +42,7 @@ from tunnel.workers import (
     _WorkerProtocol,
     adoptListeningSocket,
     formatWorkerRecord,
-    inheritedPorts,
+    parseInheritedDescriptors,
     workerArguments,
 )
 
@@ -59,7 +59,7 @@ def keepSignalHandlers(case: TestCase) -> None:
 
 class WorkerArgumentsTests(SynchronousTestCase):
     """
-    Tests for L{workerArguments} and L{inheritedPorts}.
+    Tests for L{workerArguments} and L{parseInheritedDescriptors}.
     """
 
     def test_mainOnlyRemoved(self) -> None:
@@ -154,14 +154,14 @@ class WorkerArgumentsTests(SynchronousTestCase):
             )
             self.assertIn(f"--kept-file {value}: ", str(e))
 
-    def test_inheritedPorts(self) -> None:
+    def test_parseInheritedDescriptors(self) -> None:
         """
         C{FD:FAMILY} values parse to descriptors and address families.
         """
         import socket
 
         self.assertEqual(
-            inheritedPorts(["5:2", "6:10"]),
+            parseInheritedDescriptors(["5:2", "6:10"]),
             [(5, socket.AF_INET), (6, socket.AF_INET6)],
         )
 

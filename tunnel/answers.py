@@ -5,8 +5,9 @@ the error responses that end a connection.  No I/O.
 
 from __future__ import annotations
 
-from email.utils import formatdate
 from http import HTTPStatus
+
+from twisted.web.http import datetimeToString
 
 __all__ = ["ESTABLISHED", "errorResponse", "httpDate"]
 
@@ -45,7 +46,7 @@ def httpDate(seconds: float) -> bytes:
     @param seconds: Seconds since the epoch.
     @return: The IMF-fixdate, C{Fri, 27 Nov 2026 12:00:00 GMT}.
     """
-    return formatdate(seconds, usegmt=True).encode("ascii")
+    return datetimeToString(seconds)  # type: ignore[no-any-return]
 
 
 def errorResponse(

@@ -528,6 +528,8 @@ class TunnelPolicy:
     The default policy: ports, client networks, and destination rules.
 
     Precedence for destinations, first match wins:
+      0. the unspecified address (C{0.0.0.0}, C{::}) is always denied
+         (see L{isUnspecified}): no rule opens it;
       1. a C{denyTo} rule (name or address) denies;
       2. an C{allowTo} rule (name or address) allows;
       3. an address in L{DEFAULT_DENIED_NETWORKS} is denied;

@@ -398,16 +398,19 @@ class RelayLifecycle:
         self._sideLost("target", reason)
 
     def _sideLost(self, side: str, reason: Failure) -> None:
-        if self._closing is None:
+        how = self._closing
+        if how is None:
             # Closed by something other than this relay.  A clean close is
             # that side's FIN (a transport that cannot half-close, TLS for
             # one, ends that way): let the other side flush and close.
             # Anything else is a reset, passed on as one.
-            clean = reason.check(ConnectionDone) is not None
-            if clean:
-                self._firstEnd = self._firstEnd or f"{side}-eof"
-            self._close(self._firstEnd if clean else f"{side}-reset", not clean)
-        self._reportIfDone()
+            if reason.check(ConnectionDone) is None:
+                how = f"{side}-reset"
+                self._close(how, abort=True)
+            else:
+                how = self._firstEnd = self._firstEnd or f"{side}-eof"
+                self._close(how, abort=False)
+        self._reportIfDone(how)
 
     def idleTimedOut(self) -> None:
         """
@@ -424,7 +427,7 @@ class RelayLifecycle:
         """
         self._close(self._closing or why, abort=True)
 
-    def _close(self, how: str | None, abort: bool) -> None:
+    def _close(self, how: str, abort: bool) -> None:
         """
         Close both connections (reset them if C{abort}); the tunnel ended
         C{how}.
@@ -442,7 +445,7 @@ class RelayLifecycle:
                 self._idleTimeout or CLOSE_GRACE_SECONDS, self.abort
             )
 
-    def _reportIfDone(self) -> None:
+    def _reportIfDone(self, how: str) -> None:
         if self._clientOpen or self._targetOpen:
             return
         # Dropped, not only cancelled: a deadline that fired still holds
@@ -452,7 +455,7 @@ class RelayLifecycle:
             deadline.cancel()
         if self._onEnd is not None:
             onEnd, self._onEnd = self._onEnd, None
-            onEnd(RelayResult(self.bytesUp, self.bytesDown, self._closing or "-"))
+            onEnd(RelayResult(self.bytesUp, self.bytesDown, how))
 
 
 class Relay(RelayLifecycle):
@@ -625,7 +628,7 @@ class Relay(RelayLifecycle):
         self._targetReading = False
         super().targetLost(reason)
 
-    def _close(self, how: str | None, abort: bool) -> None:
+    def _close(self, how: str, abort: bool) -> None:
         self._closing = how
         self._unwatchIdle()
         if not abort:

@@ -91,7 +91,7 @@ from .request import (
 )
 from .splice import SpliceRelay, canSplice, spliceAvailable
 
-__all__ = ["ConnectProxy", "ConnectProxyFactory", "formatAddress"]
+__all__ = ["ConnectProxy", "ConnectProxyFactory"]
 
 #: After an error answer, how long the proxy keeps reading (and dropping)
 #: what the client still sends, before it closes.
@@ -146,6 +146,18 @@ def _tlsUnfinished(transport: object) -> bool:
     return cipherName is not None and cipherName() is None
 
 
+def _tryAgain(detail: str, status: int = 503) -> RequestRejected:
+    """
+    An answer that asks the client to try again in a second: the proxy is
+    busy, or this client has too much open, not the request at fault.
+
+    @param detail: What the body says.
+    @param status: C{503}, or C{429} for one client's limit.
+    @return: The rejection, with C{Retry-After: 1}.
+    """
+    return RequestRejected(status, detail, [(b"Retry-After", b"1")])
+
+
 def _noDelay(transport: object) -> None:
     """
     Turn off Nagle's algorithm on a TCP transport: a relay must pass small
@@ -191,7 +203,8 @@ class _TargetFactory:
 class ConnectProxy(Protocol, TimeoutMixin):
     """
     One client connection: read a CONNECT head, reach the target, answer,
-    then hand both connections to a L{Relay}.
+    then hand both connections to a relay (a L{SpliceRelay} when both are
+    plain TCP, else a L{Relay}).
 
     The head is buffered up to the factory's limits and no longer than its
     header timeout; anything wrong gets a precise HTTP error and a closed
@@ -481,7 +494,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         """
-        The one timer ran out: the head did not arrive in time (408), or the
+        The one timer ran out: the head did not arrive in time (408, or,
+        while a TLS handshake is still unfinished, a close without an
+        answer), the credentials were not checked in time (503), or the
         target was not reached in time (504).
         """
         if self._reading in ("head", "proxy"):
@@ -496,13 +511,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._timedOut = True
             self._connecting.cancel()
         elif self._reading == "early":
-            self._reject(
-                RequestRejected(
-                    503,
-                    "Checking the credentials took too long.",
-                    [(b"Retry-After", b"1")],
-                )
-            )
+            self._reject(_tryAgain("Checking the credentials took too long."))
 
     # Who asks, and where to.
 
@@ -661,11 +670,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         """
         if not self.factory.draining:
             return False
-        self._reject(
-            RequestRejected(
-                503, "The proxy is shutting down.", [(b"Retry-After", b"1")]
-            )
-        )
+        self._reject(_tryAgain("The proxy is shutting down."))
         return True
 
     # Reaching the target.
@@ -852,17 +857,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
         ):
             # The target is not at fault: the proxy could not make a socket.
             self.factory.outOfResources(str(reason.value))
-            rejected = RequestRejected(
-                503,
-                "The proxy is out of resources; try again.",
-                [(b"Retry-After", b"1")],
-            )
+            rejected = _tryAgain("The proxy is out of resources; try again.")
         elif reason.check(LookupsBusy):
-            rejected = RequestRejected(
-                503,
-                "Too many name lookups are waiting; try again.",
-                [(b"Retry-After", b"1")],
-            )
+            rejected = _tryAgain("Too many name lookups are waiting; try again.")
         elif reason.check(DNSLookupError):
             rejected = RequestRejected(502, "The target host name does not resolve.")
         elif reason.check(ConnectionRefusedError):
@@ -1063,7 +1060,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 try:
                     observer(fields)
                 except Exception:
-                    self._log.failure(
+                    log.failure(
                         "Tunnel observer {observer!r} failed", observer=observer
                     )
         self._forgetIfDone()
@@ -1478,19 +1475,13 @@ class ConnectProxyFactory(Factory):
             self.maxTunnels is not None
             and self._open + self.awaitingHeader >= self.maxTunnels
         ):
-            return RequestRejected(
-                503, "The proxy is at capacity.", [(b"Retry-After", b"1")]
-            )
+            return _tryAgain("The proxy is at capacity.")
         if (
             client is not None
             and self.maxTunnelsPerClient is not None
             and self._openPerClient.get(client, 0) >= self.maxTunnelsPerClient
         ):
-            return RequestRejected(
-                429,
-                "Too many connections from your address.",
-                [(b"Retry-After", b"1")],
-            )
+            return _tryAgain("Too many connections from your address.", 429)
         return None
 
     def login(
@@ -1522,7 +1513,9 @@ class ConnectProxyFactory(Factory):
         """
         Let open connections finish, then close what remains.
 
-        Requests authorised from now on get a 503.  After
+        Connections that have not sent a byte are closed at once, and
+        every request whose head completes from now on gets a 503 (one
+        whose credentials are being checked gets it once they are).  After
         C{timeout} seconds every connection still open is aborted.
 
         @param timeout: Seconds to wait before aborting.

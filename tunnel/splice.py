@@ -691,8 +691,6 @@ class SpliceRelay(RelayLifecycle):
         "targetEnd",
     )
 
-    _log = Logger(namespace="tunnel")
-
     def __init__(
         self,
         client: StreamTransport,
@@ -976,11 +974,14 @@ class SpliceRelay(RelayLifecycle):
             self._close(f"{flow.dst.side}-reset", abort=True)
             return
         if self._up.done and self._down.done:
-            self._close(self._firstEnd, abort=False, finished=True)
+            # The first of the two FINs named _firstEnd; this flow's is the
+            # second.
+            first = self._firstEnd or f"{flow.src.side}-eof"
+            self._close(first, abort=False, finished=True)
 
     # Ending.
 
-    def _close(self, how: str | None, abort: bool, finished: bool = False) -> None:
+    def _close(self, how: str, abort: bool, finished: bool = False) -> None:
         if not (abort or finished) and any(
             flow.inPipe or flow.spill for flow in (self._up, self._down)
         ):
@@ -988,7 +989,7 @@ class SpliceRelay(RelayLifecycle):
             # pipes go back below, so those bytes cannot be delivered, and a
             # clean FIN after them would pass a cut stream off as whole.
             abort = True
-        self._closing = how or "-"
+        self._closing = how
         self._unwatchIdle()
         if not (abort or finished):
             self._startCloseDeadline()

@@ -69,7 +69,7 @@ from .workers import (
     KeptFile,
     WorkerSupervisor,
     formatMetricsRecord,
-    inheritedPorts,
+    parseInheritedDescriptors,
     readKeptFile,
     workerArguments,
 )
@@ -803,11 +803,14 @@ OPEN_PROXY_WARNING = (
 
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
-    Make the service twistd runs: one listener per C{--listen}.
+    Make the service twistd runs.
 
     @param options: Parsed L{Options}.
     @param reactor: The reactor; by default the global one.
-    @return: A service that starts and stops every listener.
+    @return: With C{--workers} above 1, a L{WorkerSupervisor}; otherwise
+        this process's L{makeWorkerService}, one listener per C{--listen}.
+        With C{--metrics}, either inside a service that also serves the
+        metrics page (added up over the workers) and stops it last.
     """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -928,7 +931,7 @@ def makeWorkerService(options: Options, reactor: Any) -> ProxyService:
         listen(reactor, description, factory, service)
     if options["inherit-fd"]:
         InheritedPorts(
-            reactor, inheritedPorts(options["inherit-fd"]), factory
+            reactor, parseInheritedDescriptors(options["inherit-fd"]), factory
         ).setServiceParent(service)
     return service
 

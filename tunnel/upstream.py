@@ -91,8 +91,8 @@ from .request import (
 from .resolver import sharedResolver
 
 __all__ = [
-    "DEFAULT_PORTS",
     "MAX_RESPONSE_HEAD",
+    "SCHEME_PORTS",
     "UpstreamCancelled",
     "UpstreamConnector",
     "UpstreamEndpoint",
@@ -106,7 +106,7 @@ __all__ = [
     "upstreamTLSOptions",
 ]
 
-DEFAULT_PORTS = {"http": 3128, "https": 443}
+SCHEME_PORTS = {"http": 3128, "https": 443}
 """
 The parent's port when its URL names none: Squid's 3128 for C{http://},
 443 for C{https://}.
@@ -152,7 +152,7 @@ class UpstreamProxy:
 
     @scheme.validator
     def _checkScheme(self, attribute: object, value: str) -> None:
-        if value not in DEFAULT_PORTS:
+        if value not in SCHEME_PORTS:
             raise ValueError(f"the scheme must be http or https, not {value!r}")
 
     @property
@@ -208,7 +208,7 @@ def parseUpstreamURL(url: str) -> UpstreamProxy:
 
     The scheme and the host are case-insensitive; the host is a DNS name,
     an IPv4 literal or a bracketed IPv6 literal (no zone).  Without a port,
-    C{http} means 3128 (Squid's) and C{https} 443 (see L{DEFAULT_PORTS}).
+    C{http} means 3128 (Squid's) and C{https} 443 (see L{SCHEME_PORTS}).
     The user name and password are percent-decoded and must be UTF-8;
     C{user@host} means an empty password.  A single trailing C{/} is
     allowed; any other path, a query or a fragment is not.
@@ -226,7 +226,7 @@ def parseUpstreamURL(url: str) -> UpstreamProxy:
         port = parts.port
     except ValueError as e:
         raise ValueError(f"the upstream URL is malformed: {e}") from None
-    if parts.scheme not in DEFAULT_PORTS or not url.lower().startswith(
+    if parts.scheme not in SCHEME_PORTS or not url.lower().startswith(
         parts.scheme + "://"
     ):
         raise ValueError(
@@ -253,7 +253,7 @@ def parseUpstreamURL(url: str) -> UpstreamProxy:
             "(write international names in their xn-- form)"
         )
     if port is None:
-        port = DEFAULT_PORTS[parts.scheme]
+        port = SCHEME_PORTS[parts.scheme]
     elif not 1 <= port <= 65535:
         raise ValueError("the upstream URL's port must be in 1-65535")
     username: str | None = None

@@ -2,13 +2,14 @@
 Several reactor processes sharing the listening sockets: C{--workers N}.
 
 The main process binds every listener once, never accepts on them itself,
-and starts N worker processes that inherit the sockets and adopt them with
-C{IReactorSocket.adoptStreamPort}; the kernel hands each new connection to
-one of the workers.  The main process supervises: a worker that dies is
-replaced, SIGTERM drains every worker, SIGUSR1 is passed on (to reopen
-access logs), and the workers' log lines come out of the main process's log
-tagged with the worker's number.  With metrics on, each worker also sends a
-snapshot of its metrics every second, which the main process adds up.
+and starts N worker processes that inherit the sockets and adopt them (TCP
+with C{IReactorSocket.adoptStreamPort}, UNIX through L{_SharedUNIXPort});
+the kernel hands each new connection to one of the workers.  The main
+process supervises: a worker that dies is replaced, SIGTERM drains every
+worker, SIGUSR1 is passed on (to reopen access logs), and the workers' log
+lines come out of the main process's log tagged with the worker's number.
+With metrics on, each worker also sends a snapshot of its metrics every
+second, which the main process adds up.
 """
 
 from __future__ import annotations
@@ -688,7 +689,9 @@ class WorkerSupervisor(Service):
         return DeferredList(endings).addCallback(workersEnded)
 
 
-def inheritedPorts(values: list[str]) -> list[tuple[int, socket.AddressFamily]]:
+def parseInheritedDescriptors(
+    values: list[str],
+) -> list[tuple[int, socket.AddressFamily]]:
     """
     Parse C{--inherit-fd FD:FAMILY} values.
 
