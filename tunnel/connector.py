@@ -39,16 +39,13 @@ from zope.interface import implementer
 from .direct import DirectEndpoint
 
 # AddressDenied is defined with the seam; importable from here as before.
-from .interfaces import AddressDenied, ITargetConnector, LookupsBusy
+from .interfaces import AddressDenied, AllowAddress, ITargetConnector, LookupsBusy
 from .policy import parseAddress
 from .resolver import Lookup, sharedResolver
 
 __all__ = ["AddressDenied", "HostnameConnector"]
 
 _log = Logger(namespace="tunnel.connector")
-
-#: A destination policy for one tunnel: whether it may connect to an address.
-AllowAddress = Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]
 
 
 def _allowAll(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

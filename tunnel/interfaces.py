@@ -15,6 +15,7 @@ from zope.interface import Interface
 
 __all__ = [
     "AddressDenied",
+    "AllowAddress",
     "ITargetConnector",
     "LookupsBusy",
     "UpstreamCancelled",
@@ -23,6 +24,10 @@ __all__ = [
     "UpstreamTimedOut",
     "UpstreamUnreachable",
 ]
+
+#: A destination policy for one tunnel, as a connector is given it: whether
+#: the tunnel may connect to an address.
+AllowAddress = Callable[[IPv4Address | IPv6Address], bool]
 
 
 class ITargetConnector(Interface):
@@ -37,7 +42,7 @@ class ITargetConnector(Interface):
     def endpointForTarget(
         host: str,
         port: int,
-        allowAddress: Callable[[IPv4Address | IPv6Address], bool] | None = None,
+        allowAddress: AllowAddress | None = None,
     ) -> IStreamClientEndpoint:
         """
         Give the endpoint that reaches C{host:port}.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from attrs import field, frozen
@@ -33,9 +33,12 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_DENIED_NETWORKS",
     "DEFAULT_PORTS",
+    "RULE_KINDS",
+    "RULE_PARSERS",
     "AddressRule",
     "Denial",
     "IPAddress",
+    "IPNetwork",
     "ITunnelPolicy",
     "PortRange",
     "TunnelPolicy",
@@ -45,6 +48,7 @@ __all__ = [
     "isDeniedByDefault",
     "isUnspecified",
     "parseAddress",
+    "parseNetwork",
     "parsePortRange",
     "parseRules",
     "parseTargetRule",
@@ -110,6 +114,8 @@ _UNSPECIFIED: tuple[IPNetwork, ...] = (
 
 # A last label that is a decimal or hexadecimal number: inet_aton reads such
 # a name as an IPv4 address, so request.parseAuthority refuses it as a host.
+# The same pattern as request._looksNumeric's, repeated so that neither of
+# these two pure modules imports the other (DESIGN.md).
 _NUMERIC_LAST_LABEL = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]*)\Z")
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -305,7 +311,7 @@ def parseTargetRule(text: str) -> AddressRule:
     if cleaned.startswith("[") and cleaned.endswith("]"):
         cleaned = cleaned[1:-1]
     try:
-        return AddressRule(text, network=ipaddress.ip_network(cleaned, strict=False))
+        return AddressRule(text, network=parseNetwork(cleaned))
     except ValueError:
         pass
     name = cleaned.lower().rstrip(".")
@@ -517,8 +523,22 @@ def hostBitsNote(text: str) -> str | None:
     return f"{text} is taken for the network {network}{everything}"
 
 
+def parseNetwork(text: str) -> IPNetwork:
+    """
+    Parse a network as the options and rules files give it (C{--allow-from},
+    C{--proxy-protocol-from}): a CIDR or one address.  Host bits are
+    allowed and dropped, C{192.0.2.7/24} is C{192.0.2.0/24} (see
+    L{hostBitsNote}, which tells the operator).
+
+    @param text: The network.
+    @return: The network.
+    @raise ValueError: If C{text} is not one.
+    """
+    return ipaddress.ip_network(text, strict=False)
+
+
 def _parseNetworks(texts: Iterable[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(text, strict=False) for text in texts)
+    return tuple(parseNetwork(text) for text in texts)
 
 
 @implementer(ITunnelPolicy)
@@ -721,8 +741,17 @@ class TunnelPolicy:
         )
 
 
+#: How the value of each kind of rule is checked, by the name of its option
+#: (and of its lines in a rules file).
+RULE_PARSERS: dict[str, Callable[[str], object]] = {
+    "allow-port": parsePortRange,
+    "allow-from": parseNetwork,
+    "allow-to": parseTargetRule,
+    "deny-to": parseTargetRule,
+}
+
 #: The kinds of rule a rules file may hold, as the options are named.
-RULE_KINDS = ("allow-port", "allow-from", "allow-to", "deny-to")
+RULE_KINDS = tuple(RULE_PARSERS)
 
 
 def parseRules(text: str, source: str = "<rules>") -> dict[str, list[str]]:
@@ -737,12 +766,6 @@ def parseRules(text: str, source: str = "<rules>") -> dict[str, list[str]]:
     @raise ValueError: Naming the file and line of the first bad rule.
     """
     rules: dict[str, list[str]] = {kind: [] for kind in RULE_KINDS}
-    checks = {
-        "allow-port": parsePortRange,
-        "allow-from": lambda value: ipaddress.ip_network(value, strict=False),
-        "allow-to": parseTargetRule,
-        "deny-to": parseTargetRule,
-    }
     for number, line in enumerate(text.splitlines(), start=1):
         words = line.partition("#")[0].split()
         if not words:
@@ -754,7 +777,7 @@ def parseRules(text: str, source: str = "<rules>") -> dict[str, list[str]]:
             )
         kind, value = words
         try:
-            checks[kind](value)
+            RULE_PARSERS[kind](value)
         except ValueError as e:
             raise ValueError(f"{source}:{number}: {e}") from None
         rules[kind].append(value)

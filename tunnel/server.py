@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import ipaddress
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from OpenSSL.SSL import Error as TLSError
 from twisted.cred.credentials import UsernamePassword
@@ -69,6 +68,7 @@ from .policy import (
     TunnelPolicy,
     inNetworks,
     parseAddress,
+    parseNetwork,
 )
 from .proxyprotocol import InvalidProxyHeader, parseProxyHeader
 from .relay import (
@@ -227,6 +227,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
     """
 
     factory: ConnectProxyFactory
+    # A Literal, not any str: mypy refuses the assignment of a misspelt
+    # state (not a comparison with one, which it lets through).
+    _reading: Literal["proxy", "head", "early", "tunnel", "done"]
     _log = Logger(namespace="tunnel")
 
     # Thousands of tunnels stay open at once: this protocol's own state lives
@@ -1398,9 +1401,7 @@ class ConnectProxyFactory(Factory):
         self.maxTunnelsPerClient = maxTunnelsPerClient
         self.damper = damper if damper is not None else FailureDamper(self.clock)
         self.proxyProtocol = proxyProtocol
-        self.proxyProtocolFrom = tuple(
-            ipaddress.ip_network(text, strict=False) for text in proxyProtocolFrom
-        )
+        self.proxyProtocolFrom = tuple(parseNetwork(t) for t in proxyProtocolFrom)
         self.splice = spliceAvailable() if splice is None else splice
         self.logTunnels = logTunnels
         self.tunnelObservers: list[Callable[[LogEvent], object]] = []

@@ -5,7 +5,6 @@ The twistd face of the proxy: command-line options and the service they make.
 from __future__ import annotations
 
 import gc
-import ipaddress
 import math
 import os
 import resource
@@ -47,12 +46,12 @@ from .metrics import (
 )
 from .metricssite import metricsSite
 from .policy import (
+    RULE_PARSERS,
     ITunnelPolicy,
     TunnelPolicy,
     hostBitsNote,
-    parsePortRange,
+    parseNetwork,
     parseRules,
-    parseTargetRule,
 )
 from .resolver import ThreadedResolver
 from .rules import RulesFilePolicy
@@ -117,13 +116,12 @@ _WORKER_OF.optionName = "--worker-of"  # type: ignore[attr-defined]
 
 _log = Logger(namespace="tunnel")
 
-_REPEATED = {
+#: The options that may be given more than once, and how each value is
+#: checked as it is read.
+_REPEATED: dict[str, Callable[[str], object] | None] = {
     "listen": None,
-    "allow-port": parsePortRange,
-    "allow-to": parseTargetRule,
-    "deny-to": parseTargetRule,
-    "allow-from": lambda text: ipaddress.ip_network(text, strict=False),
-    "proxy-protocol-from": lambda text: ipaddress.ip_network(text, strict=False),
+    **RULE_PARSERS,
+    "proxy-protocol-from": parseNetwork,
 }
 
 

@@ -62,7 +62,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .connector import (
-    AllowAddress,
     _allowAll,
     _DeniedEndpoint,
     _VettedEndpoint,
@@ -72,6 +71,7 @@ from .filestamp import readRegularFile
 
 # The failures are defined with the seam; importable from here as before.
 from .interfaces import (
+    AllowAddress,
     ITargetConnector,
     LookupsBusy,
     UpstreamCancelled,
@@ -363,6 +363,27 @@ def upstreamTLSOptions(
         ),
         upstream.host,
     )
+
+
+def _tlsOptionsFor(
+    upstream: UpstreamProxy,
+    tlsOptions: IOpenSSLClientConnectionCreator | None,
+    caCertificate: str | None,
+) -> IOpenSSLClientConnectionCreator | None:
+    """
+    The TLS options to reach C{upstream} with: those given, or for an
+    C{https://} parent L{upstreamTLSOptions}; none for an C{http://} one.
+
+    @raise ValueError: If TLS options or a CA file are given for an
+        C{http://} parent.
+    """
+    if not upstream.tls:
+        if tlsOptions is not None or caCertificate is not None:
+            raise ValueError("TLS options need an https:// parent proxy")
+        return None
+    if tlsOptions is None:
+        return upstreamTLSOptions(upstream, caCertificate)
+    return tlsOptions
 
 
 def _idnaText(host: str) -> str:
@@ -943,12 +964,9 @@ class UpstreamEndpoint:
                 canConnectDirectly(reactor, bindAddress),
             )
         )
-        if upstream.tls:
-            if tlsOptions is None:
-                tlsOptions = upstreamTLSOptions(upstream, caCertificate)
+        tlsOptions = _tlsOptionsFor(upstream, tlsOptions, caCertificate)
+        if tlsOptions is not None:
             endpoint = wrapClientTLS(tlsOptions, endpoint)
-        elif tlsOptions is not None or caCertificate is not None:
-            raise ValueError("TLS options need an https:// parent proxy")
         self._reactor = reactor
         self._parent = endpoint
         self._timeout = timeout
@@ -1028,14 +1046,9 @@ class UpstreamConnector:
             parent, or C{caCertificate} holds no readable certificate.
         @raise OSError: If C{caCertificate} cannot be read.
         """
-        if upstream.tls:
-            if tlsOptions is None:
-                tlsOptions = upstreamTLSOptions(upstream, caCertificate)
-        elif tlsOptions is not None or caCertificate is not None:
-            raise ValueError("TLS options need an https:// parent proxy")
         self.upstream = upstream
         self._reactor = reactor
-        self._tlsOptions = tlsOptions
+        self._tlsOptions = _tlsOptionsFor(upstream, tlsOptions, caCertificate)
         self._timeout = timeout
         self.resolver: IHostnameResolver = (
             resolver if resolver is not None else sharedResolver(reactor)
