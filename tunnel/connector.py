@@ -45,7 +45,7 @@ from .resolver import Lookup, sharedResolver
 
 __all__ = ["AddressDenied", "HostnameConnector"]
 
-_log = Logger(namespace="tunnel.connector")
+_log = Logger()
 
 
 def _allowAll(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

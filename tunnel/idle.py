@@ -48,7 +48,7 @@ class IdleWatch:
     @ivar timeout: Seconds without a byte after which a tunnel ends.
     """
 
-    _log = Logger(namespace="tunnel")
+    _log = Logger()
 
     def __init__(
         self, clock: IReactorTime, timeout: float, granularity: float = 1.0

@@ -31,7 +31,7 @@ __all__ = [
     "listensBeyondLoopback",
 ]
 
-_log = Logger(namespace="tunnel")
+_log = Logger()
 
 
 def checkBindable(option: str, description: str, endpoint: object) -> None:

@@ -377,7 +377,7 @@ class WorkerMetrics:
     @ivar registry: The registry to serve (see L{metricsResource}).
     """
 
-    _log = Logger(namespace="tunnel.metrics")
+    _log = Logger()
 
     def __init__(self) -> None:
         """

@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 __all__ = ["ThreadedResolver"]
 
-_log = Logger(namespace="tunnel.resolver")
+_log = Logger()
 
 _ANY: frozenset[type[IAddress]] = frozenset([IPv4Address, IPv6Address])
 _FAMILIES: dict[frozenset[type[IAddress]], int] = {

@@ -230,7 +230,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
     # A Literal, not any str: mypy refuses the assignment of a misspelt
     # state (not a comparison with one, which it lets through).
     _reading: Literal["proxy", "head", "early", "tunnel", "done"]
-    _log = Logger(namespace="tunnel")
+    _log = Logger()
 
     # Thousands of tunnels stay open at once: this protocol's own state lives
     # in slots, not in its instance dict (which keeps what Twisted sets).
@@ -1276,7 +1276,7 @@ class ConnectProxyFactory(Factory):
     """
 
     protocol = ConnectProxy  # type: ignore[assignment]
-    _log = Logger(namespace="tunnel")
+    _log = Logger()
 
     def __init__(
         self,

@@ -91,7 +91,7 @@ class ProxyService(MultiService):
         the connections that ended during the drain).
     """
 
-    _log = Logger(namespace="tunnel")
+    _log = Logger()
 
     def __init__(
         self,

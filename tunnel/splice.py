@@ -222,7 +222,7 @@ class PipePool:
         under the same user: they share its pipe quota (see L{idleLimit}).
     """
 
-    _log = Logger(namespace="tunnel")
+    _log = Logger()
 
     def __init__(self, pipeSize: int = PIPE_SIZE, maxIdle: int | None = None) -> None:
         """

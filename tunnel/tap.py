@@ -114,7 +114,7 @@ def _number(
 _WORKER_OF = _number(int, 1, 64)
 _WORKER_OF.optionName = "--worker-of"  # type: ignore[attr-defined]
 
-_log = Logger(namespace="tunnel")
+_log = Logger()
 
 #: The options that may be given more than once, and how each value is
 #: checked as it is read.

@@ -325,7 +325,7 @@ class _WorkerProtocol(ProcessProtocol):
     line by line, as a warning.
     """
 
-    _log = Logger(namespace="tunnel.workers")
+    _log = Logger()
 
     def __init__(self, supervisor: WorkerSupervisor, number: int) -> None:
         self._supervisor = supervisor
@@ -393,7 +393,7 @@ class WorkerSupervisor(Service):
         number (from 0).
     """
 
-    _log = Logger(namespace="tunnel.workers")
+    _log = Logger()
 
     def __init__(
         self,
@@ -595,14 +595,7 @@ class WorkerSupervisor(Service):
                 )
             return
         lived = self._reactor.seconds() - self._startedAt.get(number, 0)
-        if lived >= _STEADY_AFTER:
-            self._quickEnds[number] = 0
-        else:
-            self._quickEnds[number] = self._quickEnds.get(number, 0) + 1
-        delay = self._respawnDelayFor(number)
-        self._respawns[number] = self._reactor.callLater(
-            delay, self._respawnIfRunning, number
-        )
+        delay = self._scheduleRespawn(number, quick=lived < _STEADY_AFTER)
         self._log.warn(
             "Worker {number} ended ({why}); replacing it in {delay:g} s",
             number=number,
@@ -620,12 +613,24 @@ class WorkerSupervisor(Service):
         if self._metrics is not None:
             self._metrics.report(number, snapshot)
 
-    def _respawnDelayFor(self, number: int) -> float:
+    def _scheduleRespawn(self, number: int, quick: bool) -> float:
+        """
+        Start worker C{number} again after a delay.
+
+        @param quick: Whether the last one ended soon after it started, or
+            could not be started at all.
+        @return: The delay, in seconds.
+        """
         # A worker that keeps ending right after it starts (a file it
         # cannot read once privileges are dropped, say) is replaced less
         # and less often, up to once a minute, instead of every second.
-        again = max(0, self._quickEnds.get(number, 0) - 1)
-        return float(min(self._respawnDelay * 2**again, _MAX_RESPAWN_DELAY))
+        self._quickEnds[number] = self._quickEnds.get(number, 0) + 1 if quick else 0
+        again = max(0, self._quickEnds[number] - 1)
+        delay = float(min(self._respawnDelay * 2**again, _MAX_RESPAWN_DELAY))
+        self._respawns[number] = self._reactor.callLater(
+            delay, self._respawnIfRunning, number
+        )
+        return delay
 
     def _respawnIfRunning(self, number: int) -> None:
         self._respawns.pop(number, None)
@@ -636,15 +641,11 @@ class WorkerSupervisor(Service):
         except Exception:
             # fork can fail for a while (EAGAIN under a process limit,
             # ENOMEM): try again later rather than run a worker short.
-            self._quickEnds[number] = self._quickEnds.get(number, 0) + 1
-            delay = self._respawnDelayFor(number)
+            delay = self._scheduleRespawn(number, quick=True)
             self._log.failure(
                 "Could not start worker {number}; trying again in {delay:g} s",
                 number=number,
                 delay=delay,
-            )
-            self._respawns[number] = self._reactor.callLater(
-                delay, self._respawnIfRunning, number
             )
 
     def stopService(self) -> Deferred[Any]:
