@@ -59,7 +59,7 @@ from zope.interface import implementer
 
 from tests.fakes import FakeResolver
 from tunnel import ConnectProxyFactory, HostnameConnector, ITargetConnector, server
-from tunnel.answers import errorResponse, httpDate
+from tunnel.answers import errorResponse, httpDate, mayAddField
 from tunnel.auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from tunnel.clients import formatAddress
 from tunnel.connector import AddressDenied
@@ -1790,6 +1790,29 @@ class HelperTests(SynchronousTestCase):
             b"Content-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: 4\r\nConnection: close\r\nAllow: CONNECT\r\n\r\n",
         )
+
+    def test_mayAddField(self) -> None:
+        """
+        L{mayAddField} accepts a token name with a value of visible
+        characters, spaces, tabs and obs-text; it refuses a name that is
+        not a token, a value with CR, LF, NUL or DEL, and the fields an
+        error response writes itself (any case), and Transfer-Encoding.
+        """
+        self.assertTrue(mayAddField(b"Retry-After", b"60"))
+        self.assertTrue(mayAddField(b"X-Why", b"a\tb \xff"))
+        for name, value in [
+            (b"Bad Name", b"x"),
+            (b"", b"x"),
+            (b"X", b"a\r\nSet-Cookie: y"),
+            (b"X", b"a\x00"),
+            (b"X", b"a\x7f"),
+            (b"content-length", b"0"),
+            (b"Connection", b"keep-alive"),
+            (b"Date", b"x"),
+            (b"Content-Type", b"text/html"),
+            (b"Transfer-Encoding", b"chunked"),
+        ]:
+            self.assertFalse(mayAddField(name, value), (name, value))
 
     def test_dated(self) -> None:
         """

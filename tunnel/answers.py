@@ -5,11 +5,12 @@ the error responses that end a connection.  No I/O.
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 from twisted.web.http import datetimeToString
 
-__all__ = ["ESTABLISHED", "errorResponse", "httpDate"]
+__all__ = ["ESTABLISHED", "errorResponse", "httpDate", "mayAddField"]
 
 #: The answer that opens a tunnel (RFC 9110 section 9.3.6: no content, no
 #: framing fields).
@@ -47,6 +48,36 @@ def httpDate(seconds: float) -> bytes:
     @return: The IMF-fixdate, C{Fri, 27 Nov 2026 12:00:00 GMT}.
     """
     return datetimeToString(seconds)  # type: ignore[no-any-return]
+
+
+# The fields errorResponse writes itself, and Transfer-Encoding, which would
+# contradict its Content-Length: a second of any would make the answer
+# ambiguous to the client (RFC 9112 section 6.3).
+_OWN_FIELDS = frozenset(
+    {b"content-length", b"content-type", b"connection", b"transfer-encoding", b"date"}
+)
+# RFC 9110 section 5.6.2: token = 1*tchar.
+_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Visible characters, spaces, tabs and obs-text: no CR or LF to end the
+# field early, no NUL or other control.
+_FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+
+
+def mayAddField(name: bytes, value: bytes) -> bool:
+    """
+    Whether L{errorResponse} may be given this field to add.
+
+    @param name: The field name.
+    @param value: The field value.
+    @return: C{True} for a token name that is not one of the fields the
+        response has already, with a value that cannot end the field or
+        the head early.
+    """
+    return (
+        _FIELD_NAME.fullmatch(name) is not None
+        and _FIELD_VALUE.fullmatch(value) is not None
+        and name.lower() not in _OWN_FIELDS
+    )
 
 
 def errorResponse(

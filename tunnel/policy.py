@@ -27,6 +27,8 @@ from attrs import field, frozen
 from attrs.validators import instance_of
 from zope.interface import Interface, implementer
 
+from .answers import mayAddField
+
 if TYPE_CHECKING:
     from .auth import IProxyUser
 
@@ -353,9 +355,7 @@ def _checkDenialHeaders(denial: Denial, attribute: object, headers: Any) -> None
         isinstance(pair, tuple)
         and len(pair) == 2
         and all(isinstance(part, bytes) for part in pair)
-        and _HEADER_NAME.fullmatch(pair[0])
-        and _HEADER_VALUE.fullmatch(pair[1])
-        and pair[0].lower() not in _FRAMING
+        and mayAddField(*pair)
         for pair in headers
     ):
         raise ValueError(
@@ -363,15 +363,6 @@ def _checkDenialHeaders(denial: Denial, attribute: object, headers: Any) -> None
             "and a field value without CR, LF or NUL, other than the fields "
             f"the proxy writes itself, not {headers!r}"
         )
-
-
-# The fields an error response has already: a second of any would make the
-# answer ambiguous to the client (RFC 9112 section 6.3).
-_FRAMING = frozenset(
-    {b"content-length", b"content-type", b"connection", b"transfer-encoding", b"date"}
-)
-_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HEADER_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 
 
 @frozen
