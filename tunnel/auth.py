@@ -61,7 +61,7 @@ def parseBasicCredentials(value: bytes | None) -> UsernamePassword | None:
         return None
     # The user name cannot hold a colon; the password can.
     username, colon, password = text.partition(":")
-    if not colon or _CONTROL.search(text):
+    if not colon or _C0_OR_C1_CONTROL.search(text):
         # RFC 7617 section 2: neither may hold a control character; a user
         # name that did would reach the operator's log and terminal.
         return None
@@ -69,7 +69,7 @@ def parseBasicCredentials(value: bytes | None) -> UsernamePassword | None:
 
 
 # C0 and C1 control characters and DEL (Unicode category Cc).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_C0_OR_C1_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def checkRealm(realm: str) -> str:
@@ -82,7 +82,7 @@ def checkRealm(realm: str) -> str:
     @return: C{realm}.
     @raise ValueError: If it holds a control character.
     """
-    if _CONTROL.search(realm.replace("\t", "")):
+    if _C0_OR_C1_CONTROL.search(realm.replace("\t", "")):
         raise ValueError(f"the realm must not hold control characters: {realm!r}")
     return realm
 

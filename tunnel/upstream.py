@@ -118,7 +118,7 @@ The most bytes read from the parent before its final response head must
 have ended (interim 1xx heads included).
 """
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_C0_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?: (.*))?\Z", re.DOTALL)
 _PEM_CERTIFICATE = re.compile(
@@ -196,7 +196,7 @@ def _decodeUserInfo(text: str, what: str) -> str:
         raise ValueError(
             f"the {what} in the upstream URL is not valid UTF-8 once percent-decoded"
         ) from None
-    if _CONTROL.search(decoded):
+    if _C0_CONTROL.search(decoded):
         raise ValueError(f"the {what} in the upstream URL holds a control character")
     return decoded
 
@@ -306,7 +306,7 @@ def readUpstreamCredentials(proxy: UpstreamProxy, path: str) -> UpstreamProxy:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not valid UTF-8") from None
-    if _CONTROL.search(text):
+    if _C0_CONTROL.search(text):
         raise ValueError(
             f"{path}: must hold one line, user:password, without control characters"
         )
@@ -547,12 +547,12 @@ def _parseStatusLine(head: bytes) -> tuple[int, str]:
     line = head.split(b"\n", 1)[0].removesuffix(b"\r")
     match = _STATUS_LINE.match(line)
     if match is None or not 100 <= int(match.group(1)) <= 599:
-        shown = _CONTROL.sub("?", line[:80].decode("latin-1"))
+        shown = _C0_CONTROL.sub("?", line[:80].decode("latin-1"))
         raise UpstreamProtocolError(string=f"not an HTTP/1.x status line: {shown!r}")
     # The parent's words reach the client's 502 and the log: as many as a
     # reason phrase needs, not the 64 KiB a head may hold.
     reason = (match.group(2) or b"")[:MAX_REASON].decode("latin-1")
-    return int(match.group(1)), _CONTROL.sub("?", reason).strip()
+    return int(match.group(1)), _C0_CONTROL.sub("?", reason).strip()
 
 
 def _timedOut(result: object, timeout: float) -> object:

@@ -288,11 +288,11 @@ def formatWorkerRecord(event: LogEvent) -> str:
     # and start a forged one (a log line, or metrics): whatever a client
     # could get into a message, it stays text.
     text = text.replace(_RECORD_END, "\\x1e")
-    source = _CONTROL.sub(_hexEscaped, source)
+    source = _C0_CONTROL.sub(_hexEscaped, source)
     return f"{level.name}\t{source}\t{text}{_RECORD_END}\n"
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_C0_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def _hexEscaped(match: re.Match[str]) -> str:
