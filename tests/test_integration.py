@@ -9,6 +9,7 @@ closed, and waited for, before the test ends.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -16,6 +17,7 @@ import ipaddress
 import shutil
 import socket
 import ssl as stdlibSSL
+import struct
 from collections.abc import Callable, Generator
 from http.client import HTTPSConnection
 from typing import Any, Generic, TypeVar, cast
@@ -67,7 +69,7 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 from zope.interface import implementer
 
-from tests.fakes import FakeResolver
+from tests.fakes import FakeResolver, turnsUntil
 from tunnel import (
     ConnectProxy,
     ConnectProxyFactory,
@@ -1174,6 +1176,129 @@ class FailureTests(LoopbackTestCase):
         yield endpoint.cancelled.wait()
         [event] = yield self.proxyEnded(1)
         self.assertEnded(event, "pending.test:443", "-", "client-left")
+
+
+class ReadAheadTests(LoopbackTestCase):
+    """
+    A request head that is already there when the proxy accepts the
+    connection is read at once, without waiting for the reactor's next turn.
+    """
+
+    def observeReadings(self, proxy: RunningProxy) -> list[str]:
+        """
+        Make C{proxy}'s connections note what they are reading once their
+        C{connectionMade} has returned.
+
+        @return: The list they append to.
+        """
+        readings: list[str] = []
+
+        class ObservedProxy(ConnectProxy):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                readings.append(self._reading)
+
+        proxy.factory.protocol = ObservedProxy
+        return readings
+
+    def sentBeforeAccept(self, port: int, data: bytes) -> socket.socket:
+        """
+        Connect to C{port} and send C{data} while the reactor is not
+        running: the kernel completes the connection and holds the bytes
+        until the proxy accepts it.
+
+        @return: The client socket, non-blocking; closed when the test ends.
+        """
+        client = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(client.close)
+        client.sendall(data)
+        client.setblocking(False)
+        self.expectProxyConnections(1)
+        return client
+
+    @inlineCallbacks
+    def test_headReadAsAccepted(self) -> Yielding[None]:
+        """
+        A head (and early data) waiting when the connection is accepted is
+        parsed inside C{connectionMade}: when it returns, the proxy is
+        already connecting to the target. The tunnel then works as any
+        other: the C{200}, then the early data echoed back.
+        """
+        target = self.serve()
+        proxy = self.startProxy()
+        readings = self.observeReadings(proxy)
+        client = self.sentBeforeAccept(
+            proxy.port, connectHead(f"127.0.0.1:{target.port}") + b"early"
+        )
+        received = bytearray()
+
+        def receivedAll() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                received.extend(client.recv(65536))
+            return bytes(received) == ESTABLISHED + b"early"
+
+        yield turnsUntil(reactor, receivedAll)
+        self.assertEqual(readings, ["early"])
+        self.assertEqual(bytes(received), ESTABLISHED + b"early")
+        client.close()
+        [event] = yield self.proxyEnded(1)
+        self.assertEnded(event, f"127.0.0.1:{target.port}", 200, "client-eof")
+
+    @inlineCallbacks
+    def test_resetBeforeAccept(self) -> Yielding[None]:
+        """
+        A client that sent part of a head and then reset its connection,
+        all before the proxy accepted it, is found gone by the read made
+        as it is accepted: the connection ends (C{client-left}) and is
+        forgotten, with nothing logged as an error.
+        """
+        proxy = self.startProxy()
+        readings = self.observeReadings(proxy)
+        client = self.sentBeforeAccept(proxy.port, b"CONNECT 127.0.0.1:1 HT")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        [event] = yield self.proxyEnded(1)
+        self.assertEqual(readings, ["head"])
+        self.assertEqual((event["status"], event["ended"]), ("-", "client-left"))
+        # Forgotten once its close has run its course, after the event.
+        yield turnsUntil(reactor, lambda: not proxy.factory.connections, turns=100)
+        self.assertEqual(proxy.factory.connections, set())
+
+    @inlineCallbacks
+    def test_headThenEndBeforeAccept(self) -> Yielding[None]:
+        """
+        A client that sent its head and then its FIN before the proxy
+        accepted it still gets its tunnel: the head is read as the
+        connection is accepted, the end of file on the reactor's next turn,
+        and the tunnel is half-closed towards the target, whose own FIN
+        then ends it.
+        """
+        target = self.serve()
+        proxy = self.startProxy()
+        client = socket.create_connection(("127.0.0.1", proxy.port))
+        self.addCleanup(client.close)
+        client.sendall(connectHead(f"127.0.0.1:{target.port}") + b"last")
+        client.shutdown(socket.SHUT_WR)
+        client.setblocking(False)
+        self.expectProxyConnections(1)
+        received = bytearray()
+        ended = []
+
+        def receivedAll() -> bool:
+            try:
+                data = client.recv(65536)
+            except BlockingIOError:
+                return False
+            if not data:
+                ended.append(True)
+            received.extend(data)
+            return bool(ended)
+
+        yield turnsUntil(reactor, receivedAll)
+        self.assertEqual(bytes(received), ESTABLISHED + b"last")
+        self.assertEqual(ended, [True])
+        [event] = yield self.proxyEnded(1)
+        self.assertEnded(event, f"127.0.0.1:{target.port}", 200, "client-eof")
 
 
 class RealClientTests(LoopbackTestCase):
