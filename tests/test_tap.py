@@ -9,6 +9,7 @@ import itertools
 import os
 import socket
 import time
+from typing import Any, cast
 
 import bcrypt
 from twisted.application.service import IServiceCollection
@@ -25,7 +26,7 @@ from tunnel import listeners, tap
 from tunnel.auth import IProxyUser, ProxyUser
 from tunnel.connector import HostnameConnector
 from tunnel.htpasswd import HtpasswdChecker
-from tunnel.listeners import StopInTurn, listensBeyondLoopback
+from tunnel.listeners import StopInTurn, listensBeyondLoopback, withDefaultBacklog
 from tunnel.resolver import ThreadedResolver
 from tunnel.rules import RulesFilePolicy
 from tunnel.server import ConnectProxyFactory
@@ -378,6 +379,41 @@ class MakeServiceTests(SynchronousTestCase):
         factories = {factory for _, factory, _, _ in reactor.tcpServers}
         self.assertEqual(len(factories), 1)
         self.assertIsInstance(factories.pop(), ConnectProxyFactory)
+
+    def test_backlog(self) -> None:
+        """
+        A listener queues up to 1024 connections for the proxy to accept
+        (Twisted's default is 50), unless its endpoint string says
+        otherwise; the C{--workers} supervisor binds its shared sockets so
+        too.
+        """
+        reactor = MemoryReactorClock()
+        path = self.mktemp()
+        service = makeService(
+            parse(
+                "--listen",
+                "tcp:8081:interface=127.0.0.1",
+                "--listen",
+                "tcp:8082:interface=127.0.0.1:backlog=7",
+                "--listen",
+                f"unix:{path}",
+            ),
+            reactor,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(
+            [(port, backlog) for port, _, backlog, _ in reactor.tcpServers],
+            [(8081, 1024), (8082, 7)],
+        )
+        self.assertEqual([server[2] for server in reactor.unixServers], [1024])
+        supervisor = makeService(
+            parse("--workers", "2", "--listen", "tcp:0:interface=127.0.0.1"),
+            MemoryReactorClock(),
+        )
+        self.assertEqual(
+            cast(Any, supervisor)._listen, ["tcp:0:interface=127.0.0.1:backlog=1024"]
+        )
 
     def test_proxyProtocolFrom(self) -> None:
         """
@@ -812,6 +848,32 @@ class OpenProxyWarningTests(SynchronousTestCase):
             ("tcp:80:interface=eth0", True),
         ]:
             self.assertEqual(listensBeyondLoopback(description), beyond, description)
+
+    def test_withDefaultBacklog(self) -> None:
+        """
+        L{withDefaultBacklog} adds C{backlog=1024} to the kinds of listener
+        that take one and do not set it, reading escaped colons as part of
+        a value; it leaves a C{systemd:} socket (whose queue systemd sets)
+        and a listener with its own backlog as they are.
+        """
+        for description, expected in [
+            ("tcp:8080", "tcp:8080:backlog=1024"),
+            (
+                "TCP:8080:interface=127.0.0.1",
+                "TCP:8080:interface=127.0.0.1:backlog=1024",
+            ),
+            ("tcp6:80:interface=\\:\\:1", "tcp6:80:interface=\\:\\:1:backlog=1024"),
+            ("ssl:443:privateKey=k.pem", "ssl:443:privateKey=k.pem:backlog=1024"),
+            ("unix:/run/p.sock", "unix:/run/p.sock:backlog=1024"),
+            ("unix:/run/a\\:backlog=5", "unix:/run/a\\:backlog=5:backlog=1024"),
+            ("tcp:8080:backlog=5", "tcp:8080:backlog=5"),
+            (
+                "tcp:0:backlog=1:interface=127.0.0.1",
+                "tcp:0:backlog=1:interface=127.0.0.1",
+            ),
+            ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+        ]:
+            self.assertEqual(withDefaultBacklog(description), expected, description)
 
 
 class FileStampTests(SynchronousTestCase):

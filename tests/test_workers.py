@@ -1003,6 +1003,36 @@ class SupervisorTests(TestCase):
         yield client.lost
 
     @inlineCallbacks
+    def test_sharedUNIXPortKeepsTheBacklog(self) -> Any:
+        """
+        A worker's copy of a UNIX listening socket leaves its queue as the
+        supervisor set it: with a backlog of 1, a third connection waiting
+        to be accepted is refused, as it would be before the adoption
+        (Twisted's own adoption would listen again with a backlog of 50).
+        """
+        path = self.mktemp()
+        owner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(owner.close)
+        owner.bind(path)
+        owner.listen(1)
+        port = adoptListeningSocket(
+            reactor, owner.fileno(), socket.AF_UNIX, ServerFactory.forProtocol(Protocol)
+        )
+        # Nothing is accepted: the reactor does not run until the yield.
+        clients = []
+        for _ in range(60):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(client.close)
+            client.setblocking(False)
+            try:
+                client.connect(path)
+            except BlockingIOError:
+                break
+            clients.append(client)
+        yield port.stopListening()
+        self.assertEqual(len(clients), 2)
+
+    @inlineCallbacks
     def test_replacedWhileRulesBroken(self) -> Any:
         """
         A worker replaced while an edit has left the rules file broken

@@ -831,7 +831,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         workerMetrics = None if options["metrics"] is None else WorkerMetrics()
         supervisor = WorkerSupervisor(
             reactor,
-            options["listen"],
+            [listeners.withDefaultBacklog(d) for d in options["listen"]],
             workerArguments(options.argv),
             options["workers"],
             stopTimeout=options["drain-timeout"] + 5,

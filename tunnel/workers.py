@@ -147,7 +147,10 @@ class _SharedUNIXPort(unix.Port):
         port: Any = self
         port.factory.doStart()
         listening, port._preexistingSocket = port._preexistingSocket, None
-        listening.listen(self.backlog)
+        # No listen(): the supervisor's socket listens already, with its
+        # endpoint's backlog, and a listen() here would set the queue that
+        # every worker shares to this port's backlog (Twisted's 50).  An
+        # adopted TCP port does not call it either.
         port.connected = True
         port.socket = listening
         port.fileno = listening.fileno
