@@ -14,7 +14,6 @@ from OpenSSL.SSL import Error as TLSError
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
-from twisted.internet import tcp, unix
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import (
@@ -145,12 +144,6 @@ def _tlsUnfinished(transport: object) -> bool:
         return False
     cipherName = getattr(getHandle(), "get_cipher_name", None)
     return cipherName is not None and cipherName() is None
-
-
-# The transports whose doRead reads their socket straight into this
-# protocol; exactly these, not subclasses or wrappers (TLS, policies), whose
-# bytes are not the protocol's to take.
-_READ_AHEAD = (tcp.Server, unix.Server)
 
 
 def _tryAgain(detail: str, status: int = 503) -> RequestRejected:
@@ -363,27 +356,6 @@ class ConnectProxy(Protocol, TimeoutMixin):
         else:
             self._reading = "head"
             self._admit(peer)
-        if type(self.transport) in _READ_AHEAD:
-            self._readAhead()
-
-    def _readAhead(self) -> None:
-        """
-        Read what the client has sent already, now rather than on the
-        reactor's next turn.
-
-        A client sends its request head as soon as its connection is made,
-        so by the time the proxy accepts it the head is nearly always
-        there; reading it here, as the reactor would, saves the reactor a
-        wake-up and a dispatch per handshake.  What this read does not
-        finish (a head still on its way) the reactor reads as usual, and
-        an end it finds the reactor finds again on its next turn (a socket
-        at its end of file, or reset, stays readable and reads as closed),
-        so what C{doRead} answers is left to the reactor.
-        """
-        if self._reading == "done":
-            # Refused as it came in: what it sends is left to the linger.
-            return
-        cast(tcp.Server, self.transport).doRead()
 
     def _identify(self, peer: IAddress | None) -> None:
         self._peer = formatAddress(peer)
