@@ -811,6 +811,17 @@ class ConnectProxy(Protocol, TimeoutMixin):
             assert self._request is not None
             self._refuseAddress(self._request)
             return
+        rejected = self._parentFailed(reason)
+        if rejected is None:
+            rejected = self._connectFailed(reason)
+        self._reject(rejected, "target-failed")
+
+    def _parentFailed(self, reason: Failure) -> RequestRejected | None:
+        """
+        The answer, logged, to a failure of the parent proxy (C{--upstream}).
+
+        @return: A 502 or 504; L{None} if C{reason} is not the parent's.
+        """
         if reason.check(UpstreamRefused):
             refused = cast(UpstreamRefused, reason.value)
             self._parentStatus = refused.status
@@ -820,10 +831,10 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 status=refused.status,
                 reason=refused.reason,
             )
-            rejected = RequestRejected(
+            return RequestRejected(
                 502, f"The parent proxy refused: {refused.status} {refused.reason}"
             )
-        elif reason.check(UpstreamUnreachable, UpstreamProtocolError):
+        if reason.check(UpstreamUnreachable, UpstreamProtocolError):
             unreachable = reason.check(UpstreamUnreachable) is not None
             self._log.info(
                 "Parent proxy {what} for {target}: {why}",
@@ -831,13 +842,13 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 target=self._targetName,
                 why=str(reason.value),
             )
-            rejected = RequestRejected(
+            return RequestRejected(
                 502,
                 "The parent proxy could not be reached."
                 if unreachable
                 else "The parent proxy failed.",
             )
-        elif reason.check(UpstreamTimedOut) or (
+        if reason.check(UpstreamTimedOut) or (
             self._timedOut and reason.check(UpstreamCancelled)
         ):
             value = reason.value
@@ -851,37 +862,46 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 target=self._targetName,
                 why=why,
             )
-            rejected = RequestRejected(504, "The parent proxy did not answer in time.")
-        elif self._timedOut or reason.check(ConnectTimeoutError, DeferredTimeoutError):
-            rejected = RequestRejected(504, "Connecting to the target timed out.")
-        elif (
+            return RequestRejected(504, "The parent proxy did not answer in time.")
+        return None
+
+    def _connectFailed(self, reason: Failure) -> RequestRejected:
+        """
+        The answer to a failure to reach the target itself.
+
+        @return: A 504 after the connect timeout, a 503 when the proxy (not
+            the target) is short of something, else a 502.
+        """
+        if self._timedOut or reason.check(ConnectTimeoutError, DeferredTimeoutError):
+            return RequestRejected(504, "Connecting to the target timed out.")
+        if (
             reason.check(ConnectError)
             and getattr(reason.value, "osError", None) in _OUT_OF_RESOURCES
         ):
             # The target is not at fault: the proxy could not make a socket.
             self.factory.outOfResources(str(reason.value))
-            rejected = _tryAgain("The proxy is out of resources; try again.")
-        elif reason.check(LookupsBusy):
-            rejected = _tryAgain("Too many name lookups are waiting; try again.")
-        elif reason.check(DNSLookupError):
-            rejected = RequestRejected(502, "The target host name does not resolve.")
-        elif reason.check(ConnectionRefusedError):
-            rejected = RequestRejected(502, "The target refused the connection.")
-        elif reason.check(ConnectError):
-            rejected = RequestRejected(502, "The proxy could not reach the target.")
-        elif reason.check(CancelledError):
-            # The connector gave up on its own (a deadline of its own, say):
-            # not the proxy's doing, not a fault to log with a traceback.
-            self._log.info(
-                "The connector gave up reaching {target}", target=self._targetName
-            )
-            rejected = RequestRejected(502, "The proxy could not reach the target.")
-        else:
-            self._log.failure(
-                "Unexpected failure reaching {target}", reason, target=self._targetName
-            )
-            rejected = RequestRejected(502, "The proxy could not reach the target.")
-        self._reject(rejected, "target-failed")
+            return _tryAgain("The proxy is out of resources; try again.")
+        if reason.check(LookupsBusy):
+            return _tryAgain("Too many name lookups are waiting; try again.")
+        if reason.check(DNSLookupError):
+            return RequestRejected(502, "The target host name does not resolve.")
+        if reason.check(ConnectionRefusedError):
+            return RequestRejected(502, "The target refused the connection.")
+        if reason.check(ConnectError) is None:
+            if reason.check(CancelledError):
+                # The connector gave up on its own (a deadline of its own,
+                # say): not the proxy's doing, not a fault to log with a
+                # traceback.
+                self._log.info(
+                    "The connector gave up reaching {target}", target=self._targetName
+                )
+            else:
+                self._log.failure(
+                    "Unexpected failure reaching {target}",
+                    reason,
+                    target=self._targetName,
+                )
+        return RequestRejected(502, "The proxy could not reach the target.")
 
     # Ending.
 
