@@ -576,36 +576,103 @@ class SecurityOptionsTests(SynchronousTestCase):
         destinations refused, and as many connections at once as the file
         descriptor limit holds.
         """
-        factory = makeFactory(parse(), MemoryReactorClock())
+        reactor = MemoryReactorClock()
+        factory = makeFactory(parse(), reactor)
         self.assertIsNone(factory.portal)
         policy = factory.policy
         self.assertIsNotNone(policy.checkTarget(None, None, "h", 22))
         self.assertFalse(
             policy.checkAddress(None, None, "h", 443, ipaddress.ip_address("10.0.0.1"))
         )
-        self.assertEqual(factory.maxTunnels, tap.descriptorBoundTunnels())
+        self.assertEqual(
+            factory.maxTunnels,
+            tap.descriptorBoundTunnels(tap.descriptorLimit(reactor)),
+        )
 
     def test_descriptorBoundTunnels(self) -> None:
         """
-        The default C{--max-tunnels} gives each connection two descriptors
-        of the soft limit, less a quarter of it (at most 256) kept back;
-        an unlimited or huge limit counts as 2**20.
+        The default C{--max-tunnels} gives each connection two descriptors,
+        less a quarter of them (at most 256) kept back.
         """
-        import resource
-
-        for soft, expected in [
+        for descriptors, expected in [
             (1024, 384),
             (65536, 32640),
             (64, 24),
             (1, 1),
-            (resource.RLIM_INFINITY, 524160),
-            (1 << 30, 524160),
+            (1 << 20, 524160),
         ]:
             self.assertEqual(
-                tap.descriptorBoundTunnels(itertools.repeat((soft, soft)).__next__),
-                expected,
-                soft,
+                tap.descriptorBoundTunnels(descriptors), expected, descriptors
             )
+
+    def test_descriptorLimit(self) -> None:
+        """
+        The proxy counts on its hard descriptor limit (at most 2**20, an
+        unlimited one too), to which it raises its soft one; on
+        C{select()}'s reactor, which cannot watch descriptors beyond 1024,
+        on its soft limit as it is.
+        """
+        import resource
+
+        from twisted.internet.selectreactor import SelectReactor
+
+        # Not started: only its class matters.
+        selecting = SelectReactor.__new__(SelectReactor)
+        epolling = MemoryReactorClock()
+        infinity = resource.RLIM_INFINITY
+        for (soft, hard), raised, kept in [
+            ((1024, 524288), 524288, 1024),
+            ((1024, 1024), 1024, 1024),
+            ((1024, infinity), 1 << 20, 1024),
+            ((infinity, infinity), 1 << 20, 1 << 20),
+            ((1 << 30, 1 << 30), 1 << 20, 1 << 20),
+        ]:
+            limits = itertools.repeat((soft, hard)).__next__
+            self.assertEqual(tap.descriptorLimit(epolling, limits), raised, hard)
+            self.assertEqual(tap.descriptorLimit(selecting, limits), kept, soft)
+
+    def test_raiseDescriptorLimit(self) -> None:
+        """
+        L{makeFactory} has the soft descriptor limit raised once the
+        reactor runs (a test's reactor never does); L{raiseDescriptorLimit}
+        raises it only when it is lower, keeps the hard limit, and logs what
+        it did, or why it could not.
+        """
+        import resource
+
+        reactor = MemoryReactorClock()
+        makeFactory(parse(), reactor)
+        self.assertIn(
+            (tap.raiseDescriptorLimit, (tap.descriptorLimit(reactor),), {}),
+            reactor.whenRunningHooks,
+        )
+        calls: list[tuple[int, tuple[int, int]]] = []
+
+        def setLimit(which: int, limits: tuple[int, int]) -> None:
+            calls.append((which, limits))
+
+        logged = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        limits = itertools.repeat((1024, 524288)).__next__
+        tap.raiseDescriptorLimit(524288, limits, setLimit)
+        tap.raiseDescriptorLimit(1024, limits, setLimit)
+        tap.raiseDescriptorLimit(1000, limits, setLimit)
+        self.assertEqual(calls, [(resource.RLIMIT_NOFILE, (524288, 524288))])
+
+        def refuse(which: int, limits: tuple[int, int]) -> None:
+            raise ValueError("not allowed")
+
+        tap.raiseDescriptorLimit(524288, limits, refuse)
+        self.assertEqual(
+            [formatEvent(event) for event in logged],
+            [
+                "Raised the file descriptor limit from 1024 to 524288",
+                "Could not raise the file descriptor limit from 1024 to 524288: "
+                "not allowed",
+            ],
+        )
 
     def test_rules(self) -> None:
         """

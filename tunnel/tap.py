@@ -704,32 +704,102 @@ def makePolicy(options: Options, clock: Any) -> ITunnelPolicy:
     return TunnelPolicy.fromStrings(**rules)
 
 
-def descriptorBoundTunnels(
-    limit: Callable[[], tuple[int, int]] = lambda: resource.getrlimit(
-        resource.RLIMIT_NOFILE
-    ),
+#: The most descriptors the proxy plans for, whatever its limits allow.
+_MOST_DESCRIPTORS = 1 << 20
+
+
+def _noFileLimit() -> tuple[int, int]:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _planned(limit: int) -> int:
+    if limit == resource.RLIM_INFINITY or limit > _MOST_DESCRIPTORS:
+        return _MOST_DESCRIPTORS
+    return limit
+
+
+def descriptorLimit(
+    reactor: Any, limit: Callable[[], tuple[int, int]] = _noFileLimit
 ) -> int:
     """
-    The default C{--max-tunnels}: as many connections as this process's
-    file descriptor limit holds, two descriptors each (client and target),
-    less a quarter of the limit, at most 256, kept back for the rest (the
-    listeners, logs, splice pipes, refused connections lingering, metrics
-    scrapes).  Past it new clients get a 503 with C{Retry-After}, rather
-    than the reset, and the log lines at each, of an accept that found no
-    descriptor left.
+    How many file descriptors this process will have once it runs: its hard
+    limit, to which L{raiseDescriptorLimit} raises the soft one, unless the
+    reactor is C{select()}'s, which cannot watch a descriptor beyond
+    C{FD_SETSIZE} (1024): then the soft limit as it is.  Either at most
+    2**20.
 
+    Raising it is what systemd asks of a program that needs many
+    descriptors and does not use C{select()} (C{LimitNOFILE=} in
+    systemd.exec(5)): services start with a soft limit of 1024 below a hard
+    limit of 524288, and with 1024 the proxy would hold 384 tunnels.
+
+    @param reactor: The reactor that will watch the descriptors.
     @param limit: Gives the soft and hard C{RLIMIT_NOFILE}.
+    @return: The number of descriptors.
+    """
+    from twisted.internet.selectreactor import SelectReactor
+
+    soft, hard = limit()
+    if isinstance(reactor, SelectReactor):
+        return _planned(soft)
+    return max(_planned(soft), _planned(hard))
+
+
+def raiseDescriptorLimit(
+    descriptors: int,
+    limit: Callable[[], tuple[int, int]] = _noFileLimit,
+    setLimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> None:
+    """
+    Raise this process's soft C{RLIMIT_NOFILE} to C{descriptors} (see
+    L{descriptorLimit}), if it is lower; a failure is logged.
+
+    @param descriptors: The soft limit wanted.
+    @param limit: Gives the soft and hard limits.
+    @param setLimit: Sets them (L{resource.setrlimit}).
+    """
+    soft, hard = limit()
+    if _planned(soft) >= descriptors:
+        return
+    try:
+        setLimit(resource.RLIMIT_NOFILE, (descriptors, hard))
+    except (OSError, ValueError) as e:
+        _log.warn(
+            "Could not raise the file descriptor limit from {soft} to "
+            "{descriptors}: {error}",
+            soft=soft,
+            descriptors=descriptors,
+            error=e,
+        )
+        return
+    _log.info(
+        "Raised the file descriptor limit from {soft} to {descriptors}",
+        soft=soft,
+        descriptors=descriptors,
+    )
+
+
+def descriptorBoundTunnels(descriptors: int) -> int:
+    """
+    The default C{--max-tunnels}: as many connections as C{descriptors}
+    hold, two descriptors each (client and target), less a quarter of them,
+    at most 256, kept back for the rest (the listeners, logs, splice pipes,
+    refused connections lingering, metrics scrapes).  Past it new clients
+    get a 503 with C{Retry-After}, rather than the reset, and the log lines
+    at each, of an accept that found no descriptor left.
+
+    @param descriptors: How many descriptors the process has
+        (L{descriptorLimit}).
     @return: The most connections at once.
     """
-    soft, _ = limit()
-    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
-        soft = 1 << 20
-    return max(1, (soft - min(256, soft // 4)) // 2)
+    return max(1, (descriptors - min(256, descriptors // 4)) // 2)
 
 
 def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     """
-    Build the proxy factory the options describe.
+    Build the proxy factory the options describe, and have this process's
+    soft descriptor limit raised once C{reactor} runs (see
+    L{descriptorLimit}), since the default C{--max-tunnels} counts on it.
 
     @param options: Parsed L{Options}.
     @param reactor: The reactor to run on.
@@ -761,9 +831,13 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
             parent=upstream.upstream.displayURL,
         )
         connector = upstream
+    descriptors = descriptorLimit(reactor)
+    # Once running: a test's reactor never runs, and leaves the process's
+    # limit alone.
+    reactor.callWhenRunning(raiseDescriptorLimit, descriptors)
     maxTunnels = options["max-tunnels"]
     if maxTunnels is None:
-        maxTunnels = descriptorBoundTunnels()
+        maxTunnels = descriptorBoundTunnels(descriptors)
         _log.info(
             "At most {count} connections at once, as the file descriptor "
             "limit allows (--max-tunnels sets another)",
