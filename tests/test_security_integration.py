@@ -49,7 +49,7 @@ from tests.test_integration import (
     connectHead,
     reactor,
 )
-from tunnel import ConnectProxyFactory, HostnameConnector
+from tunnel import ConnectProxyFactory, HostnameConnector, tap
 from tunnel.auth import FailureDamper, portalFromCheckers
 from tunnel.htpasswd import HtpasswdChecker
 from tunnel.policy import ITunnelPolicy, TunnelPolicy
@@ -542,6 +542,8 @@ class AuthenticationTests(SecurityTestCase):
                 *("--allow-to", "127.0.0.0/8"),
             ]
         )
+        # The running reactor would raise this process's descriptor limit.
+        self.patch(tap, "raiseDescriptorLimit", lambda descriptors: descriptors)
         factory = makeFactory(options, reactor)
         resolver = FakeResolver()
         factory.connector = HostnameConnector(self.guard, resolver=resolver)

@@ -635,15 +635,19 @@ class SecurityOptionsTests(SynchronousTestCase):
         """
         L{makeFactory} has the soft descriptor limit raised once the
         reactor runs (a test's reactor never does); L{raiseDescriptorLimit}
-        raises it only when it is lower, keeps the hard limit, and logs what
-        it did, or why it could not.
+        raises it only when it is lower, keeps the hard limit, logs what it
+        did, or why it could not, and gives the limit in force.
         """
         import resource
 
         reactor = MemoryReactorClock()
-        makeFactory(parse(), reactor)
+        factory = makeFactory(parse(), reactor)
         self.assertIn(
-            (tap.raiseDescriptorLimit, (tap.descriptorLimit(reactor),), {}),
+            (
+                tap._raiseDescriptorLimitFor,
+                (factory, tap.descriptorLimit(reactor), True),
+                {},
+            ),
             reactor.whenRunningHooks,
         )
         calls: list[tuple[int, tuple[int, int]]] = []
@@ -656,15 +660,15 @@ class SecurityOptionsTests(SynchronousTestCase):
             globalLogPublisher,
         )
         limits = itertools.repeat((1024, 524288)).__next__
-        tap.raiseDescriptorLimit(524288, limits, setLimit)
-        tap.raiseDescriptorLimit(1024, limits, setLimit)
-        tap.raiseDescriptorLimit(1000, limits, setLimit)
+        self.assertEqual(tap.raiseDescriptorLimit(524288, limits, setLimit), 524288)
+        self.assertEqual(tap.raiseDescriptorLimit(1024, limits, setLimit), 1024)
+        self.assertEqual(tap.raiseDescriptorLimit(1000, limits, setLimit), 1024)
         self.assertEqual(calls, [(resource.RLIMIT_NOFILE, (524288, 524288))])
 
         def refuse(which: int, limits: tuple[int, int]) -> None:
             raise ValueError("not allowed")
 
-        tap.raiseDescriptorLimit(524288, limits, refuse)
+        self.assertEqual(tap.raiseDescriptorLimit(524288, limits, refuse), 1024)
         self.assertEqual(
             [formatEvent(event) for event in logged],
             [
@@ -673,6 +677,34 @@ class SecurityOptionsTests(SynchronousTestCase):
                 "not allowed",
             ],
         )
+
+    def test_limitNotRaised(self) -> None:
+        """
+        When the soft descriptor limit cannot be raised as planned, the
+        default C{--max-tunnels} comes down to what the limit in force
+        holds (and says so), so that a flood still meets a 503 rather than
+        accepts that find no descriptor; one set by C{--max-tunnels} stays.
+        """
+        self.patch(tap, "raiseDescriptorLimit", lambda descriptors: 1024)
+        logged = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        defaulted = makeFactory(parse(), MemoryReactorClock())
+        tap._raiseDescriptorLimitFor(defaulted, 524288, True)
+        self.assertEqual(defaulted.maxTunnels, 384)
+        self.assertEqual(
+            formatEvent(logged[-1]),
+            "At most 384 connections at once, as the file descriptor limit "
+            "allows (--max-tunnels sets another)",
+        )
+        chosen = makeFactory(parse("--max-tunnels", "5000"), MemoryReactorClock())
+        tap._raiseDescriptorLimitFor(chosen, 524288, False)
+        self.assertEqual(chosen.maxTunnels, 5000)
+        enough = makeFactory(parse(), MemoryReactorClock())
+        before = enough.maxTunnels
+        tap._raiseDescriptorLimitFor(enough, 1024, True)
+        self.assertEqual(enough.maxTunnels, before)
 
     def test_rules(self) -> None:
         """
@@ -920,20 +952,25 @@ class OpenProxyWarningTests(SynchronousTestCase):
         """
         L{withDefaultBacklog} adds C{backlog=1024} to the kinds of listener
         that take one and do not set it, reading escaped colons as part of
-        a value; it leaves a C{systemd:} socket (whose queue systemd sets)
-        and a listener with its own backlog as they are.
+        a value; it leaves a C{systemd:} socket (whose queue systemd sets),
+        a listener with its own backlog, by name or by position, and a
+        string with another mistake (for its check to report) as they are.
         """
         for description, expected in [
             ("tcp:8080", "tcp:8080:backlog=1024"),
             (
-                "TCP:8080:interface=127.0.0.1",
-                "TCP:8080:interface=127.0.0.1:backlog=1024",
+                "tcp:8080:interface=127.0.0.1",
+                "tcp:8080:interface=127.0.0.1:backlog=1024",
             ),
             ("tcp6:80:interface=\\:\\:1", "tcp6:80:interface=\\:\\:1:backlog=1024"),
-            ("ssl:443:privateKey=k.pem", "ssl:443:privateKey=k.pem:backlog=1024"),
             ("unix:/run/p.sock", "unix:/run/p.sock:backlog=1024"),
-            ("unix:/run/a\\:backlog=5", "unix:/run/a\\:backlog=5:backlog=1024"),
+            ("unix:/run/a\\:b.sock", "unix:/run/a\\:b.sock:backlog=1024"),
             ("tcp:8080:backlog=5", "tcp:8080:backlog=5"),
+            ("tcp:3128:127.0.0.1:100", "tcp:3128:127.0.0.1:100"),
+            ("tcp6:3128:100", "tcp6:3128:100"),
+            ("unix:/run/p.sock:660:10", "unix:/run/p.sock:660:10"),
+            ("unix:/run/p.sock:660", "unix:/run/p.sock:660:backlog=1024"),
+            ("tcp:notaport", "tcp:notaport"),
             (
                 "tcp:0:backlog=1:interface=127.0.0.1",
                 "tcp:0:backlog=1:interface=127.0.0.1",
@@ -941,6 +978,16 @@ class OpenProxyWarningTests(SynchronousTestCase):
             ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
         ]:
             self.assertEqual(withDefaultBacklog(description), expected, description)
+        from tests.test_integration import localhostCertificate
+
+        certificate, key = localhostCertificate()
+        path = self.mktemp()
+        with open(path, "wb") as pem:
+            pem.write(key + certificate)
+        self.assertEqual(
+            withDefaultBacklog(f"ssl:443:privateKey={path}"),
+            f"ssl:443:privateKey={path}:backlog=1024",
+        )
 
 
 class FileStampTests(SynchronousTestCase):

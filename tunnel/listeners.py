@@ -57,16 +57,25 @@ def withDefaultBacklog(description: str) -> str:
 
     @param description: A server endpoint string.
     @return: C{description} with C{:backlog=1024} added, for the kinds that
-        take one (C{tcp}, C{tcp6}, C{ssl}, C{unix}) and do not set it;
-        otherwise C{description} itself (a C{systemd:} socket's queue is
-        set by systemd, C{Backlog=}).
+        take one (C{tcp}, C{tcp6}, C{ssl}, C{unix}) and do not set it, by
+        name or by position; otherwise C{description} itself (a
+        C{systemd:} socket's queue is set by systemd, C{Backlog=}).
     """
     kind, _, rest = description.partition(":")
     if kind.lower() not in _QUEUED_KINDS or any(
         field.startswith("backlog=") for field in _FIELD.findall(rest)
     ):
         return description
-    return f"{description}:backlog={DEFAULT_BACKLOG}"
+    queued = f"{description}:backlog={DEFAULT_BACKLOG}"
+    try:
+        # Only parsed: an endpoint is built, nothing listens.
+        serverFromString(None, queued)
+    except Exception:
+        # A backlog given by position (tcp:3128:127.0.0.1:100,
+        # tcp6:3128:100), which Twisted refuses to take twice; or another
+        # mistake, reported where the string is checked, as it was written.
+        return description
+    return queued
 
 
 def checkBindable(option: str, description: str, endpoint: object) -> None:

@@ -250,7 +250,8 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             None,
             "The most connections at once, handshakes included (503 beyond); "
-            "by default, what the file descriptor limit (ulimit -n) allows",
+            "by default, what the hard file descriptor limit (ulimit -Hn) "
+            "allows, to which the proxy raises its soft limit",
             _number(int, 1),
         ],
         [
@@ -749,7 +750,7 @@ def raiseDescriptorLimit(
     descriptors: int,
     limit: Callable[[], tuple[int, int]] = _noFileLimit,
     setLimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
-) -> None:
+) -> int:
     """
     Raise this process's soft C{RLIMIT_NOFILE} to C{descriptors} (see
     L{descriptorLimit}), if it is lower; a failure is logged.
@@ -757,10 +758,11 @@ def raiseDescriptorLimit(
     @param descriptors: The soft limit wanted.
     @param limit: Gives the soft and hard limits.
     @param setLimit: Sets them (L{resource.setrlimit}).
+    @return: The soft limit now (at most 2**20).
     """
     soft, hard = limit()
     if _planned(soft) >= descriptors:
-        return
+        return _planned(soft)
     try:
         setLimit(resource.RLIMIT_NOFILE, (descriptors, hard))
     except (OSError, ValueError) as e:
@@ -771,12 +773,31 @@ def raiseDescriptorLimit(
             descriptors=descriptors,
             error=e,
         )
-        return
+        return _planned(soft)
     _log.info(
         "Raised the file descriptor limit from {soft} to {descriptors}",
         soft=soft,
         descriptors=descriptors,
     )
+    return descriptors
+
+
+def _raiseDescriptorLimitFor(
+    factory: ConnectProxyFactory, descriptors: int, defaultTunnels: bool
+) -> None:
+    """
+    L{raiseDescriptorLimit}, and if it fell short, bring the factory's
+    default C{maxTunnels} (planned for C{descriptors}) down to the limit
+    there is.
+    """
+    inForce = raiseDescriptorLimit(descriptors)
+    if defaultTunnels and inForce < descriptors:
+        factory.maxTunnels = descriptorBoundTunnels(inForce)
+        _log.warn(
+            "At most {count} connections at once, as the file descriptor "
+            "limit allows (--max-tunnels sets another)",
+            count=factory.maxTunnels,
+        )
 
 
 def descriptorBoundTunnels(descriptors: int) -> int:
@@ -832,9 +853,6 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
         )
         connector = upstream
     descriptors = descriptorLimit(reactor)
-    # Once running: a test's reactor never runs, and leaves the process's
-    # limit alone.
-    reactor.callWhenRunning(raiseDescriptorLimit, descriptors)
     maxTunnels = options["max-tunnels"]
     if maxTunnels is None:
         maxTunnels = descriptorBoundTunnels(descriptors)
@@ -843,7 +861,7 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
             "limit allows (--max-tunnels sets another)",
             count=maxTunnels,
         )
-    return ConnectProxyFactory(
+    factory = ConnectProxyFactory(
         connector,
         reactor=reactor,
         policy=makePolicy(options, reactor),
@@ -861,6 +879,15 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
         splice=False if options["no-splice"] else None,
         logTunnels=not options["no-tunnel-log"],
     )
+    # Once running, as the process it will serve in (a MemoryReactorClock
+    # in a test never runs it).
+    reactor.callWhenRunning(
+        _raiseDescriptorLimitFor,
+        factory,
+        descriptors,
+        options["max-tunnels"] is None,
+    )
+    return factory
 
 
 #: Logged at start-up for each listener that other machines can reach when
