@@ -475,6 +475,22 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(self.sample(metrics, "tunnel_open"), 1)
         self.assertEqual(self.sample(metrics, "tunnel_handshakes_in_progress"), 0)
 
+    def test_capacityGauge(self) -> None:
+        """
+        C{tunnel_max_connections} is the factories' C{maxTunnels} added up,
+        read when scraped (so a limit lowered after start shows); it has no
+        sample while a factory has no limit.
+        """
+        clock = MemoryReactorClock()
+        limited = ConnectProxyFactory(reactor=clock, maxTunnels=100)
+        other = ConnectProxyFactory(reactor=clock, maxTunnels=20)
+        metrics = ProxyMetrics([limited, other])
+        self.assertEqual(self.sample(metrics, "tunnel_max_connections"), 120)
+        limited.maxTunnels = 50
+        self.assertEqual(self.sample(metrics, "tunnel_max_connections"), 70)
+        unlimited = ProxyMetrics([limited, ConnectProxyFactory(reactor=clock)])
+        self.assertIsNone(unlimited.registry.get_sample_value("tunnel_max_connections"))
+
     def test_lookupGauges(self) -> None:
         """
         The lookup gauges read the running and waiting lookups of the

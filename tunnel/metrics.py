@@ -17,7 +17,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
@@ -112,6 +112,15 @@ class _FactoryCollector:
             "1 while the proxy is draining for shutdown.",
             value=int(any(f.draining for f in self._factories)),
         )
+        limits = [f.maxTunnels for f in self._factories]
+        capacity = gauge(
+            "tunnel_max_connections",
+            "The most client connections at once, handshakes included "
+            "(--max-tunnels): a 503 beyond. No sample without a limit.",
+        )
+        if None not in limits:
+            capacity.add_metric([], sum(cast(list[int], limits)))
+        yield capacity
         # A set: factories may share a connector, or a resolver.
         resolvers = {
             resolver
