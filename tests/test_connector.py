@@ -36,7 +36,7 @@ from zope.interface import implementer
 from tests.fakes import FakeGetaddrinfo, FakeResolver, ManualWorkers, ThreadReactor
 from tests.test_direct import CountingFactory, FakeSocket
 from tunnel import HostnameConnector, ITargetConnector
-from tunnel.connector import ATTEMPT_DELAY, AddressDenied, _AddressRace
+from tunnel.connector import ATTEMPT_DELAY, MAX_ATTEMPTS, AddressDenied, _AddressRace
 from tunnel.interfaces import LookupsBusy
 from tunnel.policy import IPAddress, TunnelPolicy
 from tunnel.resolver import ThreadedResolver
@@ -679,6 +679,34 @@ class AddressRaceTests(SynchronousTestCase):
         self.reactor.advance(0)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertNoResult(d)
+
+    def test_attemptsBounded(self) -> None:
+        """
+        However many addresses never answer, at most L{MAX_ATTEMPTS}
+        attempts are under way at once: each new one, every
+        L{ATTEMPT_DELAY} seconds, abandons the oldest (its socket closed),
+        so the race goes on through the addresses with a bounded number of
+        sockets, and a later address can still win.
+        """
+        addresses = [f"192.0.2.{n}" for n in range(1, 11)]
+        self.resolver.hostMap["many.test"] = addresses
+        d = self.race("many.test")
+        for started in range(2, len(addresses) + 1):
+            self.reactor.advance(ATTEMPT_DELAY)
+            self.assertEqual(len(self.sockets), started)
+            self.assertEqual(len(self.attempts()), min(started, MAX_ATTEMPTS), started)
+            self.assertEqual(
+                sum(not s.closed for s in self.sockets), min(started, MAX_ATTEMPTS)
+            )
+        self.assertEqual(
+            [s.connectedTo[0] for s in self.sockets if not s.closed],
+            addresses[-MAX_ATTEMPTS:],
+        )
+        [last] = [a for a in self.attempts() if a._socket is self.sockets[-1]]
+        last.doWrite()
+        self.assertIs(self.successResultOf(d), self.protocol)
+        self.assertNothingLeft()
+        self.assertEqual(sum(not s.closed for s in self.sockets), 1)
 
     def test_unusableAddress(self) -> None:
         """

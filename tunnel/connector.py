@@ -352,6 +352,15 @@ class _VettingResolver:
 #: 250 ms).
 ATTEMPT_DELAY = 0.3
 
+#: The most attempts of one race under way at once: starting another
+#: abandons the oldest, which has had C{ATTEMPT_DELAY} times this long.  A
+#: name with many addresses that never answer (a black hole) would
+#: otherwise hold a socket for each, one more every C{ATTEMPT_DELAY}
+#: seconds until the connect timeout: 51 descriptors per client connection
+#: in 15 s, which a few hundred such requests turn into a proxy out of
+#: descriptors.
+MAX_ATTEMPTS = 4
+
 
 @functools.lru_cache(maxsize=1024)
 def _checkedName(host: str) -> tuple[bool, bytes, str]:
@@ -375,6 +384,8 @@ class _AddressRace:
     the resolver gave them, starting the next attempt L{ATTEMPT_DELAY}
     seconds after the last one, or at once when every attempt under way
     failed; the first to connect wins, the others are abandoned (RFC 8305).
+    Unlike C{HostnameEndpoint}, at most L{MAX_ATTEMPTS} attempts are under
+    way at once: a new one abandons the oldest.
 
     Written by hand because C{HostnameEndpoint} costs, per tunnel, an IDNA
     encoding of the name, a class built for every C{connect} (with its
@@ -536,6 +547,10 @@ class _Race:
         attempt.addCallbacks(
             self._won, self._lost, callbackArgs=(attempt,), errbackArgs=(attempt,)
         )
+        if len(self._pending) > MAX_ATTEMPTS:
+            # The oldest goes (its _lost takes it off the list), so that one
+            # connection never holds more than MAX_ATTEMPTS sockets.
+            self._pending[0].cancel()
 
     def _stopTimer(self) -> None:
         timer, self._timer = self._timer, None
