@@ -699,8 +699,8 @@ class AddressRaceTests(SynchronousTestCase):
                 sum(not s.closed for s in self.sockets), min(started, MAX_ATTEMPTS)
             )
         self.assertEqual(
-            [s.connectedTo[0] for s in self.sockets if not s.closed],
-            addresses[-MAX_ATTEMPTS:],
+            [s.connectedTo for s in self.sockets if not s.closed],
+            [(address, 443) for address in addresses[-MAX_ATTEMPTS:]],
         )
         [last] = [a for a in self.attempts() if a._socket is self.sockets[-1]]
         last.doWrite()
