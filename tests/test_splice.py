@@ -1464,6 +1464,70 @@ class PipePoolTests(SynchronousTestCase):
         )
         self.assertEqual([e for e in events if e.get("log_failure")], [])
 
+    def test_quotaUsedUp(self) -> None:
+        """
+        A pipe smaller than L{splice.SMALLEST_PIPE} (what the kernel gives
+        once the user's pipe quota is used up, two pages) is closed at once
+        and refused like a pipe that could not be made: the flow copies
+        through Python, which is faster than splicing through it.  For a
+        second no pipe is tried again (no system calls on every read),
+        unless one of the pool's own pipes is closed first; the shortage is
+        logged once, and once more when a full pipe can be made again.
+        """
+        events = captureLogs(self)
+        pool = PipePool()
+        self.addCleanup(pool.clear)
+        now = [100.0]
+        pool._now = lambda: now[0]
+        kept = pool.acquire()
+        before = openDescriptors()
+        realFcntl, pipe2 = fcntl.fcntl, os.pipe2
+        made: list[int] = []
+
+        def overQuota(fd: int, command: int, *args: Any) -> Any:
+            if command == fcntl.F_SETPIPE_SZ:
+                raise PermissionError(errno.EPERM, "Operation not permitted")
+            if command == fcntl.F_GETPIPE_SZ:
+                return 8192
+            return realFcntl(fd, command, *args)
+
+        def counted(flags: int) -> tuple[int, int]:
+            made.append(flags)
+            return pipe2(flags)
+
+        self.patch(fcntl, "fcntl", overQuota)
+        self.patch(os, "pipe2", counted)
+        self.assertRaises(OSError, pool.acquire)
+        self.assertEqual((len(made), pool.opened, pool.short), (1, 1, True))
+        self.assertEqual(openDescriptors(), before)
+        now[0] += 0.5
+        self.assertRaises(OSError, pool.acquire)
+        self.assertEqual(len(made), 1)
+        now[0] += 0.6
+        self.assertRaises(OSError, pool.acquire)
+        self.assertEqual(len(made), 2)
+        # One of the pool's own pipes closed: some quota is free, try again.
+        pool.release(kept, empty=False)
+        self.patch(fcntl, "fcntl", realFcntl)
+        again = pool.acquire()
+        self.assertEqual((len(made), pool.short), (3, False))
+        self.assertGreaterEqual(again.size, splice.SMALLEST_PIPE)
+        pool.release(again, empty=True)
+        texts = [
+            formatEvent(e)
+            for e in events
+            if e.get("log_namespace", "").startswith("tunnel.")
+        ]
+        self.assertEqual(
+            texts,
+            [
+                "No pipe for spliced tunnels (the user's pipe quota is used up, "
+                "and a pipe of 8192 bytes splices slower than Python copies): "
+                "their bytes go through Python until pipes can be made again",
+                "Pipes for spliced tunnels can be made again",
+            ],
+        )
+
     def test_notEmptyIsClosed(self) -> None:
         """
         A pipe given back with bytes in it is closed, never lent again.
