@@ -90,6 +90,17 @@ def captureLogs(case: SynchronousTestCase) -> list[LogEvent]:
     return events
 
 
+def tunnelLogTexts(events: list[LogEvent]) -> list[str]:
+    """
+    The text of each event that C{tunnel}'s own loggers emitted.
+    """
+    return [
+        formatEvent(e)
+        for e in events
+        if e.get("log_namespace", "").startswith("tunnel.")
+    ]
+
+
 #: The smallest pipe the kernel makes: one page.
 SMALL_PIPE = 4096
 
@@ -1449,13 +1460,8 @@ class PipePoolTests(SynchronousTestCase):
         self.patch(os, "pipe2", pipe2)
         pool.release(pool.acquire(), True)
         self.assertFalse(pool.short)
-        texts = [
-            formatEvent(e)
-            for e in events
-            if e.get("log_namespace", "").startswith("tunnel.")
-        ]
         self.assertEqual(
-            texts,
+            tunnelLogTexts(events),
             [
                 "No pipe for spliced tunnels (Too many open files): their bytes "
                 "go through Python until pipes can be made again",
@@ -1513,13 +1519,8 @@ class PipePoolTests(SynchronousTestCase):
         self.assertEqual((len(made), pool.short), (3, False))
         self.assertGreaterEqual(again.size, splice.SMALLEST_PIPE)
         pool.release(again, empty=True)
-        texts = [
-            formatEvent(e)
-            for e in events
-            if e.get("log_namespace", "").startswith("tunnel.")
-        ]
         self.assertEqual(
-            texts,
+            tunnelLogTexts(events),
             [
                 "No pipe for spliced tunnels (the user's pipe quota is used up, "
                 "and a pipe of 8192 bytes splices slower than Python copies): "
