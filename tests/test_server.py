@@ -128,16 +128,19 @@ class NoDelayTransport(HalfCloseTransport):
         """
         return bool(self.noDelay)
 
+    keepAlive: bool | None = None
+
     def setTcpKeepAlive(self, enabled: bool) -> None:
         """
-        Part of L{ITCPTransport}; the proxy does not use it.
+        Record the setting.
         """
+        self.keepAlive = enabled
 
     def getTcpKeepAlive(self) -> bool:
         """
-        Part of L{ITCPTransport}; the proxy does not use it.
+        The recorded setting.
         """
-        return False
+        return bool(self.keepAlive)
 
 
 def recordingPolicy(
@@ -991,6 +994,26 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         target.makeConnection(transport)
         d.callback(target)
         self.assertEqual(transport.noDelay, True)
+        self.assertEqual((client.keepAlive, transport.keepAlive), (None, None))
+
+    def test_keepAliveWithoutIdleTimeout(self) -> None:
+        """
+        With no idle timeout, TCP keepalive is turned on for both
+        connections of a tunnel, so that a peer that vanished silently does
+        not keep its tunnel for ever.
+        """
+        self.factory.idleTimeout = None
+        proxy = self.factory.buildProtocol(None)
+        assert isinstance(proxy, ConnectProxy)
+        client = NoDelayTransport(peerAddress=IPv4Address("TCP", "192.0.2.8", 1))
+        proxy.makeConnection(client)
+        proxy.dataReceived(HEAD)
+        factory, d = self.connector.endpoint.attempts[0]
+        target = factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 443))
+        transport = NoDelayTransport()
+        target.makeConnection(transport)
+        d.callback(target)
+        self.assertEqual((client.keepAlive, transport.keepAlive), (True, True))
 
     def test_headAtSizeLimit(self) -> None:
         """

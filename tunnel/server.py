@@ -164,13 +164,19 @@ def _tryAgain(detail: str, status: int = 503) -> RequestRejected:
     return RequestRejected(status, detail, [(b"Retry-After", b"1")])
 
 
-def _noDelay(transport: object) -> None:
+def _tuneTCP(transport: object, keepAlive: bool) -> None:
     """
     Turn off Nagle's algorithm on a TCP transport: a relay must pass small
     writes on at once, or every request/response exchange waits for an ACK.
+    With C{keepAlive} (when tunnels have no idle timeout), also turn on TCP
+    keepalive, so that a peer that vanished without a FIN or a reset (a
+    machine switched off, a NAT that forgot the connection) ends its tunnel
+    after the kernel's keepalive time, not never.
     """
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
+        if keepAlive:
+            transport.setTcpKeepAlive(True)
 
 
 @implementer(IProtocolFactory)
@@ -327,7 +333,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._earlyBytes = 0
         self._clientFinished = False
         factory.connections.add(self)
-        _noDelay(self.transport)
+        _tuneTCP(self.transport, not factory.idleTimeout)
         self.setTimeout(factory.headerTimeout)
         peer = self._client.getPeer()
         if getattr(peer, "host", None) is None:
@@ -749,7 +755,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._connecting = None
         self.setTimeout(None)
         self._connectedTo = formatAddress(target.transport.getPeer())  # type: ignore[union-attr]
-        _noDelay(target.transport)
+        _tuneTCP(target.transport, not self.factory.idleTimeout)
         self._establishedAt = self.factory.clock.seconds()
         self.factory.relaying += 1
         self._reading = "tunnel"
