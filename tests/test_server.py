@@ -977,24 +977,34 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
             "ConnectProxy,7,@\\x1eevil\\x0a",
         )
 
-    def test_noDelay(self) -> None:
+    def tunnelOverTCP(self) -> tuple[NoDelayTransport, NoDelayTransport]:
         """
-        Nagle's algorithm is turned off on TCP connections, to the client
-        and to the target.
+        Open a tunnel whose two connections are TCP transports that record
+        their socket options.
+
+        @return: The client's transport and the target's.
         """
         proxy = self.factory.buildProtocol(None)
         assert isinstance(proxy, ConnectProxy)
         client = NoDelayTransport(peerAddress=IPv4Address("TCP", "192.0.2.8", 1))
         proxy.makeConnection(client)
-        self.assertEqual(client.noDelay, True)
         proxy.dataReceived(HEAD)
         factory, d = self.connector.endpoint.attempts[0]
         target = factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 443))
         transport = NoDelayTransport()
         target.makeConnection(transport)
         d.callback(target)
-        self.assertEqual(transport.noDelay, True)
-        self.assertEqual((client.keepAlive, transport.keepAlive), (None, None))
+        return client, transport
+
+    def test_noDelay(self) -> None:
+        """
+        Nagle's algorithm is turned off on TCP connections, to the client
+        and to the target; keepalive is left alone (the idle timeout ends a
+        tunnel whose peer vanished).
+        """
+        client, target = self.tunnelOverTCP()
+        self.assertEqual((client.noDelay, target.noDelay), (True, True))
+        self.assertEqual((client.keepAlive, target.keepAlive), (None, None))
 
     def test_keepAliveWithoutIdleTimeout(self) -> None:
         """
@@ -1003,17 +1013,8 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         not keep its tunnel for ever.
         """
         self.factory.idleTimeout = None
-        proxy = self.factory.buildProtocol(None)
-        assert isinstance(proxy, ConnectProxy)
-        client = NoDelayTransport(peerAddress=IPv4Address("TCP", "192.0.2.8", 1))
-        proxy.makeConnection(client)
-        proxy.dataReceived(HEAD)
-        factory, d = self.connector.endpoint.attempts[0]
-        target = factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 443))
-        transport = NoDelayTransport()
-        target.makeConnection(transport)
-        d.callback(target)
-        self.assertEqual((client.keepAlive, transport.keepAlive), (True, True))
+        client, target = self.tunnelOverTCP()
+        self.assertEqual((client.keepAlive, target.keepAlive), (True, True))
 
     def test_headAtSizeLimit(self) -> None:
         """
