@@ -584,10 +584,64 @@ class SecurityOptionsTests(SynchronousTestCase):
         self.assertFalse(
             policy.checkAddress(None, None, "h", 443, ipaddress.ip_address("10.0.0.1"))
         )
+        byDescriptors = tap.descriptorBoundTunnels(tap.descriptorLimit(reactor))
+        byMemory = tap.memoryBoundTunnels(128 * 1024)
         self.assertEqual(
             factory.maxTunnels,
-            tap.descriptorBoundTunnels(tap.descriptorLimit(reactor)),
+            byDescriptors if byMemory is None else min(byDescriptors, byMemory),
         )
+
+    def test_memoryBoundTunnels(self) -> None:
+        """
+        L{memoryBoundTunnels} counts the connections a quarter of the
+        memory holds at the given size each: the machine's C{MemTotal}, or
+        a lower cgroup limit; none where neither is known.
+        """
+        meminfo, cgroup = self.mktemp(), self.mktemp()
+        with open(meminfo, "w") as f:
+            f.write("MemFree:  100 kB\nMemTotal:       2097152 kB\nOther: 1 kB\n")
+        self.assertEqual(tap.memoryBoundTunnels(128 * 1024, meminfo, cgroup), 4096)
+        self.assertEqual(tap.memoryBoundTunnels(1 << 20, meminfo, cgroup), 512)
+        with open(cgroup, "w") as f:
+            f.write("max\n")
+        self.assertEqual(tap.memoryBoundTunnels(128 * 1024, meminfo, cgroup), 4096)
+        with open(cgroup, "w") as f:
+            f.write("1073741824\n")
+        self.assertEqual(tap.memoryBoundTunnels(128 * 1024, meminfo, cgroup), 2048)
+        missing = self.mktemp()
+        self.assertEqual(tap.memoryBoundTunnels(128 * 1024, missing, cgroup), 2048)
+        self.assertIsNone(tap.memoryBoundTunnels(128 * 1024, missing, missing))
+        self.assertEqual(tap.memoryBoundTunnels(1 << 40, meminfo, missing), 1)
+
+    def test_maxTunnelsByMemory(self) -> None:
+        """
+        The default C{--max-tunnels} is the lower of what the descriptors
+        and what the memory hold (at the larger of C{--max-header-size} and
+        128 KiB a connection), and says which; one set by C{--max-tunnels}
+        is kept.
+        """
+        sizes: list[int] = []
+
+        def byMemory(perConnection: int) -> int:
+            sizes.append(perConnection)
+            return 7
+
+        self.patch(tap, "memoryBoundTunnels", byMemory)
+        logged = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+        self.assertEqual(makeFactory(parse(), MemoryReactorClock()).maxTunnels, 7)
+        self.assertEqual(
+            formatEvent(logged[-1]),
+            "At most 7 connections at once, as a quarter of the memory holds at "
+            "128 KiB each (--max-tunnels sets another)",
+        )
+        bigHeads = parse("--max-header-size", str(1 << 20))
+        self.assertEqual(makeFactory(bigHeads, MemoryReactorClock()).maxTunnels, 7)
+        self.assertEqual(sizes, [128 * 1024, 1 << 20])
+        chosen = makeFactory(parse("--max-tunnels", "5000"), MemoryReactorClock())
+        self.assertEqual(chosen.maxTunnels, 5000)
 
     def test_descriptorBoundTunnels(self) -> None:
         """
@@ -683,7 +737,8 @@ class SecurityOptionsTests(SynchronousTestCase):
         When the soft descriptor limit cannot be raised as planned, the
         default C{--max-tunnels} comes down to what the limit in force
         holds (and says so), so that a flood still meets a 503 rather than
-        accepts that find no descriptor; one set by C{--max-tunnels} stays.
+        accepts that find no descriptor; one set by C{--max-tunnels} stays,
+        and so does a default already lower (what the memory holds).
         """
         self.patch(tap, "raiseDescriptorLimit", lambda descriptors: 1024)
         logged = EventLoggingObserver.createWithCleanup(
@@ -701,10 +756,11 @@ class SecurityOptionsTests(SynchronousTestCase):
         chosen = makeFactory(parse("--max-tunnels", "5000"), MemoryReactorClock())
         tap._raiseDescriptorLimitFor(chosen, 524288, False)
         self.assertEqual(chosen.maxTunnels, 5000)
+        # Lower already (what the memory holds): kept.
         enough = makeFactory(parse(), MemoryReactorClock())
-        before = enough.maxTunnels
-        tap._raiseDescriptorLimitFor(enough, 1024, True)
-        self.assertEqual(enough.maxTunnels, before)
+        enough.maxTunnels = 100
+        tap._raiseDescriptorLimitFor(enough, 524288, True)
+        self.assertEqual(enough.maxTunnels, 100)
 
     def test_rules(self) -> None:
         """

@@ -4,6 +4,7 @@ The twistd face of the proxy: command-line options and the service they make.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -791,13 +792,61 @@ def _raiseDescriptorLimitFor(
     there is.
     """
     inForce = raiseDescriptorLimit(descriptors)
-    if defaultTunnels and inForce < descriptors:
+    if (
+        defaultTunnels
+        and factory.maxTunnels is not None
+        and descriptorBoundTunnels(inForce) < factory.maxTunnels
+    ):
         factory.maxTunnels = descriptorBoundTunnels(inForce)
         _log.warn(
             "At most {count} connections at once, as the file descriptor "
             "limit allows (--max-tunnels sets another)",
             count=factory.maxTunnels,
         )
+
+
+#: The share of the memory the default C{--max-tunnels} lets connections
+#: in their handshake hold at worst (one in N).
+_MEMORY_SHARE = 4
+
+
+def memoryBoundTunnels(
+    perConnection: int,
+    meminfo: str = "/proc/meminfo",
+    cgroupLimit: str = "/sys/fs/cgroup/memory.max",
+) -> int | None:
+    """
+    How many connections a quarter of the memory holds if each holds
+    C{perConnection} bytes: what a connection still in its handshake can
+    make the proxy keep (its unfinished head, or early data).  The memory
+    is the machine's, or the cgroup's limit if that is lower (a container).
+
+    Without it, the default C{--max-tunnels} would follow the descriptor
+    limit alone, which can be far more than the memory holds: 262,016
+    connections for systemd's hard limit of 524288, 17 GiB of unfinished
+    64 KiB heads.
+
+    @param perConnection: Bytes a connection may hold at worst.
+    @param meminfo: Where the kernel tells C{MemTotal}.
+    @param cgroupLimit: Where cgroup v2 tells the memory limit.
+    @return: The number of connections, or L{None} where the memory is not
+        known (not Linux).
+    """
+    total = None
+    with contextlib.suppress(OSError, ValueError), open(meminfo) as lines:
+        for line in lines:
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+                break
+    with contextlib.suppress(OSError, ValueError):
+        with open(cgroupLimit) as limitFile:
+            text = limitFile.read().strip()
+        if text != "max":
+            limit = int(text)
+            total = limit if total is None else min(total, limit)
+    if total is None:
+        return None
+    return max(1, total // _MEMORY_SHARE // perConnection)
 
 
 def descriptorBoundTunnels(descriptors: int) -> int:
@@ -856,11 +905,22 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     maxTunnels = options["max-tunnels"]
     if maxTunnels is None:
         maxTunnels = descriptorBoundTunnels(descriptors)
-        _log.info(
-            "At most {count} connections at once, as the file descriptor "
-            "limit allows (--max-tunnels sets another)",
-            count=maxTunnels,
-        )
+        # A head, or early data: 64 KiB and the read that passed it.
+        byMemory = memoryBoundTunnels(max(options["max-header-size"], 2 * 65536))
+        if byMemory is not None and byMemory < maxTunnels:
+            maxTunnels = byMemory
+            _log.info(
+                "At most {count} connections at once, as a quarter of the "
+                "memory holds at {size} KiB each (--max-tunnels sets another)",
+                count=maxTunnels,
+                size=max(options["max-header-size"], 2 * 65536) // 1024,
+            )
+        else:
+            _log.info(
+                "At most {count} connections at once, as the file descriptor "
+                "limit allows (--max-tunnels sets another)",
+                count=maxTunnels,
+            )
     factory = ConnectProxyFactory(
         connector,
         reactor=reactor,
