@@ -642,6 +642,10 @@ class SecurityOptionsTests(SynchronousTestCase):
         self.assertEqual(sizes, [128 * 1024, 1 << 20])
         chosen = makeFactory(parse("--max-tunnels", "5000"), MemoryReactorClock())
         self.assertEqual(chosen.maxTunnels, 5000)
+        # Each of --workers 3 has a third of what the memory holds.
+        self.patch(tap, "memoryBoundTunnels", lambda perConnection: 30)
+        worker = parse("--worker-of", "3", "--inherit-fd", "5:2")
+        self.assertEqual(makeFactory(worker, MemoryReactorClock()).maxTunnels, 10)
 
     def test_descriptorBoundTunnels(self) -> None:
         """

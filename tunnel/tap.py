@@ -907,6 +907,9 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
         maxTunnels = descriptorBoundTunnels(descriptors)
         # A head, or early data: 64 KiB and the read that passed it.
         byMemory = memoryBoundTunnels(max(options["max-header-size"], 2 * 65536))
+        if byMemory is not None:
+            # The --workers share the memory (each has its own descriptors).
+            byMemory = max(1, byMemory // options["worker-of"])
         if byMemory is not None and byMemory < maxTunnels:
             maxTunnels = byMemory
             _log.info(
