@@ -479,7 +479,8 @@ class MetricsTests(SynchronousTestCase):
         """
         C{tunnel_max_connections} is the factories' C{maxTunnels} added up,
         read when scraped (so a limit lowered after start shows); it has no
-        sample while a factory has no limit.
+        sample while a factory has no limit, or without a factory (a limit
+        of 0 would read as nothing allowed).
         """
         clock = MemoryReactorClock()
         limited = ConnectProxyFactory(reactor=clock, maxTunnels=100)
@@ -490,6 +491,9 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(self.sample(metrics, "tunnel_max_connections"), 70)
         unlimited = ProxyMetrics([limited, ConnectProxyFactory(reactor=clock)])
         self.assertIsNone(unlimited.registry.get_sample_value("tunnel_max_connections"))
+        self.assertIsNone(
+            ProxyMetrics([]).registry.get_sample_value("tunnel_max_connections")
+        )
 
     def test_lookupGauges(self) -> None:
         """

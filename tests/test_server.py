@@ -680,23 +680,6 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(len(warnings), 2)
         self.assertIn("Too many open files", formatEvent(warnings[0]))
 
-    def test_outOfLocalPorts(self) -> None:
-        """
-        A connect that finds no free local port (C{EADDRNOTAVAIL}: the
-        ephemeral range used up, by thousands of tunnels a minute to one
-        parent, say) is the proxy's shortage too: a 503 with
-        C{Retry-After} and a warning, not a 502 that blames the target.
-        """
-        exhausted = getConnectError(
-            OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
-        )
-        self.proxy.dataReceived(HEAD)
-        self.connector.endpoint.attempts[-1][1].errback(exhausted)
-        response = self.assertRejected(503, "target-failed")
-        self.assertIn(b"\r\nRetry-After: 1\r\n", response)
-        warnings = [e for e in self.events if e["log_level"] == LogLevel.warn]
-        self.assertIn("Cannot assign requested address", formatEvent(warnings[0]))
-
     def test_doesNotResolve(self) -> None:
         """
         A target name that does not resolve gets the client a 502.

@@ -118,7 +118,7 @@ class _FactoryCollector:
             "The most client connections at once, handshakes included "
             "(--max-tunnels): a 503 beyond. No sample without a limit.",
         )
-        if None not in limits:
+        if limits and None not in limits:
             capacity.add_metric([], sum(cast(list[int], limits)))
         yield capacity
         # A set: factories may share a connector, or a resolver.

@@ -118,12 +118,10 @@ OUT_OF_RESOURCES_WARNING_INTERVAL = 10.0
 # What socket() fails with when the proxy, not the target, is short of
 # something: descriptors (its own or the system's), buffers, memory.
 # What a connect to the target fails with when the proxy is short of
-# something, not the target: descriptors, memory, or (EADDRNOTAVAIL) a free
-# local port, which thousands of tunnels a minute to one parent proxy or
-# target can use up (each port then waits in TIME_WAIT for a minute).
-_OUT_OF_RESOURCES = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
+# something, not the target: descriptors or memory.  (Not EADDRNOTAVAIL:
+# a used-up local port range gives it, but so does an IPv6 target on a host
+# without IPv6, which no retry mends.)
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def _safeLogPrefix(transport: object, peer: IAddress | None) -> None:
