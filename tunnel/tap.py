@@ -251,8 +251,9 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             None,
             "The most connections at once, handshakes included (503 beyond); "
-            "by default, what the hard file descriptor limit (ulimit -Hn) "
-            "allows, to which the proxy raises its soft limit",
+            "by default, what the hard file descriptor limit (ulimit -Hn), "
+            "to which the proxy raises its soft limit, and a quarter of the "
+            "memory allow",
             _number(int, 1),
         ],
         [
