@@ -17,6 +17,7 @@ SUBMODULES = (
     "connector",
     "idle",
     "interfaces",
+    "limits",
     "metrics",
     "policy",
     "proxyprotocol",

@@ -49,7 +49,7 @@ from tests.test_integration import (
     connectHead,
     reactor,
 )
-from tunnel import ConnectProxyFactory, HostnameConnector, tap
+from tunnel import ConnectProxyFactory, HostnameConnector, limits
 from tunnel.auth import FailureDamper, portalFromCheckers
 from tunnel.htpasswd import HtpasswdChecker
 from tunnel.policy import ITunnelPolicy, TunnelPolicy
@@ -543,7 +543,7 @@ class AuthenticationTests(SecurityTestCase):
             ]
         )
         # The running reactor would raise this process's descriptor limit.
-        self.patch(tap, "raiseDescriptorLimit", lambda descriptors: descriptors)
+        self.patch(limits, "raiseDescriptorLimit", lambda descriptors: descriptors)
         factory = makeFactory(options, reactor)
         resolver = FakeResolver()
         factory.connector = HostnameConnector(self.guard, resolver=resolver)

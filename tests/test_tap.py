@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import DescriptorsExhausted
 from tests.test_auth import bcryptLine
-from tunnel import listeners, tap
+from tunnel import limits, listeners, tap
 from tunnel.auth import IProxyUser, ProxyUser
 from tunnel.connector import HostnameConnector
 from tunnel.htpasswd import HtpasswdChecker
@@ -584,8 +584,8 @@ class SecurityOptionsTests(SynchronousTestCase):
         self.assertFalse(
             policy.checkAddress(None, None, "h", 443, ipaddress.ip_address("10.0.0.1"))
         )
-        byDescriptors = tap.descriptorBoundTunnels(tap.descriptorLimit(reactor))
-        byMemory = tap.memoryBoundTunnels(128 * 1024)
+        byDescriptors = limits.descriptorBoundTunnels(limits.descriptorLimit(reactor))
+        byMemory = limits.memoryBoundTunnels(128 * 1024)
         self.assertEqual(
             factory.maxTunnels,
             byDescriptors if byMemory is None else min(byDescriptors, byMemory),
@@ -600,18 +600,18 @@ class SecurityOptionsTests(SynchronousTestCase):
         meminfo, cgroup = self.mktemp(), self.mktemp()
         with open(meminfo, "w") as f:
             f.write("MemFree:  100 kB\nMemTotal:       2097152 kB\nOther: 1 kB\n")
-        self.assertEqual(tap.memoryBoundTunnels(128 * 1024, meminfo, cgroup), 4096)
-        self.assertEqual(tap.memoryBoundTunnels(1 << 20, meminfo, cgroup), 512)
+        self.assertEqual(limits.memoryBoundTunnels(128 * 1024, meminfo, cgroup), 4096)
+        self.assertEqual(limits.memoryBoundTunnels(1 << 20, meminfo, cgroup), 512)
         with open(cgroup, "w") as f:
             f.write("max\n")
-        self.assertEqual(tap.memoryBoundTunnels(128 * 1024, meminfo, cgroup), 4096)
+        self.assertEqual(limits.memoryBoundTunnels(128 * 1024, meminfo, cgroup), 4096)
         with open(cgroup, "w") as f:
             f.write("1073741824\n")
-        self.assertEqual(tap.memoryBoundTunnels(128 * 1024, meminfo, cgroup), 2048)
+        self.assertEqual(limits.memoryBoundTunnels(128 * 1024, meminfo, cgroup), 2048)
         missing = self.mktemp()
-        self.assertEqual(tap.memoryBoundTunnels(128 * 1024, missing, cgroup), 2048)
-        self.assertIsNone(tap.memoryBoundTunnels(128 * 1024, missing, missing))
-        self.assertEqual(tap.memoryBoundTunnels(1 << 40, meminfo, missing), 1)
+        self.assertEqual(limits.memoryBoundTunnels(128 * 1024, missing, cgroup), 2048)
+        self.assertIsNone(limits.memoryBoundTunnels(128 * 1024, missing, missing))
+        self.assertEqual(limits.memoryBoundTunnels(1 << 40, meminfo, missing), 1)
 
     def test_maxTunnelsByMemory(self) -> None:
         """
@@ -626,7 +626,7 @@ class SecurityOptionsTests(SynchronousTestCase):
             sizes.append(perConnection)
             return 7
 
-        self.patch(tap, "memoryBoundTunnels", byMemory)
+        self.patch(limits, "memoryBoundTunnels", byMemory)
         logged = EventLoggingObserver.createWithCleanup(
             self,  # type: ignore[arg-type]
             globalLogPublisher,
@@ -643,7 +643,7 @@ class SecurityOptionsTests(SynchronousTestCase):
         chosen = makeFactory(parse("--max-tunnels", "5000"), MemoryReactorClock())
         self.assertEqual(chosen.maxTunnels, 5000)
         # Each of --workers 3 has a third of what the memory holds.
-        self.patch(tap, "memoryBoundTunnels", lambda perConnection: 30)
+        self.patch(limits, "memoryBoundTunnels", lambda perConnection: 30)
         worker = parse("--worker-of", "3", "--inherit-fd", "5:2")
         self.assertEqual(makeFactory(worker, MemoryReactorClock()).maxTunnels, 10)
 
@@ -660,7 +660,7 @@ class SecurityOptionsTests(SynchronousTestCase):
             (1 << 20, 524160),
         ]:
             self.assertEqual(
-                tap.descriptorBoundTunnels(descriptors), expected, descriptors
+                limits.descriptorBoundTunnels(descriptors), expected, descriptors
             )
 
     def test_descriptorLimit(self) -> None:
@@ -685,9 +685,9 @@ class SecurityOptionsTests(SynchronousTestCase):
             ((infinity, infinity), 1 << 20, 1 << 20),
             ((1 << 30, 1 << 30), 1 << 20, 1 << 20),
         ]:
-            limits = itertools.repeat((soft, hard)).__next__
-            self.assertEqual(tap.descriptorLimit(epolling, limits), raised, hard)
-            self.assertEqual(tap.descriptorLimit(selecting, limits), kept, soft)
+            given = itertools.repeat((soft, hard)).__next__
+            self.assertEqual(limits.descriptorLimit(epolling, given), raised, hard)
+            self.assertEqual(limits.descriptorLimit(selecting, given), kept, soft)
 
     def test_raiseDescriptorLimit(self) -> None:
         """
@@ -703,30 +703,30 @@ class SecurityOptionsTests(SynchronousTestCase):
         self.assertIn(
             (
                 tap._raiseDescriptorLimitFor,
-                (factory, tap.descriptorLimit(reactor), True),
+                (factory, limits.descriptorLimit(reactor), True),
                 {},
             ),
             reactor.whenRunningHooks,
         )
         calls: list[tuple[int, tuple[int, int]]] = []
 
-        def setLimit(which: int, limits: tuple[int, int]) -> None:
-            calls.append((which, limits))
+        def setLimit(which: int, values: tuple[int, int]) -> None:
+            calls.append((which, values))
 
         logged = EventLoggingObserver.createWithCleanup(
             self,  # type: ignore[arg-type]
             globalLogPublisher,
         )
-        limits = itertools.repeat((1024, 524288)).__next__
-        self.assertEqual(tap.raiseDescriptorLimit(524288, limits, setLimit), 524288)
-        self.assertEqual(tap.raiseDescriptorLimit(1024, limits, setLimit), 1024)
-        self.assertEqual(tap.raiseDescriptorLimit(1000, limits, setLimit), 1024)
+        given = itertools.repeat((1024, 524288)).__next__
+        self.assertEqual(limits.raiseDescriptorLimit(524288, given, setLimit), 524288)
+        self.assertEqual(limits.raiseDescriptorLimit(1024, given, setLimit), 1024)
+        self.assertEqual(limits.raiseDescriptorLimit(1000, given, setLimit), 1024)
         self.assertEqual(calls, [(resource.RLIMIT_NOFILE, (524288, 524288))])
 
-        def refuse(which: int, limits: tuple[int, int]) -> None:
+        def refuse(which: int, values: tuple[int, int]) -> None:
             raise ValueError("not allowed")
 
-        self.assertEqual(tap.raiseDescriptorLimit(524288, limits, refuse), 1024)
+        self.assertEqual(limits.raiseDescriptorLimit(524288, given, refuse), 1024)
         self.assertEqual(
             [formatEvent(event) for event in logged],
             [
@@ -744,7 +744,7 @@ class SecurityOptionsTests(SynchronousTestCase):
         accepts that find no descriptor; one set by C{--max-tunnels} stays,
         and so does a default already lower (what the memory holds).
         """
-        self.patch(tap, "raiseDescriptorLimit", lambda descriptors: 1024)
+        self.patch(limits, "raiseDescriptorLimit", lambda descriptors: 1024)
         logged = EventLoggingObserver.createWithCleanup(
             self,  # type: ignore[arg-type]
             globalLogPublisher,

@@ -91,7 +91,11 @@ from .request import (
 )
 from .splice import SpliceRelay, canSplice, spliceAvailable
 
-__all__ = ["ConnectProxy", "ConnectProxyFactory"]
+__all__ = ["MAX_EARLY_DATA", "ConnectProxy", "ConnectProxyFactory"]
+
+#: How many bytes sent after the request head a connection holds for the
+#: target while it is reached, by default (reading pauses beyond).
+MAX_EARLY_DATA = 65536
 
 #: After an error answer, how long the proxy keeps reading (and dropping)
 #: what the client still sends, before it closes.
@@ -116,11 +120,9 @@ MAX_LOGGED_USER = 256
 OUT_OF_RESOURCES_WARNING_INTERVAL = 10.0
 
 # What socket() fails with when the proxy, not the target, is short of
-# something: descriptors (its own or the system's), buffers, memory.
-# What a connect to the target fails with when the proxy is short of
-# something, not the target: descriptors or memory.  (Not EADDRNOTAVAIL:
-# a used-up local port range gives it, but so does an IPv6 target on a host
-# without IPv6, which no retry mends.)
+# something: descriptors (its own or the system's), buffers, memory.  (Not
+# connect's EADDRNOTAVAIL: a used-up local port range gives it, but so does
+# an IPv6 target on a host without IPv6, which no retry mends.)
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -1322,7 +1324,7 @@ class ConnectProxyFactory(Factory):
         idleTimeout: float | None = 600,
         maxRequestLine: int = 8192,
         maxHeaderSize: int = 65536,
-        maxEarlyData: int = 65536,
+        maxEarlyData: int = MAX_EARLY_DATA,
         maxTunnels: int | None = None,
         maxTunnelsPerClient: int | None = None,
         damper: FailureDamper | None = None,

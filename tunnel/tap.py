@@ -4,11 +4,9 @@ The twistd face of the proxy: command-line options and the service they make.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import os
-import resource
 import sys
 from collections.abc import Callable
 from typing import Any, cast
@@ -25,7 +23,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.plugins.cred_unix import UNIXChecker
 from twisted.python import usage
 
-from . import listeners, splice
+from . import limits, listeners, splice
 from .accesslog import AccessLogObserver
 from .auth import PooledChecker, checkRealm, portalFromCheckers
 from .connector import HostnameConnector
@@ -56,7 +54,7 @@ from .policy import (
 )
 from .resolver import ThreadedResolver
 from .rules import RulesFilePolicy
-from .server import ConnectProxyFactory
+from .server import MAX_EARLY_DATA, ConnectProxyFactory
 from .service import ProxyService, StopOnSignals
 from .upstream import (
     UpstreamConnector,
@@ -707,170 +705,30 @@ def makePolicy(options: Options, clock: Any) -> ITunnelPolicy:
     return TunnelPolicy.fromStrings(**rules)
 
 
-#: The most descriptors the proxy plans for, whatever its limits allow.
-_MOST_DESCRIPTORS = 1 << 20
-
-
-def _noFileLimit() -> tuple[int, int]:
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def _planned(limit: int) -> int:
-    if limit == resource.RLIM_INFINITY or limit > _MOST_DESCRIPTORS:
-        return _MOST_DESCRIPTORS
-    return limit
-
-
-def descriptorLimit(
-    reactor: Any, limit: Callable[[], tuple[int, int]] = _noFileLimit
-) -> int:
-    """
-    How many file descriptors this process will have once it runs: its hard
-    limit, to which L{raiseDescriptorLimit} raises the soft one, unless the
-    reactor is C{select()}'s, which cannot watch a descriptor beyond
-    C{FD_SETSIZE} (1024): then the soft limit as it is.  Either at most
-    2**20.
-
-    Raising it is what systemd asks of a program that needs many
-    descriptors and does not use C{select()} (C{LimitNOFILE=} in
-    systemd.exec(5)): services start with a soft limit of 1024 below a hard
-    limit of 524288, and with 1024 the proxy would hold 384 tunnels.
-
-    @param reactor: The reactor that will watch the descriptors.
-    @param limit: Gives the soft and hard C{RLIMIT_NOFILE}.
-    @return: The number of descriptors.
-    """
-    from twisted.internet.selectreactor import SelectReactor
-
-    soft, hard = limit()
-    if isinstance(reactor, SelectReactor):
-        return _planned(soft)
-    return max(_planned(soft), _planned(hard))
-
-
-def raiseDescriptorLimit(
-    descriptors: int,
-    limit: Callable[[], tuple[int, int]] = _noFileLimit,
-    setLimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
-) -> int:
-    """
-    Raise this process's soft C{RLIMIT_NOFILE} to C{descriptors} (see
-    L{descriptorLimit}), if it is lower; a failure is logged.
-
-    @param descriptors: The soft limit wanted.
-    @param limit: Gives the soft and hard limits.
-    @param setLimit: Sets them (L{resource.setrlimit}).
-    @return: The soft limit now (at most 2**20).
-    """
-    soft, hard = limit()
-    if _planned(soft) >= descriptors:
-        return _planned(soft)
-    try:
-        setLimit(resource.RLIMIT_NOFILE, (descriptors, hard))
-    except (OSError, ValueError) as e:
-        _log.warn(
-            "Could not raise the file descriptor limit from {soft} to "
-            "{descriptors}: {error}",
-            soft=soft,
-            descriptors=descriptors,
-            error=e,
-        )
-        return _planned(soft)
-    _log.info(
-        "Raised the file descriptor limit from {soft} to {descriptors}",
-        soft=soft,
-        descriptors=descriptors,
-    )
-    return descriptors
+#: How the default C{--max-tunnels} is logged (C{why} ends "as ...").
+_AT_MOST = "At most {count} connections at once, as {why} (--max-tunnels sets another)"
 
 
 def _raiseDescriptorLimitFor(
     factory: ConnectProxyFactory, descriptors: int, defaultTunnels: bool
 ) -> None:
     """
-    L{raiseDescriptorLimit}, and if it fell short, bring the factory's
-    default C{maxTunnels} (planned for C{descriptors}) down to the limit
-    there is.
+    L{limits.raiseDescriptorLimit}, and if it fell short, bring the
+    factory's default C{maxTunnels} (planned for C{descriptors}) down to
+    what the limit in force holds.
     """
-    inForce = raiseDescriptorLimit(descriptors)
-    if (
-        defaultTunnels
-        and factory.maxTunnels is not None
-        and descriptorBoundTunnels(inForce) < factory.maxTunnels
-    ):
-        factory.maxTunnels = descriptorBoundTunnels(inForce)
-        _log.warn(
-            "At most {count} connections at once, as the file descriptor "
-            "limit allows (--max-tunnels sets another)",
-            count=factory.maxTunnels,
-        )
-
-
-#: The share of the memory the default C{--max-tunnels} lets connections
-#: in their handshake hold at worst (one in N).
-_MEMORY_SHARE = 4
-
-
-def memoryBoundTunnels(
-    perConnection: int,
-    meminfo: str = "/proc/meminfo",
-    cgroupLimit: str = "/sys/fs/cgroup/memory.max",
-) -> int | None:
-    """
-    How many connections a quarter of the memory holds if each holds
-    C{perConnection} bytes: what a connection still in its handshake can
-    make the proxy keep (its unfinished head, or early data).  The memory
-    is the machine's, or the cgroup's limit if that is lower (a container).
-
-    Without it, the default C{--max-tunnels} would follow the descriptor
-    limit alone, which can be far more than the memory holds: 262,016
-    connections for systemd's hard limit of 524288, 17 GiB of unfinished
-    64 KiB heads.
-
-    @param perConnection: Bytes a connection may hold at worst.
-    @param meminfo: Where the kernel tells C{MemTotal}.
-    @param cgroupLimit: Where cgroup v2 tells the memory limit.
-    @return: The number of connections, or L{None} where the memory is not
-        known (not Linux).
-    """
-    total = None
-    with contextlib.suppress(OSError, ValueError), open(meminfo) as lines:
-        for line in lines:
-            if line.startswith("MemTotal:"):
-                total = int(line.split()[1]) * 1024
-                break
-    with contextlib.suppress(OSError, ValueError):
-        with open(cgroupLimit) as limitFile:
-            text = limitFile.read().strip()
-        if text != "max":
-            limit = int(text)
-            total = limit if total is None else min(total, limit)
-    if total is None:
-        return None
-    return max(1, total // _MEMORY_SHARE // perConnection)
-
-
-def descriptorBoundTunnels(descriptors: int) -> int:
-    """
-    The default C{--max-tunnels}: as many connections as C{descriptors}
-    hold, two descriptors each (client and target), less a quarter of them,
-    at most 256, kept back for the rest (the listeners, logs, splice pipes,
-    refused connections lingering, metrics scrapes).  Past it new clients
-    get a 503 with C{Retry-After}, rather than the reset, and the log lines
-    at each, of an accept that found no descriptor left.
-
-    @param descriptors: How many descriptors the process has
-        (L{descriptorLimit}).
-    @return: The most connections at once.
-    """
-    return max(1, (descriptors - min(256, descriptors // 4)) // 2)
+    held = limits.descriptorBoundTunnels(limits.raiseDescriptorLimit(descriptors))
+    if defaultTunnels and factory.maxTunnels is not None and held < factory.maxTunnels:
+        factory.maxTunnels = held
+        _log.warn(_AT_MOST, count=held, why="the file descriptor limit allows")
 
 
 def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     """
     Build the proxy factory the options describe, and have this process's
     soft descriptor limit raised once C{reactor} runs (see
-    L{descriptorLimit}), since the default C{--max-tunnels} counts on it.
+    L{limits.descriptorLimit}), since the default C{--max-tunnels} counts on
+    it.
 
     @param options: Parsed L{Options}.
     @param reactor: The reactor to run on.
@@ -902,29 +760,17 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
             parent=upstream.upstream.displayURL,
         )
         connector = upstream
-    descriptors = descriptorLimit(reactor)
+    descriptors = limits.descriptorLimit(reactor)
     maxTunnels = options["max-tunnels"]
     if maxTunnels is None:
-        maxTunnels = descriptorBoundTunnels(descriptors)
-        # A head, or early data: 64 KiB and the read that passed it.
-        byMemory = memoryBoundTunnels(max(options["max-header-size"], 2 * 65536))
-        if byMemory is not None:
-            # The --workers share the memory (each has its own descriptors).
-            byMemory = max(1, byMemory // options["worker-of"])
-        if byMemory is not None and byMemory < maxTunnels:
-            maxTunnels = byMemory
-            _log.info(
-                "At most {count} connections at once, as a quarter of the "
-                "memory holds at {size} KiB each (--max-tunnels sets another)",
-                count=maxTunnels,
-                size=max(options["max-header-size"], 2 * 65536) // 1024,
-            )
-        else:
-            _log.info(
-                "At most {count} connections at once, as the file descriptor "
-                "limit allows (--max-tunnels sets another)",
-                count=maxTunnels,
-            )
+        maxTunnels, why = limits.defaultMaxTunnels(
+            descriptors,
+            # An unfinished head, or early data: as much as reading goes on
+            # for, and the read (up to 64 KiB) that passed it.
+            max(options["max-header-size"], MAX_EARLY_DATA + 65536),
+            options["worker-of"],
+        )
+        _log.info(_AT_MOST, count=maxTunnels, why=why)
     factory = ConnectProxyFactory(
         connector,
         reactor=reactor,
