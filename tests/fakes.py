@@ -186,10 +186,18 @@ class ThreadReactor:
     system event triggers are recorded.
 
     @ivar triggers: The (phase, event, callable) triggers added.
+    @ivar now: What C{seconds} tells; tests move it on.
     """
 
     def __init__(self) -> None:
         self.triggers: list[tuple[str, str, Callable[[], None]]] = []
+        self.now = 0.0
+
+    def seconds(self) -> float:
+        """
+        @return: C{now}.
+        """
+        return self.now
 
     def callFromThread(self, f: Callable[..., object], *args: object) -> None:
         """

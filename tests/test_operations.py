@@ -500,12 +500,14 @@ class MetricsTests(SynchronousTestCase):
         The lookup gauges read the running and waiting lookups of the
         factories' resolvers, each resolver once however many factories
         share it; a connector without a L{ThreadedResolver} adds nothing.
+        The counters count the C{getaddrinfo} calls completed and the
+        lookups answered from the answers kept.
         """
         workers = ManualWorkers()
         resolver = ThreadedResolver(
             ThreadReactor(),
             threads=1,
-            getaddrinfo=FakeGetaddrinfo({}),
+            getaddrinfo=FakeGetaddrinfo({"a.test": ["192.0.2.1"]}),
             workers=workers,
         )
         clock = MemoryReactorClock()
@@ -521,8 +523,14 @@ class MetricsTests(SynchronousTestCase):
             resolver.resolveHostName(receiver, name)
         self.assertEqual(self.sample(metrics, "tunnel_name_lookups_running"), 1)
         self.assertEqual(self.sample(metrics, "tunnel_name_lookups_waiting"), 2)
+        self.assertEqual(self.sample(metrics, "tunnel_name_lookups_total"), 0)
         workers.runNext()
         self.assertEqual(self.sample(metrics, "tunnel_name_lookups_waiting"), 1)
+        self.assertEqual(self.sample(metrics, "tunnel_name_lookups_total"), 1)
+        resolver.resolveHostName(receiver, "a.test")
+        resolver.resolveHostName(receiver, "a.test")
+        self.assertEqual(self.sample(metrics, "tunnel_name_lookups_cached_total"), 2)
+        self.assertEqual(self.sample(metrics, "tunnel_name_lookups_total"), 1)
 
     def test_answeredNotInProgress(self) -> None:
         """

@@ -24,7 +24,7 @@ from zope.interface.verify import verifyObject
 
 from tests.fakes import FakeGetaddrinfo, ManualWorkers, ThreadReactor
 from tests.test_splice import captureLogs
-from tunnel.resolver import Lookup, ThreadedResolver, _Workers
+from tunnel.resolver import Lookup, ThreadedResolver, _Workers, domainOf
 
 
 @implementer(IResolutionReceiver)
@@ -61,9 +61,10 @@ class RecordingReceiver:
         self.completed += 1
 
 
-class ThreadedResolverTests(SynchronousTestCase):
+class ResolverTestCase(SynchronousTestCase):
     """
-    Tests for L{ThreadedResolver}.
+    A L{ThreadedResolver} on a fake reactor, fake workers and a fake
+    C{getaddrinfo}, with the log captured.
     """
 
     def setUp(self) -> None:
@@ -79,9 +80,13 @@ class ThreadedResolverTests(SynchronousTestCase):
         self.reactor = ThreadReactor()
         self.events = captureLogs(self)
 
-    def makeResolver(self, threads: int = 2, maxWaiting: int = 2) -> ThreadedResolver:
+    def makeResolver(
+        self, threads: int = 2, maxWaiting: int = 2, **kwargs: Any
+    ) -> ThreadedResolver:
         """
         A resolver on the fake reactor, workers and C{getaddrinfo}.
+
+        @param kwargs: More arguments for L{ThreadedResolver}.
         """
         return ThreadedResolver(
             self.reactor,
@@ -89,6 +94,7 @@ class ThreadedResolverTests(SynchronousTestCase):
             maxWaiting=maxWaiting,
             getaddrinfo=self.getaddrinfo,
             workers=self.workers,
+            **kwargs,
         )
 
     def resolve(
@@ -109,6 +115,12 @@ class ThreadedResolverTests(SynchronousTestCase):
         The log events of the resolver.
         """
         return [e for e in self.events if e.get("log_namespace") == "tunnel.resolver"]
+
+
+class ThreadedResolverTests(ResolverTestCase):
+    """
+    Tests for L{ThreadedResolver}.
+    """
 
     def test_interface(self) -> None:
         """
@@ -214,7 +226,7 @@ class ThreadedResolverTests(SynchronousTestCase):
         C{getaddrinfo} call and all get its answer; another port is another
         call.
         """
-        resolver = self.makeResolver()
+        resolver = self.makeResolver(maxRunningPerDomain=2, cacheFor=0)
         first, _ = self.resolve(resolver, "b.example", 443)
         second, _ = self.resolve(resolver, "b.example", 443)
         other, _ = self.resolve(resolver, "b.example", 8443)
@@ -225,7 +237,8 @@ class ThreadedResolverTests(SynchronousTestCase):
         self.assertEqual(first.addresses, [IPv4Address("TCP", "192.0.2.2", 443)])
         self.assertEqual(second.addresses, first.addresses)
         self.assertEqual(other.addresses, [IPv4Address("TCP", "192.0.2.2", 8443)])
-        # Once answered, the same lookup runs again.
+        # Once answered (and with no answer kept), the same lookup runs
+        # again.
         self.resolve(resolver, "b.example", 443)
         self.assertEqual(len(self.workers.jobs), 1)
 
@@ -388,9 +401,9 @@ class ThreadedResolverTests(SynchronousTestCase):
     def test_newLookupDuringDelivery(self) -> None:
         """
         A receiver that, told its answer, looks the same name up again
-        starts a new lookup.
+        starts a new lookup (with no answer kept: see L{CacheTests}).
         """
-        resolver = self.makeResolver()
+        resolver = self.makeResolver(cacheFor=0)
         again = RecordingReceiver()
 
         class Again(RecordingReceiver):
@@ -440,6 +453,243 @@ class ThreadedResolverTests(SynchronousTestCase):
 
         self.makeResolver().resolveHostName(RecordingReceiver(), "d.example")
         self.assertEqual(len(self.reactor.triggers), 2)
+
+
+class DomainShareTests(ResolverTestCase):
+    """
+    The names of one domain share a part of the threads and of the queue.
+    """
+
+    def test_domainOf(self) -> None:
+        """
+        A name's domain is its last two labels, in lower case, without the
+        root's dot; a name of fewer labels is its own domain.
+        """
+        for name, domain in [
+            ("www.Example.COM", "example.com"),
+            ("a.b.c.example.com.", "example.com"),
+            ("example.com", "example.com"),
+            ("www.bbc.co.uk", "co.uk"),
+            ("localhost", "localhost"),
+            ("intranet.", "intranet"),
+            ("", ""),
+        ]:
+            self.assertEqual(domainOf(name), domain, name)
+
+    def test_slowDomainHoldsItsShare(self) -> None:
+        """
+        By default the names of one domain run in at most a quarter of the
+        threads: with twenty lookups of names under a domain whose servers
+        do not answer holding five threads, a lookup of another domain runs
+        at once, and the slow domain's others wait for one of its own to
+        end, not for any thread.
+        """
+        self.getaddrinfo.answers.update(
+            {f"x{n}.slow.example": ["192.0.2.9"] for n in range(20)}
+        )
+        resolver = ThreadedResolver(
+            self.reactor,
+            getaddrinfo=self.getaddrinfo,
+            workers=self.workers,
+        )
+        self.assertEqual((resolver.threads, resolver.maxRunningPerDomain), (20, 5))
+        slow = [self.resolve(resolver, f"x{n}.slow.example")[0] for n in range(20)]
+        self.assertEqual((resolver.running, resolver.waiting), (5, 15))
+        other, lookup = self.resolve(resolver, "b.example")
+        self.assertFalse(lookup.busy)
+        self.assertEqual((resolver.running, resolver.waiting), (6, 15))
+        # The other domain's lookup is the last job handed over.
+        self.workers.jobs.pop()()
+        self.assertEqual(other.addresses, [IPv4Address("TCP", "192.0.2.2", 0)])
+        self.assertEqual((resolver.running, resolver.waiting), (5, 15))
+        self.workers.runNext()
+        self.assertEqual(slow[0].completed, 1)
+        self.assertEqual((resolver.running, resolver.waiting), (5, 14))
+        self.assertEqual(
+            [call[0] for call in self.getaddrinfo.calls],
+            ["b.example", "x0.slow.example"],
+        )
+
+    def test_waitingInOrderOfTheirDomains(self) -> None:
+        """
+        When a thread is free, the oldest waiting lookup whose domain has
+        threads left to it starts, passing older ones whose domain has none.
+        """
+        self.getaddrinfo.answers.update(
+            {"x.slow.example": ["192.0.2.9"], "y.slow.example": ["192.0.2.9"]}
+        )
+        resolver = self.makeResolver(threads=2, maxWaiting=4, maxRunningPerDomain=1)
+        self.resolve(resolver, "x.slow.example")
+        self.resolve(resolver, "a.example")
+        self.resolve(resolver, "y.slow.example")
+        self.resolve(resolver, "b.example")
+        self.assertEqual((resolver.running, resolver.waiting), (2, 2))
+        # a.example ends: y.slow.example waits for x.slow.example, so
+        # b.example goes first.
+        self.workers.jobs.pop()()
+        self.assertEqual((resolver.running, resolver.waiting), (2, 1))
+        self.workers.jobs.pop()()
+        self.assertEqual(
+            [call[0] for call in self.getaddrinfo.calls], ["a.example", "b.example"]
+        )
+        # A thread is free, but y.slow.example's domain has none left.
+        self.assertEqual((resolver.running, resolver.waiting), (1, 1))
+        self.workers.runNext()
+        self.assertEqual((resolver.running, resolver.waiting), (1, 0))
+        self.workers.runNext()
+        self.assertEqual(
+            [call[0] for call in self.getaddrinfo.calls][2:],
+            ["x.slow.example", "y.slow.example"],
+        )
+        self.assertEqual(resolver._domains, {})
+
+    def test_domainWaitingShare(self) -> None:
+        """
+        By default the names of one domain take at most a quarter of the
+        places in the queue: beyond that its lookups are refused (C{busy}),
+        while the other domains' still wait.
+        """
+        resolver = self.makeResolver(threads=1, maxWaiting=8)
+        self.assertEqual(resolver.maxWaitingPerDomain, 2)
+        self.getaddrinfo.answers.update(
+            {f"x{n}.slow.example": ["192.0.2.9"] for n in range(4)}
+        )
+        lookups = [self.resolve(resolver, f"x{n}.slow.example")[1] for n in range(4)]
+        self.assertEqual([lookup.busy for lookup in lookups], [False] * 3 + [True])
+        _, other = self.resolve(resolver, "a.example")
+        self.assertFalse(other.busy)
+        self.assertEqual((resolver.running, resolver.waiting), (1, 3))
+
+    def test_cancelledWaitingFreesDomainPlace(self) -> None:
+        """
+        A waiting lookup cancelled frees its place in its domain's share of
+        the queue.
+        """
+        resolver = self.makeResolver(threads=1, maxWaiting=8, maxWaitingPerDomain=1)
+        self.getaddrinfo.answers.update(
+            {f"x{n}.slow.example": ["192.0.2.9"] for n in range(3)}
+        )
+        self.resolve(resolver, "x0.slow.example")
+        _, waiting = self.resolve(resolver, "x1.slow.example")
+        _, refused = self.resolve(resolver, "x2.slow.example")
+        self.assertTrue(refused.busy)
+        waiting.cancel()
+        _, again = self.resolve(resolver, "x2.slow.example")
+        self.assertFalse(again.busy)
+
+
+class CacheTests(ResolverTestCase):
+    """
+    Answers are kept for a short time.
+    """
+
+    def test_answerKept(self) -> None:
+        """
+        An answer with addresses is kept for C{cacheFor} seconds (30 by
+        default): a lookup of the same name, port and kind in that time is
+        answered at once, in the call, without a thread or C{getaddrinfo};
+        then it is looked up again.  The counters say which was which.
+        """
+        resolver = self.makeResolver(maxRunningPerDomain=2)
+        self.assertEqual(resolver.cacheFor, 30.0)
+        first, _ = self.resolve(resolver, "a.example", 443)
+        self.workers.runNext()
+        self.reactor.now = 29.9
+        kept, lookup = self.resolve(resolver, "a.example", 443)
+        self.assertEqual(kept.addresses, first.addresses)
+        self.assertEqual(kept.completed, 1)
+        self.assertIs(kept.resolution, lookup)
+        self.assertEqual(self.workers.jobs, [])
+        self.assertEqual((resolver.lookedUp, resolver.answeredFromCache), (1, 1))
+        # Another port, or another family, is another answer.
+        self.resolve(resolver, "a.example", 8443)
+        self.resolve(resolver, "a.example", 443, [IPv4Address])
+        self.assertEqual(len(self.workers.jobs), 2)
+        self.workers.runNext()
+        self.workers.runNext()
+        self.reactor.now = 30.0
+        later, _ = self.resolve(resolver, "a.example", 443)
+        self.assertEqual(later.completed, 0)
+        self.workers.runNext()
+        self.assertEqual(later.addresses, first.addresses)
+        self.assertEqual((resolver.lookedUp, resolver.answeredFromCache), (4, 1))
+
+    def test_failureKept(self) -> None:
+        """
+        An answer without an address (here no such name) is kept for
+        C{cacheFailuresFor} seconds (10 by default); a C{getaddrinfo} that
+        raised something else than C{OSError} gave no answer, and that is
+        not kept.
+        """
+        self.getaddrinfo.answers["bug.example"] = RuntimeError("a bug")
+        resolver = self.makeResolver()
+        self.assertEqual(resolver.cacheFailuresFor, 10.0)
+        self.resolve(resolver, "nowhere.example")
+        self.resolve(resolver, "bug.example")
+        self.workers.runNext()
+        self.workers.runNext()
+        self.flushLoggedErrors(RuntimeError)
+        self.reactor.now = 9.9
+        kept, _ = self.resolve(resolver, "nowhere.example")
+        self.assertEqual((kept.addresses, kept.completed), ([], 1))
+        self.resolve(resolver, "bug.example")
+        self.assertEqual(len(self.workers.jobs), 1)
+        self.workers.runNext()
+        self.flushLoggedErrors(RuntimeError)
+        self.reactor.now = 10.0
+        self.resolve(resolver, "nowhere.example")
+        self.assertEqual(len(self.workers.jobs), 1)
+
+    def test_nothingKept(self) -> None:
+        """
+        With C{cacheFor} and C{cacheFailuresFor} 0, no answer is kept.
+        """
+        resolver = self.makeResolver(cacheFor=0, cacheFailuresFor=0)
+        for name in ("a.example", "nowhere.example"):
+            self.resolve(resolver, name)
+            self.workers.runNext()
+            self.resolve(resolver, name)
+            self.assertEqual(len(self.workers.jobs), 1)
+            self.workers.runNext()
+        self.assertEqual(resolver.cached, 0)
+
+    def test_oldestGoes(self) -> None:
+        """
+        At most C{maxCached} answers are kept: a new one pushes out the one
+        kept longest, and an answer looked up again is kept as new.
+        """
+        resolver = self.makeResolver(maxCached=2)
+        for name in ("a.example", "b.example", "a.example", "c.example"):
+            if name == "a.example":
+                # Expired, so looked up again.
+                self.reactor.now += 60
+            self.resolve(resolver, name)
+            self.workers.runNext()
+        self.assertEqual(resolver.cached, 2)
+        self.resolve(resolver, "a.example")
+        self.resolve(resolver, "c.example")
+        self.assertEqual(self.workers.jobs, [])
+        self.resolve(resolver, "b.example")
+        self.assertEqual(len(self.workers.jobs), 1)
+
+    def test_cancelledBeforeKeptAnswer(self) -> None:
+        """
+        A receiver that cancels its lookup as it begins hears nothing of a
+        kept answer.
+        """
+        resolver = self.makeResolver()
+        self.resolve(resolver, "a.example")
+        self.workers.runNext()
+
+        class Cancelling(RecordingReceiver):
+            def resolutionBegan(self, resolution: IHostResolution) -> None:
+                super().resolutionBegan(resolution)
+                resolution.cancel()
+
+        receiver = Cancelling()
+        resolver.resolveHostName(receiver, "a.example")
+        self.assertEqual((receiver.addresses, receiver.completed), ([], 0))
+        self.assertEqual(resolver.answeredFromCache, 0)
 
 
 class WorkersTests(SynchronousTestCase):

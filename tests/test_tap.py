@@ -262,6 +262,26 @@ class OptionsTests(SynchronousTestCase):
         for bad in ("0", "1001", "many"):
             self.assertRaises(UsageError, parse, "--resolver-threads", bad)
 
+    def test_resolverCache(self) -> None:
+        """
+        The resolver keeps answers 30 seconds and answers without an address
+        10, or as long as C{--resolver-cache} and C{--resolver-cache-failures}
+        say (0 keeps none).
+        """
+        for argv, kept in [
+            ((), (30.0, 10.0)),
+            (("--resolver-cache", "5", "--resolver-cache-failures", "0"), (5.0, 0.0)),
+        ]:
+            factory = makeFactory(parse(*argv), MemoryReactorClock())
+            connector = factory.connector
+            assert isinstance(connector, HostnameConnector)
+            resolver = connector.resolver
+            assert isinstance(resolver, ThreadedResolver)
+            self.assertEqual((resolver.cacheFor, resolver.cacheFailuresFor), kept)
+        for option in ("--resolver-cache", "--resolver-cache-failures"):
+            for bad in ("-1", "soon"):
+                self.assertRaises(UsageError, parse, option, bad)
+
     def test_values(self) -> None:
         """
         Every option reaches the factory; C{--listen} may be repeated.

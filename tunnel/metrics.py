@@ -139,6 +139,17 @@ class _FactoryCollector:
             "Target name lookups waiting for a resolver thread.",
             value=sum(r.waiting for r in resolvers),
         )
+        counter = self._prometheus.metrics_core.CounterMetricFamily
+        yield counter(
+            "tunnel_name_lookups",
+            "Target name lookups (getaddrinfo calls) completed.",
+            value=sum(r.lookedUp for r in resolvers),
+        )
+        yield counter(
+            "tunnel_name_lookups_cached",
+            "Target name lookups answered from the answers kept, without getaddrinfo.",
+            value=sum(r.answeredFromCache for r in resolvers),
+        )
 
 
 @implementer(ILogObserver)

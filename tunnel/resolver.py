@@ -8,9 +8,11 @@ runs every queued lookup even when whoever asked left long ago.  A client
 that names hosts whose DNS servers do not answer (each lookup then blocks a
 thread for the resolver's timeout, about ten seconds by default) could so
 stall every other client's lookups and logins, and grow a queue of work that
-runs after it is gone.  L{ThreadedResolver} keeps the semantics of
-C{getaddrinfo} (C{/etc/hosts}, C{nsswitch.conf}, search domains) and bounds
-the rest.
+runs after it is gone; and the names of one slow domain (an attack, or
+an outage of that domain's DNS servers) could hold every thread.
+L{ThreadedResolver} keeps the semantics of C{getaddrinfo} (C{/etc/hosts},
+C{nsswitch.conf}, search domains), bounds the rest, shares the threads
+between domains, and keeps answers for a short time.
 """
 
 from __future__ import annotations
@@ -34,9 +36,29 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["ThreadedResolver"]
+__all__ = [
+    "CACHE_ANSWERS_FOR",
+    "CACHE_FAILURES_FOR",
+    "MAX_CACHED",
+    "ThreadedResolver",
+    "domainOf",
+]
 
 _log = Logger()
+
+#: Seconds an answer with addresses is kept by default.  C{getaddrinfo} does
+#: not say how long DNS lets an answer be kept (its TTL), so this is short:
+#: as long as Java keeps one, and below the minimum Squid keeps (60 s).
+CACHE_ANSWERS_FOR = 30.0
+
+#: Seconds an answer without an address (no such name, or a DNS server
+#: that failed or did not answer) is kept by default: long enough that a
+#: flood of requests for a name whose servers do not answer costs one
+#: lookup in ten seconds, short enough that a name fixed is reachable soon.
+CACHE_FAILURES_FOR = 10.0
+
+#: The most answers kept by default; the oldest kept goes first.
+MAX_CACHED = 10_000
 
 _ANY: frozenset[type[IAddress]] = frozenset([IPv4Address, IPv6Address])
 _FAMILIES: dict[frozenset[type[IAddress]], int] = {
@@ -110,12 +132,31 @@ class _Job:
     One C{getaddrinfo} call, and the lookups waiting for its answer.
     """
 
-    __slots__ = ("args", "lookups", "started")
+    __slots__ = ("args", "domain", "lookups", "started")
 
     def __init__(self, args: tuple[str, int, int, int]) -> None:
         self.args = args
+        self.domain = domainOf(args[0])
         self.lookups: list[Lookup] = []
         self.started = False
+
+
+def domainOf(name: str) -> str:
+    """
+    The domain whose lookups share one part of the threads: the last two
+    labels of C{name} (C{example.com} for C{www.example.com}), or the name
+    itself when it has fewer.
+
+    Two labels, not the registrable domain of the public suffix list: that
+    would need the list, and a heuristic shorter than the list would let
+    anyone with a short name under a country's domain have each of its
+    names counted apart.  So every name under C{co.uk} shares one part,
+    which bites only when that many of them are looked up at once.
+
+    @param name: A name as looked up.
+    @return: Its domain, in lower case.
+    """
+    return ".".join(name.rstrip(".").lower().rsplit(".", 2)[-2:])
 
 
 def _startDaemon(target: Callable[[], None], name: str) -> None:
@@ -197,12 +238,22 @@ class ThreadedResolver:
         delay the bcrypt checks of logins, nor the reverse;
       - lookups of the same name, port and kind in progress at once share
         one C{getaddrinfo} call;
-      - at most C{maxWaiting} lookups wait for a thread; beyond that a
-        lookup completes at once with no address, and its L{Lookup} is
-        C{busy} (L{tunnel.HostnameConnector} then fails with
-        L{tunnel.interfaces.LookupsBusy}, a C{503} for the client);
+      - the names of one domain (see L{domainOf}) run in at most
+        C{maxRunningPerDomain} threads at once and take at most
+        C{maxWaitingPerDomain} of the places in the queue, so that the
+        names of a domain whose DNS servers do not answer hold up only
+        each other: lookups of other domains go first;
+      - at most C{maxWaiting} lookups wait for a thread; beyond that (or
+        beyond a domain's share) a lookup completes at once with no
+        address, and its L{Lookup} is C{busy} (L{tunnel.HostnameConnector}
+        then fails with L{tunnel.interfaces.LookupsBusy}, a C{503} for the
+        client);
       - a cancelled lookup that no thread took yet never runs, and one
-        running tells its receiver nothing.
+        running tells its receiver nothing;
+      - answers are kept for C{cacheFor} seconds, answers without an
+        address (no such name, or no answer from DNS) for
+        C{cacheFailuresFor}, at most C{maxCached} of them: a lookup of a
+        name kept is answered at once, without a thread.
 
     What it cannot bound is how long one C{getaddrinfo} call blocks its
     thread: that is the system resolver's timeout and attempts
@@ -210,6 +261,15 @@ class ThreadedResolver:
 
     @ivar threads: The most lookups that run at once.
     @ivar maxWaiting: The most lookups that wait for a thread.
+    @ivar maxRunningPerDomain: The most lookups of one domain that run at
+        once.
+    @ivar maxWaitingPerDomain: The most lookups of one domain that wait.
+    @ivar cacheFor: Seconds an answer with addresses is kept.
+    @ivar cacheFailuresFor: Seconds an answer without one is kept.
+    @ivar maxCached: The most answers kept.
+    @ivar lookedUp: How many C{getaddrinfo} calls completed.
+    @ivar answeredFromCache: How many lookups were answered from the kept
+        answers.
     """
 
     def __init__(
@@ -219,10 +279,16 @@ class ThreadedResolver:
         maxWaiting: int = 1000,
         getaddrinfo: Callable[..., AddressInfo] = socket.getaddrinfo,
         workers: Any = None,
+        cacheFor: float = CACHE_ANSWERS_FOR,
+        cacheFailuresFor: float = CACHE_FAILURES_FOR,
+        maxCached: int = MAX_CACHED,
+        maxRunningPerDomain: int | None = None,
+        maxWaitingPerDomain: int | None = None,
     ) -> None:
         """
         @param reactor: Gets the answers back from the threads
-            (C{callFromThread}), and stops the threads when it shuts down.
+            (C{callFromThread}), tells the time the answers kept expire by
+            (C{seconds}), and stops the threads when it shuts down.
         @param threads: The most lookups that run at once.
         @param maxWaiting: The most lookups that wait for a thread.
         @param getaddrinfo: Looks a name up, called as
@@ -235,18 +301,46 @@ class ThreadedResolver:
             C{job()} in another thread (tests pass one that runs them when
             told).  By default daemon threads, at most C{threads}, stopped
             when the reactor shuts down.
+        @param cacheFor: Seconds an answer with addresses is kept; C{0}
+            keeps none.
+        @param cacheFailuresFor: Seconds an answer without an address is
+            kept; C{0} keeps none.
+        @param maxCached: The most answers kept.
+        @param maxRunningPerDomain: The most lookups of one domain that run
+            at once; by default a quarter of C{threads} (at least one).
+        @param maxWaitingPerDomain: The most lookups of one domain that wait
+            for a thread; by default a quarter of C{maxWaiting} (at least
+            one).
         """
         if threads < 1:
             raise ValueError("a resolver needs at least one thread")
         self._reactor = reactor
         self.threads = threads
         self.maxWaiting = maxWaiting
+        self.maxRunningPerDomain = (
+            max(1, threads // 4) if maxRunningPerDomain is None else maxRunningPerDomain
+        )
+        self.maxWaitingPerDomain = (
+            max(1, maxWaiting // 4)
+            if maxWaitingPerDomain is None
+            else maxWaitingPerDomain
+        )
+        self.cacheFor = cacheFor
+        self.cacheFailuresFor = cacheFailuresFor
+        self.maxCached = maxCached
+        self.lookedUp = 0
+        self.answeredFromCache = 0
         self._getaddrinfo = getaddrinfo
         self._ownWorkers = workers is None
         self._workers = workers if workers is not None else _Workers(threads)
         self._jobs: dict[tuple[str, int, int, int], _Job] = {}
         self._waiting: deque[_Job] = deque()
         self._running = 0
+        # Per domain: lookups running, lookups waiting; a domain with
+        # neither has no entry.
+        self._domains: dict[str, list[int]] = {}
+        # Oldest first: (when it expires, the addresses).
+        self._cache: dict[tuple[str, int, int, int], tuple[float, list[IAddress]]] = {}
         self._backedUp = False
         self._stopTrigger: Any = None
 
@@ -263,6 +357,14 @@ class ThreadedResolver:
         How many C{getaddrinfo} calls wait for a thread.
         """
         return len(self._waiting)
+
+    @property
+    def cached(self) -> int:
+        """
+        How many answers are kept (some may have expired: they go when
+        asked for, or when newer ones push them out).
+        """
+        return len(self._cache)
 
     def resolveHostName(
         self,
@@ -291,13 +393,27 @@ class ThreadedResolver:
         resolutionReceiver.resolutionBegan(lookup)
         if lookup.cancelled:
             return lookup
+        kept = self._cache.get(key)
+        if kept is not None:
+            if kept[0] > self._reactor.seconds():
+                self.answeredFromCache += 1
+                self._deliver(lookup, kept[1])
+                return lookup
+            del self._cache[key]
         job = self._jobs.get(key)
         if job is None:
-            if self._running >= self.threads and len(self._waiting) >= self.maxWaiting:
+            job = _Job(key)
+            counts = self._domains.get(job.domain, [0, 0])
+            startNow = (
+                self._running < self.threads and counts[0] < self.maxRunningPerDomain
+            )
+            if not startNow and (
+                len(self._waiting) >= self.maxWaiting
+                or counts[1] >= self.maxWaitingPerDomain
+            ):
                 self._refuse(lookup, resolutionReceiver)
                 return lookup
-            job = _Job(key)
-            if self._running < self.threads:
+            if startNow:
                 try:
                     self._start(job)
                 except Exception:
@@ -308,6 +424,7 @@ class ThreadedResolver:
                     return lookup
             else:
                 self._waiting.append(job)
+                self._domains[job.domain] = [counts[0], counts[1] + 1]
             self._jobs[key] = job
         job.lookups.append(lookup)
         lookup._job = job
@@ -334,6 +451,8 @@ class ThreadedResolver:
         self._workers.run(lambda: self._lookUp(job))
         job.started = True
         self._running += 1
+        counts = self._domains.setdefault(job.domain, [0, 0])
+        counts[0] += 1
 
     def _stop(self) -> None:
         self._stopTrigger = None
@@ -342,7 +461,7 @@ class ThreadedResolver:
     def _lookUp(self, job: _Job) -> None:
         # In a worker thread.  Errors other than gaierror (a name IDNA
         # cannot encode raises UnicodeError) mean no address too: a lookup
-        # must always complete, or its caller waits for nothing.
+        # must always complete, or its caller waits for ever.
         try:
             result: AddressInfo | Exception = self._getaddrinfo(*job.args)
         except (OSError, UnicodeError):
@@ -353,21 +472,43 @@ class ThreadedResolver:
 
     def _done(self, job: _Job, result: AddressInfo | Exception) -> None:
         self._running -= 1
+        self.lookedUp += 1
+        self._leave(job.domain, 0)
         del self._jobs[job.args]
         self._next()
         if isinstance(result, Exception):
+            # Not kept: a bug of the getaddrinfo given, not an answer.
             _log.failure("Looking {name} up failed", Failure(result), name=job.args[0])
-            result = []
-        addresses = [
-            _ADDRESS_TYPES[family](_SEMANTICS.get(socketType, "TCP"), *address)
-            for family, socketType, _, _, address in result
-            if family in _ADDRESS_TYPES
-        ]
+            addresses: list[IAddress] = []
+        else:
+            addresses = [
+                _ADDRESS_TYPES[family](_SEMANTICS.get(socketType, "TCP"), *address)
+                for family, socketType, _, _, address in result
+                if family in _ADDRESS_TYPES
+            ]
+            self._keep(job.args, addresses)
         # A copy: a receiver may cancel another lookup of this job.
         for lookup in list(job.lookups):
             lookup._job = None
             self._deliver(lookup, addresses)
         job.lookups.clear()
+
+    def _keep(self, key: tuple[str, int, int, int], addresses: list[IAddress]) -> None:
+        keepFor = self.cacheFor if addresses else self.cacheFailuresFor
+        if keepFor <= 0 or self.maxCached < 1:
+            return
+        # Taken out first, so that the answer goes to the end: the oldest
+        # kept is always the first, and the first to go.
+        self._cache.pop(key, None)
+        while len(self._cache) >= self.maxCached:
+            del self._cache[next(iter(self._cache))]
+        self._cache[key] = (self._reactor.seconds() + keepFor, addresses)
+
+    def _leave(self, domain: str, which: int) -> None:
+        counts = self._domains[domain]
+        counts[which] -= 1
+        if counts == [0, 0]:
+            del self._domains[domain]
 
     def _deliver(self, lookup: Lookup, addresses: list[IAddress]) -> None:
         # Until it is cancelled, even from inside its own receiver; a
@@ -392,8 +533,17 @@ class ThreadedResolver:
             _log.failure("A receiver of {name} failed", name=lookup.name)
 
     def _next(self) -> None:
-        while self._waiting and self._running < self.threads:
-            self._start(self._waiting.popleft())
+        # The oldest waiting lookup whose domain has threads left to it
+        # goes first; the queue holds at most maxWaiting, and this is
+        # called once a lookup ends.
+        if self._waiting and self._running < self.threads:
+            for job in list(self._waiting):
+                if self._running >= self.threads:
+                    break
+                if self._domains[job.domain][0] < self.maxRunningPerDomain:
+                    self._waiting.remove(job)
+                    self._leave(job.domain, 1)
+                    self._start(job)
         self._checkDrained()
 
     def _checkDrained(self) -> None:
@@ -409,6 +559,7 @@ class ThreadedResolver:
         # never runs, and its place in the queue is free.
         del self._jobs[job.args]
         self._waiting.remove(job)
+        self._leave(job.domain, 1)
         self._checkDrained()
 
 

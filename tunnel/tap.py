@@ -52,7 +52,7 @@ from .policy import (
     parseNetwork,
     parseRules,
 )
-from .resolver import ThreadedResolver
+from .resolver import CACHE_ANSWERS_FOR, CACHE_FAILURES_FOR, ThreadedResolver
 from .rules import RulesFilePolicy
 from .server import MAX_EARLY_DATA, ConnectProxyFactory
 from .service import ProxyService, StopOnSignals
@@ -277,8 +277,24 @@ class Options(usage.Options, AuthOptionMixin):
             20,
             "Name lookups (getaddrinfo) of targets and the parent proxy that "
             "may run at once, in threads apart from the password checks; up to "
-            "1000 more wait (503 beyond)",
+            "1000 more wait (503 beyond); the names of one domain take at "
+            "most a quarter of them",
             _number(int, 1, 1000),
+        ],
+        [
+            "resolver-cache",
+            None,
+            CACHE_ANSWERS_FOR,
+            "Seconds a name's addresses are kept once looked up; 0 keeps none",
+            _number(float, 0),
+        ],
+        [
+            "resolver-cache-failures",
+            None,
+            CACHE_FAILURES_FOR,
+            "Seconds a lookup that found no address (no such name, or no "
+            "answer from DNS) is kept; 0 keeps none",
+            _number(float, 0),
         ],
         [
             "workers",
@@ -735,7 +751,12 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     @return: The factory.
     """
     checkers = options.get("credCheckers", [])
-    resolver = ThreadedResolver(reactor, threads=options["resolver-threads"])
+    resolver = ThreadedResolver(
+        reactor,
+        threads=options["resolver-threads"],
+        cacheFor=options["resolver-cache"],
+        cacheFailuresFor=options["resolver-cache-failures"],
+    )
     connector: ITargetConnector
     if options["upstream"] is None:
         # No timer of the connector's own: the factory's connect timeout
