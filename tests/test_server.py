@@ -66,7 +66,12 @@ from tunnel.connector import AddressDenied
 from tunnel.interfaces import LookupsBusy
 from tunnel.policy import Denial, PortRange, TunnelPolicy
 from tunnel.relay import Relay, TargetProtocol, canHalfClose
-from tunnel.server import LINGER_BYTES, LINGER_SECONDS, ConnectProxy
+from tunnel.server import (
+    LINGER_BYTES,
+    LINGER_SECONDS,
+    MAX_PARTIAL_HEADS_PER_CLIENT,
+    ConnectProxy,
+)
 from tunnel.upstream import UpstreamProtocolError, UpstreamRefused
 
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
@@ -3129,6 +3134,112 @@ class LimitTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.connectionLost(Failure(ConnectionDone()))
         fourth.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.factory._openPerClient, {})
+
+
+class PartialHeadTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    C{maxPartialHeadsPerClient}: connections of one address holding a
+    request head that began to arrive and has not ended.
+    """
+
+    def otherClient(self) -> tuple[ConnectProxy, HalfCloseTransport]:
+        """
+        Connect a client from another address than L{connectClient}'s.
+        """
+        proxy = self.factory.buildProtocol(None)
+        assert isinstance(proxy, ConnectProxy)
+        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "192.0.2.99", 1))
+        proxy.makeConnection(client)
+        return proxy, client
+
+    def test_default(self) -> None:
+        """
+        By default one address may hold 256 partial heads at once.
+        """
+        self.assertEqual(self.factory.maxPartialHeadsPerClient, 256)
+        self.assertEqual(MAX_PARTIAL_HEADS_PER_CLIENT, 256)
+
+    def test_partialHeadsBounded(self) -> None:
+        """
+        Beyond C{maxPartialHeadsPerClient} connections of one address with a
+        partial head, the connection whose head begins gets a 429 with
+        Retry-After; another address's partial heads are not refused, nor
+        are more connections of the same address that send nothing yet or
+        their head whole.
+        """
+        self.factory.maxPartialHeadsPerClient = 2
+        self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
+        second, secondClient = self.connectClient()
+        second.dataReceived(b"CONNECT target.exa")
+        third, thirdClient = self.connectClient()
+        self.assertEqual(thirdClient.value(), b"")
+        third.dataReceived(b"CONNECT")
+        self.assertTrue(thirdClient.value().startswith(b"HTTP/1.1 429 "))
+        self.assertIn(b"\r\nRetry-After: 1\r\n", thirdClient.value())
+        self.assertIn(b"Too many unfinished requests", thirdClient.value())
+        self.assertEqual(secondClient.value(), b"")
+        other, otherClient = self.otherClient()
+        other.dataReceived(b"CONNECT")
+        self.assertEqual(otherClient.value(), b"")
+        whole, wholeClient = self.connectClient()
+        whole.dataReceived(
+            b"CONNECT target.example:443 HTTP/1.1\r\nHost: target.example:443\r\n\r\n"
+        )
+        self.assertEqual(wholeClient.value(), b"")
+        self.assertEqual(len(self.connector.targets), 1)
+        self.assertEqual(
+            self.factory._partialHeadsPerClient, {"192.0.2.7": 2, "192.0.2.99": 1}
+        )
+
+    def test_countEndsWithTheHead(self) -> None:
+        """
+        A partial head stops counting once it is whole, or once its
+        connection closes, so that the address may begin others.
+        """
+        self.factory.maxPartialHeadsPerClient = 1
+        self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
+        self.proxy.dataReceived(b"Host: target.example:443\r\n\r\n")
+        self.assertEqual(len(self.connector.targets), 1)
+        self.assertEqual(self.factory._partialHeadsPerClient, {})
+        second, _secondClient = self.connectClient()
+        second.dataReceived(b"CONNECT")
+        third, thirdClient = self.connectClient()
+        third.dataReceived(b"CONNECT")
+        self.assertTrue(thirdClient.value().startswith(b"HTTP/1.1 429 "))
+        third.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory._partialHeadsPerClient, {"192.0.2.7": 1})
+        second.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory._partialHeadsPerClient, {})
+        fourth, fourthClient = self.connectClient()
+        fourth.dataReceived(b"CONNECT")
+        self.assertEqual(fourthClient.value(), b"")
+
+    def test_refusedPartialHeadCountsUntilClosed(self) -> None:
+        """
+        A partial head refused for what it holds (here a 431) counts until
+        its connection closes.
+        """
+        self.factory.maxHeaderSize = 256
+        self.factory.maxRequestLine = 256
+        self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
+        self.proxy.dataReceived(b"X: " + b"x" * 300)
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 431 "))
+        self.assertEqual(self.factory._partialHeadsPerClient, {"192.0.2.7": 1})
+        self.proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory._partialHeadsPerClient, {})
+
+    def test_noLimit(self) -> None:
+        """
+        With C{maxPartialHeadsPerClient=None}, partial heads are counted but
+        never refused.
+        """
+        self.factory.maxPartialHeadsPerClient = None
+        clients = []
+        for _ in range(3):
+            proxy, client = self.connectClient()
+            proxy.dataReceived(b"CONNECT")
+            clients.append(client)
+        self.assertEqual([c.value() for c in clients], [b""] * 3)
 
 
 class ProxyProtocolTests(ProxyTestMixin, SynchronousTestCase):

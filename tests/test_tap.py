@@ -912,6 +912,22 @@ class SecurityOptionsTests(SynchronousTestCase):
         )
         self.assertEqual((factory.maxTunnels, factory.maxTunnelsPerClient), (100, 5))
 
+    def test_partialHeadsPerClient(self) -> None:
+        """
+        One address may hold 256 partial heads at once by default, as many
+        as C{--max-partial-heads-per-client} says, or any number with C{0}.
+        """
+        reactor = MemoryReactorClock()
+        for argv, limit in [
+            ((), 256),
+            (("--max-partial-heads-per-client", "8"), 8),
+            (("--max-partial-heads-per-client", "0"), None),
+        ]:
+            factory = makeFactory(parse(*argv), reactor)
+            self.assertEqual(factory.maxPartialHeadsPerClient, limit)
+        for bad in ("-1", "lots"):
+            self.assertRaises(UsageError, parse, "--max-partial-heads-per-client", bad)
+
     def test_rulesFile(self) -> None:
         """
         C{--rules PATH} adds the file's rules to the options'; a broken file

@@ -91,11 +91,23 @@ from .request import (
 )
 from .splice import SpliceRelay, canSplice, spliceAvailable
 
-__all__ = ["MAX_EARLY_DATA", "ConnectProxy", "ConnectProxyFactory"]
+__all__ = [
+    "MAX_EARLY_DATA",
+    "MAX_PARTIAL_HEADS_PER_CLIENT",
+    "ConnectProxy",
+    "ConnectProxyFactory",
+]
 
 #: How many bytes sent after the request head a connection holds for the
 #: target while it is reached, by default (reading pauses beyond).
 MAX_EARLY_DATA = 65536
+
+#: How many connections of one client address may hold a partial request
+#: head at once, by default: at the default C{--max-header-size}, 16 MiB of
+#: unfinished heads from one address.  A head nearly always arrives whole,
+#: in one read, and so is never counted: what reaches this is clients that
+#: send their heads a little at a time (a slow-headers attack).
+MAX_PARTIAL_HEADS_PER_CLIENT = 256
 
 #: After an error answer, how long the proxy keeps reading (and dropping)
 #: what the client still sends, before it closes.
@@ -269,6 +281,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         "_loggingIn",
         "_login",
         "_parentStatus",
+        "_partialHead",
         "_peer",
         "_reading",
         "_refusal",
@@ -297,6 +310,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._parentStatus: int | None = None
         self._timedOut = False
         self._awaitingHeader = False
+        self._partialHead = False
         self._clientGone = False
         self._lingering: IDelayedCall | None = None
         self._lingerBytes = 0
@@ -405,6 +419,11 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._awaitingHeader = False
             self.factory.awaitingHeader -= 1
 
+    def _endPartialHead(self) -> None:
+        if self._partialHead:
+            self._partialHead = False
+            self.factory.partialHeadEnded(self._clientKey)
+
     def _proxyHeaderData(self, data: bytes) -> None:
         buffer = self._buffer + data
         try:
@@ -464,6 +483,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
         window = self._buffer + data[: limit + 4 - buffered]
         found = findHeadEnd(window, max(0, buffered - 3), skipEmptyLines=True)
         if found is None:
+            if not self._partialHead:
+                refusal = factory.partialHeadStarted(self._clientKey)
+                if refusal is not None:
+                    self._reject(refusal)
+                    return
+                self._partialHead = True
             # Kept before any refusal too: the answer to a HEAD head has no
             # content.
             self._buffer = window
@@ -478,6 +503,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 # CR of its final CRLF there.
                 self._reject(RequestRejected(431, "The request head is too large."))
             return
+        self._endPartialHead()
         headLength, consumed = found
         head = self._buffer = window[:headLength]
         early = data[consumed - buffered :]
@@ -1014,6 +1040,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if self._ended is not None:
             self.factory.answered -= 1
         self._stopAwaitingHeader()
+        self._endPartialHead()
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
         if self._lingerCounted:
@@ -1278,6 +1305,9 @@ class ConnectProxyFactory(Factory):
         target is reached.
     @ivar maxTunnels: The most client connections at once, or L{None}.
     @ivar maxTunnelsPerClient: The most per client address, or L{None}.
+    @ivar maxPartialHeadsPerClient: The most connections of one client
+        address whose request head has begun to arrive but not ended, or
+        L{None}.
     @ivar damper: Refuses clients after repeated failed logins.
     @ivar proxyProtocol: Whether connections start with a PROXY header.
     @ivar proxyProtocolFrom: The networks PROXY headers are taken from
@@ -1327,6 +1357,7 @@ class ConnectProxyFactory(Factory):
         maxEarlyData: int = MAX_EARLY_DATA,
         maxTunnels: int | None = None,
         maxTunnelsPerClient: int | None = None,
+        maxPartialHeadsPerClient: int | None = MAX_PARTIAL_HEADS_PER_CLIENT,
         damper: FailureDamper | None = None,
         proxyProtocol: bool = False,
         splice: bool | None = None,
@@ -1362,6 +1393,13 @@ class ConnectProxyFactory(Factory):
             included; beyond it new ones get a 503.  L{None}: no limit.
         @param maxTunnelsPerClient: The same, per client address; beyond it
             a 429.
+        @param maxPartialHeadsPerClient: The most connections of one client
+            address (see L{clientKey}) whose request head has begun to
+            arrive but not ended; the connection whose partial head would
+            go beyond it gets a 429.  This bounds what one address can make
+            the proxy hold in unfinished heads (up to C{maxHeaderSize}
+            each, until C{headerTimeout}) without touching bursts of
+            connections that send their heads whole.  L{None}: no limit.
         @param damper: Refuses clients after repeated failed logins; by
             default 10 failures a minute.
         @param proxyProtocol: Whether every connection starts with a PROXY
@@ -1431,6 +1469,7 @@ class ConnectProxyFactory(Factory):
         self.maxEarlyData = maxEarlyData
         self.maxTunnels = maxTunnels
         self.maxTunnelsPerClient = maxTunnelsPerClient
+        self.maxPartialHeadsPerClient = maxPartialHeadsPerClient
         self.damper = damper if damper is not None else FailureDamper(self.clock)
         self.proxyProtocol = proxyProtocol
         self.proxyProtocolFrom = tuple(parseNetwork(t) for t in proxyProtocolFrom)
@@ -1451,6 +1490,7 @@ class ConnectProxyFactory(Factory):
         self._drained: list[Deferred[None]] = []
         self._open = 0
         self._openPerClient: dict[str, int] = {}
+        self._partialHeadsPerClient: dict[str, int] = {}
         self._idleWatch: IdleWatch | None = None
         self._date = (float("nan"), b"")
 
@@ -1611,6 +1651,36 @@ class ConnectProxyFactory(Factory):
             waiting, self._drained = self._drained, []
             for d in waiting:
                 d.callback(None)
+
+    def partialHeadStarted(self, client: str) -> RequestRejected | None:
+        """
+        A connection of C{client} has received part of its request head:
+        count it, unless the client holds its share of partial heads
+        already.
+
+        @param client: The client's key (see L{connectionAdmitted}).
+        @return: L{None} if counted (L{partialHeadEnded} must follow), or
+            the refusal, a 429.
+        """
+        count = self._partialHeadsPerClient.get(client, 0)
+        limit = self.maxPartialHeadsPerClient
+        if limit is not None and count >= limit:
+            return _tryAgain("Too many unfinished requests from your address.", 429)
+        self._partialHeadsPerClient[client] = count + 1
+        return None
+
+    def partialHeadEnded(self, client: str) -> None:
+        """
+        A partial head counted by L{partialHeadStarted} ended: it is whole,
+        or its connection closed.
+
+        @param client: The key given to L{partialHeadStarted}.
+        """
+        left = self._partialHeadsPerClient[client] - 1
+        if left:
+            self._partialHeadsPerClient[client] = left
+        else:
+            del self._partialHeadsPerClient[client]
 
     def connectionAdmitted(self, client: str) -> None:
         """

@@ -54,7 +54,7 @@ from .policy import (
 )
 from .resolver import CACHE_ANSWERS_FOR, CACHE_FAILURES_FOR, ThreadedResolver
 from .rules import RulesFilePolicy
-from .server import MAX_EARLY_DATA, ConnectProxyFactory
+from .server import MAX_EARLY_DATA, MAX_PARTIAL_HEADS_PER_CLIENT, ConnectProxyFactory
 from .service import ProxyService, StopOnSignals
 from .upstream import (
     UpstreamConnector,
@@ -260,6 +260,15 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             "The most connections at once from one client address (429 beyond)",
             _number(int, 1),
+        ],
+        [
+            "max-partial-heads-per-client",
+            None,
+            MAX_PARTIAL_HEADS_PER_CLIENT,
+            "The most connections from one client address whose request head "
+            "has begun to arrive but not ended (429 beyond); heads sent whole "
+            "never count. 0: no limit",
+            _number(int, 0),
         ],
         [
             "pipe-size",
@@ -805,6 +814,7 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
         maxHeaderSize=options["max-header-size"],
         maxTunnels=maxTunnels,
         maxTunnelsPerClient=options["max-tunnels-per-client"],
+        maxPartialHeadsPerClient=options["max-partial-heads-per-client"] or None,
         proxyProtocol=bool(options["proxy-protocol"]),
         proxyProtocolFrom=options["proxy-protocol-from"],
         splice=False if options["no-splice"] else None,
