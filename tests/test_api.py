@@ -55,6 +55,7 @@ class PublicNamesTests(SynchronousTestCase):
             "StopOnSignals",
             "ThreadedResolver",
             "LookupsBusy",
+            "NoLocalPort",
             "FailureDamper",
         ):
             self.assertIn(name, tunnel.__all__)

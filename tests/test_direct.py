@@ -28,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.fakes import FakeResolver
 from tunnel.connector import HostnameConnector, _AddressEndpoint
 from tunnel.direct import DirectEndpoint, DirectTransport
+from tunnel.interfaces import NoLocalPort
 
 
 class FakeSocket:
@@ -216,6 +217,24 @@ class DirectEndpointTests(SynchronousTestCase):
         self.assertIsNone(attempt)
         self.failureResultOf(d, NoRouteError)
         self.assertClosedSoon()
+
+    def test_noLocalPort(self) -> None:
+        """
+        A C{connect} to an IPv4 address that fails at once with
+        C{EADDRNOTAVAIL} (no local port left) fails with L{NoLocalPort}, a
+        L{ConnectError}; to an IPv6 address (where it also means no IPv6
+        address to connect from) with a plain L{ConnectError}.
+        """
+        self.socket.connectResult = errno.EADDRNOTAVAIL
+        d, _ = self.connect()
+        failure = self.failureResultOf(d, NoLocalPort)
+        self.assertIsInstance(failure.value, ConnectError)
+        self.assertEqual(failure.value.osError, errno.EADDRNOTAVAIL)
+        self.assertClosedSoon()
+        self.socket = FakeSocket(errno.EADDRNOTAVAIL)
+        d, _ = self.connect("2001:db8::1")
+        failure = self.failureResultOf(d, ConnectError)
+        self.assertNotIsInstance(failure.value, NoLocalPort)
 
     def test_hangUp(self) -> None:
         """

@@ -63,7 +63,7 @@ from tunnel.answers import errorResponse, httpDate, mayAddField
 from tunnel.auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from tunnel.clients import formatAddress
 from tunnel.connector import AddressDenied
-from tunnel.interfaces import LookupsBusy
+from tunnel.interfaces import LookupsBusy, NoLocalPort
 from tunnel.policy import Denial, PortRange, TunnelPolicy
 from tunnel.relay import Relay, TargetProtocol, canHalfClose
 from tunnel.server import (
@@ -684,6 +684,36 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         warnings = [e for e in self.events if e["log_level"] == LogLevel.warn]
         self.assertEqual(len(warnings), 2)
         self.assertIn("Too many open files", formatEvent(warnings[0]))
+
+    def test_noLocalPort(self) -> None:
+        """
+        An IPv4 target that cannot be connected to for want of a local port
+        (L{NoLocalPort}) is the proxy's trouble too: a 503 with
+        C{Retry-After}, and a warning naming the local port range.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[-1][1].errback(
+            NoLocalPort(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+        )
+        response = self.assertRejected(503, "target-failed")
+        self.assertIn(b"\r\nRetry-After: 1\r\n", response)
+        [warning] = [e for e in self.events if e["log_level"] == LogLevel.warn]
+        self.assertIn("Cannot assign requested address", formatEvent(warning))
+        self.assertIn("ip_local_port_range", formatEvent(warning))
+
+    def test_addressNotAvailable(self) -> None:
+        """
+        C{EADDRNOTAVAIL} not told apart as L{NoLocalPort} (as for an IPv6
+        target on a host without IPv6) stays the target's 502.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[-1][1].errback(
+            getConnectError(OSError(errno.EADDRNOTAVAIL, "Cannot assign"))
+        )
+        self.assertRejected(502, "target-failed")
+        self.assertEqual(
+            [e for e in self.events if e["log_level"] == LogLevel.warn], []
+        )
 
     def test_doesNotResolve(self) -> None:
         """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import errno
 import functools
 import ipaddress
 from collections.abc import Callable, Generator
@@ -60,7 +61,7 @@ from tunnel import ConnectProxy, ConnectProxyFactory, HostnameConnector
 from tunnel.auth import portalFromCheckers
 from tunnel.connector import AddressDenied
 from tunnel.direct import DirectTransport
-from tunnel.interfaces import ITargetConnector
+from tunnel.interfaces import ITargetConnector, NoLocalPort
 from tunnel.policy import TunnelPolicy
 from tunnel.resolver import ThreadedResolver
 from tunnel.upstream import (
@@ -760,6 +761,18 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
         self.assertIn("could not be reached", str(failure.value))
         self.assertIn("refused", str(failure.value))
         self.assertFalse(str(failure.value).endswith(".."), str(failure.value))
+
+    def test_parentNoLocalPort(self) -> None:
+        """
+        A parent that cannot be connected to for want of a local port
+        (L{NoLocalPort}) fails the Deferred with that error, not with
+        L{UpstreamUnreachable}: the shortage is the proxy's (a 503), not
+        the parent's.
+        """
+        result = self.parentConnectionFails(
+            NoLocalPort(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+        )
+        self.failureResultOf(result, NoLocalPort)
 
     def test_parentNameUnknown(self) -> None:
         """

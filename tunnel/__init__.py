@@ -7,7 +7,9 @@ The public API (C{__all__}):
   - L{ITargetConnector} and its default L{HostnameConnector}: how targets
     are reached (a connector fails with L{AddressDenied} when the policy
     left no address), its names looked up by a L{ThreadedResolver} (which
-    makes it fail with L{LookupsBusy} when too many lookups wait);
+    makes it fail with L{LookupsBusy} when too many lookups wait), and
+    which fails with L{NoLocalPort} when no local port is left for an IPv4
+    target;
   - L{parseConnectHead}, L{ConnectRequest} and L{RequestRejected}: the pure
     request parser;
   - L{Relay} and L{RelayResult}: joining two transports into a tunnel;
@@ -35,7 +37,7 @@ in C{__all__} is public too.
 from .accesslog import AccessLogObserver
 from .auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from .connector import HostnameConnector
-from .interfaces import AddressDenied, ITargetConnector, LookupsBusy
+from .interfaces import AddressDenied, ITargetConnector, LookupsBusy, NoLocalPort
 from .metrics import ProxyMetrics, metricsResource
 from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy
 from .relay import Relay, RelayResult
@@ -69,6 +71,7 @@ __all__ = [
     "ITargetConnector",
     "ITunnelPolicy",
     "LookupsBusy",
+    "NoLocalPort",
     "ProxyMetrics",
     "ProxyService",
     "ProxyUser",

@@ -50,6 +50,8 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .interfaces import NoLocalPort
+
 __all__ = ["DirectEndpoint", "DirectTransport"]
 
 # SOCK_NONBLOCK and SOCK_CLOEXEC are Linux (and BSD) flags; elsewhere the
@@ -85,11 +87,17 @@ class DirectTransport(tcp.Server):
         return f"<{name} to {peer.host}:{peer.port}>"
 
 
-def _connectError(number: int) -> Exception:
+def _connectError(number: int, address: tuple[Any, ...]) -> Exception:
     """
     The Twisted exception for a failed C{connect}, as C{connectTCP} would
-    report it (C{ConnectionRefusedError} for C{ECONNREFUSED}, and so on).
+    report it (C{ConnectionRefusedError} for C{ECONNREFUSED}, and so on),
+    but L{NoLocalPort} for an IPv4 C{EADDRNOTAVAIL}.
+
+    @param number: The error number.
+    @param address: The address connected to: two items for IPv4.
     """
+    if number == errno.EADDRNOTAVAIL and len(address) == 2:
+        return NoLocalPort(number, os.strerror(number))
     return getConnectError((number, os.strerror(number)))  # type: ignore[no-any-return]
 
 
@@ -144,7 +152,7 @@ class _Connecting:
             self._fail(Failure())
             return
         if number and number not in _IN_PROGRESS:
-            self._fail(_connectError(number))
+            self._fail(_connectError(number, self._address))
             return
         # Writable once the handshake ended, whether it succeeded or not.
         self._reactor.addWriter(self)
@@ -171,7 +179,7 @@ class _Connecting:
             # Linux answers the handshake's error itself; be ready for a
             # system that leaves it in SO_ERROR.
             pending = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            self._fail(_connectError(pending or number))
+            self._fail(_connectError(pending or number, self._address))
 
     def connectionLost(self, reason: Failure) -> None:
         """
@@ -193,7 +201,7 @@ class _Connecting:
             if number in (0, errno.EISCONN):
                 self._connected()
                 return
-        self._fail(_connectError(number) if number else reason)
+        self._fail(_connectError(number, self._address) if number else reason)
 
     def _timedOut(self) -> None:
         self._timer = None

@@ -80,6 +80,20 @@ class LookupsBusy(ConnectError):
     """
 
 
+class NoLocalPort(ConnectError):
+    """
+    An IPv4 target could not be connected to for want of a local port:
+    C{connect} failed with C{EADDRNOTAVAIL}, which for IPv4 means every port
+    of the ephemeral range (C{net.ipv4.ip_local_port_range}) is in use
+    towards that address and port, many of them in C{TIME_WAIT} (a parent
+    proxy, which takes every tunnel to one address and port, meets it
+    first).  The proxy's shortage, not the target's fault: the client gets
+    C{503} with C{Retry-After}.  For IPv6 the same error also means that
+    the host has no IPv6 address to connect from, which no retry mends:
+    there it stays a plain L{ConnectError}, a C{502}.
+    """
+
+
 class UpstreamRefused(ConnectError):
     """
     The parent proxy answered the C{CONNECT} request with a status other

@@ -55,6 +55,7 @@ from .interfaces import (
     AddressDenied,
     ITargetConnector,
     LookupsBusy,
+    NoLocalPort,
     UpstreamCancelled,
     UpstreamProtocolError,
     UpstreamRefused,
@@ -132,10 +133,17 @@ MAX_LOGGED_USER = 256
 OUT_OF_RESOURCES_WARNING_INTERVAL = 10.0
 
 # What socket() fails with when the proxy, not the target, is short of
-# something: descriptors (its own or the system's), buffers, memory.  (Not
-# connect's EADDRNOTAVAIL: a used-up local port range gives it, but so does
-# an IPv6 target on a host without IPv6, which no retry mends.)
+# something: descriptors (its own or the system's), buffers, memory.  (A
+# used-up local port range is NoLocalPort, told apart by direct.py.)
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+_DESCRIPTORS_REMEDY = (
+    "see the file descriptor limit (ulimit -n, LimitNOFILE) and --max-tunnels"
+)
+_LOCAL_PORTS_REMEDY = (
+    "every local port towards that address and port is in use; see "
+    "net.ipv4.ip_local_port_range and net.ipv4.tcp_tw_reuse"
+)
 
 
 def _safeLogPrefix(transport: object, peer: IAddress | None) -> None:
@@ -919,6 +927,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
             # The target is not at fault: the proxy could not make a socket.
             self.factory.outOfResources(str(reason.value))
             return _tryAgain("The proxy is out of resources; try again.")
+        if reason.check(NoLocalPort):
+            self.factory.outOfResources(str(reason.value), _LOCAL_PORTS_REMEDY)
+            return _tryAgain("The proxy is out of resources; try again.")
         if reason.check(LookupsBusy):
             return _tryAgain("Too many name lookups are waiting; try again.")
         if reason.check(DNSLookupError):
@@ -1627,22 +1638,24 @@ class ConnectProxyFactory(Factory):
         done.addCallback(finished)
         return done
 
-    def outOfResources(self, why: str) -> None:
+    def outOfResources(self, why: str, remedy: str = _DESCRIPTORS_REMEDY) -> None:
         """
-        A socket to a target could not be made for want of descriptors or
-        memory: warn, at most once every C{OUT_OF_RESOURCES_WARNING_INTERVAL}
-        seconds (it comes in floods).
+        A connection to a target could not be made for want of descriptors,
+        memory or local ports: warn, at most once every
+        C{OUT_OF_RESOURCES_WARNING_INTERVAL} seconds (it comes in floods).
 
         @param why: The error.
+        @param remedy: What the operator may look at (by default the
+            descriptor limit and C{--max-tunnels}).
         """
         now = self.clock.seconds()
         if now - self._outOfResourcesWarnedAt >= OUT_OF_RESOURCES_WARNING_INTERVAL:
             self._outOfResourcesWarnedAt = now
             self._log.warn(
                 "Out of resources for sockets to targets ({why}): clients get "
-                "503; see the file descriptor limit (ulimit -n, LimitNOFILE) "
-                "and --max-tunnels",
+                "503; {remedy}",
                 why=why,
+                remedy=remedy,
             )
 
     def _connectionGone(self, connection: ConnectProxy) -> None:

@@ -74,6 +74,7 @@ from .interfaces import (
     AllowAddress,
     ITargetConnector,
     LookupsBusy,
+    NoLocalPort,
     UpstreamCancelled,
     UpstreamProtocolError,
     UpstreamRefused,
@@ -627,7 +628,7 @@ class _Attempt:
                 UpstreamTimedOut(string="could not reach the parent proxy: " + why)
             )
         elif reason.check(ConnectError, DNSLookupError) and not reason.check(
-            ConnectingCancelledError, LookupsBusy
+            ConnectingCancelledError, LookupsBusy, NoLocalPort
         ):
             reason = Failure(UpstreamUnreachable(string=why))
         self.fail(reason)
