@@ -4,9 +4,11 @@ Tests for L{tunnel.resolver}.
 
 from __future__ import annotations
 
+import errno
 import gc
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
@@ -94,6 +96,7 @@ class ResolverTestCase(SynchronousTestCase):
             maxWaiting=maxWaiting,
             getaddrinfo=self.getaddrinfo,
             workers=self.workers,
+            clock=self.reactor.seconds,
             **kwargs,
         )
 
@@ -560,6 +563,37 @@ class DomainShareTests(ResolverTestCase):
         self.assertFalse(other.busy)
         self.assertEqual((resolver.running, resolver.waiting), (1, 3))
 
+    def test_fewThreads(self) -> None:
+        """
+        A domain's share of the threads is a quarter, rounded down, but at
+        least one: with fewer than four threads, one.
+        """
+        for threads, share in [(1, 1), (2, 1), (3, 1), (4, 1), (8, 2), (20, 5)]:
+            resolver = self.makeResolver(threads=threads)
+            self.assertEqual(resolver.maxRunningPerDomain, share, threads)
+
+    def test_domainRefusalLogged(self) -> None:
+        """
+        A lookup refused for its domain's share of the queue logs a warning
+        naming the domain, at most one every ten seconds; the queue is not
+        said to be backed up, since other domains' lookups still wait.
+        """
+        resolver = self.makeResolver(threads=1, maxWaiting=8, maxWaitingPerDomain=1)
+        self.getaddrinfo.answers.update(
+            {f"x{n}.slow.example": ["192.0.2.9"] for n in range(4)}
+        )
+        for n in range(4):
+            self.resolve(resolver, f"x{n}.slow.example")
+        self.reactor.now = 9.9
+        self.resolve(resolver, "x9.slow.example")
+        [warning] = self.resolverEvents()
+        self.assertEqual(warning["log_level"], LogLevel.warn)
+        self.assertEqual(warning["domain"], "slow.example")
+        self.assertNotIn("backed up", warning["log_format"])
+        self.reactor.now = 10.0
+        self.resolve(resolver, "x9.slow.example")
+        self.assertEqual(len(self.resolverEvents()), 2)
+
     def test_cancelledWaitingFreesDomainPlace(self) -> None:
         """
         A waiting lookup cancelled frees its place in its domain's share of
@@ -640,6 +674,65 @@ class CacheTests(ResolverTestCase):
         self.resolve(resolver, "nowhere.example")
         self.assertEqual(len(self.workers.jobs), 1)
 
+    def test_onlyAnswersAboutTheNameKept(self) -> None:
+        """
+        Only the failures that are answers about the name (no such name, no
+        address of that kind, a DNS server that failed or did not answer)
+        are kept: a lookup that failed for want of descriptors or memory
+        (C{EAI_SYSTEM}, which Python raises as the C{OSError}, or
+        C{EAI_MEMORY}) says nothing of the name, and runs again.
+        """
+        self.getaddrinfo.answers.update(
+            {
+                "again.example": socket.gaierror(socket.EAI_AGAIN, "try again"),
+                "fds.example": OSError(errno.EMFILE, "Too many open files"),
+                "memory.example": socket.gaierror(socket.EAI_MEMORY, "no memory"),
+            }
+        )
+        resolver = self.makeResolver()
+        names = ["nowhere.example", "again.example", "fds.example", "memory.example"]
+        for name in names:
+            self.resolve(resolver, name)
+            self.workers.runNext()
+        for name in names:
+            self.resolve(resolver, name)
+        self.assertEqual(len(self.workers.jobs), 2)
+        for _ in range(2):
+            self.workers.runNext()
+        self.assertEqual(
+            [call[0] for call in self.getaddrinfo.calls][4:],
+            ["fds.example", "memory.example"],
+        )
+
+    def test_addressesBounded(self) -> None:
+        """
+        The answers kept hold at most C{maxCachedAddresses} addresses
+        together: a new answer pushes out the oldest until it fits, and an
+        answer with more addresses than that is not kept at all.
+        """
+        self.getaddrinfo.answers["many.example"] = [f"192.0.2.{n}" for n in range(1, 5)]
+        resolver = self.makeResolver(maxCachedAddresses=3, maxRunningPerDomain=2)
+        self.assertEqual(ThreadedResolver(self.reactor).maxCachedAddresses, 65536)
+        # Two addresses, then one: three; then one more pushes a.example out.
+        for name in ("a.example", "b.example", "c.example", "many.example"):
+            self.resolve(resolver, name)
+            self.workers.runNext()
+        self.assertEqual(resolver.cached, 2)
+        self.resolve(resolver, "b.example")
+        self.resolve(resolver, "c.example")
+        self.assertEqual(self.workers.jobs, [])
+        for name in ("a.example", "many.example"):
+            self.resolve(resolver, name)
+        self.assertEqual(len(self.workers.jobs), 2)
+
+    def test_monotonicClock(self) -> None:
+        """
+        By default the answers kept expire by C{time.monotonic}, not by the
+        wall clock (the reactor's C{seconds}), which a clock set back would
+        make keep them that much longer.
+        """
+        self.assertIs(ThreadedResolver(self.reactor)._clock, time.monotonic)
+
     def test_nothingKept(self) -> None:
         """
         With C{cacheFor} and C{cacheFailuresFor} 0, no answer is kept.
@@ -656,18 +749,27 @@ class CacheTests(ResolverTestCase):
     def test_oldestGoes(self) -> None:
         """
         At most C{maxCached} answers are kept: a new one pushes out the one
-        kept longest, and an answer looked up again is kept as new.
+        kept longest, and an answer looked up again once expired is kept as
+        new.
         """
-        resolver = self.makeResolver(maxCached=2)
-        for name in ("a.example", "b.example", "a.example", "c.example"):
-            if name == "a.example":
-                # Expired, so looked up again.
-                self.reactor.now += 60
+        resolver = self.makeResolver(maxCached=3)
+        for now, name in [
+            (0, "a.example"),
+            (20, "b.example"),
+            # a.example expired (at 30): looked up again, kept until 70.
+            (40, "a.example"),
+            (40, "c.example"),
+            # Pushes out the oldest kept: b.example (kept until 50), not
+            # a.example.
+            (40, "d.example"),
+        ]:
+            self.reactor.now = now
             self.resolve(resolver, name)
             self.workers.runNext()
-        self.assertEqual(resolver.cached, 2)
-        self.resolve(resolver, "a.example")
-        self.resolve(resolver, "c.example")
+        self.assertEqual(resolver.cached, 3)
+        self.reactor.now = 45
+        for name in ("a.example", "c.example", "d.example"):
+            self.resolve(resolver, name)
         self.assertEqual(self.workers.jobs, [])
         self.resolve(resolver, "b.example")
         self.assertEqual(len(self.workers.jobs), 1)

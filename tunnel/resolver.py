@@ -20,6 +20,7 @@ from __future__ import annotations
 import queue
 import socket
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "CACHE_ANSWERS_FOR",
     "CACHE_FAILURES_FOR",
     "MAX_CACHED",
+    "MAX_CACHED_ADDRESSES",
     "ThreadedResolver",
     "domainOf",
 ]
@@ -57,8 +59,29 @@ CACHE_ANSWERS_FOR = 30.0
 #: lookup in ten seconds, short enough that a name fixed is reachable soon.
 CACHE_FAILURES_FOR = 10.0
 
+#: The least seconds between two warnings that a domain's lookups were
+#: refused for taking their share of the queue.
+DOMAIN_WARNING_INTERVAL = 10.0
+
 #: The most answers kept by default; the oldest kept goes first.
 MAX_CACHED = 10_000
+
+#: The most addresses the answers kept hold together, by default: a name
+#: can have thousands (a 64 KiB DNS answer holds about 4000), and whoever
+#: controls a domain's DNS could otherwise make ten thousand such answers
+#: cost gigabytes.  About 11 MB.
+MAX_CACHED_ADDRESSES = 65_536
+
+#: The C{getaddrinfo} errors that are answers about the name, kept for
+#: C{cacheFailuresFor}: no such name, no address of that kind, a DNS server
+#: that failed or did not answer.  Others (C{EAI_SYSTEM}: the process is
+#: out of descriptors, say; C{EAI_MEMORY}) say nothing of the name, and
+#: are not kept.
+_NO_ADDRESS = frozenset(
+    getattr(socket, name)
+    for name in ("EAI_NONAME", "EAI_NODATA", "EAI_AGAIN", "EAI_FAIL")
+    if hasattr(socket, name)
+)
 
 _ANY: frozenset[type[IAddress]] = frozenset([IPv4Address, IPv6Address])
 _FAMILIES: dict[frozenset[type[IAddress]], int] = {
@@ -252,8 +275,9 @@ class ThreadedResolver:
         running tells its receiver nothing;
       - answers are kept for C{cacheFor} seconds, answers without an
         address (no such name, or no answer from DNS) for
-        C{cacheFailuresFor}, at most C{maxCached} of them: a lookup of a
-        name kept is answered at once, without a thread.
+        C{cacheFailuresFor}, at most C{maxCached} of them holding at most
+        C{maxCachedAddresses} addresses together: a lookup of a name kept
+        is answered at once, without a thread.
 
     What it cannot bound is how long one C{getaddrinfo} call blocks its
     thread: that is the system resolver's timeout and attempts
@@ -267,6 +291,7 @@ class ThreadedResolver:
     @ivar cacheFor: Seconds an answer with addresses is kept.
     @ivar cacheFailuresFor: Seconds an answer without one is kept.
     @ivar maxCached: The most answers kept.
+    @ivar maxCachedAddresses: The most addresses the answers kept hold.
     @ivar lookedUp: How many C{getaddrinfo} calls completed.
     @ivar answeredFromCache: How many lookups were answered from the kept
         answers.
@@ -284,11 +309,12 @@ class ThreadedResolver:
         maxCached: int = MAX_CACHED,
         maxRunningPerDomain: int | None = None,
         maxWaitingPerDomain: int | None = None,
+        maxCachedAddresses: int = MAX_CACHED_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """
         @param reactor: Gets the answers back from the threads
-            (C{callFromThread}), tells the time the answers kept expire by
-            (C{seconds}), and stops the threads when it shuts down.
+            (C{callFromThread}), and stops the threads when it shuts down.
         @param threads: The most lookups that run at once.
         @param maxWaiting: The most lookups that wait for a thread.
         @param getaddrinfo: Looks a name up, called as
@@ -307,10 +333,17 @@ class ThreadedResolver:
             kept; C{0} keeps none.
         @param maxCached: The most answers kept.
         @param maxRunningPerDomain: The most lookups of one domain that run
-            at once; by default a quarter of C{threads} (at least one).
+            at once; by default a quarter of C{threads}, rounded down, but
+            at least one (so with fewer than four threads, one; with one
+            thread, no share at all).
         @param maxWaitingPerDomain: The most lookups of one domain that wait
             for a thread; by default a quarter of C{maxWaiting} (at least
             one).
+        @param maxCachedAddresses: The most addresses the answers kept hold
+            together; an answer with more is not kept.
+        @param clock: Tells the time the answers kept expire by: a clock
+            that never steps back (the reactor's C{seconds} is the wall
+            clock, which a step back would make keep answers for as long).
         """
         if threads < 1:
             raise ValueError("a resolver needs at least one thread")
@@ -328,6 +361,8 @@ class ThreadedResolver:
         self.cacheFor = cacheFor
         self.cacheFailuresFor = cacheFailuresFor
         self.maxCached = maxCached
+        self.maxCachedAddresses = maxCachedAddresses
+        self._clock = clock
         self.lookedUp = 0
         self.answeredFromCache = 0
         self._getaddrinfo = getaddrinfo
@@ -341,6 +376,8 @@ class ThreadedResolver:
         self._domains: dict[str, list[int]] = {}
         # Oldest first: (when it expires, the addresses).
         self._cache: dict[tuple[str, int, int, int], tuple[float, list[IAddress]]] = {}
+        self._cachedAddresses = 0
+        self._domainRefusalLoggedAt = float("-inf")
         self._backedUp = False
         self._stopTrigger: Any = None
 
@@ -395,11 +432,11 @@ class ThreadedResolver:
             return lookup
         kept = self._cache.get(key)
         if kept is not None:
-            if kept[0] > self._reactor.seconds():
+            if kept[0] > self._clock():
                 self.answeredFromCache += 1
                 self._deliver(lookup, kept[1])
                 return lookup
-            del self._cache[key]
+            self._forget(key)
         job = self._jobs.get(key)
         if job is None:
             job = _Job(key)
@@ -407,12 +444,13 @@ class ThreadedResolver:
             startNow = (
                 self._running < self.threads and counts[0] < self.maxRunningPerDomain
             )
-            if not startNow and (
-                len(self._waiting) >= self.maxWaiting
-                or counts[1] >= self.maxWaitingPerDomain
-            ):
-                self._refuse(lookup, resolutionReceiver)
-                return lookup
+            if not startNow:
+                if len(self._waiting) >= self.maxWaiting:
+                    self._refuse(lookup, resolutionReceiver)
+                    return lookup
+                if counts[1] >= self.maxWaitingPerDomain:
+                    self._refuseForDomain(lookup, resolutionReceiver, job.domain)
+                    return lookup
             if startNow:
                 try:
                     self._start(job)
@@ -439,6 +477,26 @@ class ThreadedResolver:
                 threads=self._running,
                 waiting=len(self._waiting),
             )
+        self._busy(lookup, receiver)
+
+    def _refuseForDomain(
+        self, lookup: Lookup, receiver: IResolutionReceiver, domain: str
+    ) -> None:
+        # Once every DOMAIN_WARNING_INTERVAL at most: a client naming host
+        # after host under a slow domain would otherwise log a line each.
+        now = self._clock()
+        if now - self._domainRefusalLoggedAt >= DOMAIN_WARNING_INTERVAL:
+            self._domainRefusalLoggedAt = now
+            _log.warn(
+                "Lookups of names under {domain} take their share of the "
+                "queue ({waiting} waiting): new ones of that domain are "
+                "refused, other domains' are not",
+                domain=domain,
+                waiting=self.maxWaitingPerDomain,
+            )
+        self._busy(lookup, receiver)
+
+    def _busy(self, lookup: Lookup, receiver: IResolutionReceiver) -> None:
         lookup.busy = True
         lookup._receiver = None
         receiver.resolutionComplete()
@@ -462,22 +520,29 @@ class ThreadedResolver:
         # In a worker thread.  Errors other than gaierror (a name IDNA
         # cannot encode raises UnicodeError) mean no address too: a lookup
         # must always complete, or its caller waits for ever.
+        keep = False
         try:
             result: AddressInfo | Exception = self._getaddrinfo(*job.args)
+            keep = True
+        except socket.gaierror as e:
+            result = []
+            keep = e.errno in _NO_ADDRESS
         except (OSError, UnicodeError):
             result = []
         except Exception as e:
             result = e
-        self._reactor.callFromThread(self._done, job, result)
+        self._reactor.callFromThread(self._done, job, result, keep)
 
-    def _done(self, job: _Job, result: AddressInfo | Exception) -> None:
+    def _done(
+        self, job: _Job, result: AddressInfo | Exception, keep: bool = False
+    ) -> None:
         self._running -= 1
         self.lookedUp += 1
         self._leave(job.domain, 0)
         del self._jobs[job.args]
         self._next()
         if isinstance(result, Exception):
-            # Not kept: a bug of the getaddrinfo given, not an answer.
+            # A bug of the getaddrinfo given, not an answer.
             _log.failure("Looking {name} up failed", Failure(result), name=job.args[0])
             addresses: list[IAddress] = []
         else:
@@ -486,7 +551,8 @@ class ThreadedResolver:
                 for family, socketType, _, _, address in result
                 if family in _ADDRESS_TYPES
             ]
-            self._keep(job.args, addresses)
+            if keep:
+                self._keep(job.args, addresses)
         # A copy: a receiver may cancel another lookup of this job.
         for lookup in list(job.lookups):
             lookup._job = None
@@ -494,15 +560,27 @@ class ThreadedResolver:
         job.lookups.clear()
 
     def _keep(self, key: tuple[str, int, int, int], addresses: list[IAddress]) -> None:
+        # No answer for this key is kept: a lookup runs only when none is
+        # (or once the one kept expired, and was forgotten).
         keepFor = self.cacheFor if addresses else self.cacheFailuresFor
-        if keepFor <= 0 or self.maxCached < 1:
+        if (
+            keepFor <= 0
+            or self.maxCached < 1
+            or len(addresses) > self.maxCachedAddresses
+        ):
             return
-        # Taken out first, so that the answer goes to the end: the oldest
-        # kept is always the first, and the first to go.
-        self._cache.pop(key, None)
-        while len(self._cache) >= self.maxCached:
-            del self._cache[next(iter(self._cache))]
-        self._cache[key] = (self._reactor.seconds() + keepFor, addresses)
+        # The oldest kept is always the first, and the first to go.
+        while self._cache and (
+            len(self._cache) >= self.maxCached
+            or self._cachedAddresses + len(addresses) > self.maxCachedAddresses
+        ):
+            self._forget(next(iter(self._cache)))
+        self._cache[key] = (self._clock() + keepFor, addresses)
+        self._cachedAddresses += len(addresses)
+
+    def _forget(self, key: tuple[str, int, int, int]) -> None:
+        _, addresses = self._cache.pop(key)
+        self._cachedAddresses -= len(addresses)
 
     def _leave(self, domain: str, which: int) -> None:
         counts = self._domains[domain]
