@@ -90,7 +90,8 @@ class NoLocalPort(ConnectError):
     first).  The proxy's shortage, not the target's fault: the client gets
     C{503} with C{Retry-After}.  For IPv6 the same error also means that
     the host has no IPv6 address to connect from, which no retry mends:
-    there it stays a plain L{ConnectError}, a C{502}.
+    there it stays a plain L{twisted.internet.error.ConnectError}, a
+    C{502}.
     """
 
 
