@@ -428,9 +428,10 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self.factory.awaitingHeader -= 1
 
     def _endPartialHead(self) -> None:
-        if self._partialHead:
-            self._partialHead = False
-            self.factory.partialHeadEnded(self._clientKey)
+        # Called only while a partial head is counted: nearly every head
+        # arrives whole, and so costs no call here.
+        self._partialHead = False
+        self.factory.partialHeadEnded(self._clientKey)
 
     def _proxyHeaderData(self, data: bytes) -> None:
         buffer = self._buffer + data
@@ -511,7 +512,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 # CR of its final CRLF there.
                 self._reject(RequestRejected(431, "The request head is too large."))
             return
-        self._endPartialHead()
+        if self._partialHead:
+            self._endPartialHead()
         headLength, consumed = found
         head = self._buffer = window[:headLength]
         early = data[consumed - buffered :]
@@ -1051,7 +1053,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if self._ended is not None:
             self.factory.answered -= 1
         self._stopAwaitingHeader()
-        self._endPartialHead()
+        if self._partialHead:
+            self._endPartialHead()
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
         if self._lingerCounted:
