@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import socket
 import weakref
 from typing import Any
 
@@ -37,7 +38,7 @@ from tests.fakes import FakeGetaddrinfo, FakeResolver, ManualWorkers, ThreadReac
 from tests.test_direct import CountingFactory, FakeSocket
 from tunnel import HostnameConnector, ITargetConnector
 from tunnel.connector import ATTEMPT_DELAY, MAX_ATTEMPTS, AddressDenied, _AddressRace
-from tunnel.interfaces import LookupsBusy
+from tunnel.interfaces import LookupsBusy, NoLocalPort
 from tunnel.policy import IPAddress, TunnelPolicy
 from tunnel.resolver import ThreadedResolver
 
@@ -733,6 +734,34 @@ class AddressRaceTests(SynchronousTestCase):
         self.attempts()[0].doWrite()
         self.failureResultOf(d, TCPTimedOutError)
         self.assertNothingLeft()
+
+    def test_noLocalPortReported(self) -> None:
+        """
+        When every address failed and one of them for want of a local port
+        (L{NoLocalPort}, the proxy's shortage), the race fails with that,
+        not with another address's failure, whatever their order.
+        """
+
+        def newSocket(family: int, type: int) -> Any:
+            sock = self.newSocket(family, type)
+            if family == socket.AF_INET:
+                sock.connectResult = errno.EADDRNOTAVAIL
+            return sock
+
+        for order in (["192.0.2.1", "2001:db8::1"], ["2001:db8::1", "192.0.2.1"]):
+            self.sockets.clear()
+            self.resolver.hostMap["dual.test"] = order
+            endpoint = _AddressRace(
+                self.reactor, self.resolver, "dual.test", 443, None, newSocket
+            )
+            d = endpoint.connect(self.factory)
+            self.reactor.advance(ATTEMPT_DELAY)
+            [v6] = [s for s in self.sockets if s.made and s.made[0] == socket.AF_INET6]
+            v6.error = errno.ECONNREFUSED
+            [attempt] = self.attempts()
+            attempt.doWrite()
+            self.failureResultOf(d, NoLocalPort)
+            self.assertNothingLeft()
 
     def test_noAddresses(self) -> None:
         """

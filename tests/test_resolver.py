@@ -26,7 +26,13 @@ from zope.interface.verify import verifyObject
 
 from tests.fakes import FakeGetaddrinfo, ManualWorkers, ThreadReactor
 from tests.test_splice import captureLogs
-from tunnel.resolver import Lookup, ThreadedResolver, _Workers, domainOf
+from tunnel.resolver import (
+    MAX_DOMAIN_WARNINGS,
+    Lookup,
+    ThreadedResolver,
+    _Workers,
+    domainOf,
+)
 
 
 @implementer(IResolutionReceiver)
@@ -593,6 +599,39 @@ class DomainShareTests(ResolverTestCase):
         self.reactor.now = 10.0
         self.resolve(resolver, "x9.slow.example")
         self.assertEqual(len(self.resolverEvents()), 2)
+
+    def test_domainRefusalsWarnedApart(self) -> None:
+        """
+        Each domain has its own ten seconds between warnings: a second
+        domain refused while the first is still refused is named too.
+        """
+        resolver = self.makeResolver(threads=1, maxWaiting=8, maxWaitingPerDomain=1)
+        for domain in ("one.example", "two.example"):
+            self.getaddrinfo.answers.update(
+                {f"x{n}.{domain}": ["192.0.2.9"] for n in range(3)}
+            )
+        for domain in ("one.example", "two.example"):
+            for n in range(3):
+                self.resolve(resolver, f"x{n}.{domain}")
+            self.reactor.now += 1
+        self.assertEqual(
+            [e.get("domain") for e in self.resolverEvents()],
+            ["one.example", "two.example"],
+        )
+
+    def test_domainWarningsForgotten(self) -> None:
+        """
+        The domains warned of are remembered only while it matters: past
+        L{MAX_DOMAIN_WARNINGS}, those warned of more than ten seconds ago
+        are let go of.
+        """
+        resolver = self.makeResolver(threads=1, maxWaiting=8, maxWaitingPerDomain=0)
+        self.resolve(resolver, "busy.example")
+        for n in range(MAX_DOMAIN_WARNINGS + 1):
+            self.resolve(resolver, f"x.d{n}.example")
+            self.reactor.now += 1
+        self.assertLessEqual(len(resolver._domainWarnedAt), 11)
+        self.assertEqual(len(self.resolverEvents()), MAX_DOMAIN_WARNINGS + 1)
 
     def test_cancelledWaitingFreesDomainPlace(self) -> None:
         """

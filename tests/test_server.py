@@ -69,7 +69,7 @@ from tunnel.relay import Relay, TargetProtocol, canHalfClose
 from tunnel.server import (
     LINGER_BYTES,
     LINGER_SECONDS,
-    MAX_PARTIAL_HEADS_PER_CLIENT,
+    MAX_PARTIAL_HEAD_BYTES_PER_CLIENT,
     ConnectProxy,
 )
 from tunnel.upstream import UpstreamProtocolError, UpstreamRefused
@@ -700,6 +700,28 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         [warning] = [e for e in self.events if e["log_level"] == LogLevel.warn]
         self.assertIn("Cannot assign requested address", formatEvent(warning))
         self.assertIn("ip_local_port_range", formatEvent(warning))
+
+    def test_shortagesWarnedApart(self) -> None:
+        """
+        Each shortage has its own ten seconds between warnings: while both
+        come, each is told.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[-1][1].errback(
+            getConnectError(OSError(errno.EMFILE, "Too many open files"))
+        )
+        self.clock.advance(1)
+        proxy, _client = self.connectClient()
+        proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[-1][1].errback(
+            NoLocalPort(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+        )
+        warnings = [
+            formatEvent(e) for e in self.events if e["log_level"] == LogLevel.warn
+        ]
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("ulimit", warnings[0])
+        self.assertIn("ip_local_port_range", warnings[1])
 
     def test_addressNotAvailable(self) -> None:
         """
@@ -3168,8 +3190,8 @@ class LimitTests(ProxyTestMixin, SynchronousTestCase):
 
 class PartialHeadTests(ProxyTestMixin, SynchronousTestCase):
     """
-    C{maxPartialHeadsPerClient}: connections of one address holding a
-    request head that began to arrive and has not ended.
+    C{maxPartialHeadBytesPerClient}: the bytes of request heads begun and
+    not ended that the connections of one address make the proxy hold.
     """
 
     def otherClient(self) -> tuple[ConnectProxy, HalfCloseTransport]:
@@ -3184,23 +3206,24 @@ class PartialHeadTests(ProxyTestMixin, SynchronousTestCase):
 
     def test_default(self) -> None:
         """
-        By default one address may hold 256 partial heads at once.
+        By default one address may make the proxy hold 16 MiB of partial
+        heads.
         """
-        self.assertEqual(self.factory.maxPartialHeadsPerClient, 256)
-        self.assertEqual(MAX_PARTIAL_HEADS_PER_CLIENT, 256)
+        self.assertEqual(self.factory.maxPartialHeadBytesPerClient, 16 << 20)
+        self.assertEqual(MAX_PARTIAL_HEAD_BYTES_PER_CLIENT, 16 << 20)
 
     def test_partialHeadsBounded(self) -> None:
         """
-        Beyond C{maxPartialHeadsPerClient} connections of one address with a
-        partial head, the connection whose head begins gets a 429 with
-        Retry-After; another address's partial heads are not refused, nor
-        are more connections of the same address that send nothing yet or
-        their head whole.
+        The connection whose partial head would take its address beyond
+        C{maxPartialHeadBytesPerClient} gets a 429 with Retry-After, whether
+        its head begins or grows; another address's partial heads are not
+        refused, nor are heads of the same address that arrive whole.
         """
-        self.factory.maxPartialHeadsPerClient = 2
+        self.factory.maxPartialHeadBytesPerClient = 45
+        # 37 bytes, then 7: 44.
         self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
         second, secondClient = self.connectClient()
-        second.dataReceived(b"CONNECT target.exa")
+        second.dataReceived(b"CONNECT")
         third, thirdClient = self.connectClient()
         self.assertEqual(thirdClient.value(), b"")
         third.dataReceived(b"CONNECT")
@@ -3208,68 +3231,70 @@ class PartialHeadTests(ProxyTestMixin, SynchronousTestCase):
         self.assertIn(b"\r\nRetry-After: 1\r\n", thirdClient.value())
         self.assertIn(b"Too many unfinished requests", thirdClient.value())
         self.assertEqual(secondClient.value(), b"")
+        second.dataReceived(b" target.example:443")
+        self.assertTrue(secondClient.value().startswith(b"HTTP/1.1 429 "))
         other, otherClient = self.otherClient()
-        other.dataReceived(b"CONNECT")
+        other.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
         self.assertEqual(otherClient.value(), b"")
         whole, wholeClient = self.connectClient()
-        whole.dataReceived(
-            b"CONNECT target.example:443 HTTP/1.1\r\nHost: target.example:443\r\n\r\n"
-        )
+        whole.dataReceived(HEAD)
         self.assertEqual(wholeClient.value(), b"")
         self.assertEqual(len(self.connector.targets), 1)
         self.assertEqual(
-            self.factory._partialHeadsPerClient, {"192.0.2.7": 2, "192.0.2.99": 1}
+            self.factory._partialHeadBytes, {"192.0.2.7": 37, "192.0.2.99": 37}
         )
 
     def test_countEndsWithTheHead(self) -> None:
         """
-        A partial head stops counting once it is whole, or once its
-        connection closes, so that the address may begin others.
+        A partial head's bytes stop counting once it is whole, once its
+        connection closes, or once it is refused, so that the address may
+        send others.
         """
-        self.factory.maxPartialHeadsPerClient = 1
+        self.factory.maxPartialHeadBytesPerClient = 40
         self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
         self.proxy.dataReceived(b"Host: target.example:443\r\n\r\n")
         self.assertEqual(len(self.connector.targets), 1)
-        self.assertEqual(self.factory._partialHeadsPerClient, {})
+        self.assertEqual(self.factory._partialHeadBytes, {})
         second, _secondClient = self.connectClient()
-        second.dataReceived(b"CONNECT")
+        second.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
         third, thirdClient = self.connectClient()
         third.dataReceived(b"CONNECT")
         self.assertTrue(thirdClient.value().startswith(b"HTTP/1.1 429 "))
         third.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.factory._partialHeadsPerClient, {"192.0.2.7": 1})
+        self.assertEqual(self.factory._partialHeadBytes, {"192.0.2.7": 37})
         second.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.factory._partialHeadsPerClient, {})
+        self.assertEqual(self.factory._partialHeadBytes, {})
         fourth, fourthClient = self.connectClient()
         fourth.dataReceived(b"CONNECT")
         self.assertEqual(fourthClient.value(), b"")
+        fourth.dataReceived(b"\rX")
+        self.assertTrue(fourthClient.value().startswith(b"HTTP/1.1 400 "))
+        self.assertEqual(self.factory._partialHeadBytes, {})
 
-    def test_refusedPartialHeadCountsUntilClosed(self) -> None:
+    def test_headRequestRefusedWithoutContent(self) -> None:
         """
-        A partial head refused for what it holds (here a 431) counts until
-        its connection closes.
+        The 429 for a partial C{HEAD} head has no content (RFC 9110 section
+        9.3.2).
         """
-        self.factory.maxHeaderSize = 256
-        self.factory.maxRequestLine = 256
-        self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
-        self.proxy.dataReceived(b"X: " + b"x" * 300)
-        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 431 "))
-        self.assertEqual(self.factory._partialHeadsPerClient, {"192.0.2.7": 1})
-        self.proxy.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.factory._partialHeadsPerClient, {})
+        self.factory.maxPartialHeadBytesPerClient = 10
+        self.proxy.dataReceived(b"HEAD / HTTP/1.1\r\n")
+        response = self.client.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 429 "))
+        self.assertTrue(response.endswith(b"\r\n\r\n"), response)
 
     def test_noLimit(self) -> None:
         """
-        With C{maxPartialHeadsPerClient=None}, partial heads are counted but
-        never refused.
+        With C{maxPartialHeadBytesPerClient=None}, partial heads are counted
+        but never refused.
         """
-        self.factory.maxPartialHeadsPerClient = None
+        self.factory.maxPartialHeadBytesPerClient = None
         clients = []
         for _ in range(3):
             proxy, client = self.connectClient()
-            proxy.dataReceived(b"CONNECT")
+            proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
             clients.append(client)
         self.assertEqual([c.value() for c in clients], [b""] * 3)
+        self.assertEqual(self.factory._partialHeadBytes, {"192.0.2.7": 111})
 
 
 class ProxyProtocolTests(ProxyTestMixin, SynchronousTestCase):

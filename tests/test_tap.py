@@ -912,21 +912,24 @@ class SecurityOptionsTests(SynchronousTestCase):
         )
         self.assertEqual((factory.maxTunnels, factory.maxTunnelsPerClient), (100, 5))
 
-    def test_partialHeadsPerClient(self) -> None:
+    def test_partialHeadBytesPerClient(self) -> None:
         """
-        One address may hold 256 partial heads at once by default, as many
-        as C{--max-partial-heads-per-client} says, or any number with C{0}.
+        One address may make the proxy hold 16 MiB of partial heads by
+        default, as many bytes as C{--max-partial-head-bytes-per-client}
+        says, or any number with C{0}.
         """
         reactor = MemoryReactorClock()
         for argv, limit in [
-            ((), 256),
-            (("--max-partial-heads-per-client", "8"), 8),
-            (("--max-partial-heads-per-client", "0"), None),
+            ((), 16 << 20),
+            (("--max-partial-head-bytes-per-client", "65536"), 65536),
+            (("--max-partial-head-bytes-per-client", "0"), None),
         ]:
             factory = makeFactory(parse(*argv), reactor)
-            self.assertEqual(factory.maxPartialHeadsPerClient, limit)
+            self.assertEqual(factory.maxPartialHeadBytesPerClient, limit)
         for bad in ("-1", "lots"):
-            self.assertRaises(UsageError, parse, "--max-partial-heads-per-client", bad)
+            self.assertRaises(
+                UsageError, parse, "--max-partial-head-bytes-per-client", bad
+            )
 
     def test_rulesFile(self) -> None:
         """

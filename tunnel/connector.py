@@ -39,7 +39,13 @@ from zope.interface import implementer
 from .direct import DirectEndpoint
 
 # AddressDenied is defined with the seam; importable from here as before.
-from .interfaces import AddressDenied, AllowAddress, ITargetConnector, LookupsBusy
+from .interfaces import (
+    AddressDenied,
+    AllowAddress,
+    ITargetConnector,
+    LookupsBusy,
+    NoLocalPort,
+)
 from .policy import parseAddress
 from .resolver import Lookup, sharedResolver
 
@@ -426,8 +432,9 @@ class _AddressRace:
         @return: A L{Deferred} that fires with the protocol of the first
             connection made; fails with C{ValueError} for a name that is
             not valid IDNA (before any lookup), with L{DNSLookupError} when
-            the name has no address, or with the failure of the last
-            attempt when every one failed; cancelling it fails it with
+            the name has no address, or when every attempt failed with
+            L{NoLocalPort} if one did, else the failure of the last attempt;
+            cancelling it fails it with
             L{ConnectingCancelledError} and abandons every attempt.
         """
         valid, hostBytes, name = _checkedName(self._host)
@@ -494,6 +501,11 @@ class _Race:
         self._pending: list[Deferred[Any]] = []
         self._timer: Any = None
         self._resolved = False
+        # The first attempt that failed for want of a local port: the
+        # proxy's shortage, which the race reports rather than another
+        # address's failure (the shortage may pass; the other may not be
+        # the whole story).
+        self._noLocalPort: Failure | None = None
         self.result: Deferred[Any] | None = Deferred(self._cancel)
 
     def _end(self) -> Deferred[Any]:
@@ -570,6 +582,8 @@ class _Race:
         if self.result is None:
             return
         self._pending.remove(attempt)
+        if self._noLocalPort is None and reason.check(NoLocalPort):
+            self._noLocalPort = reason
         if self._pending:
             return
         if self._addresses:
@@ -577,7 +591,7 @@ class _Race:
             self._stopTimer()
             self._next()
             return
-        self._end().errback(reason)
+        self._end().errback(self._noLocalPort or reason)
 
     def _cancel(self, result: Deferred[Any]) -> None:
         self.result = None

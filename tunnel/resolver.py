@@ -63,6 +63,12 @@ CACHE_FAILURES_FOR = 10.0
 #: refused for taking their share of the queue.
 DOMAIN_WARNING_INTERVAL = 10.0
 
+#: How many domains' last warnings are remembered before those older than
+#: C{DOMAIN_WARNING_INTERVAL} are let go of.  With the default shares at
+#: most four domains fill theirs at once (each takes a quarter of the
+#: queue), so this is reached only by domains that came and went.
+MAX_DOMAIN_WARNINGS = 64
+
 #: The most answers kept by default; the oldest kept goes first.
 MAX_CACHED = 10_000
 
@@ -377,7 +383,8 @@ class ThreadedResolver:
         # Oldest first: (when it expires, the addresses).
         self._cache: dict[tuple[str, int, int, int], tuple[float, list[IAddress]]] = {}
         self._cachedAddresses = 0
-        self._domainRefusalLoggedAt = float("-inf")
+        # Per domain: when its refusal was last warned of.
+        self._domainWarnedAt: dict[str, float] = {}
         self._backedUp = False
         self._stopTrigger: Any = None
 
@@ -482,11 +489,22 @@ class ThreadedResolver:
     def _refuseForDomain(
         self, lookup: Lookup, receiver: IResolutionReceiver, domain: str
     ) -> None:
-        # Once every DOMAIN_WARNING_INTERVAL at most: a client naming host
-        # after host under a slow domain would otherwise log a line each.
+        # Once every DOMAIN_WARNING_INTERVAL at most for each domain: a
+        # client naming host after host under a slow domain would otherwise
+        # log a line each.
         now = self._clock()
-        if now - self._domainRefusalLoggedAt >= DOMAIN_WARNING_INTERVAL:
-            self._domainRefusalLoggedAt = now
+        if (
+            now - self._domainWarnedAt.get(domain, float("-inf"))
+            >= DOMAIN_WARNING_INTERVAL
+        ):
+            if len(self._domainWarnedAt) >= MAX_DOMAIN_WARNINGS:
+                # Only the domains warned of within the interval matter.
+                self._domainWarnedAt = {
+                    d: t
+                    for d, t in self._domainWarnedAt.items()
+                    if now - t < DOMAIN_WARNING_INTERVAL
+                }
+            self._domainWarnedAt[domain] = now
             _log.warn(
                 "Lookups of names under {domain} take their share of the "
                 "queue ({waiting} waiting): new ones of that domain are "

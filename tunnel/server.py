@@ -94,7 +94,7 @@ from .splice import SpliceRelay, canSplice, spliceAvailable
 
 __all__ = [
     "MAX_EARLY_DATA",
-    "MAX_PARTIAL_HEADS_PER_CLIENT",
+    "MAX_PARTIAL_HEAD_BYTES_PER_CLIENT",
     "ConnectProxy",
     "ConnectProxyFactory",
 ]
@@ -103,12 +103,14 @@ __all__ = [
 #: target while it is reached, by default (reading pauses beyond).
 MAX_EARLY_DATA = 65536
 
-#: How many connections of one client address may hold a partial request
-#: head at once, by default: at the default C{--max-header-size}, 16 MiB of
-#: unfinished heads from one address.  A head nearly always arrives whole,
-#: in one read, and so is never counted: what reaches this is clients that
-#: send their heads a little at a time (a slow-headers attack).
-MAX_PARTIAL_HEADS_PER_CLIENT = 256
+#: How many bytes of partial request heads (begun, not ended) the
+#: connections of one client address may make the proxy hold at once, by
+#: default.  A head nearly always arrives whole, in one read, and so is
+#: never counted; a large head over a long path arrives in a few reads, a
+#: few tens of KiB each; what reaches this is a crowd of heads sent a little
+#: at a time from one address (a slow-headers attack), each up to
+#: C{--max-header-size} for up to C{--header-timeout}.
+MAX_PARTIAL_HEAD_BYTES_PER_CLIENT = 16 << 20
 
 #: After an error answer, how long the proxy keeps reading (and dropping)
 #: what the client still sends, before it closes.
@@ -289,7 +291,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         "_loggingIn",
         "_login",
         "_parentStatus",
-        "_partialHead",
+        "_partialHeadBytes",
         "_peer",
         "_reading",
         "_refusal",
@@ -318,7 +320,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._parentStatus: int | None = None
         self._timedOut = False
         self._awaitingHeader = False
-        self._partialHead = False
+        self._partialHeadBytes = 0
         self._clientGone = False
         self._lingering: IDelayedCall | None = None
         self._lingerBytes = 0
@@ -430,8 +432,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
     def _endPartialHead(self) -> None:
         # Called only while a partial head is counted: nearly every head
         # arrives whole, and so costs no call here.
-        self._partialHead = False
-        self.factory.partialHeadEnded(self._clientKey)
+        counted, self._partialHeadBytes = self._partialHeadBytes, 0
+        self.factory.partialHeadEnded(self._clientKey, counted)
 
     def _proxyHeaderData(self, data: bytes) -> None:
         buffer = self._buffer + data
@@ -492,15 +494,16 @@ class ConnectProxy(Protocol, TimeoutMixin):
         window = self._buffer + data[: limit + 4 - buffered]
         found = findHeadEnd(window, max(0, buffered - 3), skipEmptyLines=True)
         if found is None:
-            if not self._partialHead:
-                refusal = factory.partialHeadStarted(self._clientKey)
-                if refusal is not None:
-                    self._reject(refusal)
-                    return
-                self._partialHead = True
             # Kept before any refusal too: the answer to a HEAD head has no
             # content.
             self._buffer = window
+            refusal = factory.partialHeadGrew(
+                self._clientKey, len(window) - self._partialHeadBytes
+            )
+            if refusal is not None:
+                self._reject(refusal)
+                return
+            self._partialHeadBytes = len(window)
             stray = strayCarriageReturn(window, buffered)
             if stray is not None:
                 self._reject(stray)
@@ -512,7 +515,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 # CR of its final CRLF there.
                 self._reject(RequestRejected(431, "The request head is too large."))
             return
-        if self._partialHead:
+        if self._partialHeadBytes:
             self._endPartialHead()
         headLength, consumed = found
         head = self._buffer = window[:headLength]
@@ -974,6 +977,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # head, complete or not, is still in the buffer).
         content = not isHeadRequest(self._buffer)
         self._buffer = b""
+        if self._partialHeadBytes:
+            self._endPartialHead()
         self._early = None
         self._client.write(
             errorResponse(
@@ -1053,7 +1058,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if self._ended is not None:
             self.factory.answered -= 1
         self._stopAwaitingHeader()
-        if self._partialHead:
+        if self._partialHeadBytes:
             self._endPartialHead()
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
@@ -1319,9 +1324,9 @@ class ConnectProxyFactory(Factory):
         target is reached.
     @ivar maxTunnels: The most client connections at once, or L{None}.
     @ivar maxTunnelsPerClient: The most per client address, or L{None}.
-    @ivar maxPartialHeadsPerClient: The most connections of one client
-        address whose request head has begun to arrive but not ended, or
-        L{None}.
+    @ivar maxPartialHeadBytesPerClient: The most bytes of partial request
+        heads the connections of one client address may make the proxy hold,
+        or L{None}.
     @ivar damper: Refuses clients after repeated failed logins.
     @ivar proxyProtocol: Whether connections start with a PROXY header.
     @ivar proxyProtocolFrom: The networks PROXY headers are taken from
@@ -1371,7 +1376,7 @@ class ConnectProxyFactory(Factory):
         maxEarlyData: int = MAX_EARLY_DATA,
         maxTunnels: int | None = None,
         maxTunnelsPerClient: int | None = None,
-        maxPartialHeadsPerClient: int | None = MAX_PARTIAL_HEADS_PER_CLIENT,
+        maxPartialHeadBytesPerClient: int | None = MAX_PARTIAL_HEAD_BYTES_PER_CLIENT,
         damper: FailureDamper | None = None,
         proxyProtocol: bool = False,
         splice: bool | None = None,
@@ -1407,13 +1412,14 @@ class ConnectProxyFactory(Factory):
             included; beyond it new ones get a 503.  L{None}: no limit.
         @param maxTunnelsPerClient: The same, per client address; beyond it
             a 429.
-        @param maxPartialHeadsPerClient: The most connections of one client
-            address (see L{clientKey}) whose request head has begun to
-            arrive but not ended; the connection whose partial head would
-            go beyond it gets a 429.  This bounds what one address can make
-            the proxy hold in unfinished heads (up to C{maxHeaderSize}
-            each, until C{headerTimeout}) without touching bursts of
-            connections that send their heads whole.  L{None}: no limit.
+        @param maxPartialHeadBytesPerClient: The most bytes of partial
+            request heads (begun, not ended) the connections of one client
+            address (see L{clientKey}) may make the proxy hold at once; the
+            connection whose partial head would go beyond it gets a 429.
+            Heads that arrive whole are never counted, so this bounds what
+            one address can make the proxy hold in unfinished heads
+            without touching bursts of ordinary requests.  L{None}: no
+            limit.
         @param damper: Refuses clients after repeated failed logins; by
             default 10 failures a minute.
         @param proxyProtocol: Whether every connection starts with a PROXY
@@ -1483,7 +1489,7 @@ class ConnectProxyFactory(Factory):
         self.maxEarlyData = maxEarlyData
         self.maxTunnels = maxTunnels
         self.maxTunnelsPerClient = maxTunnelsPerClient
-        self.maxPartialHeadsPerClient = maxPartialHeadsPerClient
+        self.maxPartialHeadBytesPerClient = maxPartialHeadBytesPerClient
         self.damper = damper if damper is not None else FailureDamper(self.clock)
         self.proxyProtocol = proxyProtocol
         self.proxyProtocolFrom = tuple(parseNetwork(t) for t in proxyProtocolFrom)
@@ -1491,7 +1497,7 @@ class ConnectProxyFactory(Factory):
         self.logTunnels = logTunnels
         self.tunnelObservers: list[Callable[[LogEvent], object]] = []
         self.connections: set[ConnectProxy] = set()
-        self._outOfResourcesWarnedAt = float("-inf")
+        self._outOfResourcesWarnedAt: dict[str, float] = {}
         self.relaying = 0
         # Connections that have their answer (a refusal, or an end) and are
         # only waiting to close: no longer handshakes, nor tunnels.
@@ -1504,7 +1510,7 @@ class ConnectProxyFactory(Factory):
         self._drained: list[Deferred[None]] = []
         self._open = 0
         self._openPerClient: dict[str, int] = {}
-        self._partialHeadsPerClient: dict[str, int] = {}
+        self._partialHeadBytes: dict[str, int] = {}
         self._idleWatch: IdleWatch | None = None
         self._date = (float("nan"), b"")
 
@@ -1645,15 +1651,18 @@ class ConnectProxyFactory(Factory):
         """
         A connection to a target could not be made for want of descriptors,
         memory or local ports: warn, at most once every
-        C{OUT_OF_RESOURCES_WARNING_INTERVAL} seconds (it comes in floods).
+        C{OUT_OF_RESOURCES_WARNING_INTERVAL} seconds for each remedy (it
+        comes in floods).
 
         @param why: The error.
         @param remedy: What the operator may look at (by default the
             descriptor limit and C{--max-tunnels}).
         """
         now = self.clock.seconds()
-        if now - self._outOfResourcesWarnedAt >= OUT_OF_RESOURCES_WARNING_INTERVAL:
-            self._outOfResourcesWarnedAt = now
+        # Apart for each remedy: while both shortages come, each is told.
+        warnedAt = self._outOfResourcesWarnedAt.get(remedy, float("-inf"))
+        if now - warnedAt >= OUT_OF_RESOURCES_WARNING_INTERVAL:
+            self._outOfResourcesWarnedAt[remedy] = now
             self._log.warn(
                 "Out of resources for sockets to targets ({why}): clients get "
                 "503; {remedy}",
@@ -1668,35 +1677,37 @@ class ConnectProxyFactory(Factory):
             for d in waiting:
                 d.callback(None)
 
-    def partialHeadStarted(self, client: str) -> RequestRejected | None:
+    def partialHeadGrew(self, client: str, grown: int) -> RequestRejected | None:
         """
-        A connection of C{client} has received part of its request head:
-        count it, unless the client holds its share of partial heads
-        already.
+        A connection of C{client} holds C{grown} more bytes of a partial
+        request head: count them, unless the client would go beyond its
+        share.
 
         @param client: The client's key (see L{connectionAdmitted}).
-        @return: L{None} if counted (L{partialHeadEnded} must follow), or
-            the refusal, a 429.
+        @param grown: How many more bytes it holds.
+        @return: L{None} if counted (L{partialHeadEnded} must follow, with
+            all the bytes counted for that head), or the refusal, a 429.
         """
-        count = self._partialHeadsPerClient.get(client, 0)
-        limit = self.maxPartialHeadsPerClient
-        if limit is not None and count >= limit:
+        held = self._partialHeadBytes.get(client, 0) + grown
+        limit = self.maxPartialHeadBytesPerClient
+        if limit is not None and held > limit:
             return _tryAgain("Too many unfinished requests from your address.", 429)
-        self._partialHeadsPerClient[client] = count + 1
+        self._partialHeadBytes[client] = held
         return None
 
-    def partialHeadEnded(self, client: str) -> None:
+    def partialHeadEnded(self, client: str, counted: int) -> None:
         """
-        A partial head counted by L{partialHeadStarted} ended: it is whole,
-        or its connection closed.
+        A partial head counted by L{partialHeadGrew} ended: it is whole, it
+        was refused, or its connection closed.
 
-        @param client: The key given to L{partialHeadStarted}.
+        @param client: The key given to L{partialHeadGrew}.
+        @param counted: All the bytes counted for it.
         """
-        left = self._partialHeadsPerClient[client] - 1
+        left = self._partialHeadBytes[client] - counted
         if left:
-            self._partialHeadsPerClient[client] = left
+            self._partialHeadBytes[client] = left
         else:
-            del self._partialHeadsPerClient[client]
+            del self._partialHeadBytes[client]
 
     def connectionAdmitted(self, client: str) -> None:
         """

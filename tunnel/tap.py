@@ -54,7 +54,11 @@ from .policy import (
 )
 from .resolver import CACHE_ANSWERS_FOR, CACHE_FAILURES_FOR, ThreadedResolver
 from .rules import RulesFilePolicy
-from .server import MAX_EARLY_DATA, MAX_PARTIAL_HEADS_PER_CLIENT, ConnectProxyFactory
+from .server import (
+    MAX_EARLY_DATA,
+    MAX_PARTIAL_HEAD_BYTES_PER_CLIENT,
+    ConnectProxyFactory,
+)
 from .service import ProxyService, StopOnSignals
 from .upstream import (
     UpstreamConnector,
@@ -262,12 +266,13 @@ class Options(usage.Options, AuthOptionMixin):
             _number(int, 1),
         ],
         [
-            "max-partial-heads-per-client",
+            "max-partial-head-bytes-per-client",
             None,
-            MAX_PARTIAL_HEADS_PER_CLIENT,
-            "The most connections from one client address whose request head "
-            "has begun to arrive but not ended (429 beyond); heads sent whole "
-            "never count. 0: no limit",
+            MAX_PARTIAL_HEAD_BYTES_PER_CLIENT,
+            "The most bytes of request heads begun but not ended that the "
+            "connections of one client address may make the proxy hold at "
+            "once (429 beyond); heads that arrive whole never count. 0: no "
+            "limit",
             _number(int, 0),
         ],
         [
@@ -814,7 +819,9 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
         maxHeaderSize=options["max-header-size"],
         maxTunnels=maxTunnels,
         maxTunnelsPerClient=options["max-tunnels-per-client"],
-        maxPartialHeadsPerClient=options["max-partial-heads-per-client"] or None,
+        maxPartialHeadBytesPerClient=(
+            options["max-partial-head-bytes-per-client"] or None
+        ),
         proxyProtocol=bool(options["proxy-protocol"]),
         proxyProtocolFrom=options["proxy-protocol-from"],
         splice=False if options["no-splice"] else None,

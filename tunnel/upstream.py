@@ -897,7 +897,10 @@ class UpstreamEndpoint:
       - L{UpstreamUnreachable} (a L{twisted.internet.error.ConnectError})
         when the parent cannot be reached (its name does not resolve, it
         refuses the connection...), with the underlying error's message;
-      - L{tunnel.interfaces.LookupsBusy} when too many name lookups wait.
+      - L{tunnel.interfaces.LookupsBusy} when too many name lookups wait;
+      - L{tunnel.interfaces.NoLocalPort} when no local port was left to
+        connect to the parent from (the proxy's shortage, not the
+        parent's).
     On each of these the connection to the parent is already closed.  The
     Deferred can be cancelled at any time before it fires: the connection
     attempt is cancelled or the connection aborted, and it fails with
