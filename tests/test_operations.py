@@ -440,6 +440,9 @@ class MetricsTests(SynchronousTestCase):
         metrics(EVENT)
         metrics({**EVENT, "status": 407, "refusal": "auth", "connect": None})
         metrics({**EVENT, "status": 403, "refusal": "port", "connect": None})
+        metrics(
+            {**EVENT, "status": 429, "limit": "partial-head-bytes", "connect": None}
+        )
         metrics({"log_format": "not a tunnel"})
         self.assertEqual(
             self.sample(
@@ -448,11 +451,17 @@ class MetricsTests(SynchronousTestCase):
             1,
         )
         self.assertEqual(
-            self.sample(metrics, "tunnel_bytes_total", direction="up"), 517 * 3
+            self.sample(metrics, "tunnel_bytes_total", direction="up"), 517 * 4
         )
         self.assertEqual(self.sample(metrics, "tunnel_auth_failures_total"), 1)
         self.assertEqual(
             self.sample(metrics, "tunnel_policy_denials_total", rule="port"), 1
+        )
+        self.assertEqual(
+            self.sample(
+                metrics, "tunnel_limit_refusals_total", limit="partial-head-bytes"
+            ),
+            1,
         )
         self.assertEqual(self.sample(metrics, "tunnel_connect_seconds_count"), 1)
         self.assertEqual(self.sample(metrics, "tunnel_duration_seconds_count"), 1)
@@ -748,7 +757,8 @@ class DrainTests(ProxyTestMixin, SynchronousTestCase):
     def test_drainRefusalNamesTarget(self) -> None:
         """
         A CONNECT refused with 503 for the drain is logged as a CONNECT to
-        its target, like any refusal of a parsed request.
+        its target, like any refusal of a parsed request, and names the
+        drain as the limit that refused it.
         """
         self.proxy.dataReceived(b"CONNECT target.example:443 HTTP/1.1\r\n")
         self.factory.drain(30)
@@ -757,6 +767,8 @@ class DrainTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(event["status"], 503)
         self.assertEqual(event["target"], "target.example:443")
         self.assertIn(" CONNECT target.example:443 503 ", event["line"])
+        self.assertEqual(event["limit"], "draining")
+        self.assertTrue(event["line"].endswith(" refused (draining)"), event["line"])
 
     def test_loginOutlastsDrainStart(self) -> None:
         """

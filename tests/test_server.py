@@ -661,6 +661,7 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(HEAD)
         self.connector.endpoint.attempts[0][1].errback(ConnectionRefusedError())
         self.assertIn(b"refused", self.assertRejected(502, "target-failed"))
+        self.assertIsNone(self.tunnelEvents()[0]["limit"])
 
     def test_outOfResources(self) -> None:
         """
@@ -675,6 +676,9 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         response = self.assertRejected(503, "target-failed")
         self.assertIn(b"\r\nRetry-After: 1\r\n", response)
         self.assertIn(b"out of resources", response)
+        [event] = self.tunnelEvents()
+        self.assertEqual(event["limit"], "resources")
+        self.assertTrue(event["line"].endswith(" target-failed (resources)"))
         for _ in range(2):
             self.clock.advance(5)
             proxy, client = self.connectClient()
@@ -697,6 +701,7 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         )
         response = self.assertRejected(503, "target-failed")
         self.assertIn(b"\r\nRetry-After: 1\r\n", response)
+        self.assertEqual(self.tunnelEvents()[0]["limit"], "local-ports")
         [warning] = [e for e in self.events if e["log_level"] == LogLevel.warn]
         self.assertIn("Cannot assign requested address", formatEvent(warning))
         self.assertIn("ip_local_port_range", formatEvent(warning))
@@ -755,6 +760,7 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         response = self.assertRejected(503, "target-failed")
         self.assertIn(b"\r\nRetry-After: 1\r\n", response)
         self.assertIn(b"name lookups", response)
+        self.assertEqual(self.tunnelEvents()[0]["limit"], "name-lookups")
 
     def test_parentRefused(self) -> None:
         """
@@ -2266,6 +2272,7 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         proxy.dataReceived(basicHead(b"alice:s3:cret"))
         self.assertTrue(client.value().startswith(b"HTTP/1.1 429 "))
         self.assertIn(b"\r\nRetry-After: 60\r\n", client.value())
+        self.assertEqual(self.tunnelEvents()[-1]["limit"], "failed-logins")
         other = self.factory.buildProtocol(None)
         assert other is not None
         otherClient = HalfCloseTransport(
@@ -2315,6 +2322,7 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         self.proxy.dataReceived(basicHead(b"alice:s3:cret"))
         self.clock.advance(15)
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 503 "))
+        self.assertEqual(self.tunnelEvents()[-1]["limit"], "login-timeout")
         # Given up with the 503: a check still waiting would not run.
         self.assertTrue(pending.called)
         pending.callback(b"alice")
@@ -3072,6 +3080,7 @@ class LimitTests(ProxyTestMixin, SynchronousTestCase):
         third, thirdClient = self.connectClient()
         self.assertTrue(thirdClient.value().startswith(b"HTTP/1.1 503 "))
         self.assertIn(b"\r\nRetry-After: 1\r\n", thirdClient.value())
+        self.assertEqual(self.tunnelEvents()[-1]["limit"], "max-tunnels")
         third.connectionLost(Failure(ConnectionDone()))
         self.proxy.dataReceived(b"still works")
         self.assertEqual(transport.value(), b"still works")
@@ -3112,6 +3121,7 @@ class LimitTests(ProxyTestMixin, SynchronousTestCase):
         self.factory.maxTunnelsPerClient = 1
         _second, secondClient = self.connectClient()
         self.assertTrue(secondClient.value().startswith(b"HTTP/1.1 429 "))
+        self.assertEqual(self.tunnelEvents()[-1]["limit"], "max-tunnels-per-client")
         other = self.factory.buildProtocol(None)
         assert other is not None
         otherClient = HalfCloseTransport(
@@ -3230,6 +3240,7 @@ class PartialHeadTests(ProxyTestMixin, SynchronousTestCase):
         self.assertTrue(thirdClient.value().startswith(b"HTTP/1.1 429 "))
         self.assertIn(b"\r\nRetry-After: 1\r\n", thirdClient.value())
         self.assertIn(b"Too many unfinished requests", thirdClient.value())
+        self.assertEqual(self.tunnelEvents()[-1]["limit"], "partial-head-bytes")
         self.assertEqual(secondClient.value(), b"")
         second.dataReceived(b" target.example:443")
         self.assertTrue(secondClient.value().startswith(b"HTTP/1.1 429 "))

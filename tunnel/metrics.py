@@ -198,6 +198,15 @@ class ProxyMetrics:
             ["rule"],
             registry=registry,
         )
+        self._limits = prometheus.Counter(
+            "tunnel_limit_refusals",
+            "Requests refused (503 or 429) by one of the proxy's limits, by "
+            "limit (max-tunnels, max-tunnels-per-client, partial-head-bytes, "
+            "failed-logins, login-timeout, draining, name-lookups, resources, "
+            "local-ports).",
+            ["limit"],
+            registry=registry,
+        )
         self._connect = prometheus.Histogram(
             "tunnel_connect_seconds",
             "Time to reach the target.",
@@ -229,6 +238,9 @@ class ProxyMetrics:
             self._authFailures.inc()
         elif refusal is not None:
             self._denials.labels(refusal).inc()
+        limit = event.get("limit")
+        if limit is not None:
+            self._limits.labels(limit).inc()
         if event.get("connect") is not None:
             self._connect.observe(event["connect"])
         if event["status"] == 200:

@@ -174,16 +174,43 @@ def _tlsUnfinished(transport: object) -> bool:
     return cipherName is not None and cipherName() is None
 
 
-def _tryAgain(detail: str, status: int = 503) -> RequestRejected:
+class _LimitReached(RequestRejected):
     """
-    An answer that asks the client to try again in a second: the proxy is
-    busy, or this client has too much open, not the request at fault.
+    A refusal by one of the proxy's own limits (a C{503} or C{429}), not by
+    the request: the log line and the event name the limit.
+
+    @ivar limit: Which: C{max-tunnels}, C{max-tunnels-per-client},
+        C{partial-head-bytes}, C{failed-logins}, C{login-timeout},
+        C{draining}, C{name-lookups}, C{resources} or C{local-ports}.
+    """
+
+    def __init__(
+        self,
+        limit: str,
+        status: int,
+        detail: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(status, detail, headers)
+        self.limit = limit
+
+
+def _tryAgain(
+    detail: str, limit: str, status: int = 503, retryAfter: int = 1
+) -> RequestRejected:
+    """
+    An answer that asks the client to try again later: the proxy is busy,
+    or this client has too much open, not the request at fault.
 
     @param detail: What the body says.
+    @param limit: Which limit refuses (see L{_LimitReached}).
     @param status: C{503}, or C{429} for one client's limit.
-    @return: The rejection, with C{Retry-After: 1}.
+    @param retryAfter: Seconds, for the C{Retry-After} field.
+    @return: The rejection.
     """
-    return RequestRejected(status, detail, [(b"Retry-After", b"1")])
+    return _LimitReached(
+        limit, status, detail, [(b"Retry-After", b"%d" % (retryAfter,))]
+    )
 
 
 def _tuneTCP(transport: object, keepAlive: bool) -> None:
@@ -285,6 +312,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         "_earlyBytes",
         "_ended",
         "_establishedAt",
+        "_limit",
         "_lingerBytes",
         "_lingerCounted",
         "_lingering",
@@ -317,6 +345,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._admitted = False
         self._connectedTo = "-"
         self._refusal: str | None = None
+        self._limit: str | None = None
         self._parentStatus: int | None = None
         self._timedOut = False
         self._awaitingHeader = False
@@ -565,7 +594,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self._timedOut = True
             self._connecting.cancel()
         elif self._reading == "early":
-            self._reject(_tryAgain("Checking the credentials took too long."))
+            self._reject(
+                _tryAgain("Checking the credentials took too long.", "login-timeout")
+            )
 
     # Who asks, and where to.
 
@@ -578,11 +609,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
         retryAfter = factory.damper.retryAfter(self._clientKey)
         if retryAfter is not None:
             self._reject(
-                RequestRejected(
-                    429,
+                _tryAgain(
                     "Too many failed logins from your address (or logins still"
                     " being checked); try again later.",
-                    [(b"Retry-After", b"%d" % (retryAfter,))],
+                    "failed-logins",
+                    429,
+                    retryAfter,
                 ),
             )
             return
@@ -724,7 +756,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         """
         if not self.factory.draining:
             return False
-        self._reject(_tryAgain("The proxy is shutting down."))
+        self._reject(_tryAgain("The proxy is shutting down.", "draining"))
         return True
 
     # Reaching the target.
@@ -931,12 +963,14 @@ class ConnectProxy(Protocol, TimeoutMixin):
         ):
             # The target is not at fault: the proxy could not make a socket.
             self.factory.outOfResources(str(reason.value))
-            return _tryAgain("The proxy is out of resources; try again.")
+            return _tryAgain("The proxy is out of resources; try again.", "resources")
         if reason.check(NoLocalPort):
             self.factory.outOfResources(str(reason.value), _LOCAL_PORTS_REMEDY)
-            return _tryAgain("The proxy is out of resources; try again.")
+            return _tryAgain("The proxy is out of resources; try again.", "local-ports")
         if reason.check(LookupsBusy):
-            return _tryAgain("Too many name lookups are waiting; try again.")
+            return _tryAgain(
+                "Too many name lookups are waiting; try again.", "name-lookups"
+            )
         if reason.check(DNSLookupError):
             return RequestRejected(502, "The target host name does not resolve.")
         if reason.check(ConnectionRefusedError):
@@ -970,6 +1004,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
             self.factory.leaveLogin(self._attempt, login)
 
     def _reject(self, rejected: RequestRejected, ended: str = "refused") -> None:
+        if isinstance(rejected, _LimitReached):
+            self._limit = rejected.limit
         self.setTimeout(None)
         self._reading = "done"
         self._stopLoggingIn()
@@ -1164,9 +1200,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
         # CONNECT only once a CONNECT request was read: a 400, 405 or 501
         # answered something else.  A refusal says which rule refused (port,
         # address, destination, client, auth), as the 403's body names the
-        # option; a parent proxy's refusal, its status.
+        # option, or which of the proxy's limits; a parent proxy's refusal,
+        # its status.
         method = "CONNECT" if target != "-" else "-"
         why = f" ({self._refusal})" if self._refusal is not None else ""
+        if self._limit is not None:
+            why += f" ({self._limit})"
         if self._parentStatus is not None:
             why += f" (parent {self._parentStatus})"
         # The line is built here, once, with an f-string: the logger's own
@@ -1192,6 +1231,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             if established is not None and connectStarted is not None
             else None,
             "refusal": self._refusal,
+            "limit": self._limit,
             "parentStatus": self._parentStatus,
             "ended": ended,
         }
@@ -1568,13 +1608,17 @@ class ConnectProxyFactory(Factory):
             self.maxTunnels is not None
             and self._open + self.awaitingHeader >= self.maxTunnels
         ):
-            return _tryAgain("The proxy is at capacity.")
+            return _tryAgain("The proxy is at capacity.", "max-tunnels")
         if (
             client is not None
             and self.maxTunnelsPerClient is not None
             and self._openPerClient.get(client, 0) >= self.maxTunnelsPerClient
         ):
-            return _tryAgain("Too many connections from your address.", 429)
+            return _tryAgain(
+                "Too many connections from your address.",
+                "max-tunnels-per-client",
+                429,
+            )
         return None
 
     def login(
@@ -1691,7 +1735,11 @@ class ConnectProxyFactory(Factory):
         held = self._partialHeadBytes.get(client, 0) + grown
         limit = self.maxPartialHeadBytesPerClient
         if limit is not None and held > limit:
-            return _tryAgain("Too many unfinished requests from your address.", 429)
+            return _tryAgain(
+                "Too many unfinished requests from your address.",
+                "partial-head-bytes",
+                429,
+            )
         self._partialHeadBytes[client] = held
         return None
 
