@@ -35,7 +35,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 from zope.interface import provider
 
-from tests.test_workermetrics import tunnelsCounted
+from tests.test_workermetrics import sample, tunnelsCounted
 from tunnel.tap import Options, makeService
 from tunnel.workers import (
     WorkerSupervisor,
@@ -916,19 +916,28 @@ class SupervisorTests(TestCase):
         for _ in range(4):
             answer = yield self.connectThrough(port, targetPort)
             self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
-        # Each worker reports within a second of a change: wait until the
-        # main process has counted all four.
+        # Each worker reports once it starts, then within a second of a
+        # change: wait until the main process has both workers' reports
+        # and has counted all four tunnels (the kernel may have given them
+        # all to one worker, whose reports can come before the other's
+        # first).
         counted: Deferred[None] = Deferred()
         metrics = supervisor._metrics
         report = metrics.report
 
+        def allCounted() -> bool:
+            return (
+                tunnelsCounted(metrics) == 4
+                and sample(metrics, "tunnel_workers_reporting") == 2
+            )
+
         def reportAndCheck(worker: int, snapshot: str) -> None:
             report(worker, snapshot)
-            if tunnelsCounted(metrics) == 4 and not counted.called:
+            if allCounted() and not counted.called:
                 counted.callback(None)
 
         metrics.report = reportAndCheck
-        if tunnelsCounted(metrics) != 4:
+        if not allCounted():
             yield counted
         metricsPort = listener._waitingForPort.result.getHost().port
         url = f"http://127.0.0.1:{metricsPort}/metrics".encode()
