@@ -763,6 +763,31 @@ class AddressRaceTests(SynchronousTestCase):
             self.failureResultOf(d, NoLocalPort)
             self.assertNothingLeft()
 
+    def test_sourcesByVersion(self) -> None:
+        """
+        Each attempt connects from the source address of its address's IP
+        version, if there is one.
+        """
+        endpoint = _AddressRace(
+            self.reactor,
+            self.resolver,
+            "two.test",
+            443,
+            None,
+            self.newSocket,
+            sources={4: "192.0.2.100", 6: "2001:db8::100"},
+        )
+        endpoint.connect(self.factory)
+        self.reactor.advance(ATTEMPT_DELAY)
+        self.assertEqual(
+            [s.boundTo for s in self.sockets],
+            [("192.0.2.100", 0), ("2001:db8::100", 0)],
+        )
+        self.sockets.clear()
+        self.race("two.test")
+        self.reactor.advance(ATTEMPT_DELAY)
+        self.assertEqual([s.boundTo for s in self.sockets], [None, None])
+
     def test_noAddresses(self) -> None:
         """
         A name without addresses fails with L{DNSLookupError}, naming it,

@@ -27,7 +27,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeResolver
 from tunnel.connector import HostnameConnector, _AddressEndpoint
-from tunnel.direct import DirectEndpoint, DirectTransport
+from tunnel.direct import (
+    DirectEndpoint,
+    DirectTransport,
+    checkSourceAddress,
+    sourcesByVersion,
+)
 from tunnel.interfaces import NoLocalPort
 
 
@@ -42,6 +47,10 @@ class FakeSocket:
     @ivar made: The C{(family, type)} it was made with.
     @ivar connectedTo: The address given to C{connect_ex}.
     @ivar closed: Whether it was closed.
+    @ivar boundTo: The address given to C{bind}, if any.
+    @ivar options: The C{(level, option, value)} set, in order, with
+        C{"bind"} where it was bound.
+    @ivar bindError: What C{bind} raises, if anything.
     """
 
     def __init__(self, connectResult: int = errno.EINPROGRESS) -> None:
@@ -51,6 +60,24 @@ class FakeSocket:
         self.made: tuple[int, int] | None = None
         self.connectedTo: object = None
         self.closed = False
+        self.boundTo: object = None
+        self.options: list[object] = []
+        self.bindError: OSError | None = None
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options.append((level, option, value))
+
+    def bind(self, address: object) -> None:
+        if self.bindError is not None:
+            raise self.bindError
+        self.boundTo = address
+        self.options.append("bind")
+
+    def __enter__(self) -> FakeSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __call__(self, family: int, type: int) -> FakeSocket:
         self.made = (family, type)
@@ -235,6 +262,89 @@ class DirectEndpointTests(SynchronousTestCase):
         d, _ = self.connect("2001:db8::1")
         failure = self.failureResultOf(d, ConnectError)
         self.assertNotIsInstance(failure.value, NoLocalPort)
+
+    def fromSource(self, source: str) -> DirectEndpoint:
+        """
+        An endpoint to C{192.0.2.1} port 443 that connects from C{source}.
+        """
+        return DirectEndpoint(
+            self.reactor,
+            "192.0.2.1",
+            443,
+            None,
+            newSocket=cast(Any, self.socket),
+            source=source,
+        )
+
+    def test_sourceAddress(self) -> None:
+        """
+        With a C{source}, the socket is bound to that address, port 0, and
+        told first to pick its port at C{connect}
+        (C{IP_BIND_ADDRESS_NO_PORT}), so that a source address does not
+        hold an ephemeral port per tunnel for every destination.
+        """
+        endpoint = self.fromSource("192.0.2.100")
+        endpoint.connect(self.factory)
+        self.assertEqual(self.socket.boundTo, ("192.0.2.100", 0))
+        self.assertEqual(self.socket.options, [(socket.IPPROTO_IP, 24, 1), "bind"])
+        self.assertEqual(self.socket.connectedTo, ("192.0.2.1", 443))
+
+    def test_noSourceNoBind(self) -> None:
+        """
+        Without a C{source}, the socket is not bound.
+        """
+        self.connect()
+        self.assertIsNone(self.socket.boundTo)
+
+    def test_sourceUnusable(self) -> None:
+        """
+        A source the socket cannot be bound to fails the attempt with a
+        L{ConnectError} before any C{connect}: the socket is closed and the
+        factory never started.
+        """
+        self.socket.bindError = OSError(
+            errno.EADDRNOTAVAIL, "Cannot assign requested address"
+        )
+        endpoint = self.fromSource("192.0.2.100")
+        failure = self.failureResultOf(endpoint.connect(self.factory), ConnectError)
+        self.assertEqual(failure.value.osError, errno.EADDRNOTAVAIL)
+        self.assertTrue(self.socket.closed)
+        self.assertIsNone(self.socket.connectedTo)
+        self.assertEqual(self.factory.calls, [])
+
+    def test_checkSourceAddress(self) -> None:
+        """
+        L{checkSourceAddress} binds a socket of the address's family to it,
+        as connections from it will be, and closes it; a failure to bind is
+        raised.
+        """
+        for address, family in [
+            ("192.0.2.100", socket.AF_INET),
+            ("2001:db8::100", socket.AF_INET6),
+        ]:
+            made = FakeSocket()
+            checkSourceAddress(address, cast(Any, made))
+            self.assertEqual(made.made, (family, socket.SOCK_STREAM))
+            self.assertEqual(made.boundTo, (address, 0))
+            self.assertTrue(made.closed)
+        broken = FakeSocket()
+        broken.bindError = OSError(errno.EADDRNOTAVAIL, "Cannot assign")
+        self.assertRaises(OSError, checkSourceAddress, "192.0.2.1", cast(Any, broken))
+        self.assertTrue(broken.closed)
+
+    def test_sourcesByVersion(self) -> None:
+        """
+        L{sourcesByVersion} sorts source addresses by IP version, written
+        as C{ipaddress} writes them; it refuses what is not an IP address,
+        and two of one version.
+        """
+        self.assertEqual(
+            sourcesByVersion(["2001:DB8::0:1", "192.0.2.1"]),
+            {4: "192.0.2.1", 6: "2001:db8::1"},
+        )
+        self.assertEqual(sourcesByVersion([]), {})
+        for bad in (["proxy.example"], ["192.0.2.1", "192.0.2.2"], ["::1", "::2"]):
+            self.assertRaises(ValueError, sourcesByVersion, bad)
 
     def test_hangUp(self) -> None:
         """
@@ -466,6 +576,65 @@ class ConnectorChoiceTests(TestCase):
         self.assertIsInstance(
             connector.endpointForTarget("127.0.0.1", 443), _AddressEndpoint
         )
+
+    @inlineCallbacks
+    def test_sourceAddresses(self) -> Any:
+        """
+        With C{sourceAddresses}, connections to an address literal and to a
+        name's address of that version come from the given source (here
+        C{127.0.0.2}, which Linux serves on loopback).
+        """
+        peers: list[str] = []
+
+        class RecordPeer(Collect):
+            def connectionMade(self) -> None:
+                peers.append(self.transport.getPeer().host)  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+        port = yield TCP4ServerEndpoint(globalReactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(RecordPeer)
+        )
+        self.addCleanup(port.stopListening)
+        connector = HostnameConnector(
+            globalReactor,
+            resolver=FakeResolver({"target.example": ["127.0.0.1"]}),
+            sourceAddresses=["127.0.0.2"],
+        )
+        for host in ("127.0.0.1", "target.example"):
+            client = Collect()
+            endpoint = connector.endpointForTarget(host, port.getHost().port)
+            yield endpoint.connect(CountingFactory(client))
+            self.assertEqual(client.transport.getHost().host, "127.0.0.2")  # type: ignore[union-attr]
+            yield client.done
+        self.assertEqual(peers, ["127.0.0.2", "127.0.0.2"])
+
+    def test_sourceAddressesNeedDirect(self) -> None:
+        """
+        Source addresses are only used when connecting by hand: a connector
+        given them on a reactor that cannot, or with a C{bindAddress}, is
+        refused with a L{ValueError}, as are addresses that are not IP
+        addresses or two of one version.
+        """
+        for reactor, options in [
+            (MemoryReactorClock(), {}),
+            (globalReactor, {"bindAddress": ("127.0.0.1", 0)}),
+        ]:
+            self.assertRaises(
+                ValueError,
+                HostnameConnector,
+                reactor,
+                resolver=FakeResolver(),
+                sourceAddresses=["127.0.0.2"],
+                **options,
+            )
+        for bad in (["source.example"], ["127.0.0.2", "127.0.0.3"]):
+            self.assertRaises(
+                ValueError,
+                HostnameConnector,
+                globalReactor,
+                resolver=FakeResolver(),
+                sourceAddresses=bad,
+            )
 
     def test_otherReactor(self) -> None:
         """

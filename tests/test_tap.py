@@ -4,6 +4,7 @@ Tests for L{tunnel.tap}: the command line and the service it makes.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import os
@@ -22,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import DescriptorsExhausted
 from tests.test_auth import bcryptLine
-from tunnel import limits, listeners, tap
+from tunnel import connector, limits, listeners, tap, upstream
 from tunnel.auth import IProxyUser, ProxyUser
 from tunnel.connector import HostnameConnector
 from tunnel.htpasswd import HtpasswdChecker
@@ -1603,6 +1604,58 @@ class UpstreamOptionsTests(SynchronousTestCase):
         resolver = factory.connector.resolver
         assert isinstance(resolver, ThreadedResolver)
         self.assertEqual(resolver.threads, 4)
+
+    def test_outgoingAddress(self) -> None:
+        """
+        C{--outgoing-address} (one IPv4 and one IPv6 address at most) is
+        checked by binding to it once, at start-up, and given to the
+        connector, or to the parent's (C{--upstream}).
+        """
+        checked: list[str] = []
+        self.patch(tap, "checkSourceAddress", checked.append)
+        self.patch(tap, "canConnectDirectly", lambda reactor: True)
+        self.patch(connector, "canConnectDirectly", lambda *args: True)
+        self.patch(upstream, "canConnectDirectly", lambda *args: True)
+        argv = ("--outgoing-address", "192.0.2.10", "--outgoing-address", "2001:db8::a")
+        factory = makeFactory(parse(*argv), MemoryReactorClock())
+        assert isinstance(factory.connector, HostnameConnector)
+        self.assertEqual(
+            factory.connector._sources, {4: "192.0.2.10", 6: "2001:db8::a"}
+        )
+        self.assertEqual(checked, ["192.0.2.10", "2001:db8::a"])
+        factory = makeFactory(
+            parse(*argv, "--upstream", "http://127.0.0.1:3128"), MemoryReactorClock()
+        )
+        assert isinstance(factory.connector, UpstreamConnector)
+        self.assertEqual(
+            factory.connector._sourceAddresses, ("192.0.2.10", "2001:db8::a")
+        )
+
+    def test_badOutgoingAddress(self) -> None:
+        """
+        What is not an IP address, a second of one version, or an address
+        that cannot be bound (not one of this host's) is refused while the
+        options are read; any, on a reactor that cannot connect by hand,
+        when the factory is made.
+        """
+        for argv in (
+            ("--outgoing-address", "egress.example"),
+            ("--outgoing-address", "192.0.2.1", "--outgoing-address", "192.0.2.2"),
+        ):
+            self.assertRaises(UsageError, parse, *argv)
+
+        def cannotBind(address: str) -> None:
+            raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+
+        self.patch(tap, "checkSourceAddress", cannotBind)
+        error = self.assertRaises(UsageError, parse, "--outgoing-address", "192.0.2.1")
+        self.assertIn("192.0.2.1: Cannot assign requested address", str(error))
+        self.patch(tap, "checkSourceAddress", lambda address: None)
+        options = parse("--outgoing-address", "192.0.2.1")
+        error = self.assertRaises(
+            UsageError, makeFactory, options, MemoryReactorClock()
+        )
+        self.assertIn("POSIX", str(error))
 
     def test_badUpstream(self) -> None:
         """

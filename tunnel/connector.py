@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.address import HostnameAddress, IPv4Address, IPv6Address
@@ -36,7 +37,7 @@ from twisted.python.failure import Failure
 from twisted.python.runtime import platformType
 from zope.interface import implementer
 
-from .direct import DirectEndpoint
+from .direct import DirectEndpoint, sourcesByVersion
 
 # AddressDenied is defined with the seam; importable from here as before.
 from .interfaces import (
@@ -50,6 +51,9 @@ from .policy import parseAddress
 from .resolver import Lookup, sharedResolver
 
 __all__ = ["AddressDenied", "HostnameConnector"]
+
+#: No source address for any IP version: connect from what routing picks.
+_NO_SOURCES: Mapping[int, str] = types.MappingProxyType({})
 
 _log = Logger()
 
@@ -408,6 +412,7 @@ class _AddressRace:
         port: int,
         timeout: float | None,
         newSocket: Callable[[int, int], socket.socket] = socket.socket,
+        sources: Mapping[int, str] = _NO_SOURCES,
     ) -> None:
         """
         @param reactor: A reactor L{DirectEndpoint} serves.
@@ -417,6 +422,8 @@ class _AddressRace:
         @param timeout: Seconds allowed for each attempt's TCP handshake, or
             L{None}.
         @param newSocket: Makes the sockets; tests pass a fake.
+        @param sources: The local address to connect from for each IP
+            version (see L{sourcesByVersion}); none for the others.
         """
         self._reactor = reactor
         self._resolver = resolver
@@ -424,6 +431,7 @@ class _AddressRace:
         self._port = port
         self._timeout = timeout
         self._newSocket = newSocket
+        self._sources = sources
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         """
@@ -443,16 +451,24 @@ class _AddressRace:
         # The race holds nothing of this endpoint: the endpoint's resolver
         # holds the race (as a receiver), and a reference back would make a
         # cycle that keeps the tunnel until the cycle collector runs.
-        reactor, port, timeout, newSocket = (
+        reactor, port, timeout, newSocket, sources = (
             self._reactor,
             self._port,
             self._timeout,
             self._newSocket,
+            self._sources,
         )
 
         def attempt(host: str) -> Deferred[Any]:
             try:
-                endpoint = DirectEndpoint(reactor, host, port, timeout, newSocket)
+                endpoint = DirectEndpoint(
+                    reactor,
+                    host,
+                    port,
+                    timeout,
+                    newSocket,
+                    sources.get(6 if ":" in host else 4),
+                )
             except Exception:
                 # An address DirectEndpoint cannot use (an IPv6 zone that
                 # names no interface): that attempt fails, the race goes on.
@@ -623,11 +639,14 @@ class _VettedEndpoint:
         timeout: float | None,
         bindAddress: tuple[str, int] | None,
         direct: bool = False,
+        sources: Mapping[int, str] = _NO_SOURCES,
     ) -> None:
         self._vetting = _VettingResolver(resolver, allow)
         self._endpoint: IStreamClientEndpoint
         if direct:
-            self._endpoint = _AddressRace(reactor, self._vetting, host, port, timeout)
+            self._endpoint = _AddressRace(
+                reactor, self._vetting, host, port, timeout, sources=sources
+            )
         else:
             self._endpoint = HostnameEndpoint(
                 _ResolvingReactor(reactor, self._vetting),
@@ -728,6 +747,7 @@ class HostnameConnector:
         resolver: IHostnameResolver | None = None,
         timeout: float | None = 30,
         bindAddress: tuple[str, int] | None = None,
+        sourceAddresses: Sequence[str] = (),
     ) -> None:
         """
         @param reactor: The reactor to connect with.
@@ -741,7 +761,16 @@ class HostnameConnector:
             L{None} for no timer of the connector's own, when the caller
             bounds the attempt itself (L{tunnel.ConnectProxy} does, with
             its connect timeout).
-        @param bindAddress: The local address to connect from, if any.
+        @param bindAddress: The local address and port to connect from, as
+            C{connectTCP} takes it, for every target whatever its IP
+            version (so the connections are made by C{connectTCP}).
+        @param sourceAddresses: The local addresses to connect from: at
+            most one IPv4 and one IPv6 address, each for the targets of its
+            version (the others connect from the address the kernel's
+            routing picks).  Needs a POSIX reactor.
+        @raise ValueError: For C{sourceAddresses} that are not IP
+            addresses, or two of one version, or given with a
+            C{bindAddress} or on a reactor that cannot connect by hand.
         """
         self._reactor = reactor
         self.resolver: IHostnameResolver = (
@@ -750,6 +779,9 @@ class HostnameConnector:
         self._timeout = timeout
         self._bindAddress = bindAddress
         self._direct = canConnectDirectly(reactor, bindAddress)
+        self._sources = sourcesByVersion(sourceAddresses)
+        if self._sources and not self._direct:
+            raise ValueError("source addresses need a POSIX reactor and no bindAddress")
 
     def endpointForTarget(
         self, host: str, port: int, allowAddress: AllowAddress | None = None
@@ -776,7 +808,13 @@ class HostnameConnector:
             if allowAddress is not None and not allowAddress(literal):
                 return _DeniedEndpoint(host)
             if self._direct:
-                return DirectEndpoint(self._reactor, str(literal), port, self._timeout)
+                return DirectEndpoint(
+                    self._reactor,
+                    str(literal),
+                    port,
+                    self._timeout,
+                    source=self._sources.get(literal.version),
+                )
             return _AddressEndpoint(
                 self._reactor,
                 host if literal.version == 4 else str(literal),
@@ -793,4 +831,5 @@ class HostnameConnector:
             self._timeout,
             self._bindAddress,
             self._direct,
+            self._sources,
         )

@@ -32,9 +32,11 @@ through its own Happy Eyeballs race (C{tunnel.connector._AddressRace}).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import tcp
@@ -52,7 +54,12 @@ from zope.interface import implementer
 
 from .interfaces import NoLocalPort
 
-__all__ = ["DirectEndpoint", "DirectTransport"]
+__all__ = [
+    "DirectEndpoint",
+    "DirectTransport",
+    "checkSourceAddress",
+    "sourcesByVersion",
+]
 
 # SOCK_NONBLOCK and SOCK_CLOEXEC are Linux (and BSD) flags; elsewhere the
 # socket is made non-blocking after the fact (and Python makes every socket
@@ -63,6 +70,58 @@ _NEW_SOCKET = socket.SOCK_STREAM | _NONBLOCK | getattr(socket, "SOCK_CLOEXEC", 0
 # What connect answers while the handshake is still under way (not
 # EAGAIN, which on Linux means no local port is free).
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
+
+# Linux's IP_BIND_ADDRESS_NO_PORT (24; in the socket module since Python
+# 3.12, so looked up by value where it is missing): a socket bound to a
+# source address picks its port at connect, for that destination, rather
+# than at bind, for every destination; without it every tunnel would hold
+# one of the ephemeral ports of the source address for itself.
+_BIND_ADDRESS_NO_PORT = getattr(
+    socket, "IP_BIND_ADDRESS_NO_PORT", 24 if sys.platform == "linux" else None
+)
+
+
+def checkSourceAddress(
+    address: str, newSocket: Callable[[int, int], socket.socket] = socket.socket
+) -> None:
+    """
+    Check that connections can be made from C{address}: bind a socket to
+    it, as each connection from it will be, and close it.
+
+    @param address: An IP address literal.
+    @param newSocket: Makes the socket; tests pass a fake.
+    @raise OSError: If the socket cannot be bound (C{EADDRNOTAVAIL}: not an
+        address of this host).
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with newSocket(family, socket.SOCK_STREAM) as sock:
+        if _BIND_ADDRESS_NO_PORT is not None:
+            sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((address, 0))
+
+
+def sourcesByVersion(addresses: Sequence[str]) -> dict[int, str]:
+    """
+    Sort the local addresses to connect from by IP version.
+
+    @param addresses: IP address literals: at most one IPv4 and one IPv6.
+    @return: The address for each IP version (C{4}, C{6}) given one.
+    @raise ValueError: For something that is not an IP address, or two of
+        one version.
+    """
+    sources: dict[int, str] = {}
+    for text in addresses:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"not an IP address: {text!r}") from None
+        if address.version in sources:
+            raise ValueError(
+                f"two IPv{address.version} addresses: {sources[address.version]} "
+                f"and {address}"
+            )
+        sources[address.version] = str(address)
+    return sources
 
 
 class DirectTransport(tcp.Server):
@@ -283,7 +342,14 @@ class DirectEndpoint:
     not, and keeps nothing alive for the connection's sake.
     """
 
-    __slots__ = ("_address", "_family", "_newSocket", "_reactor", "_timeout")
+    __slots__ = (
+        "_address",
+        "_family",
+        "_newSocket",
+        "_reactor",
+        "_source",
+        "_timeout",
+    )
 
     def __init__(
         self,
@@ -292,6 +358,7 @@ class DirectEndpoint:
         port: int,
         timeout: float | None = 30,
         newSocket: Callable[[int, int], socket.socket] = socket.socket,
+        source: str | None = None,
     ) -> None:
         """
         @param reactor: A reactor providing
@@ -304,10 +371,13 @@ class DirectEndpoint:
             when the caller bounds the attempt itself.
         @param newSocket: Makes the socket from an address family and a
             socket type; tests pass a fake.
+        @param source: The local address to connect from (of C{host}'s IP
+            version), or L{None} for the one the kernel's routing picks.
         """
         self._reactor = reactor
         self._newSocket = newSocket
         self._timeout = timeout
+        self._source = None if source is None else (source, 0)
         if ":" in host:
             self._family = socket.AF_INET6
             # A numeric lookup (no DNS) turns a zone into the scope number
@@ -337,9 +407,17 @@ class DirectEndpoint:
         """
         try:
             sock = self._newSocket(self._family, _NEW_SOCKET)
+        except OSError as e:
+            return fail(getConnectError(e))
+        try:
             if not _NONBLOCK:
                 sock.setblocking(False)
+            if self._source is not None:
+                if _BIND_ADDRESS_NO_PORT is not None:
+                    sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
+                sock.bind(self._source)
         except OSError as e:
+            sock.close()
             return fail(getConnectError(e))
         protocolFactory.doStart()
         attempt = _Connecting(self._reactor, sock, self._address, protocolFactory)

@@ -26,7 +26,8 @@ from twisted.python import usage
 from . import limits, listeners, splice
 from .accesslog import AccessLogObserver
 from .auth import PooledChecker, checkRealm, portalFromCheckers
-from .connector import HostnameConnector
+from .connector import HostnameConnector, canConnectDirectly
+from .direct import checkSourceAddress, sourcesByVersion
 from .filestamp import MAX_SIZE, readRegularFile
 from .htpasswd import HtpasswdChecker, HtpasswdError
 from .interfaces import ITargetConnector
@@ -125,6 +126,7 @@ _REPEATED: dict[str, Callable[[str], object] | None] = {
     "listen": None,
     **RULE_PARSERS,
     "proxy-protocol-from": parseNetwork,
+    "outgoing-address": lambda text: sourcesByVersion([text]),
 }
 
 
@@ -484,6 +486,14 @@ class Options(usage.Options, AuthOptionMixin):
         """
         self._repeated("proxy-protocol-from", network)
 
+    def opt_outgoing_address(self, address: str) -> None:
+        """
+        Connect to targets (and to the --upstream parent) from this local
+        address: one IPv4 and one IPv6 address at most, each for the
+        targets of its version. Repeatable.
+        """
+        self._repeated("outgoing-address", address)
+
     def opt_auth(self, description: str) -> None:
         """
         Require Proxy-Authorization checked by this checker: htpasswd:PATH,
@@ -555,6 +565,26 @@ class Options(usage.Options, AuthOptionMixin):
         self._checkMetrics()
         if self["max-request-line"] > self["max-header-size"]:
             raise usage.UsageError("--max-request-line cannot exceed --max-header-size")
+        self._checkOutgoing()
+
+    def _checkOutgoing(self) -> None:
+        """
+        Check the C{--outgoing-address}es: one per IP version, each one
+        this host can connect from (bound to once, now, rather than failing
+        every tunnel later).
+        """
+        try:
+            sourcesByVersion(self["outgoing-address"])
+        except ValueError as e:
+            raise usage.UsageError(f"--outgoing-address: {e}") from None
+        for address in self["outgoing-address"]:
+            try:
+                checkSourceAddress(address)
+            except OSError as e:
+                raise usage.UsageError(
+                    f"--outgoing-address {address}: {e.strerror or e} (is it "
+                    "an address of this host?)"
+                ) from None
 
     def _checkListeners(self) -> None:
         """
@@ -772,10 +802,15 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
         cacheFailuresFor=options["resolver-cache-failures"],
     )
     connector: ITargetConnector
+    sources = options["outgoing-address"]
+    if sources and not canConnectDirectly(reactor):
+        raise usage.UsageError("--outgoing-address needs a POSIX reactor")
     if options["upstream"] is None:
         # No timer of the connector's own: the factory's connect timeout
         # bounds all of a tunnel's attempts together.
-        connector = HostnameConnector(reactor, resolver=resolver, timeout=None)
+        connector = HostnameConnector(
+            reactor, resolver=resolver, timeout=None, sourceAddresses=sources
+        )
     else:
         try:
             upstream = UpstreamConnector(
@@ -787,6 +822,7 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
                 # where it is used on its own.
                 timeout=options["connect-timeout"],
                 resolver=resolver,
+                sourceAddresses=sources,
             )
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"--upstream-ca: {e}") from None

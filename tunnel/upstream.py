@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import re
+from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import quote, unquote, urlsplit
 
@@ -67,6 +68,7 @@ from .connector import (
     _VettedEndpoint,
     canConnectDirectly,
 )
+from .direct import sourcesByVersion
 from .filestamp import readRegularFile
 
 # The failures are defined with the seam; importable from here as before.
@@ -919,6 +921,7 @@ class UpstreamEndpoint:
         timeout: float = 30,
         resolver: IHostnameResolver | None = None,
         bindAddress: tuple[str, int] | None = None,
+        sourceAddresses: Sequence[str] = (),
     ) -> None:
         """
         @param reactor: The reactor to connect with, and whose clock times
@@ -936,8 +939,12 @@ class UpstreamEndpoint:
         @param resolver: Resolves the parent's name; by default the
             reactor's own C{nameResolver}.
         @param bindAddress: The local address to connect from, if any.
+        @param sourceAddresses: The local addresses to connect from, one
+            per IP version, as L{tunnel.HostnameConnector} takes them (with
+            a C{resolver}, on a POSIX reactor).
         @raise ValueError: If C{host:port} is not a valid target, or TLS
-            options are given for an C{http://} parent.
+            options are given for an C{http://} parent, or the source
+            addresses cannot be used.
         @raise OSError: If C{caCertificate} cannot be read.
         """
         authority = formatAuthority(host, port)
@@ -945,6 +952,12 @@ class UpstreamEndpoint:
             parseAuthority(authority.encode("ascii"))
         except (UnicodeEncodeError, RequestRejected) as e:
             raise ValueError(f"not a valid target: {authority!r} ({e})") from None
+        sources = sourcesByVersion(sourceAddresses)
+        direct = canConnectDirectly(reactor, bindAddress)
+        if sources and (resolver is None or not direct):
+            raise ValueError(
+                "source addresses need a resolver, a POSIX reactor and no bindAddress"
+            )
         # With a resolver of its own, the parent's name is reached as a
         # target's is: the lookup is cancelled with the attempt, and a
         # refused one is LookupsBusy.
@@ -965,7 +978,8 @@ class UpstreamEndpoint:
                 upstream.port,
                 timeout,
                 bindAddress,
-                canConnectDirectly(reactor, bindAddress),
+                direct,
+                sources,
             )
         )
         tlsOptions = _tlsOptionsFor(upstream, tlsOptions, caCertificate)
@@ -1026,6 +1040,7 @@ class UpstreamConnector:
         timeout: float = 30,
         resolver: IHostnameResolver | None = None,
         bindAddress: tuple[str, int] | None = None,
+        sourceAddresses: Sequence[str] = (),
     ) -> None:
         """
         Takes the arguments of L{UpstreamEndpoint} but the target's.  For an
@@ -1046,8 +1061,11 @@ class UpstreamConnector:
             lookups of the parent share one call and never wait behind
             password checks in the reactor's thread pool.
         @param bindAddress: The local address to connect from, if any.
+        @param sourceAddresses: The local addresses to connect from, one
+            per IP version (see L{UpstreamEndpoint}).
         @raise ValueError: If TLS options are given for an C{http://}
-            parent, or C{caCertificate} holds no readable certificate.
+            parent, or C{caCertificate} holds no readable certificate, or
+            the source addresses cannot be used.
         @raise OSError: If C{caCertificate} cannot be read.
         """
         self.upstream = upstream
@@ -1058,6 +1076,11 @@ class UpstreamConnector:
             resolver if resolver is not None else sharedResolver(reactor)
         )
         self._bindAddress = bindAddress
+        self._sourceAddresses = tuple(sourceAddresses)
+        if sourcesByVersion(self._sourceAddresses) and not canConnectDirectly(
+            reactor, bindAddress
+        ):
+            raise ValueError("source addresses need a POSIX reactor and no bindAddress")
 
     def endpointForTarget(
         self, host: str, port: int, allowAddress: AllowAddress | None = None
@@ -1086,4 +1109,5 @@ class UpstreamConnector:
             timeout=self._timeout,
             resolver=self.resolver,
             bindAddress=self._bindAddress,
+            sourceAddresses=self._sourceAddresses,
         )
