@@ -38,7 +38,7 @@ from tests.fakes import FakeGetaddrinfo, FakeResolver, ManualWorkers, ThreadReac
 from tests.test_direct import CountingFactory, FakeSocket
 from tunnel import HostnameConnector, ITargetConnector
 from tunnel.connector import ATTEMPT_DELAY, MAX_ATTEMPTS, AddressDenied, _AddressRace
-from tunnel.interfaces import LookupsBusy, NoLocalPort
+from tunnel.interfaces import LookupsBusy, NoLocalPort, SourceUnusable
 from tunnel.policy import IPAddress, TunnelPolicy
 from tunnel.resolver import ThreadedResolver
 
@@ -787,6 +787,55 @@ class AddressRaceTests(SynchronousTestCase):
         self.race("two.test")
         self.reactor.advance(ATTEMPT_DELAY)
         self.assertEqual([s.boundTo for s in self.sockets], [None, None])
+
+    def test_mappedAddressFromIPv4Source(self) -> None:
+        """
+        A name's IPv4-mapped IPv6 address is connected to as the IPv4
+        address it holds, from the IPv4 source.
+        """
+        self.resolver.hostMap["mapped.test"] = ["::ffff:192.0.2.1"]
+        _AddressRace(
+            self.reactor,
+            self.resolver,
+            "mapped.test",
+            443,
+            None,
+            self.newSocket,
+            sources={4: "192.0.2.100", 6: "2001:db8::100"},
+        ).connect(self.factory)
+        [made] = self.sockets
+        assert made.made is not None
+        self.assertEqual(made.made[0], socket.AF_INET)
+        self.assertEqual(made.boundTo, ("192.0.2.100", 0))
+        self.assertEqual(made.connectedTo, ("192.0.2.1", 443))
+
+    def test_sourceUnusableReported(self) -> None:
+        """
+        When every address failed and one for want of its source address
+        (L{SourceUnusable}), the race fails with that.
+        """
+
+        def newSocket(family: int, type: int) -> Any:
+            sock = self.newSocket(family, type)
+            if family == socket.AF_INET:
+                sock.bindError = OSError(errno.EADDRNOTAVAIL, "Cannot assign")
+            return sock
+
+        d = _AddressRace(
+            self.reactor,
+            self.resolver,
+            "two.test",
+            443,
+            None,
+            newSocket,
+            sources={4: "192.0.2.100"},
+        ).connect(self.factory)
+        self.reactor.advance(ATTEMPT_DELAY)
+        [v6] = [s for s in self.sockets if s.made and s.made[0] == socket.AF_INET6]
+        v6.error = errno.ECONNREFUSED
+        [attempt] = self.attempts()
+        attempt.doWrite()
+        self.failureResultOf(d, SourceUnusable)
 
     def test_noAddresses(self) -> None:
         """

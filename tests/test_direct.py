@@ -31,9 +31,10 @@ from tunnel.direct import (
     DirectEndpoint,
     DirectTransport,
     checkSourceAddress,
+    routeFrom,
     sourcesByVersion,
 )
-from tunnel.interfaces import NoLocalPort
+from tunnel.interfaces import NoLocalPort, SourceUnusable
 
 
 class FakeSocket:
@@ -298,16 +299,19 @@ class DirectEndpointTests(SynchronousTestCase):
 
     def test_sourceUnusable(self) -> None:
         """
-        A source the socket cannot be bound to fails the attempt with a
-        L{ConnectError} before any C{connect}: the socket is closed and the
+        A source the socket cannot be bound to (no longer the host's, say)
+        fails the attempt with L{SourceUnusable}, a L{ConnectError} naming
+        the source, before any C{connect}: the socket is closed and the
         factory never started.
         """
         self.socket.bindError = OSError(
             errno.EADDRNOTAVAIL, "Cannot assign requested address"
         )
         endpoint = self.fromSource("192.0.2.100")
-        failure = self.failureResultOf(endpoint.connect(self.factory), ConnectError)
+        failure = self.failureResultOf(endpoint.connect(self.factory), SourceUnusable)
+        self.assertIsInstance(failure.value, ConnectError)
         self.assertEqual(failure.value.osError, errno.EADDRNOTAVAIL)
+        self.assertIn("192.0.2.100", str(failure.value))
         self.assertTrue(self.socket.closed)
         self.assertIsNone(self.socket.connectedTo)
         self.assertEqual(self.factory.calls, [])
@@ -332,6 +336,49 @@ class DirectEndpointTests(SynchronousTestCase):
         self.assertRaises(OSError, checkSourceAddress, "192.0.2.1", cast(Any, broken))
         self.assertTrue(broken.closed)
 
+    def test_zonedSource(self) -> None:
+        """
+        An IPv6 source with a zone is bound with the zone's scope number,
+        which a numeric lookup gives (no DNS), not the 0 a plain address
+        pair would leave.
+        """
+        endpoint = DirectEndpoint(
+            self.reactor,
+            "fe80::2%lo",
+            443,
+            None,
+            newSocket=cast(Any, self.socket),
+            source="fe80::1%lo",
+        )
+        endpoint.connect(self.factory)
+        self.assertEqual(
+            self.socket.boundTo, ("fe80::1", 0, 0, socket.if_nametoindex("lo"))
+        )
+
+    def test_routeFrom(self) -> None:
+        """
+        L{routeFrom} picks the source of the target's IP version; an
+        IPv4-mapped IPv6 target is connected to as the IPv4 address it
+        holds, from the IPv4 source (an IPv6 source could not reach it).
+        """
+        both = {4: "192.0.2.100", 6: "2001:db8::100"}
+        self.assertEqual(routeFrom("192.0.2.1", both), ("192.0.2.1", "192.0.2.100"))
+        self.assertEqual(
+            routeFrom("2001:db8::1", both), ("2001:db8::1", "2001:db8::100")
+        )
+        self.assertEqual(
+            routeFrom("::ffff:192.0.2.1", both), ("192.0.2.1", "192.0.2.100")
+        )
+        self.assertEqual(
+            routeFrom("::ffff:192.0.2.1", {6: "2001:db8::100"}), ("192.0.2.1", None)
+        )
+        self.assertEqual(
+            routeFrom("192.0.2.1", {6: "2001:db8::100"}), ("192.0.2.1", None)
+        )
+        self.assertEqual(
+            routeFrom("fe80::2%lo", {6: "fe80::1%lo"}), ("fe80::2%lo", "fe80::1%lo")
+        )
+
     def test_sourcesByVersion(self) -> None:
         """
         L{sourcesByVersion} sorts source addresses by IP version, written
@@ -345,6 +392,18 @@ class DirectEndpointTests(SynchronousTestCase):
         self.assertEqual(sourcesByVersion([]), {})
         for bad in (["proxy.example"], ["192.0.2.1", "192.0.2.2"], ["::1", "::2"]):
             self.assertRaises(ValueError, sourcesByVersion, bad)
+        # What the kernel binds to without complaint and then takes for "no
+        # source" (or, a mapped address, for an IPv6 source that reaches
+        # nothing).
+        for notUnicast in (
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+            "::ffff:127.0.0.2",
+        ):
+            self.assertRaises(ValueError, sourcesByVersion, [notUnicast])
 
     def test_hangUp(self) -> None:
         """

@@ -63,7 +63,7 @@ from tunnel.answers import errorResponse, httpDate, mayAddField
 from tunnel.auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from tunnel.clients import formatAddress
 from tunnel.connector import AddressDenied
-from tunnel.interfaces import LookupsBusy, NoLocalPort
+from tunnel.interfaces import LookupsBusy, NoLocalPort, SourceUnusable
 from tunnel.policy import Denial, PortRange, TunnelPolicy
 from tunnel.relay import Relay, TargetProtocol, canHalfClose
 from tunnel.server import (
@@ -727,6 +727,35 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(len(warnings), 2)
         self.assertIn("ulimit", warnings[0])
         self.assertIn("ip_local_port_range", warnings[1])
+
+    def test_sourceUnusable(self) -> None:
+        """
+        A connection that could not be bound to its outgoing address
+        (L{SourceUnusable}) is the proxy's trouble: a 503 with
+        C{Retry-After}, named C{outgoing-address}, and a warning asking
+        whether the address is still the host's.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[-1][1].errback(
+            SourceUnusable(errno.EADDRNOTAVAIL, "Cannot assign (binding to 192.0.2.9)")
+        )
+        response = self.assertRejected(503, "target-failed")
+        self.assertIn(b"\r\nRetry-After: 1\r\n", response)
+        self.assertEqual(self.tunnelEvents()[0]["limit"], "outgoing-address")
+        [warning] = [e for e in self.events if e["log_level"] == LogLevel.warn]
+        self.assertIn("192.0.2.9", formatEvent(warning))
+        self.assertIn("--outgoing-address", formatEvent(warning))
+        # The other version's address, failing too, is named as well.
+        proxy, _client = self.connectClient()
+        proxy.dataReceived(HEAD)
+        self.connector.endpoint.attempts[-1][1].errback(
+            SourceUnusable(
+                errno.EADDRNOTAVAIL, "Cannot assign (binding to 2001:db8::9)"
+            )
+        )
+        warnings = [e for e in self.events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("2001:db8::9", formatEvent(warnings[1]))
 
     def test_addressNotAvailable(self) -> None:
         """

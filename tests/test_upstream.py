@@ -39,6 +39,7 @@ from twisted.internet.error import (
     ConnectionRefusedError,
     NoProtocol,
     TimeoutError,
+    getConnectError,
 )
 from twisted.internet.interfaces import (
     IAddress,
@@ -61,7 +62,7 @@ from tunnel import ConnectProxy, ConnectProxyFactory, HostnameConnector
 from tunnel.auth import portalFromCheckers
 from tunnel.connector import AddressDenied
 from tunnel.direct import DirectTransport
-from tunnel.interfaces import ITargetConnector, NoLocalPort
+from tunnel.interfaces import ITargetConnector, NoLocalPort, SourceUnusable
 from tunnel.policy import TunnelPolicy
 from tunnel.resolver import ThreadedResolver
 from tunnel.upstream import (
@@ -773,6 +774,29 @@ class UpstreamEndpointTests(EndpointTestMixin, SynchronousTestCase):
             NoLocalPort(errno.EADDRNOTAVAIL, "Cannot assign requested address")
         )
         self.failureResultOf(result, NoLocalPort)
+
+    def test_parentSourceUnusable(self) -> None:
+        """
+        A connection to the parent that could not be bound to its outgoing
+        address (L{SourceUnusable}) fails with that error, not with
+        L{UpstreamUnreachable}: the shortage is the proxy's (a 503), not
+        the parent's.
+        """
+        result = self.parentConnectionFails(
+            SourceUnusable(errno.EADDRNOTAVAIL, "Cannot assign")
+        )
+        self.failureResultOf(result, SourceUnusable)
+
+    def test_parentOutOfDescriptors(self) -> None:
+        """
+        A connection to the parent not made for want of descriptors
+        (C{EMFILE}) fails with that error, not with L{UpstreamUnreachable},
+        so that the client gets the proxy's 503, as for a target.
+        """
+        emfile = getConnectError(OSError(errno.EMFILE, "Too many open files"))
+        failure = self.failureResultOf(self.parentConnectionFails(emfile), ConnectError)
+        self.assertNotIsInstance(failure.value, UpstreamUnreachable)
+        self.assertEqual(failure.value.osError, errno.EMFILE)
 
     def test_parentNameUnknown(self) -> None:
         """

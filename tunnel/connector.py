@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from twisted.python.runtime import platformType
 from zope.interface import implementer
 
-from .direct import DirectEndpoint, sourcesByVersion
+from .direct import DirectEndpoint, routeFrom, sourcesByVersion
 
 # AddressDenied is defined with the seam; importable from here as before.
 from .interfaces import (
@@ -46,6 +46,7 @@ from .interfaces import (
     ITargetConnector,
     LookupsBusy,
     NoLocalPort,
+    SourceUnusable,
 )
 from .policy import parseAddress
 from .resolver import Lookup, sharedResolver
@@ -461,13 +462,11 @@ class _AddressRace:
 
         def attempt(host: str) -> Deferred[Any]:
             try:
+                source = None
+                if sources:
+                    host, source = routeFrom(host, sources)
                 endpoint = DirectEndpoint(
-                    reactor,
-                    host,
-                    port,
-                    timeout,
-                    newSocket,
-                    sources.get(6 if ":" in host else 4),
+                    reactor, host, port, timeout, newSocket, source
                 )
             except Exception:
                 # An address DirectEndpoint cannot use (an IPv6 zone that
@@ -517,10 +516,10 @@ class _Race:
         self._pending: list[Deferred[Any]] = []
         self._timer: Any = None
         self._resolved = False
-        # The first attempt that failed for want of a local port: the
-        # proxy's shortage, which the race reports rather than another
-        # address's failure (the shortage may pass; the other may not be
-        # the whole story).
+        # The first attempt that failed for want of a local port or of its
+        # source address: the proxy's shortage, which the race reports
+        # rather than another address's failure (the shortage may pass; the
+        # other may not be the whole story).
         self._noLocalPort: Failure | None = None
         self.result: Deferred[Any] | None = Deferred(self._cancel)
 
@@ -598,7 +597,7 @@ class _Race:
         if self.result is None:
             return
         self._pending.remove(attempt)
-        if self._noLocalPort is None and reason.check(NoLocalPort):
+        if self._noLocalPort is None and reason.check(NoLocalPort, SourceUnusable):
             self._noLocalPort = reason
         if self._pending:
             return
@@ -808,12 +807,11 @@ class HostnameConnector:
             if allowAddress is not None and not allowAddress(literal):
                 return _DeniedEndpoint(host)
             if self._direct:
+                address, source = str(literal), None
+                if self._sources:
+                    address, source = routeFrom(address, self._sources)
                 return DirectEndpoint(
-                    self._reactor,
-                    str(literal),
-                    port,
-                    self._timeout,
-                    source=self._sources.get(literal.version),
+                    self._reactor, address, port, self._timeout, source=source
                 )
             return _AddressEndpoint(
                 self._reactor,

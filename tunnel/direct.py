@@ -32,11 +32,12 @@ through its own Happy Eyeballs race (C{tunnel.connector._AddressRace}).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet import tcp
@@ -52,12 +53,13 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .interfaces import NoLocalPort
+from .interfaces import NoLocalPort, SourceUnusable
 
 __all__ = [
     "DirectEndpoint",
     "DirectTransport",
     "checkSourceAddress",
+    "routeFrom",
     "sourcesByVersion",
 ]
 
@@ -97,7 +99,50 @@ def checkSourceAddress(
     with newSocket(family, socket.SOCK_STREAM) as sock:
         if _BIND_ADDRESS_NO_PORT is not None:
             sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((address, 0))
+        sock.bind(_bindAddress(address))
+
+
+@functools.lru_cache(maxsize=16)
+def _bindAddress(source: str) -> tuple[Any, ...]:
+    """
+    What C{bind} takes for C{source}, port 0: for an IPv6 address with a
+    zone (C{fe80::1%eth0}), the scope number a numeric lookup (no DNS)
+    gives, which a plain C{(host, port)} leaves at 0.
+
+    @param source: An IP address literal.
+    @return: The socket address.
+    """
+    if "%" not in source:
+        return (source, 0)
+    return socket.getaddrinfo(
+        source, 0, socket.AF_INET6, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
+    )[0][4]
+
+
+def routeFrom(host: str, sources: Mapping[int, str]) -> tuple[str, str | None]:
+    """
+    The address to connect to for C{host}, and the source address to
+    connect from.
+
+    An IPv4-mapped IPv6 address (C{::ffff:192.0.2.1}, which the policy
+    judges as the IPv4 address it holds) is connected to as that IPv4
+    address, from the IPv4 source: an IPv6 source could not reach it.
+
+    @param host: An IP address literal.
+    @param sources: The source address for each IP version (see
+        L{sourcesByVersion}); must not be empty.
+    @return: The address to connect to, and the source (or L{None} for the
+        one routing picks).
+    """
+    if ":" not in host:
+        return host, sources.get(4)
+    mapped = ipaddress.IPv6Address(host.partition("%")[0]).ipv4_mapped
+    if mapped is not None:
+        return str(mapped), sources.get(4)
+    return host, sources.get(6)
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 def sourcesByVersion(addresses: Sequence[str]) -> dict[int, str]:
@@ -115,6 +160,15 @@ def sourcesByVersion(addresses: Sequence[str]) -> dict[int, str]:
             address = ipaddress.ip_address(text)
         except ValueError:
             raise ValueError(f"not an IP address: {text!r}") from None
+        if (
+            address.is_unspecified
+            or address.is_multicast
+            or address == _BROADCAST
+            or (address.version == 6 and address.ipv4_mapped is not None)
+        ):
+            # The kernel binds to these without complaint and then takes
+            # them for "no source" (or, a mapped one, breaks IPv6).
+            raise ValueError(f"not a unicast address of one version: {address}")
         if address.version in sources:
             raise ValueError(
                 f"two IPv{address.version} addresses: {sources[address.version]} "
@@ -377,7 +431,7 @@ class DirectEndpoint:
         self._reactor = reactor
         self._newSocket = newSocket
         self._timeout = timeout
-        self._source = None if source is None else (source, 0)
+        self._source = source
         if ":" in host:
             self._family = socket.AF_INET6
             # A numeric lookup (no DNS) turns a zone into the scope number
@@ -412,13 +466,19 @@ class DirectEndpoint:
         try:
             if not _NONBLOCK:
                 sock.setblocking(False)
-            if self._source is not None:
-                if _BIND_ADDRESS_NO_PORT is not None:
-                    sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
-                sock.bind(self._source)
         except OSError as e:
             sock.close()
             return fail(getConnectError(e))
+        if self._source is not None:
+            try:
+                if _BIND_ADDRESS_NO_PORT is not None:
+                    sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
+                sock.bind(_bindAddress(self._source))
+            except OSError as e:
+                sock.close()
+                return fail(
+                    SourceUnusable(e.errno, f"{e.strerror} (binding to {self._source})")
+                )
         protocolFactory.doStart()
         attempt = _Connecting(self._reactor, sock, self._address, protocolFactory)
         attempt.start(self._timeout)

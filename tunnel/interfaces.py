@@ -5,6 +5,7 @@ target connector reports through them (the server answers each its own way).
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
@@ -14,10 +15,13 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import Interface
 
 __all__ = [
+    "OUT_OF_RESOURCES",
     "AddressDenied",
     "AllowAddress",
     "ITargetConnector",
     "LookupsBusy",
+    "NoLocalPort",
+    "SourceUnusable",
     "UpstreamCancelled",
     "UpstreamProtocolError",
     "UpstreamRefused",
@@ -93,6 +97,23 @@ class NoLocalPort(ConnectError):
     there it stays a plain L{twisted.internet.error.ConnectError}, a
     C{502}.
     """
+
+
+class SourceUnusable(ConnectError):
+    """
+    A connection could not be bound to the local address it must leave
+    from (C{--outgoing-address}, L{tunnel.HostnameConnector}'s
+    C{sourceAddresses}): the address is no longer the host's, say.  The
+    proxy's trouble, not the target's: the client gets C{503} with
+    C{Retry-After}.
+    """
+
+
+#: The errors of C{socket()} (and so of a connection attempt) that mean the
+#: proxy, not the target, is short of something: descriptors (its own or the
+#: system's), buffers, memory.  The client gets C{503}.  (A used-up local
+#: port range is L{NoLocalPort}.)
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class UpstreamRefused(ConnectError):

@@ -203,7 +203,7 @@ class ProxyMetrics:
             "Requests refused (503 or 429) by one of the proxy's limits, by "
             "limit (max-tunnels, max-tunnels-per-client, partial-head-bytes, "
             "failed-logins, login-timeout, draining, name-lookups, resources, "
-            "local-ports).",
+            "local-ports, outgoing-address).",
             ["limit"],
             registry=registry,
         )

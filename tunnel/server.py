@@ -4,7 +4,6 @@ The CONNECT handshake: the protocol that talks to a client, and its factory.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -52,10 +51,12 @@ from .clients import clientKey, formatAddress, ipOf, unixClientKey
 from .connector import HostnameConnector
 from .idle import IdleWatch
 from .interfaces import (
+    OUT_OF_RESOURCES,
     AddressDenied,
     ITargetConnector,
     LookupsBusy,
     NoLocalPort,
+    SourceUnusable,
     UpstreamCancelled,
     UpstreamProtocolError,
     UpstreamRefused,
@@ -134,14 +135,11 @@ MAX_LOGGED_USER = 256
 #: be made (no descriptor or memory left).
 OUT_OF_RESOURCES_WARNING_INTERVAL = 10.0
 
-# What socket() fails with when the proxy, not the target, is short of
-# something: descriptors (its own or the system's), buffers, memory.  (A
-# used-up local port range is NoLocalPort, told apart by direct.py.)
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _DESCRIPTORS_REMEDY = (
     "see the file descriptor limit (ulimit -n, LimitNOFILE) and --max-tunnels"
 )
+_SOURCE_REMEDY = "is the --outgoing-address still an address of this host?"
 _LOCAL_PORTS_REMEDY = (
     "every local port towards that address and port is in use; see "
     "net.ipv4.ip_local_port_range and net.ipv4.tcp_tw_reuse"
@@ -181,7 +179,8 @@ class _LimitReached(RequestRejected):
 
     @ivar limit: Which: C{max-tunnels}, C{max-tunnels-per-client},
         C{partial-head-bytes}, C{failed-logins}, C{login-timeout},
-        C{draining}, C{name-lookups}, C{resources} or C{local-ports}.
+        C{draining}, C{name-lookups}, C{resources}, C{local-ports} or
+        C{outgoing-address}.
     """
 
     def __init__(
@@ -959,7 +958,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             return RequestRejected(504, "Connecting to the target timed out.")
         if (
             reason.check(ConnectError)
-            and getattr(reason.value, "osError", None) in _OUT_OF_RESOURCES
+            and getattr(reason.value, "osError", None) in OUT_OF_RESOURCES
         ):
             # The target is not at fault: the proxy could not make a socket.
             self.factory.outOfResources(str(reason.value))
@@ -967,6 +966,14 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if reason.check(NoLocalPort):
             self.factory.outOfResources(str(reason.value), _LOCAL_PORTS_REMEDY)
             return _tryAgain("The proxy is out of resources; try again.", "local-ports")
+        if reason.check(SourceUnusable):
+            why = str(reason.value)
+            # Each source address's trouble told apart: there are two at most.
+            self.factory.outOfResources(why, _SOURCE_REMEDY, apart=why)
+            return _tryAgain(
+                "The proxy cannot connect from its address; try again.",
+                "outgoing-address",
+            )
         if reason.check(LookupsBusy):
             return _tryAgain(
                 "Too many name lookups are waiting; try again.", "name-lookups"
@@ -1691,22 +1698,27 @@ class ConnectProxyFactory(Factory):
         done.addCallback(finished)
         return done
 
-    def outOfResources(self, why: str, remedy: str = _DESCRIPTORS_REMEDY) -> None:
+    def outOfResources(
+        self, why: str, remedy: str = _DESCRIPTORS_REMEDY, apart: str | None = None
+    ) -> None:
         """
         A connection to a target could not be made for want of descriptors,
-        memory or local ports: warn, at most once every
+        memory, local ports or its source address: warn, at most once every
         C{OUT_OF_RESOURCES_WARNING_INTERVAL} seconds for each remedy (it
         comes in floods).
 
         @param why: The error.
         @param remedy: What the operator may look at (by default the
             descriptor limit and C{--max-tunnels}).
+        @param apart: Warned of apart from the others of the same remedy
+            (each source address's error), if given; one of few values.
         """
         now = self.clock.seconds()
         # Apart for each remedy: while both shortages come, each is told.
-        warnedAt = self._outOfResourcesWarnedAt.get(remedy, float("-inf"))
+        key = remedy if apart is None else apart
+        warnedAt = self._outOfResourcesWarnedAt.get(key, float("-inf"))
         if now - warnedAt >= OUT_OF_RESOURCES_WARNING_INTERVAL:
-            self._outOfResourcesWarnedAt[remedy] = now
+            self._outOfResourcesWarnedAt[key] = now
             self._log.warn(
                 "Out of resources for sockets to targets ({why}): clients get "
                 "503; {remedy}",

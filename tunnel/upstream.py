@@ -73,10 +73,12 @@ from .filestamp import readRegularFile
 
 # The failures are defined with the seam; importable from here as before.
 from .interfaces import (
+    OUT_OF_RESOURCES,
     AllowAddress,
     ITargetConnector,
     LookupsBusy,
     NoLocalPort,
+    SourceUnusable,
     UpstreamCancelled,
     UpstreamProtocolError,
     UpstreamRefused,
@@ -629,8 +631,14 @@ class _Attempt:
             reason = Failure(
                 UpstreamTimedOut(string="could not reach the parent proxy: " + why)
             )
-        elif reason.check(ConnectError, DNSLookupError) and not reason.check(
-            ConnectingCancelledError, LookupsBusy, NoLocalPort
+        elif (
+            reason.check(ConnectError, DNSLookupError)
+            and not reason.check(
+                ConnectingCancelledError, LookupsBusy, NoLocalPort, SourceUnusable
+            )
+            # The proxy short of descriptors or memory: its trouble, as for
+            # a target (a 503), not the parent's.
+            and getattr(reason.value, "osError", None) not in OUT_OF_RESOURCES
         ):
             reason = Failure(UpstreamUnreachable(string=why))
         self.fail(reason)
