@@ -146,16 +146,18 @@ class ThreadedResolverTests(ResolverTestCase):
     def test_resolves(self) -> None:
         """
         A lookup runs C{getaddrinfo} in a worker for any address family and
-        streams, and tells the receiver every address, with its port (and an
-        IPv6 address's flow information and scope), then that it completed.
+        streams (and port 0: the answer serves every port), and tells the
+        receiver every address, with its port (and an IPv6 address's flow
+        information and scope), then that it completed.
         """
         resolver = self.makeResolver()
-        receiver, _ = self.resolve(resolver, "a.example", 443)
+        receiver, lookup = self.resolve(resolver, "a.example", 443)
+        self.assertEqual(lookup.port, 443)
         self.assertEqual(receiver.addresses, [])
         self.workers.runNext()
         self.assertEqual(
             self.getaddrinfo.calls,
-            [("a.example", 443, socket.AF_UNSPEC, socket.SOCK_STREAM)],
+            [("a.example", 0, socket.AF_UNSPEC, socket.SOCK_STREAM)],
         )
         self.assertEqual(
             receiver.addresses,
@@ -181,9 +183,9 @@ class ThreadedResolverTests(ResolverTestCase):
         self.assertEqual(
             self.getaddrinfo.calls,
             [
-                ("a.example", 1, socket.AF_INET, socket.SOCK_STREAM),
-                ("b.example", 2, socket.AF_INET6, socket.SOCK_STREAM),
-                ("c.example", 3, socket.AF_UNSPEC, socket.SOCK_DGRAM),
+                ("a.example", 0, socket.AF_INET, socket.SOCK_STREAM),
+                ("b.example", 0, socket.AF_INET6, socket.SOCK_STREAM),
+                ("c.example", 0, socket.AF_UNSPEC, socket.SOCK_DGRAM),
             ],
         )
         self.assertEqual(udp.addresses, [IPv4Address("UDP", "192.0.2.3", 3)])
@@ -231,14 +233,16 @@ class ThreadedResolverTests(ResolverTestCase):
 
     def test_sharedLookup(self) -> None:
         """
-        Lookups of the same name, port and kind in progress at once share one
-        C{getaddrinfo} call and all get its answer; another port is another
+        Lookups of the same name and kind in progress at once share one
+        C{getaddrinfo} call and all get its answer, each with its own port,
+        whatever the case of the name's letters; another kind is another
         call.
         """
         resolver = self.makeResolver(maxRunningPerDomain=2, cacheFor=0)
         first, _ = self.resolve(resolver, "b.example", 443)
-        second, _ = self.resolve(resolver, "b.example", 443)
+        second, _ = self.resolve(resolver, "B.Example", 443)
         other, _ = self.resolve(resolver, "b.example", 8443)
+        ipv4, _ = self.resolve(resolver, "b.example", 443, [IPv4Address])
         self.assertEqual(len(self.workers.jobs), 2)
         self.workers.runNext()
         self.workers.runNext()
@@ -246,6 +250,7 @@ class ThreadedResolverTests(ResolverTestCase):
         self.assertEqual(first.addresses, [IPv4Address("TCP", "192.0.2.2", 443)])
         self.assertEqual(second.addresses, first.addresses)
         self.assertEqual(other.addresses, [IPv4Address("TCP", "192.0.2.2", 8443)])
+        self.assertEqual(ipv4.addresses, first.addresses)
         # Once answered (and with no answer kept), the same lookup runs
         # again.
         self.resolve(resolver, "b.example", 443)
@@ -659,9 +664,11 @@ class CacheTests(ResolverTestCase):
     def test_answerKept(self) -> None:
         """
         An answer with addresses is kept for C{cacheFor} seconds (30 by
-        default): a lookup of the same name, port and kind in that time is
-        answered at once, in the call, without a thread or C{getaddrinfo};
-        then it is looked up again.  The counters say which was which.
+        default): a lookup of the same name and kind in that time, on any
+        port and in any case, is answered at once, in the call, with its
+        own port, without a thread or C{getaddrinfo}; then it is looked up
+        again.  Another kind (family) is another answer.  The counters say
+        which was which.
         """
         resolver = self.makeResolver(maxRunningPerDomain=2)
         self.assertEqual(resolver.cacheFor, 30.0)
@@ -672,20 +679,25 @@ class CacheTests(ResolverTestCase):
         self.assertEqual(kept.addresses, first.addresses)
         self.assertEqual(kept.completed, 1)
         self.assertIs(kept.resolution, lookup)
+        otherPort, _ = self.resolve(resolver, "A.EXAMPLE", 8443)
+        self.assertEqual(
+            otherPort.addresses,
+            [
+                IPv4Address("TCP", "192.0.2.1", 8443),
+                IPv6Address("TCP", "2001:db8::1", 8443, 0, 3),
+            ],
+        )
         self.assertEqual(self.workers.jobs, [])
-        self.assertEqual((resolver.lookedUp, resolver.answeredFromCache), (1, 1))
-        # Another port, or another family, is another answer.
-        self.resolve(resolver, "a.example", 8443)
+        self.assertEqual((resolver.lookedUp, resolver.answeredFromCache), (1, 2))
         self.resolve(resolver, "a.example", 443, [IPv4Address])
-        self.assertEqual(len(self.workers.jobs), 2)
-        self.workers.runNext()
+        self.assertEqual(len(self.workers.jobs), 1)
         self.workers.runNext()
         self.reactor.now = 30.0
         later, _ = self.resolve(resolver, "a.example", 443)
         self.assertEqual(later.completed, 0)
         self.workers.runNext()
         self.assertEqual(later.addresses, first.addresses)
-        self.assertEqual((resolver.lookedUp, resolver.answeredFromCache), (4, 1))
+        self.assertEqual((resolver.lookedUp, resolver.answeredFromCache), (3, 2))
 
     def test_failureKept(self) -> None:
         """
@@ -785,32 +797,37 @@ class CacheTests(ResolverTestCase):
             self.workers.runNext()
         self.assertEqual(resolver.cached, 0)
 
-    def test_oldestGoes(self) -> None:
+    def test_leastRecentlyUsedGoes(self) -> None:
         """
         At most C{maxCached} answers are kept: a new one pushes out the one
-        kept longest, and an answer looked up again once expired is kept as
-        new.
+        least recently used (looked up, looked up again once expired, or
+        answered from the answers kept), so that a flood of new names
+        cannot push out a busy one.
         """
         resolver = self.makeResolver(maxCached=3)
         for now, name in [
             (0, "a.example"),
             (20, "b.example"),
+            (21, "c.example"),
             # a.example expired (at 30): looked up again, kept until 70.
             (40, "a.example"),
-            (40, "c.example"),
-            # Pushes out the oldest kept: b.example (kept until 50), not
-            # a.example.
-            (40, "d.example"),
+            # b.example, answered from the answers kept, is used again.
+            (41, "b.example"),
+            # Pushes out the least recently used: c.example, not b.example
+            # (kept since 20) nor a.example.
+            (42, "d.example"),
         ]:
             self.reactor.now = now
             self.resolve(resolver, name)
-            self.workers.runNext()
+            if self.workers.jobs:
+                self.workers.runNext()
         self.assertEqual(resolver.cached, 3)
+        self.assertEqual(resolver.answeredFromCache, 1)
         self.reactor.now = 45
-        for name in ("a.example", "c.example", "d.example"):
+        for name in ("a.example", "b.example", "d.example"):
             self.resolve(resolver, name)
         self.assertEqual(self.workers.jobs, [])
-        self.resolve(resolver, "b.example")
+        self.resolve(resolver, "c.example")
         self.assertEqual(len(self.workers.jobs), 1)
 
     def test_cancelledBeforeKeptAnswer(self) -> None:

@@ -69,7 +69,7 @@ DOMAIN_WARNING_INTERVAL = 10.0
 #: queue), so this is reached only by domains that came and went.
 MAX_DOMAIN_WARNINGS = 64
 
-#: The most answers kept by default; the oldest kept goes first.
+#: The most answers kept by default; the least recently used goes first.
 MAX_CACHED = 10_000
 
 #: The most addresses the answers kept hold together, by default: a name
@@ -113,6 +113,7 @@ class Lookup:
     gives it.
 
     @ivar name: The name looked up.
+    @ivar port: The port the addresses carry.
     @ivar cancelled: Whether the caller cancelled it: its receiver hears
         nothing more.
     @ivar busy: Whether it was refused because too many lookups were
@@ -120,18 +121,32 @@ class Lookup:
         address.
     """
 
-    __slots__ = ("_job", "_receiver", "_resolver", "busy", "cancelled", "name")
+    __slots__ = (
+        "_job",
+        "_receiver",
+        "_resolver",
+        "busy",
+        "cancelled",
+        "name",
+        "port",
+    )
 
     def __init__(
-        self, resolver: ThreadedResolver, name: str, receiver: IResolutionReceiver
+        self,
+        resolver: ThreadedResolver,
+        name: str,
+        receiver: IResolutionReceiver,
+        port: int = 0,
     ) -> None:
         """
         @param resolver: The resolver that runs it.
         @param name: The name looked up.
         @param receiver: Told the addresses.
+        @param port: The port the addresses carry.
         """
         self._resolver = resolver
         self.name = name
+        self.port = port
         # Dropped once the receiver has heard the end: the receiver usually
         # holds this lookup too (to cancel it), and the reference back
         # would make a cycle that keeps the caller's objects until Python's
@@ -186,6 +201,18 @@ def domainOf(name: str) -> str:
     @return: Its domain, in lower case.
     """
     return ".".join(name.rstrip(".").lower().rsplit(".", 2)[-2:])
+
+
+def _withPort(address: IAddress, port: int) -> IAddress:
+    """
+    C{address} (as kept, with port 0) with C{port}.
+    """
+    if isinstance(address, IPv6Address):
+        return IPv6Address(
+            address.type, address.host, port, address.flowInfo, address.scopeID
+        )
+    assert isinstance(address, IPv4Address)
+    return IPv4Address(address.type, address.host, port)
 
 
 def _startDaemon(target: Callable[[], None], name: str) -> None:
@@ -380,7 +407,7 @@ class ThreadedResolver:
         # Per domain: lookups running, lookups waiting; a domain with
         # neither has no entry.
         self._domains: dict[str, list[int]] = {}
-        # Oldest first: (when it expires, the addresses).
+        # Least recently used first: (when it expires, the addresses).
         self._cache: dict[tuple[str, int, int, int], tuple[float, list[IAddress]]] = {}
         self._cachedAddresses = 0
         # Per domain: when its refusal was last warned of.
@@ -432,8 +459,18 @@ class ThreadedResolver:
         family = _FAMILIES[
             frozenset(addressTypes) if addressTypes is not None else _ANY
         ]
-        key = (hostName, portNumber, family, _SOCKET_TYPES[transportSemantics])
-        lookup = Lookup(self, hostName, resolutionReceiver)
+        # One answer for every port and every spelling of a name (DNS and
+        # the hosts file ignore the case of ASCII letters): a client naming
+        # one host in random case, or on every port, must not miss the
+        # answers kept, nor push out the others'.  The port is put into the
+        # addresses as each lookup is answered.
+        key = (
+            hostName.lower() if hostName.isascii() else hostName,
+            0,
+            family,
+            _SOCKET_TYPES[transportSemantics],
+        )
+        lookup = Lookup(self, hostName, resolutionReceiver, portNumber)
         resolutionReceiver.resolutionBegan(lookup)
         if lookup.cancelled:
             return lookup
@@ -441,6 +478,10 @@ class ThreadedResolver:
         if kept is not None:
             if kept[0] > self._clock():
                 self.answeredFromCache += 1
+                # To the end: the answer least recently used goes first, so
+                # that a flood of new names cannot push out the busy ones.
+                del self._cache[key]
+                self._cache[key] = kept
                 self._deliver(lookup, kept[1])
                 return lookup
             self._forget(key)
@@ -587,7 +628,7 @@ class ThreadedResolver:
             or len(addresses) > self.maxCachedAddresses
         ):
             return
-        # The oldest kept is always the first, and the first to go.
+        # The least recently used is always the first, and the first to go.
         while self._cache and (
             len(self._cache) >= self.maxCached
             or self._cachedAddresses + len(addresses) > self.maxCachedAddresses
@@ -613,11 +654,12 @@ class ThreadedResolver:
         receiver = lookup._receiver
         if receiver is None:
             return
+        port = lookup.port
         try:
             for address in addresses:
                 if lookup.cancelled:
                     return
-                receiver.addressResolved(address)
+                receiver.addressResolved(_withPort(address, port) if port else address)
         except Exception:
             _log.failure("A receiver of {name} failed", name=lookup.name)
         if lookup.cancelled:
