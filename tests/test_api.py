@@ -56,6 +56,7 @@ class PublicNamesTests(SynchronousTestCase):
             "ThreadedResolver",
             "LookupsBusy",
             "NoLocalPort",
+            "SourceUnusable",
             "FailureDamper",
         ):
             self.assertIn(name, tunnel.__all__)

@@ -9,7 +9,8 @@ The public API (C{__all__}):
     left no address), its names looked up by a L{ThreadedResolver} (which
     makes it fail with L{LookupsBusy} when too many lookups wait), and
     which fails with L{NoLocalPort} when no local port is left for an IPv4
-    target;
+    target, and with L{SourceUnusable} when it cannot connect from its
+    source address;
   - L{parseConnectHead}, L{ConnectRequest} and L{RequestRejected}: the pure
     request parser;
   - L{Relay} and L{RelayResult}: joining two transports into a tunnel;
@@ -37,7 +38,13 @@ in C{__all__} is public too.
 from .accesslog import AccessLogObserver
 from .auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from .connector import HostnameConnector
-from .interfaces import AddressDenied, ITargetConnector, LookupsBusy, NoLocalPort
+from .interfaces import (
+    AddressDenied,
+    ITargetConnector,
+    LookupsBusy,
+    NoLocalPort,
+    SourceUnusable,
+)
 from .metrics import ProxyMetrics, metricsResource
 from .policy import Denial, IPAddress, ITunnelPolicy, TunnelPolicy
 from .relay import Relay, RelayResult
@@ -78,6 +85,7 @@ __all__ = [
     "Relay",
     "RelayResult",
     "RequestRejected",
+    "SourceUnusable",
     "StopOnSignals",
     "ThreadedResolver",
     "TunnelPolicy",
