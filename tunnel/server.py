@@ -136,6 +136,34 @@ MAX_LOGGED_USER = 256
 OUT_OF_RESOURCES_WARNING_INTERVAL = 10.0
 
 
+def _shortageOf(reason: Failure) -> tuple[str, str, str] | None:
+    """
+    Which of the proxy's own shortages, if any, failed a connection to a
+    target: no descriptor or memory for a socket, no local port, or a
+    source address it cannot bind to.
+
+    @param reason: The connection's failure.
+    @return: The limit the refusal names, the remedy the warning gives and
+        what the answer says, or L{None} when the proxy is not short of
+        anything.
+    """
+    if (
+        reason.check(ConnectError)
+        and getattr(reason.value, "osError", None) in OUT_OF_RESOURCES
+    ):
+        return "resources", _DESCRIPTORS_REMEDY, _OUT_OF_RESOURCES
+    if reason.check(NoLocalPort):
+        return "local-ports", _LOCAL_PORTS_REMEDY, _OUT_OF_RESOURCES
+    if reason.check(SourceUnusable):
+        return (
+            "outgoing-address",
+            _SOURCE_REMEDY,
+            "The proxy cannot connect from its address; try again.",
+        )
+    return None
+
+
+_OUT_OF_RESOURCES = "The proxy is out of resources; try again."
 _DESCRIPTORS_REMEDY = (
     "see the file descriptor limit (ulimit -n, LimitNOFILE) and --max-tunnels"
 )
@@ -956,24 +984,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
         """
         if self._timedOut or reason.check(ConnectTimeoutError, DeferredTimeoutError):
             return RequestRejected(504, "Connecting to the target timed out.")
-        if (
-            reason.check(ConnectError)
-            and getattr(reason.value, "osError", None) in OUT_OF_RESOURCES
-        ):
-            # The target is not at fault: the proxy could not make a socket.
-            self.factory.outOfResources(str(reason.value))
-            return _tryAgain("The proxy is out of resources; try again.", "resources")
-        if reason.check(NoLocalPort):
-            self.factory.outOfResources(str(reason.value), _LOCAL_PORTS_REMEDY)
-            return _tryAgain("The proxy is out of resources; try again.", "local-ports")
-        if reason.check(SourceUnusable):
-            why = str(reason.value)
-            # Each source address's trouble told apart: there are two at most.
-            self.factory.outOfResources(why, _SOURCE_REMEDY, apart=why)
-            return _tryAgain(
-                "The proxy cannot connect from its address; try again.",
-                "outgoing-address",
-            )
+        shortage = _shortageOf(reason)
+        if shortage is not None:
+            # The target is not at fault: the proxy is short of something.
+            limit, remedy, detail = shortage
+            self.factory.outOfResources(str(reason.value), remedy)
+            return _tryAgain(detail, limit)
         if reason.check(LookupsBusy):
             return _tryAgain(
                 "Too many name lookups are waiting; try again.", "name-lookups"
@@ -1698,27 +1714,22 @@ class ConnectProxyFactory(Factory):
         done.addCallback(finished)
         return done
 
-    def outOfResources(
-        self, why: str, remedy: str = _DESCRIPTORS_REMEDY, apart: str | None = None
-    ) -> None:
+    def outOfResources(self, why: str, remedy: str = _DESCRIPTORS_REMEDY) -> None:
         """
         A connection to a target could not be made for want of descriptors,
         memory, local ports or its source address: warn, at most once every
-        C{OUT_OF_RESOURCES_WARNING_INTERVAL} seconds for each remedy (it
-        comes in floods).
+        C{OUT_OF_RESOURCES_WARNING_INTERVAL} seconds for each error (they
+        come in floods).
 
-        @param why: The error.
+        @param why: The error: one of few texts (an errno's, or a source
+            address's), so that each is timed apart and all are told.
         @param remedy: What the operator may look at (by default the
             descriptor limit and C{--max-tunnels}).
-        @param apart: Warned of apart from the others of the same remedy
-            (each source address's error), if given; one of few values.
         """
         now = self.clock.seconds()
-        # Apart for each remedy: while both shortages come, each is told.
-        key = remedy if apart is None else apart
-        warnedAt = self._outOfResourcesWarnedAt.get(key, float("-inf"))
+        warnedAt = self._outOfResourcesWarnedAt.get(why, float("-inf"))
         if now - warnedAt >= OUT_OF_RESOURCES_WARNING_INTERVAL:
-            self._outOfResourcesWarnedAt[key] = now
+            self._outOfResourcesWarnedAt[why] = now
             self._log.warn(
                 "Out of resources for sockets to targets ({why}): clients get "
                 "503; {remedy}",
