@@ -33,6 +33,7 @@ from tests.test_resolver import RecordingReceiver
 from tests.test_server import PendingChecker, ProxyTestMixin, RecordingConnector
 from tunnel.accesslog import (
     ACCESS_FIELDS,
+    ACCESS_JSON_FIELDS,
     AccessLogObserver,
     escapeField,
     formatAccessJSON,
@@ -40,6 +41,7 @@ from tunnel.accesslog import (
 )
 from tunnel.auth import portalFromCheckers
 from tunnel.connector import HostnameConnector
+from tunnel.interfaces import LookupsBusy, UpstreamRefused
 from tunnel.metrics import MetricsUnavailable, ProxyMetrics, metricsResource
 from tunnel.resolver import ThreadedResolver
 from tunnel.server import ConnectProxyFactory
@@ -101,15 +103,37 @@ class AccessLogFormatTests(SynchronousTestCase):
 
     def test_json(self) -> None:
         """
-        The JSON format is one object with the same fields; a connection
+        The JSON format is one object with the text format's fields, in
+        their order, then the three that say why the proxy refused or
+        failed the connection (null for one it tunnelled); a connection
         that got no answer has a null status.
         """
         record = json.loads(formatAccessJSON(EVENT))
-        self.assertEqual(list(record), list(ACCESS_FIELDS))
+        self.assertEqual(list(record), list(ACCESS_JSON_FIELDS))
+        self.assertEqual(list(record)[: len(ACCESS_FIELDS)], list(ACCESS_FIELDS))
         self.assertEqual(record["status"], 200)
         self.assertEqual(record["handshake_ms"], 12.3)
+        self.assertEqual(
+            (record["rule"], record["limit"], record["parent_status"]),
+            (None, None, None),
+        )
         left = json.loads(formatAccessJSON({**EVENT, "status": "-"}))
         self.assertIsNone(left["status"])
+
+    def test_jsonReasons(self) -> None:
+        """
+        The JSON format carries the event's C{refusal}, C{limit} and
+        C{parentStatus} as C{rule}, C{limit} and C{parent_status}.
+        """
+        record = json.loads(
+            formatAccessJSON(
+                {**EVENT, "refusal": "port", "limit": "draining", "parentStatus": 407}
+            )
+        )
+        self.assertEqual(
+            (record["rule"], record["limit"], record["parent_status"]),
+            ("port", "draining", 407),
+        )
 
     def test_escapeField(self) -> None:
         """
@@ -417,6 +441,82 @@ class AccessLogObserverTests(SynchronousTestCase):
             observer(EVENT)
             observer.close()
         self.assertEqual(lineCount(path), 2)
+
+
+class AccessLogReasonTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    A JSON access log written by a running proxy says why it refused or
+    failed each connection it did not tunnel.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.path = self.mktemp()
+        observer = AccessLogObserver(self.path, "json")
+        self.addCleanup(observer.close)
+        self.factory.tunnelObservers.append(observer)
+
+    def records(self) -> list[dict[str, Any]]:
+        """
+        The records written so far.
+        """
+        with open(self.path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    def reasons(self, record: dict[str, Any]) -> tuple[Any, Any, Any]:
+        """
+        A record's C{rule}, C{limit} and C{parent_status}.
+        """
+        return record["rule"], record["limit"], record["parent_status"]
+
+    def test_rule(self) -> None:
+        """
+        A request the policy refuses names the rule that refused it.
+        """
+        self.proxy.dataReceived(
+            b"CONNECT target.example:22 HTTP/1.1\r\nHost: target.example:22\r\n\r\n"
+        )
+        [record] = self.records()
+        self.assertEqual(record["status"], 403)
+        self.assertEqual(self.reasons(record), ("port", None, None))
+
+    def test_limit(self) -> None:
+        """
+        A request refused by one of the proxy's limits names the limit.
+        """
+        self.proxy.dataReceived(
+            b"CONNECT target.example:443 HTTP/1.1\r\nHost: h\r\n\r\n"
+        )
+        self.connector.endpoint.attempts[0][1].errback(LookupsBusy())
+        [record] = self.records()
+        self.assertEqual((record["status"], record["ended"]), (503, "target-failed"))
+        self.assertEqual(self.reasons(record), (None, "name-lookups", None))
+
+    def test_parentStatus(self) -> None:
+        """
+        A parent proxy's refusal gives its status.
+        """
+        self.proxy.dataReceived(
+            b"CONNECT target.example:443 HTTP/1.1\r\nHost: h\r\n\r\n"
+        )
+        self.connector.endpoint.attempts[0][1].errback(
+            UpstreamRefused(403, "Forbidden")
+        )
+        [record] = self.records()
+        self.assertEqual(record["status"], 502)
+        self.assertEqual(self.reasons(record), (None, None, 403))
+
+    def test_tunnel(self) -> None:
+        """
+        A tunnel has none of the three.
+        """
+        target, _ = self.establish()
+        self.proxy.readConnectionLost()
+        target.readConnectionLost()
+        self.closeBoth(target)
+        [record] = self.records()
+        self.assertEqual(record["status"], 200)
+        self.assertEqual(self.reasons(record), (None, None, None))
 
 
 class MetricsTests(SynchronousTestCase):

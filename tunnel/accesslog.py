@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 __all__ = [
     "ACCESS_FIELDS",
+    "ACCESS_JSON_FIELDS",
     "AccessLogObserver",
     "accessRecord",
     "escapeField",
@@ -43,6 +44,14 @@ ACCESS_FIELDS = (
     "duration_ms",
     "ended",
 )
+
+#: The fields of a JSON record: those of the text format, then why the
+#: proxy refused or failed the connection (each C{null} when it did not):
+#: the policy or authentication rule (C{port}, C{auth}, ...), the proxy's
+#: own limit (C{max-tunnels}, C{name-lookups}, ...) and a parent proxy's
+#: status.  The text format's fields are fixed; these are the JSON
+#: format's only, so that a text line keeps its documented shape.
+ACCESS_JSON_FIELDS = (*ACCESS_FIELDS, "rule", "limit", "parent_status")
 
 
 # The second last formatted, and its text: records come many to a second,
@@ -124,8 +133,8 @@ def _percentEncoded(match: re.Match[str]) -> str:
 
 def formatAccessJSON(event: LogEvent) -> str:
     """
-    One JSON object of the L{ACCESS_FIELDS}; C{status} is C{null} when no
-    answer was sent.
+    One JSON object of the L{ACCESS_JSON_FIELDS}; C{status} is C{null} when
+    no answer was sent.
 
     @param event: A log event with C{tunnelEvent} set.
     @return: The object, on one line.
@@ -133,6 +142,10 @@ def formatAccessJSON(event: LogEvent) -> str:
     record = accessRecord(event)
     if record["status"] == "-":
         record["status"] = None
+    # Events from before these fields (or a library's own) may lack them.
+    record["rule"] = event.get("refusal")
+    record["limit"] = event.get("limit")
+    record["parent_status"] = event.get("parentStatus")
     text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
     if text.isprintable():
         return text
