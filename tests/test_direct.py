@@ -489,6 +489,39 @@ class DirectEndpointTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.factory.calls, ["start", "stop"])
 
+    def test_lostAfterCancel(self) -> None:
+        """
+        When the reactor stops it removes every selectable and then tells
+        each it is lost, in no set order: an attempt that a client's loss
+        cancelled meanwhile is told too.  It stays over: it neither
+        connects (its handshake may have ended since; it would have built a
+        protocol with a factory it let go) nor registers again (its
+        handshake still under way).
+        """
+        for again in (None, errno.EALREADY):
+            self.socket = FakeSocket()
+            d, attempt = self.connect()
+            self.reactor.removeWriter(attempt)
+            d.cancel()
+            self.socket.again = again
+            attempt.connectionLost(Failure(ConnectionLost()))
+            self.failureResultOf(d, CancelledError)
+            self.assertEqual(list(self.reactor.getWriters()), [])
+            self.assertIsNone(self.protocol.transport)
+            self.assertEqual(self.factory.calls[-2:], ["start", "stop"])
+
+    def test_writableAfterCancel(self) -> None:
+        """
+        Nor does a writability notification already fetched in the same
+        poll as the cancellation connect it.
+        """
+        d, attempt = self.connect()
+        d.cancel()
+        attempt.doWrite()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(list(self.reactor.getWriters()), [])
+        self.assertIsNone(self.protocol.transport)
+
     def test_noProtocol(self) -> None:
         """
         A factory that builds no protocol fails the Deferred with

@@ -282,6 +282,9 @@ class _Connecting:
         connected, C{EALREADY} under way, anything else the handshake's
         error.
         """
+        if self.connected.called:
+            # Cancelled while the reactor held this notification.
+            return
         number = self._socket.connect_ex(self._address)
         if number in _IN_PROGRESS:
             return
@@ -305,6 +308,10 @@ class _Connecting:
         @param reason: What the reactor saw; the socket's own error, if it
             has one, says more.
         """
+        if self.connected.called:
+            # The reactor stopping tells every selectable it removed, this
+            # one too after a client's loss (told first) cancelled it.
+            return
         number = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if not number:
             number = self._socket.connect_ex(self._address)
