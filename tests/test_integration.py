@@ -713,11 +713,21 @@ class LoopbackTestCase(TestCase):
         return self.listen(site, tls=options), certificatePath
 
     @inlineCallbacks
-    def connectToProxy(self, proxyPort: int, peer: Peer) -> Yielding[Peer]:
+    def connectToProxy(
+        self, proxyPort: int, peer: Peer, source: str | None = None
+    ) -> Yielding[Peer]:
         """
         Open a TCP connection to the proxy, tracked for cleanup.
+
+        @param source: The loopback address to connect from (another
+            client, for the proxy), or L{None} for C{127.0.0.1}.
         """
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxyPort)
+        endpoint = TCP4ClientEndpoint(
+            reactor,
+            "127.0.0.1",
+            proxyPort,
+            bindAddress=None if source is None else (source, 0),
+        )
         yield connectProtocol(endpoint, peer)
         self._open.append(peer)
         self._proxyClients += 1

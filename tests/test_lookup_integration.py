@@ -1,10 +1,12 @@
 """
 Name lookups over real sockets and real resolver threads: the share of the
-threads that the names of one domain may hold, and the answers kept.
+threads that the names of one domain, or one client's lookups, may hold,
+and the answers kept.
 
 The C{getaddrinfo} here is a fake that answers C{127.0.0.1} for every name
-(no DNS query is sent); the names of C{slow.test} block until the test lets
-them go, as lookups of a domain whose servers do not answer would.
+(no DNS query is sent); the names of C{slow.test} (and C{slow1.test}, ...)
+block until the test lets them go, as lookups of a domain whose servers do
+not answer would.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class SlowDomainTests(LoopbackTestCase):
         super().setUp()
         self.release = threading.Event()
         self.looked: list[str] = []
+        # Four threads: one for each domain, two for each client.
         self.resolver = ThreadedResolver(
             reactor, threads=4, getaddrinfo=self.getaddrinfo
         )
@@ -53,11 +56,12 @@ class SlowDomainTests(LoopbackTestCase):
         self, host: str, port: int, family: int = 0, type: int = 0, *args: Any
     ) -> list[tuple[Any, ...]]:
         """
-        Answer C{127.0.0.1}; for the names of C{slow.test}, once the test
+        Answer C{127.0.0.1}; for the names of C{slow.test}, C{slow1.test}
+        and the like, once the test
         lets them go (at most 20 seconds, so that no thread outlives a
         failed test for long).
         """
-        if host.endswith(".slow.test"):
+        if ".slow" in host:
             self.release.wait(20)
         self.looked.append(host)
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
@@ -89,6 +93,33 @@ class SlowDomainTests(LoopbackTestCase):
         self.assertEqual(
             sorted(self.looked[1:]), [f"x{number}.slow.test" for number in range(6)]
         )
+
+    @inlineCallbacks
+    def test_otherClientsGoFirst(self) -> Yielding[None]:
+        """
+        While the lookups one client asked for hang under four slow
+        domains, which could hold every thread (one each), they hold only
+        the client's share (two of four): another client's name is looked
+        up at once, and the first client's lookups wait for its own to end.
+        """
+        slow = [Peer() for _ in range(4)]
+        answers = [peer.expectResponseHead() for peer in slow]
+        for number, peer in enumerate(slow):
+            yield self.connectToProxy(self.proxy.port, peer)
+            peer.tcp.write(connectHead(f"x.slow{number}.test:{self.target.port}"))
+        yield turnsUntil(reactor, lambda: self.resolver.waiting == 2)
+        self.assertEqual((self.resolver.running, self.resolver.waiting), (2, 2))
+        other = Peer()
+        answer = other.expectResponseHead()
+        yield self.connectToProxy(self.proxy.port, other, source="127.0.0.2")
+        other.tcp.write(connectHead(f"fast.test:{self.target.port}"))
+        head = yield answer
+        self.assertEqual(head, ESTABLISHED)
+        self.assertEqual(self.looked, ["fast.test"])
+        self.assertFalse(any(answer.called for answer in answers))
+        self.release.set()
+        heads = yield gatherResults(answers)
+        self.assertEqual(heads, [ESTABLISHED] * 4)
 
     @inlineCallbacks
     def test_answerKept(self) -> Yielding[None]:

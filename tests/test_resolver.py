@@ -32,6 +32,7 @@ from tunnel.resolver import (
     ThreadedResolver,
     _Workers,
     domainOf,
+    lookupClient,
 )
 
 
@@ -635,7 +636,7 @@ class DomainShareTests(ResolverTestCase):
         for n in range(MAX_DOMAIN_WARNINGS + 1):
             self.resolve(resolver, f"x.d{n}.example")
             self.reactor.now += 1
-        self.assertLessEqual(len(resolver._domainWarnedAt), 11)
+        self.assertLessEqual(len(resolver._warnedAt), 11)
         self.assertEqual(len(self.resolverEvents()), MAX_DOMAIN_WARNINGS + 1)
 
     def test_cancelledWaitingFreesDomainPlace(self) -> None:
@@ -654,6 +655,181 @@ class DomainShareTests(ResolverTestCase):
         waiting.cancel()
         _, again = self.resolve(resolver, "x2.slow.example")
         self.assertFalse(again.busy)
+
+
+class ClientShareTests(ResolverTestCase):
+    """
+    The lookups one client asks for (as L{lookupClient} names it) share a
+    part of the threads and of the queue.
+    """
+
+    def resolveFor(
+        self, resolver: ThreadedResolver, client: str | None, name: str
+    ) -> tuple[RecordingReceiver, Lookup]:
+        """
+        Start looking C{name} up for C{client}.
+        """
+        token = lookupClient.set(client)
+        try:
+            return self.resolve(resolver, name)
+        finally:
+            lookupClient.reset(token)
+
+    def slowNames(self, count: int) -> list[str]:
+        """
+        C{count} names, each under a domain of its own.
+        """
+        names = [f"x.slow{n}.example" for n in range(count)]
+        self.getaddrinfo.answers.update({name: ["192.0.2.9"] for name in names})
+        return names
+
+    def test_slowClientHoldsItsShare(self) -> None:
+        """
+        By default one client's lookups run in at most half of the
+        threads: with twenty lookups for names under twenty domains (no
+        domain's share reached) holding ten threads, another client's
+        lookup, and a lookup for no client, run at once; the first
+        client's others wait for one of its own to end.
+        """
+        resolver = ThreadedResolver(
+            self.reactor, getaddrinfo=self.getaddrinfo, workers=self.workers
+        )
+        self.assertEqual(
+            (resolver.maxRunningPerClient, resolver.maxWaitingPerClient), (10, 500)
+        )
+        slow = [
+            self.resolveFor(resolver, "192.0.2.66", name)[0]
+            for name in self.slowNames(20)
+        ]
+        self.assertEqual((resolver.running, resolver.waiting), (10, 10))
+        other, lookup = self.resolveFor(resolver, "192.0.2.7", "b.example")
+        self.assertFalse(lookup.busy)
+        _, anonymous = self.resolveFor(resolver, None, "c.example")
+        self.assertFalse(anonymous.busy)
+        self.assertEqual((resolver.running, resolver.waiting), (12, 10))
+        self.workers.jobs.pop()()
+        self.workers.jobs.pop()()
+        self.assertEqual(other.addresses, [IPv4Address("TCP", "192.0.2.2", 0)])
+        self.assertEqual((resolver.running, resolver.waiting), (10, 10))
+        self.workers.runNext()
+        self.assertEqual(slow[0].completed, 1)
+        self.assertEqual((resolver.running, resolver.waiting), (10, 9))
+        self.assertEqual(resolver._clients, {"192.0.2.66": [10, 9]})
+
+    def test_clientShareOfFewThreads(self) -> None:
+        """
+        A client's share of the threads is half, rounded down, but at least
+        one.
+        """
+        for threads, share in [(1, 1), (2, 1), (3, 1), (4, 2), (20, 10)]:
+            resolver = self.makeResolver(threads=threads)
+            self.assertEqual(resolver.maxRunningPerClient, share, threads)
+
+    def test_waitingInOrderOfTheirClients(self) -> None:
+        """
+        When a thread is free, the oldest waiting lookup whose client has
+        threads left to it starts, passing older ones whose client has
+        none.
+        """
+        resolver = self.makeResolver(threads=2, maxWaiting=4, maxRunningPerClient=1)
+        first, second = self.slowNames(2)
+        self.resolveFor(resolver, "192.0.2.66", first)
+        self.resolveFor(resolver, "192.0.2.7", "a.example")
+        self.resolveFor(resolver, "192.0.2.66", second)
+        self.resolveFor(resolver, "192.0.2.7", "b.example")
+        self.assertEqual((resolver.running, resolver.waiting), (2, 2))
+        # a.example ends: the second slow name waits for the first, so
+        # b.example goes first.
+        self.workers.jobs.pop()()
+        self.assertEqual((resolver.running, resolver.waiting), (2, 1))
+        self.workers.jobs.pop()()
+        self.assertEqual((resolver.running, resolver.waiting), (1, 1))
+        self.workers.runNext()
+        self.workers.runNext()
+        self.assertEqual(
+            [call[0] for call in self.getaddrinfo.calls],
+            ["a.example", "b.example", first, second],
+        )
+        self.assertEqual((resolver._domains, resolver._clients), ({}, {}))
+
+    def test_clientWaitingShare(self) -> None:
+        """
+        By default one client's lookups take at most half of the places in
+        the queue: beyond that they are refused (C{busy}), with
+        a warning naming the client at most every ten seconds, while other
+        clients' lookups still wait.
+        """
+        resolver = self.makeResolver(threads=1, maxWaiting=8)
+        self.assertEqual(resolver.maxWaitingPerClient, 4)
+        lookups = [
+            self.resolveFor(resolver, "192.0.2.66", name)[1]
+            for name in self.slowNames(7)
+        ]
+        self.assertEqual([lookup.busy for lookup in lookups], [False] * 5 + [True] * 2)
+        _, other = self.resolveFor(resolver, "192.0.2.7", "a.example")
+        self.assertFalse(other.busy)
+        self.assertEqual((resolver.running, resolver.waiting), (1, 5))
+        [warning] = self.resolverEvents()
+        self.assertEqual(warning["log_level"], LogLevel.warn)
+        self.assertEqual(warning["client"], "192.0.2.66")
+        self.assertNotIn("backed up", warning["log_format"])
+        self.reactor.now = 10.0
+        self.resolveFor(resolver, "192.0.2.66", "x.slow9.example")
+        self.assertEqual(len(self.resolverEvents()), 2)
+
+    def test_sharedLookupCountsOnce(self) -> None:
+        """
+        A lookup another client asked for already is shared, and counted
+        only against the client that asked first.
+        """
+        resolver = self.makeResolver(threads=2, maxWaiting=4, maxRunningPerClient=1)
+        first, late = (
+            self.resolveFor(resolver, "192.0.2.66", "a.example")[0],
+            (self.resolveFor(resolver, "192.0.2.7", "a.example")[0]),
+        )
+        self.assertEqual(resolver._clients, {"192.0.2.66": [1, 0]})
+        self.resolveFor(resolver, "192.0.2.7", "b.example")
+        self.assertEqual(resolver.running, 2)
+        self.workers.runNext()
+        self.assertEqual((first.completed, late.completed), (1, 1))
+        self.assertEqual(resolver._clients, {"192.0.2.7": [1, 0]})
+
+    def test_cancelledWaitingFreesClientPlace(self) -> None:
+        """
+        A waiting lookup cancelled frees its place in its client's share of
+        the queue.
+        """
+        resolver = self.makeResolver(threads=1, maxWaiting=8, maxWaitingPerClient=1)
+        names = self.slowNames(3)
+        self.resolveFor(resolver, "192.0.2.66", names[0])
+        _, waiting = self.resolveFor(resolver, "192.0.2.66", names[1])
+        _, refused = self.resolveFor(resolver, "192.0.2.66", names[2])
+        self.assertTrue(refused.busy)
+        waiting.cancel()
+        _, again = self.resolveFor(resolver, "192.0.2.66", names[2])
+        self.assertFalse(again.busy)
+
+    def test_clientAndDomainWarnedApart(self) -> None:
+        """
+        A client and a domain of the same name each have their own ten
+        seconds between warnings.
+        """
+        resolver = self.makeResolver(
+            threads=1, maxWaiting=8, maxWaitingPerDomain=1, maxWaitingPerClient=1
+        )
+        self.getaddrinfo.answers.update(
+            {f"x{n}.slow.example": ["192.0.2.9"] for n in range(2)}
+        )
+        names = self.slowNames(3)
+        self.resolveFor(resolver, None, "a.example")
+        self.resolveFor(resolver, None, "x0.slow.example")
+        self.resolveFor(resolver, None, "x1.slow.example")
+        self.resolveFor(resolver, "slow.example", names[1])
+        self.resolveFor(resolver, "slow.example", names[2])
+        self.assertEqual(
+            [(e.get("domain"), e.get("client")) for e in self.resolverEvents()],
+            [("slow.example", None), (None, "slow.example")],
+        )
 
 
 class CacheTests(ResolverTestCase):

@@ -66,6 +66,7 @@ from tunnel.connector import AddressDenied
 from tunnel.interfaces import LookupsBusy, NoLocalPort, SourceUnusable
 from tunnel.policy import Denial, PortRange, TunnelPolicy
 from tunnel.relay import Relay, TargetProtocol, canHalfClose
+from tunnel.resolver import lookupClient
 from tunnel.server import (
     LINGER_BYTES,
     LINGER_SECONDS,
@@ -188,6 +189,8 @@ class RecordingEndpoint:
         #: What a cancelled attempt fails with (by default the Deferred's
         #: own CancelledError).
         self.cancelWith: Exception | None = None
+        #: Who the lookups started by each attempt were for.
+        self.lookupClients: list[str | None] = []
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         """
@@ -201,6 +204,7 @@ class RecordingEndpoint:
 
         d: Deferred[Any] = Deferred(cancel)
         self.attempts.append((protocolFactory, d))
+        self.lookupClients.append(lookupClient.get())
         return d
 
 
@@ -790,6 +794,35 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertIn(b"\r\nRetry-After: 1\r\n", response)
         self.assertIn(b"name lookups", response)
         self.assertEqual(self.tunnelEvents()[0]["limit"], "name-lookups")
+
+    def test_lookupsForTheClient(self) -> None:
+        """
+        The lookups that connecting to a name starts are the client's (for
+        the resolver's share per client), and only those: afterwards no
+        client is named.
+        """
+        self.proxy.dataReceived(HEAD)
+        self.assertEqual(self.connector.endpoint.lookupClients, ["192.0.2.7"])
+        self.assertIsNone(lookupClient.get())
+
+    def test_noLookupsForAnAddress(self) -> None:
+        """
+        Connecting to an address names no client: it needs no lookup.
+        """
+        self.proxy.dataReceived(
+            b"CONNECT 93.184.216.34:443 HTTP/1.1\r\nHost: h\r\n\r\n"
+        )
+        self.assertEqual(self.connector.endpoint.lookupClients, [None])
+
+    def test_lookupClientResetWhenConnectFails(self) -> None:
+        """
+        A connector that raises leaves no client named either.
+        """
+        self.factory.connector = BrokenConnector()
+        self.proxy.dataReceived(HEAD)
+        self.flushLoggedErrors(RuntimeError)
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 502 "))
+        self.assertIsNone(lookupClient.get())
 
     def test_parentRefused(self) -> None:
         """

@@ -9,10 +9,11 @@ that names hosts whose DNS servers do not answer (each lookup then blocks a
 thread for the resolver's timeout, about ten seconds by default) could so
 stall every other client's lookups and logins, and grow a queue of work that
 runs after it is gone; and the names of one slow domain (an attack, or
-an outage of that domain's DNS servers) could hold every thread.
-L{ThreadedResolver} keeps the semantics of C{getaddrinfo} (C{/etc/hosts},
-C{nsswitch.conf}, search domains), bounds the rest, shares the threads
-between domains, and keeps answers for a short time.
+an outage of that domain's DNS servers), or one client's names, could hold
+every thread.  L{ThreadedResolver} keeps the semantics of C{getaddrinfo}
+(C{/etc/hosts}, C{nsswitch.conf}, search domains), bounds the rest, shares
+the threads between domains and between clients, and keeps answers for a
+short time.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -44,6 +46,7 @@ __all__ = [
     "MAX_CACHED_ADDRESSES",
     "ThreadedResolver",
     "domainOf",
+    "lookupClient",
 ]
 
 _log = Logger()
@@ -59,15 +62,25 @@ CACHE_ANSWERS_FOR = 30.0
 #: lookup in ten seconds, short enough that a name fixed is reachable soon.
 CACHE_FAILURES_FOR = 10.0
 
-#: The least seconds between two warnings that a domain's lookups were
-#: refused for taking their share of the queue.
+#: The least seconds between two warnings that a domain's (or a client's)
+#: lookups were refused for taking their share of the queue.
 DOMAIN_WARNING_INTERVAL = 10.0
 
-#: How many domains' last warnings are remembered before those older than
-#: C{DOMAIN_WARNING_INTERVAL} are let go of.  With the default shares at
-#: most four domains fill theirs at once (each takes a quarter of the
-#: queue), so this is reached only by domains that came and went.
+#: How many domains' and clients' last warnings are remembered before those
+#: older than C{DOMAIN_WARNING_INTERVAL} are let go of.  With the default
+#: shares at most four domains and two clients fill theirs at once (a
+#: domain takes a quarter of the queue, a client half), so this is reached
+#: only by those that came and went.
 MAX_DOMAIN_WARNINGS = 64
+
+#: Who asks for the lookups started while it is set: the key of the client
+#: (see L{tunnel.clients.clientKey}) whose tunnel needs them, or L{None}
+#: for lookups of no client's.  L{tunnel.ConnectProxy} sets it while it
+#: starts connecting to a target, so that a L{ThreadedResolver} can give
+#: each client a share of its threads without every
+#: L{tunnel.interfaces.ITargetConnector} (and Twisted's
+#: C{IHostnameResolver}, which knows of no client) passing it on.
+lookupClient: ContextVar[str | None] = ContextVar("lookupClient", default=None)
 
 #: The most answers kept by default; the least recently used goes first.
 MAX_CACHED = 10_000
@@ -88,6 +101,9 @@ _NO_ADDRESS = frozenset(
     for name in ("EAI_NONAME", "EAI_NODATA", "EAI_AGAIN", "EAI_FAIL")
     if hasattr(socket, name)
 )
+
+# The counts of a domain or client with no lookup running or waiting.
+_NONE = (0, 0)
 
 _ANY: frozenset[type[IAddress]] = frozenset([IPv4Address, IPv6Address])
 _FAMILIES: dict[frozenset[type[IAddress]], int] = {
@@ -176,11 +192,14 @@ class _Job:
     One C{getaddrinfo} call, and the lookups waiting for its answer.
     """
 
-    __slots__ = ("args", "domain", "lookups", "started")
+    __slots__ = ("args", "client", "domain", "lookups", "started")
 
-    def __init__(self, args: tuple[str, int, int, int]) -> None:
+    def __init__(self, args: tuple[str, int, int, int], client: str | None) -> None:
         self.args = args
         self.domain = domainOf(args[0])
+        # Counted against the client that asked first: the others that
+        # share the call found it asked for already.
+        self.client = client
         self.lookups: list[Lookup] = []
         self.started = False
 
@@ -201,6 +220,10 @@ def domainOf(name: str) -> str:
     @return: Its domain, in lower case.
     """
     return ".".join(name.rstrip(".").lower().rsplit(".", 2)[-2:])
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def _withPort(address: IAddress, port: int) -> IAddress:
@@ -299,8 +322,13 @@ class ThreadedResolver:
         C{maxWaitingPerDomain} of the places in the queue, so that the
         names of a domain whose DNS servers do not answer hold up only
         each other: lookups of other domains go first;
+      - likewise the lookups one client asks for (see L{lookupClient}) run
+        in at most C{maxRunningPerClient} threads and take at most
+        C{maxWaitingPerClient} places, so that a client naming hosts under
+        several such domains holds up only itself;
       - at most C{maxWaiting} lookups wait for a thread; beyond that (or
-        beyond a domain's share) a lookup completes at once with no
+        beyond a domain's or a client's share) a lookup completes at once
+        with no
         address, and its L{Lookup} is C{busy} (L{tunnel.HostnameConnector}
         then fails with L{tunnel.interfaces.LookupsBusy}, a C{503} for the
         client);
@@ -321,6 +349,10 @@ class ThreadedResolver:
     @ivar maxRunningPerDomain: The most lookups of one domain that run at
         once.
     @ivar maxWaitingPerDomain: The most lookups of one domain that wait.
+    @ivar maxRunningPerClient: The most lookups one client asked for that
+        run at once.
+    @ivar maxWaitingPerClient: The most lookups one client asked for that
+        wait.
     @ivar cacheFor: Seconds an answer with addresses is kept.
     @ivar cacheFailuresFor: Seconds an answer without one is kept.
     @ivar maxCached: The most answers kept.
@@ -344,6 +376,8 @@ class ThreadedResolver:
         maxWaitingPerDomain: int | None = None,
         maxCachedAddresses: int = MAX_CACHED_ADDRESSES,
         clock: Callable[[], float] = time.monotonic,
+        maxRunningPerClient: int | None = None,
+        maxWaitingPerClient: int | None = None,
     ) -> None:
         """
         @param reactor: Gets the answers back from the threads
@@ -377,20 +411,27 @@ class ThreadedResolver:
         @param clock: Tells the time the answers kept expire by: a clock
             that never steps back (the reactor's C{seconds} is the wall
             clock, which a step back would make keep answers for as long).
+        @param maxRunningPerClient: The most lookups one client (as
+            L{lookupClient} names it) asked for that run at once; by
+            default half of C{threads}, rounded down, but at least one:
+            twice a domain's share, so that the names of one domain whose
+            servers do not answer hold no more than half of a client's.
+        @param maxWaitingPerClient: The most lookups one client asked for
+            that wait for a thread; by default half of C{maxWaiting} (at
+            least one).
         """
         if threads < 1:
             raise ValueError("a resolver needs at least one thread")
         self._reactor = reactor
         self.threads = threads
         self.maxWaiting = maxWaiting
-        self.maxRunningPerDomain = (
-            max(1, threads // 4) if maxRunningPerDomain is None else maxRunningPerDomain
-        )
-        self.maxWaitingPerDomain = (
-            max(1, maxWaiting // 4)
-            if maxWaitingPerDomain is None
-            else maxWaitingPerDomain
-        )
+        # A quarter of each for a domain, half for a client by default: a
+        # client's names under a domain whose servers do not answer hold
+        # only half of its share, and its other names have the rest.
+        self.maxRunningPerDomain = _given(maxRunningPerDomain, max(1, threads // 4))
+        self.maxWaitingPerDomain = _given(maxWaitingPerDomain, max(1, maxWaiting // 4))
+        self.maxRunningPerClient = _given(maxRunningPerClient, max(1, threads // 2))
+        self.maxWaitingPerClient = _given(maxWaitingPerClient, max(1, maxWaiting // 2))
         self.cacheFor = cacheFor
         self.cacheFailuresFor = cacheFailuresFor
         self.maxCached = maxCached
@@ -404,14 +445,15 @@ class ThreadedResolver:
         self._jobs: dict[tuple[str, int, int, int], _Job] = {}
         self._waiting: deque[_Job] = deque()
         self._running = 0
-        # Per domain: lookups running, lookups waiting; a domain with
-        # neither has no entry.
+        # Per domain, and per client: lookups running, lookups waiting; a
+        # domain or client with neither has no entry.
         self._domains: dict[str, list[int]] = {}
+        self._clients: dict[str, list[int]] = {}
         # Least recently used first: (when it expires, the addresses).
         self._cache: dict[tuple[str, int, int, int], tuple[float, list[IAddress]]] = {}
         self._cachedAddresses = 0
-        # Per domain: when its refusal was last warned of.
-        self._domainWarnedAt: dict[str, float] = {}
+        # Per domain or client: when its refusal was last warned of.
+        self._warnedAt: dict[tuple[str, str], float] = {}
         self._backedUp = False
         self._stopTrigger: Any = None
 
@@ -487,17 +529,26 @@ class ThreadedResolver:
             self._forget(key)
         job = self._jobs.get(key)
         if job is None:
-            job = _Job(key)
-            counts = self._domains.get(job.domain, [0, 0])
+            job = _Job(key, lookupClient.get())
+            counts = self._domains.get(job.domain, _NONE)
+            client = job.client
+            clientCounts = _NONE if client is None else self._clients.get(client, _NONE)
             startNow = (
-                self._running < self.threads and counts[0] < self.maxRunningPerDomain
+                self._running < self.threads
+                and counts[0] < self.maxRunningPerDomain
+                and clientCounts[0] < self.maxRunningPerClient
             )
             if not startNow:
                 if len(self._waiting) >= self.maxWaiting:
                     self._refuse(lookup, resolutionReceiver)
                     return lookup
                 if counts[1] >= self.maxWaitingPerDomain:
-                    self._refuseForDomain(lookup, resolutionReceiver, job.domain)
+                    self._refuseForShare(
+                        lookup, resolutionReceiver, "domain", job.domain
+                    )
+                    return lookup
+                if client is not None and clientCounts[1] >= self.maxWaitingPerClient:
+                    self._refuseForShare(lookup, resolutionReceiver, "client", client)
                     return lookup
             if startNow:
                 try:
@@ -510,7 +561,7 @@ class ThreadedResolver:
                     return lookup
             else:
                 self._waiting.append(job)
-                self._domains[job.domain] = [counts[0], counts[1] + 1]
+                self._enter(job, 1)
             self._jobs[key] = job
         job.lookups.append(lookup)
         lookup._job = job
@@ -527,32 +578,47 @@ class ThreadedResolver:
             )
         self._busy(lookup, receiver)
 
-    def _refuseForDomain(
-        self, lookup: Lookup, receiver: IResolutionReceiver, domain: str
+    def _refuseForShare(
+        self, lookup: Lookup, receiver: IResolutionReceiver, kind: str, name: str
     ) -> None:
-        # Once every DOMAIN_WARNING_INTERVAL at most for each domain: a
-        # client naming host after host under a slow domain would otherwise
-        # log a line each.
+        """
+        Refuse C{lookup} because the lookups of its domain, or of its
+        client, take their share of the queue.
+
+        @param kind: C{"domain"} or C{"client"}.
+        @param name: The domain, or the client's key.
+        """
+        # Once every DOMAIN_WARNING_INTERVAL at most for each: a client
+        # naming host after host under a slow domain would otherwise log a
+        # line each.
         now = self._clock()
-        if (
-            now - self._domainWarnedAt.get(domain, float("-inf"))
-            >= DOMAIN_WARNING_INTERVAL
+        if now - self._warnedAt.get((kind, name), float("-inf")) >= (
+            DOMAIN_WARNING_INTERVAL
         ):
-            if len(self._domainWarnedAt) >= MAX_DOMAIN_WARNINGS:
-                # Only the domains warned of within the interval matter.
-                self._domainWarnedAt = {
-                    d: t
-                    for d, t in self._domainWarnedAt.items()
+            if len(self._warnedAt) >= MAX_DOMAIN_WARNINGS:
+                # Only those warned of within the interval matter.
+                self._warnedAt = {
+                    k: t
+                    for k, t in self._warnedAt.items()
                     if now - t < DOMAIN_WARNING_INTERVAL
                 }
-            self._domainWarnedAt[domain] = now
-            _log.warn(
-                "Lookups of names under {domain} take their share of the "
-                "queue ({waiting} waiting): new ones of that domain are "
-                "refused, other domains' are not",
-                domain=domain,
-                waiting=self.maxWaitingPerDomain,
-            )
+            self._warnedAt[(kind, name)] = now
+            if kind == "domain":
+                _log.warn(
+                    "Lookups of names under {domain} take their share of the "
+                    "queue ({waiting} waiting): new ones of that domain are "
+                    "refused, other domains' are not",
+                    domain=name,
+                    waiting=self.maxWaitingPerDomain,
+                )
+            else:
+                _log.warn(
+                    "Lookups for client {client} take its share of the queue "
+                    "({waiting} waiting): its new ones are refused, other "
+                    "clients' are not",
+                    client=name,
+                    waiting=self.maxWaitingPerClient,
+                )
         self._busy(lookup, receiver)
 
     def _busy(self, lookup: Lookup, receiver: IResolutionReceiver) -> None:
@@ -568,8 +634,7 @@ class ThreadedResolver:
         self._workers.run(lambda: self._lookUp(job))
         job.started = True
         self._running += 1
-        counts = self._domains.setdefault(job.domain, [0, 0])
-        counts[0] += 1
+        self._enter(job, 0)
 
     def _stop(self) -> None:
         self._stopTrigger = None
@@ -597,7 +662,7 @@ class ThreadedResolver:
     ) -> None:
         self._running -= 1
         self.lookedUp += 1
-        self._leave(job.domain, 0)
+        self._leave(job, 0)
         del self._jobs[job.args]
         self._next()
         if isinstance(result, Exception):
@@ -641,11 +706,28 @@ class ThreadedResolver:
         _, addresses = self._cache.pop(key)
         self._cachedAddresses -= len(addresses)
 
-    def _leave(self, domain: str, which: int) -> None:
-        counts = self._domains[domain]
+    def _enter(self, job: _Job, which: int) -> None:
+        """
+        Count C{job} as running (C{which} 0) or waiting (1) for its domain
+        and its client.
+        """
+        self._domains.setdefault(job.domain, [0, 0])[which] += 1
+        if job.client is not None:
+            self._clients.setdefault(job.client, [0, 0])[which] += 1
+
+    def _leave(self, job: _Job, which: int) -> None:
+        """
+        Count C{job} as no longer running (C{which} 0) or waiting (1).
+        """
+        counts = self._domains[job.domain]
         counts[which] -= 1
         if counts == [0, 0]:
-            del self._domains[domain]
+            del self._domains[job.domain]
+        if job.client is not None:
+            counts = self._clients[job.client]
+            counts[which] -= 1
+            if counts == [0, 0]:
+                del self._clients[job.client]
 
     def _deliver(self, lookup: Lookup, addresses: list[IAddress]) -> None:
         # Until it is cancelled, even from inside its own receiver; a
@@ -671,16 +753,19 @@ class ThreadedResolver:
             _log.failure("A receiver of {name} failed", name=lookup.name)
 
     def _next(self) -> None:
-        # The oldest waiting lookup whose domain has threads left to it
-        # goes first; the queue holds at most maxWaiting, and this is
-        # called once a lookup ends.
+        # The oldest waiting lookup whose domain and client have threads
+        # left to them goes first; the queue holds at most maxWaiting, and
+        # this is called once a lookup ends.
         if self._waiting and self._running < self.threads:
             for job in list(self._waiting):
                 if self._running >= self.threads:
                     break
-                if self._domains[job.domain][0] < self.maxRunningPerDomain:
+                if self._domains[job.domain][0] < self.maxRunningPerDomain and (
+                    job.client is None
+                    or self._clients[job.client][0] < self.maxRunningPerClient
+                ):
                     self._waiting.remove(job)
-                    self._leave(job.domain, 1)
+                    self._leave(job, 1)
                     self._start(job)
         self._checkDrained()
 
@@ -697,7 +782,7 @@ class ThreadedResolver:
         # never runs, and its place in the queue is free.
         del self._jobs[job.args]
         self._waiting.remove(job)
-        self._leave(job.domain, 1)
+        self._leave(job, 1)
         self._checkDrained()
 
 

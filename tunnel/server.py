@@ -91,6 +91,7 @@ from .request import (
     requestLineLength,
     strayCarriageReturn,
 )
+from .resolver import lookupClient
 from .splice import SpliceRelay, canSplice, spliceAvailable
 
 __all__ = [
@@ -828,6 +829,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
             return address == literal or checkAddress(address)
 
         target = TargetProtocol()
+        # The lookups a name needs are this client's (a resolver gives each
+        # client a share of its threads): an address needs none.
+        asking = None if literal is not None else lookupClient.set(self._clientKey)
         try:
             endpoint = factory.connector.endpointForTarget(host, port, allowAddress)
             connecting = endpoint.connect(_TargetFactory(target))
@@ -840,6 +844,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 "target-failed",
             )
             return
+        finally:
+            if asking is not None:
+                lookupClient.reset(asking)
         if self._reading == "done":
             # The policy failed (answered 500) while the attempt started.
             connecting.addErrback(lambda _: None)
