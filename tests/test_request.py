@@ -167,6 +167,30 @@ class ParseConnectHeadTests(SynchronousTestCase):
         self.assertEqual(request.header(b"host"), b"example.com:443")
         self.assertEqual(request.authority, "example.com:443")
 
+    def test_lastLineEndingLeftOff(self) -> None:
+        """
+        A head whose last line ending was left off (split at
+        C{b"\r\n\r\n"}, say) is parsed whole: its last line is not
+        dropped, so a C{Transfer-Encoding} there is still refused.
+        """
+        for ending in (b"\r\n", b""):
+            request = parseConnectHead(
+                b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443" + ending
+            )
+            self.assertEqual(request.header(b"host"), b"example.com:443")
+            self.assertEqual(
+                parseConnectHead(b"CONNECT example.com:443 HTTP/1.0" + ending).version,
+                (1, 0),
+            )
+            rejected = self.assertRaises(
+                RequestRejected,
+                parseConnectHead,
+                b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n"
+                b"Transfer-Encoding: chunked" + ending,
+            )
+            self.assertEqual(rejected.status, 400)
+            self.assertIn("no content", rejected.detail)
+
     def test_hostRequired(self) -> None:
         """
         An HTTP/1.1 request without C{Host} gets 400 (RFC 9112 section

@@ -795,6 +795,38 @@ class HandshakeTests(ProxyTestMixin, SynchronousTestCase):
         self.assertIn(b"name lookups", response)
         self.assertEqual(self.tunnelEvents()[0]["limit"], "name-lookups")
 
+    def test_targetResetBeforeAnswer(self) -> None:
+        """
+        A target connection reset before the proxy answered (a target that
+        accepts and aborts at once) gets the client a 502, not a 200 that
+        the reset would drop unsent.
+        """
+        self.proxy.dataReceived(HEAD)
+        factory, d = self.connector.endpoint.attempts[0]
+        target = factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 443))
+        assert isinstance(target, TargetProtocol)
+        target.makeConnection(HalfCloseTransport())
+        target.connectionLost(Failure(ConnectionLost()))
+        d.callback(target)
+        self.assertIn(b"reset", self.assertRejected(502, "target-failed"))
+        self.assertEqual(self.factory.relaying, 0)
+
+    def test_targetClosedCleanlyBeforeAnswer(self) -> None:
+        """
+        One that sent its bytes and closed cleanly before the proxy
+        answered is tunnelled: the 200, then its bytes.
+        """
+        self.proxy.dataReceived(HEAD)
+        factory, d = self.connector.endpoint.attempts[0]
+        target = factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 443))
+        assert isinstance(target, TargetProtocol)
+        target.makeConnection(HalfCloseTransport())
+        target.dataReceived(b"421 bye\r\n")
+        target.readConnectionLost()
+        target.connectionLost(Failure(ConnectionLost()))
+        d.callback(target)
+        self.assertEqual(self.client.value(), ESTABLISHED + b"421 bye\r\n")
+
     def test_lookupsForTheClient(self) -> None:
         """
         The lookups that connecting to a name starts are the client's (for

@@ -844,6 +844,37 @@ class SpliceRelayTests(TestCase):
         self.assertReset(client)
 
     @inlineCallbacks
+    def test_targetGoneBeforeStart(self) -> Yielding[None]:
+        """
+        A target that answered and closed before the relay started, while
+        the client sent early data and its FIN: sending to the target
+        fails (it resets), and the client still gets the greeting and the
+        target's answer before the reset, as the ordinary relay gives them,
+        not a bare reset.
+        """
+        client, target = Peer(closeOnEOF=False), Peer(closeOnEOF=False)
+        clientSide, targetSide = yield self.connectPair(client, target)
+        relay, ended = self.relayBetween(clientSide, targetSide)
+        # The answer stays in the proxy's socket, unread, with the FIN.
+        targetSide.transport.stopReading()
+        target.tcp.write(b"421 go away\r\n")
+        target.tcp.loseConnection()
+        yield target.lost.wait()
+        proxySocket = targetSide.transport.socket
+        yield turnsUntil(
+            reactor,
+            lambda: (
+                proxySocket.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                == b"421 go away\r\n"
+            ),
+        )
+        relay.start(b"HELO me\r\n", clientFinished=True, greeting=b"200 OK\r\n\r\n")
+        yield client.lost.wait()
+        self.assertEqual(bytes(client.received), b"200 OK\r\n\r\n421 go away\r\n")
+        result = yield ended.wait()
+        self.assertEqual((result.bytesUp, result.bytesDown), (9, 13))
+
+    @inlineCallbacks
     def test_resetWhileHeldBack(self) -> Yielding[None]:
         """
         A client that stopped reading and then resets, while the relay holds

@@ -688,6 +688,26 @@ class TargetProtocol(Protocol):
         if self._lostEarly is not None:
             relay.targetLost(self._lostEarly)
 
+    def resetBeforeRelay(self) -> Failure | None:
+        """
+        Why the connection was reset before a relay was attached, if it
+        was, before the target sent a byte or its FIN: nothing can be
+        relayed, and the client is better told the target failed than
+        sent a C{200} and a reset (a reset would drop the C{200} unsent).
+
+        @return: The reason, or L{None} if the connection is open, ended
+            cleanly, or brought something to relay.
+        """
+        lost = self._lostEarly
+        if (
+            lost is None
+            or self._pending
+            or self._finishedEarly
+            or lost.check(ConnectionDone) is not None
+        ):
+            return None
+        return lost
+
     def dataReceived(self, data: bytes) -> None:
         """
         Pass target bytes on to the relay (or hold them until it exists).

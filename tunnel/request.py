@@ -541,9 +541,10 @@ def parseConnectHead(
     Parse a complete request head.
 
     @param head: The request line and header field lines, each ending in
-        CRLF (or a bare LF), without the final empty line.  Empty lines
-        before the request line are ignored (RFC 9112 section 2.2), but for
-        their length.
+        CRLF (or a bare LF; the last one's may be left off, as when the head
+        was split at C{b"\r\n\r\n"}), without the final empty line.
+        Empty lines before the request line are ignored (RFC 9112 section
+        2.2), but for their length.
     @param maxRequestLine: The longest request line accepted, in bytes,
         counting the empty lines before it (as L{requestLineLength} does).
     @param maxFields: The most header fields accepted.
@@ -560,9 +561,11 @@ def parseConnectHead(
     # The empty lines before the request line go at once: deleting them one
     # by one from the list of lines takes time in the square of their number.
     lines = head.lstrip(b"\n").split(b"\n")
-    # The head always ends in a line ending, so the split leaves an empty
-    # last item.
-    del lines[-1]
+    # A head that ends in a line ending (the proxy's always does) leaves an
+    # empty last item; one whose last line ending was left off does not,
+    # and its last line counts as much as the others.
+    if not lines[-1]:
+        del lines[-1]
     if not lines:
         raise RequestRejected(400, "The request line is missing.")
     if len(lines[0]) > maxRequestLine or (

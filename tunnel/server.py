@@ -858,6 +858,15 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
     def _targetConnected(self, target: TargetProtocol) -> None:
         self._connecting = None
+        if target.resetBeforeRelay() is not None:
+            # Connected, then reset before this turn (a target that accepts
+            # and aborts at once): a 200 would be followed by a reset at
+            # once, and the reset would drop the 200 before it was sent.
+            self._reject(
+                RequestRejected(502, "The target reset the connection."),
+                "target-failed",
+            )
+            return
         self.setTimeout(None)
         self._connectedTo = formatAddress(target.transport.getPeer())  # type: ignore[union-attr]
         _tuneTCP(target.transport, not self.factory.idleTimeout)

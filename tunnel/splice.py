@@ -723,6 +723,7 @@ class SpliceRelay(RelayLifecycle):
     __slots__ = (
         "_down",
         "_pool",
+        "_salvaging",
         "_started",
         "_up",
         "clientEnd",
@@ -762,6 +763,7 @@ class SpliceRelay(RelayLifecycle):
         self._up = _Flow(self.clientEnd, self.targetEnd, self.copySmallReads)
         self._down = _Flow(self.targetEnd, self.clientEnd, self.copySmallReads)
         self._started = False
+        self._salvaging = False
 
     @property
     def bytesUp(self) -> int:
@@ -930,7 +932,7 @@ class SpliceRelay(RelayLifecycle):
                     dst.setWriting(True)
                     return moved
                 except OSError:
-                    self._close(f"{dst.side}-reset", abort=True)
+                    self._destinationFailed(flow)
                     return moved
                 moved = True
                 continue
@@ -1009,13 +1011,34 @@ class SpliceRelay(RelayLifecycle):
         try:
             flow.dst.shutdownWrite()
         except OSError:
-            self._close(f"{flow.dst.side}-reset", abort=True)
+            self._destinationFailed(flow)
             return
         if self._up.done and self._down.done:
             # The first of the two FINs named _firstEnd; this flow's is the
             # second.
             first = self._firstEnd or f"{flow.src.side}-eof"
             self._close(first, abort=False, finished=True)
+
+    def _destinationFailed(self, flow: _Flow) -> None:
+        """
+        Sending to C{flow}'s destination failed: that side reset.  Before
+        both connections are reset, the other direction delivers what it
+        can at once, as the ordinary relay would have: what Python holds
+        for it (the C{200}, when the tunnel is this young) and what the
+        side that reset sent before its reset, still queued in its socket.
+        A client that sent a request and its FIN with the C{CONNECT}, to a
+        target that answers and closes at once, so gets the C{200} and the
+        answer, not a bare reset.
+        """
+        other = self._down if flow is self._up else self._up
+        if not (other.done or self._salvaging):
+            # One pass, never waiting: a destination that cannot take it
+            # now does not hold the tunnel open; and only one, should the
+            # other side fail too.
+            self._salvaging = True
+            self._move(other, readable=True)
+        if self._closing is None:
+            self._close(f"{flow.dst.side}-reset", abort=True)
 
     # Ending.
 
