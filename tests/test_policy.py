@@ -325,6 +325,25 @@ class FromStringsTests(SynchronousTestCase):
             self.assertIn(f"{name} must be a sequence of rule texts", str(error))
             self.assertIn("['8443']", str(error))
 
+    def test_notTexts(self) -> None:
+        """
+        Something other than a string among the rule texts (a port given
+        as an int) is refused with L{TypeError} naming it.
+        """
+        for name in ["ports", "allowFrom", "allowTo", "denyTo"]:
+            error = self.assertRaises(
+                TypeError, TunnelPolicy.fromStrings, **{name: [8443]}
+            )
+            self.assertIn(f"{name} must hold rule texts, such as '8443'", str(error))
+
+    def test_portsAreRanges(self) -> None:
+        """
+        A policy built with ports that are not L{PortRange}s is refused
+        when built (L{TypeError}), not at every request.
+        """
+        self.assertRaises(TypeError, TunnelPolicy, ports=(443, 8443))
+        TunnelPolicy(ports=(PortRange(443, 443),))
+
 
 class HostBitsNoteTests(SynchronousTestCase):
     """

@@ -169,8 +169,8 @@ class ParseConnectHeadTests(SynchronousTestCase):
 
     def test_lastLineEndingLeftOff(self) -> None:
         """
-        A head whose last line ending was left off (split at
-        C{b"\r\n\r\n"}, say) is parsed whole: its last line is not
+        A head whose last line ending was left off (split where
+        the empty line begins, say) is parsed whole: its last line is not
         dropped, so a C{Transfer-Encoding} there is still refused.
         """
         for ending in (b"\r\n", b""):

@@ -2228,22 +2228,37 @@ class AuthenticationTests(ProxyTestMixin, SynchronousTestCase):
         self.assertAnswered(self.client)
         self.assertEqual(self.connector.targets, [])
 
+    def authWarnings(self) -> list[dict[str, Any]]:
+        """
+        The warnings that an authentication failed.
+        """
+        return [
+            e
+            for e in self.events
+            if e.get("log_format", "").startswith("Authentication failed")
+        ]
+
     def test_noCredentials(self) -> None:
         """
-        A request without credentials gets a 407 challenge naming the realm.
+        A request without credentials gets a 407 challenge naming the realm;
+        it is how every browser starts, so no failure is warned of.
         """
         self.proxy.dataReceived(HEAD)
         self.assertChallenged()
+        self.assertEqual(self.authWarnings(), [])
 
     def test_malformed(self) -> None:
         """
-        A malformed Proxy-Authorization value is a 407, never a 5xx.
+        A malformed Proxy-Authorization value is a 407, never a 5xx, and is
+        warned of.
         """
         self.proxy.dataReceived(
             b"CONNECT a.example:443 HTTP/1.1\r\nHost: h\r\n"
             b"Proxy-Authorization: Basic %%%\r\n\r\n"
         )
         self.assertChallenged()
+        [warning] = self.authWarnings()
+        self.assertEqual(warning["why"], "no valid Basic credentials")
 
     def test_wrongPassword(self) -> None:
         """
@@ -3000,6 +3015,10 @@ class PolicyTests(ProxyTestMixin, SynchronousTestCase):
             self.assertTrue(response.startswith(b"HTTP/1.1 500 "), response)
             [failure] = self.flushLoggedErrors(TypeError)
             self.assertIn("it must give a Denial", str(failure.value))
+            # addressDenial only ever refuses: None allows nothing there.
+            self.assertEqual(
+                "or None to allow" in str(failure.value), where != "addressDenial"
+            )
         self.assertEqual(self.connector.targets, [("target.example", 443)])
 
     def test_addressAnswerNotABool(self) -> None:

@@ -158,7 +158,7 @@ class ProxyMetrics:
     The proxy's metrics in their own registry.
 
     Add it as a log observer (it keeps only tunnel events) and serve
-    L{metricsResource} of its C{registry}.
+    L{metricsResource} of it (C{metricsResource(metrics)}).
 
     @ivar registry: The C{prometheus_client} registry holding the metrics.
     @ivar factories: The factories whose open connections are gauged.

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from attrs import field, frozen
-from attrs.validators import instance_of
+from attrs.validators import deep_iterable, instance_of
 from zope.interface import Interface, implementer
 
 from .answers import mayAddField
@@ -553,8 +553,11 @@ class TunnelPolicy:
     @ivar denyTo: Destination rules that close one, before anything else.
     """
 
+    # Checked when built: a plain int would be taken at every request and
+    # fail there, a 500 for each.
     ports: tuple[PortRange, ...] = field(
-        default=tuple(PortRange(p, p) for p in DEFAULT_PORTS)
+        default=tuple(PortRange(p, p) for p in DEFAULT_PORTS),
+        validator=deep_iterable(instance_of(PortRange)),
     )
     allowFrom: tuple[IPNetwork, ...] = ()
     allowTo: tuple[AddressRule, ...] = ()
@@ -598,6 +601,12 @@ class TunnelPolicy:
                     f"{name} must be a sequence of rule texts, such as"
                     f" [{texts!r}], not {type(texts).__name__}"
                 )
+            for text in texts:
+                if not isinstance(text, str):
+                    raise TypeError(
+                        f"{name} must hold rule texts, such as {str(text)!r},"
+                        f" not {type(text).__name__}"
+                    )
         defaults = DEFAULT_PORTS if defaultPorts else ()
         return cls(
             ports=tuple(PortRange(p, p) for p in defaults)

@@ -542,7 +542,7 @@ def parseConnectHead(
 
     @param head: The request line and header field lines, each ending in
         CRLF (or a bare LF; the last one's may be left off, as when the head
-        was split at C{b"\r\n\r\n"}), without the final empty line.
+        was split where the empty line begins), without the final empty line.
         Empty lines before the request line are ignored (RFC 9112 section
         2.2), but for their length.
     @param maxRequestLine: The longest request line accepted, in bytes,

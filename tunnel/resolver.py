@@ -47,6 +47,7 @@ __all__ = [
     "ThreadedResolver",
     "domainOf",
     "lookupClient",
+    "sharedResolver",
 ]
 
 _log = Logger()

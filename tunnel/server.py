@@ -646,9 +646,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
                 ),
             )
             return
-        credentials = parseBasicCredentials(request.header(b"proxy-authorization"))
+        given = request.header(b"proxy-authorization")
+        credentials = parseBasicCredentials(given)
         if credentials is None:
-            self._challenge("no valid Basic credentials")
+            # No header at all is how every browser starts: the 407 asks
+            # for credentials, and failed nothing worth a warning.
+            self._challenge("no valid Basic credentials" if given is not None else None)
             return
         claimed = credentials.username.decode("utf-8")
         self._user = (
@@ -719,14 +722,15 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._log.failure("Checking credentials failed", reason)
         self._reject(RequestRejected(500, "Credentials could not be checked."))
 
-    def _challenge(self, why: str) -> None:
+    def _challenge(self, why: str | None) -> None:
         self._refusal = "auth"
-        self._log.warn(
-            "Authentication failed for {user} from {client}: {why}",
-            user=escapeField(self._user or "-"),
-            client=self._peer,
-            why=why,
-        )
+        if why is not None:
+            self._log.warn(
+                "Authentication failed for {user} from {client}: {why}",
+                user=escapeField(self._user or "-"),
+                client=self._peer,
+                why=why,
+            )
         self._reject(
             RequestRejected(
                 407,
@@ -735,18 +739,21 @@ class ConnectProxy(Protocol, TimeoutMixin):
             )
         )
 
-    def _denied(self, denial: Denial) -> RequestRejected:
+    def _denied(self, denial: Denial, noneAllows: bool = True) -> RequestRejected:
         """
         The answer to a policy's refusal, whose reason is now the
         connection's.
 
+        @param noneAllows: Whether the policy may have answered L{None}
+            instead, to allow (not for C{addressDenial}, which only ever
+            refuses).
         @raise TypeError: If the policy gave something else than a
             L{Denial}.
         """
         if not isinstance(denial, Denial):
             raise TypeError(
                 f"the policy refused with {denial!r}; it must give a Denial"
-                " (or None to allow)"
+                + (" (or None to allow)" if noneAllows else "")
             )
         headers = denial.headers
         if denial.status == 407 and not any(
@@ -916,7 +923,8 @@ class ConnectProxy(Protocol, TimeoutMixin):
         """
         try:
             refusal = self._denied(
-                self.factory.policy.addressDenial(request.host, request.port)
+                self.factory.policy.addressDenial(request.host, request.port),
+                noneAllows=False,
             )
         except Exception:
             self._failedInternally(Failure(), "explaining an address denial")
