@@ -287,6 +287,19 @@ class Echo(Peer):
         self.tcp.write(data)
 
 
+class ResetAtOnce(Peer):
+    """
+    A target that accepts and resets the connection at once.
+    """
+
+    def connectionMade(self) -> None:
+        """
+        Reset.
+        """
+        super().connectionMade()
+        self.tcp.abortConnection()
+
+
 class PeerFactory(Factory):
     """
     Builds L{Peer}s for a test server.
@@ -809,6 +822,35 @@ class TunnelTests(LoopbackTestCase):
         self.assertEqual((event["bytesUp"], event["bytesDown"]), (23, 23))
         # An address literal is connected to directly, without a lookup.
         self.assertEqual(proxy.resolver.queries, [])
+
+    @inlineCallbacks
+    def test_targetResetsAtOnce(self) -> Yielding[None]:
+        """
+        A target that accepts and resets at once: whether the reset comes
+        before the proxy answered (a 502) or after (the 200, then the
+        reset), the client gets an answer, never a reset alone, which would
+        hide the 200 the proxy logs.
+        """
+        proxy = self.startProxy()
+        target = self.serve(ResetAtOnce)
+        authority = f"127.0.0.1:{target.port}"
+        heads = []
+        for _ in range(10):
+            peer = Peer()
+            head = peer.expectResponseHead()
+            yield self.connectToProxy(proxy.port, peer)
+            peer.tcp.write(connectHead(authority))
+            yield peer.lost.wait()
+            self.assertTrue(head.called, "no answer before the reset")
+            heads.append((yield head))
+        events = yield self.proxyEnded(10)
+        for head, event in zip(heads, events, strict=True):
+            if head == ESTABLISHED:
+                self.assertEqual(
+                    (event["status"], event["ended"]), (200, "target-reset")
+                )
+            else:
+                self.assertTrue(head.startswith(b"HTTP/1.1 502 "), head)
 
     @inlineCallbacks
     def test_echoThroughTunnelIPv6(self) -> Yielding[None]:

@@ -34,7 +34,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.epollreactor import EPollReactor
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
@@ -873,6 +873,45 @@ class SpliceRelayTests(TestCase):
         self.assertEqual(bytes(client.received), b"200 OK\r\n\r\n421 go away\r\n")
         result = yield ended.wait()
         self.assertEqual((result.bytesUp, result.bytesDown), (9, 13))
+
+    @inlineCallbacks
+    def test_greetingBeforeTargetReset(self) -> Yielding[None]:
+        """
+        Whichever relay moves the bytes, a target reset seen right after
+        the relay started, before the reactor wrote anything, leaves the
+        client with the greeting and then the reset, not a bare reset: the
+        ordinary relay sends what its client transport holds before it
+        aborts it, as the splice relay sends the greeting at once.
+        """
+        for relayClass in (Relay, SpliceRelay):
+            client, target = Peer(closeOnEOF=False), Peer(closeOnEOF=False)
+            clientSide, targetSide = yield self.connectPair(client, target)
+            ended: Once[RelayResult] = Once()
+            clientTransport = cast(Any, clientSide.transport)
+            targetTransport = cast(Any, targetSide.transport)
+            relay: Relay | SpliceRelay
+            if relayClass is SpliceRelay:
+                relay = SpliceRelay(
+                    clientTransport,
+                    targetTransport,
+                    reactor,
+                    None,
+                    ended.fire,
+                    reactor,
+                    pool=self.pool,
+                )
+            else:
+                relay = Relay(
+                    clientTransport, targetTransport, reactor, None, ended.fire
+                )
+            clientSide.relay = targetSide.relay = cast(Any, relay)
+            relay.start(greeting=b"200 OK\r\n\r\n")
+            relay.targetLost(Failure(ConnectionLost()))
+            result = yield ended.wait()
+            self.assertEqual(result.ended, "target-reset", relayClass)
+            yield client.lost.wait()
+            self.assertEqual(bytes(client.received), b"200 OK\r\n\r\n", relayClass)
+            self.assertReset(client)
 
     @inlineCallbacks
     def test_resetWhileHeldBack(self) -> Yielding[None]:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
 from attrs import frozen
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
@@ -458,6 +459,19 @@ class RelayLifecycle:
             onEnd(RelayResult(self.bytesUp, self.bytesDown, how))
 
 
+def _sendBufferedNow(transport: object) -> None:
+    """
+    Send what a TCP transport holds for its peer, as far as its socket
+    takes it without waiting (one C{doWrite}, as the reactor would call
+    it once the socket is writable).  Other transports (TLS: its records
+    are written by the transport below) keep theirs.
+
+    @param transport: A transport about to be aborted.
+    """
+    if isinstance(transport, FileDescriptor) and transport.connected:
+        transport.doWrite()
+
+
 class Relay(RelayLifecycle):
     """
     Moves bytes between a client transport and a target transport.
@@ -640,6 +654,13 @@ class Relay(RelayLifecycle):
             if isOpen:
                 self._unregister(transport)
                 if abort:
+                    if how.endswith("-reset"):
+                        # The other side reset: this one gets it too, but
+                        # first what was already given to it (the 200, and
+                        # what the side that reset sent before), as far
+                        # as its socket takes it now; the reset would drop
+                        # it unsent, a bare reset for a tunnel logged 200.
+                        _sendBufferedNow(transport)
                     transport.abortConnection()
                 else:
                     transport.loseConnection()
