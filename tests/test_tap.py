@@ -1361,6 +1361,24 @@ class RulesFilePolicyTests(SynchronousTestCase):
         clock.advance(1)
         self.assertEqual(self.ports(), [22, 80, 443])
 
+    def test_justWrittenAsTheSupervisorReadIt(self) -> None:
+        """
+        A file that changed less than a second ago but holds just what the
+        supervisor read (written just before the proxy started) serves at
+        once, without a warning, and is not read again until it changes.
+        """
+        events = self.logEvents()
+        self.write("allow-port 22\n")
+        clock = Clock()
+        clock.advance(os.stat(self.path).st_ctime_ns / 1e9 + 0.5)
+        self.policy = RulesFilePolicy(
+            self.path, clock, ports=["80"], fallback=b"allow-port 22\n"
+        )
+        self.assertEqual(self.ports(), [22, 80, 443])
+        clock.advance(1)
+        self.assertEqual(self.ports(), [22, 80, 443])
+        self.assertEqual(list(events), [])
+
     def test_contentOfLastGoodRules(self) -> None:
         """
         C{content} is what the rules in force were read from: it follows a

@@ -174,9 +174,13 @@ class WatchedFile:
 
         With a C{fallback} (a C{--workers} supervisor's last good copy), a
         file that cannot be read or parsed, or that has not L{settled} (it
-        may be half written), gives the fallback's content instead, and a
-        warning says why; a file that could not be read, or had not
-        settled, is read at the next look even if it has not changed.
+        may be half written) and holds something other than the fallback,
+        gives the fallback's content instead, and a warning says why; a
+        file that could not be read, or had not settled, is read at the next
+        look even if it has not changed.  A file that has not settled but
+        holds just what the supervisor read serves as it is, without a
+        warning: the file written just before the proxy started, as
+        configuration tools do.
 
         @param parse: Turns content into what its reader uses.
         @param fallback: The content to use if the file cannot be used.
@@ -190,7 +194,14 @@ class WatchedFile:
             no fallback.
         """
         if fallback is not None and not settled(self._stamp, now):
-            # Perhaps half written: read at a later look instead.
+            # Perhaps half written, unless the supervisor read the same.
+            try:
+                content = self.read()
+            except OSError:
+                content = None
+            if content == fallback:
+                return fallback, parse(fallback)
+            # Read at a later look instead.
             self.readAgain()
             error = f"{self.path} is being written"
         else:
