@@ -1048,6 +1048,40 @@ class OpenProxyWarningTests(SynchronousTestCase):
         ]:
             self.assertEqual(listensBeyondLoopback(description), beyond, description)
 
+    def test_systemdSocketAddress(self) -> None:
+        """
+        For a C{systemd:} listener the socket systemd passed (by index or by
+        name) is asked its address: bound to loopback, or a UNIX socket, it
+        accepts no other machine; one that cannot be found or asked might.
+        """
+        from twisted.python.systemd import ListenFDs
+
+        loopback = socket.socket()
+        self.addCleanup(loopback.close)
+        loopback.bind(("127.0.0.1", 0))
+        unix = socket.socket(socket.AF_UNIX)
+        self.addCleanup(unix.close)
+        reading, writing = os.pipe()
+        self.addCleanup(os.close, reading)
+        self.addCleanup(os.close, writing)
+        sockets = ListenFDs(
+            [loopback.fileno(), unix.fileno(), reading], ["proxy", "local", "pipe"]
+        )
+        for description, beyond in [
+            ("systemd:domain=INET:index=0", False),
+            ("systemd:domain=INET:name=proxy", False),
+            ("systemd:domain=UNIX:index=1", False),
+            ("systemd:domain=INET:index=2", True),
+            ("systemd:domain=INET:index=3", True),
+            ("systemd:domain=INET:name=other", True),
+        ]:
+            self.assertEqual(
+                listensBeyondLoopback(description, sockets), beyond, description
+            )
+        self.assertTrue(
+            listensBeyondLoopback("systemd:domain=INET:index=0", ListenFDs([], []))
+        )
+
     def test_withDefaultBacklog(self) -> None:
         """
         L{withDefaultBacklog} adds C{backlog=1024} to the kinds of listener

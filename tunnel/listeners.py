@@ -159,19 +159,25 @@ def _checkSocketFree(path: str, locked: bool) -> None:
 _INTERFACE = re.compile(r"(?:^|:)interface=((?:[^:\\]|\\.)*)")
 
 
-def listensBeyondLoopback(description: str) -> bool:
+def listensBeyondLoopback(description: str, systemdSockets: Any = None) -> bool:
     """
     Whether a server endpoint string may accept connections from other
     machines.
 
     @param description: The endpoint string.
+    @param systemdSockets: The sockets systemd passed, a
+        L{twisted.python.systemd.ListenFDs}; by default those of this
+        process's environment.
     @return: C{False} for UNIX sockets and for TCP/TLS listeners bound to a
-        loopback interface; C{True} otherwise (all interfaces, a public
-        address, or a kind this cannot tell, such as C{systemd:}).
+        loopback interface, and for a C{systemd:} socket bound so (its
+        address is asked of the socket itself); C{True} otherwise (all
+        interfaces, a public address, or a listener this cannot tell).
     """
     kind = description.partition(":")[0].lower()
     if kind == "unix":
         return False
+    if kind == "systemd":
+        return _systemdBeyondLoopback(description, systemdSockets)
     match = _INTERFACE.search(description)
     if match is None:
         return True
@@ -180,6 +186,43 @@ def listensBeyondLoopback(description: str) -> bool:
         return False
     try:
         return not ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return True
+
+
+def _systemdBeyondLoopback(description: str, sockets: Any) -> bool:
+    """
+    Whether the socket systemd passed for a C{systemd:} listener (by
+    C{index=} or C{name=}) is bound beyond loopback; C{True} if it cannot
+    be told.
+    """
+    try:
+        if sockets is None:
+            # The descriptor the listener will adopt, as Twisted's parser
+            # finds it: the environment systemd set is read once, by
+            # Twisted, which then removes it.
+            fd = serverFromString(None, description).fileno
+        else:
+            arguments = dict(
+                part.partition("=")[::2]
+                for part in description.split(":")[1:]
+                if "=" in part
+            )
+            if "name" in arguments:
+                fd = sockets.inheritedNamedDescriptors()[arguments["name"]]
+            else:
+                fd = sockets.inheritedDescriptors()[int(arguments.get("index", ""))]
+        # A copy of the descriptor, closed at once: the endpoint adopts the
+        # socket itself later.
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            family, address = sock.family, sock.getsockname()
+    except (LookupError, ValueError, TypeError, AttributeError, OSError):
+        return True
+    if family == socket.AF_UNIX:
+        return False
+    host = address[0].partition("%")[0]
+    try:
+        return not ipaddress.ip_address(host).is_loopback
     except ValueError:
         return True
 

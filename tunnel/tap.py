@@ -625,10 +625,14 @@ class Options(usage.Options, AuthOptionMixin):
                 # string, so that a mistake is a usage error, not a traceback.
                 endpoint = serverFromString(reactor, description)
             except Exception as e:
+                if description.lower().startswith("systemd:") and isinstance(
+                    e, (IndexError, KeyError)
+                ):
+                    raise usage.UsageError(_noSystemdSocket(description)) from None
                 # A colon left unescaped in a value makes Twisted's parsers
                 # fail with one of these (an argument given twice, a value
-                # cut short); a missing file, a systemd: index out of range
-                # or a misspelt endpoint type has nothing to do with colons.
+                # cut short); a missing file or a misspelt endpoint type has
+                # nothing to do with colons.
                 hint = (
                     " (in endpoint strings, colons inside a value are written"
                     " \\:, as in tcp6:8080:interface=\\:\\:1)"
@@ -874,12 +878,32 @@ def makeFactory(options: Options, reactor: Any) -> ConnectProxyFactory:
     return factory
 
 
+def _noSystemdSocket(description: str) -> str:
+    """
+    Say why a C{systemd:} listener found no socket: the one asked for was
+    not among those systemd passed.
+
+    @param description: The C{--listen} string.
+    @return: The usage error's text.
+    """
+    from twisted.python.systemd import ListenFDs
+
+    passed = len(ListenFDs.fromEnvironment().inheritedDescriptors())
+    return (
+        f"--listen {description}: no such socket among the {passed} passed by "
+        "systemd (LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES, which Twisted "
+        "needs all three of: systemd sets them for a socket unit; "
+        "systemd-socket-activate sets LISTEN_FDNAMES only with --fdname)"
+    )
+
+
 #: Logged at start-up for each listener that other machines can reach when
 #: neither C{--auth} nor C{--allow-from} is set (C{{listen}} is the
 #: listener).
 OPEN_PROXY_WARNING = (
     "*** OPEN PROXY *** {listen} accepts connections from other machines, and "
-    "neither --auth nor --allow-from is set: anyone who can reach it can "
+    "neither --auth nor --allow-from restricts who may use it (an --allow-from "
+    "of a whole family, 0.0.0.0/0 or ::/0, does not): anyone who can reach it can "
     "tunnel through this proxy. Add --auth htpasswd:PATH or --allow-from CIDR."
 )
 
