@@ -64,7 +64,7 @@ from tunnel.auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from tunnel.clients import formatAddress
 from tunnel.connector import AddressDenied
 from tunnel.interfaces import LookupsBusy, NoLocalPort, SourceUnusable
-from tunnel.policy import Denial, PortRange, TunnelPolicy
+from tunnel.policy import Denial, ITunnelPolicy, PortRange, TunnelPolicy
 from tunnel.relay import Relay, TargetProtocol, canHalfClose
 from tunnel.resolver import lookupClient
 from tunnel.server import (
@@ -3620,6 +3620,63 @@ class FactoryArgumentTests(SynchronousTestCase):
             self.assertIn(message, str(error))
         error = self.assertRaises(TypeError, ConnectProxyFactory, policy, reactor=clock)
         self.assertIn("connector must provide ITargetConnector", str(error))
+
+    def test_halfASeam(self) -> None:
+        """
+        A policy that declares L{ITunnelPolicy} but lacks some of its
+        methods is a L{TypeError} naming one, not a 500 at every request.
+        """
+
+        @implementer(ITunnelPolicy)
+        class OnlyTarget:  # type: ignore[misc]
+            def checkTarget(self, *args: object) -> None:
+                """
+                Allow.
+                """
+
+        error = self.assertRaises(
+            TypeError,
+            ConnectProxyFactory,
+            reactor=MemoryReactorClock(),
+            policy=OnlyTarget(),
+        )
+        self.assertIn("policy does not implement ITunnelPolicy", str(error))
+        self.assertIn("checkClient", str(error))
+
+    def test_numbers(self) -> None:
+        """
+        Timeouts, sizes and counts that are not numbers are L{TypeError}s,
+        and those out of range L{ValueError}s, when the factory is built.
+        """
+        clock = MemoryReactorClock()
+        cases: list[tuple[dict[str, Any], type[Exception]]] = [
+            ({"headerTimeout": 0}, ValueError),
+            ({"headerTimeout": -1}, ValueError),
+            ({"headerTimeout": None}, TypeError),
+            ({"connectTimeout": 0}, ValueError),
+            ({"idleTimeout": -5}, ValueError),
+            ({"idleTimeout": "600"}, TypeError),
+            ({"maxRequestLine": 0}, ValueError),
+            ({"maxHeaderSize": "64k"}, TypeError),
+            ({"maxHeaderSize": 65536.0}, TypeError),
+            ({"maxEarlyData": -1}, ValueError),
+            ({"maxTunnels": 0}, ValueError),
+            ({"maxTunnelsPerClient": True}, TypeError),
+            ({"maxPartialHeadBytesPerClient": 0}, ValueError),
+            ({"proxyProtocolFrom": "10.0.0.0/8"}, TypeError),
+        ]
+        for arguments, error in cases:
+            self.assertRaises(error, ConnectProxyFactory, reactor=clock, **arguments)
+        factory = ConnectProxyFactory(
+            reactor=clock,
+            headerTimeout=0.5,
+            connectTimeout=None,
+            idleTimeout=0,
+            maxEarlyData=0,
+            maxTunnels=None,
+            maxPartialHeadBytesPerClient=None,
+        )
+        self.assertIsNone(factory.idleTimeout)
 
     def test_rightSeams(self) -> None:
         """

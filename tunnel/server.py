@@ -34,7 +34,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import LogEvent, Logger, LogLevel
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Invalid, implementer
+from zope.interface.verify import verifyObject
 
 from .accesslog import escapeField
 from .answers import ESTABLISHED, errorResponse, httpDate
@@ -1377,6 +1378,45 @@ class _Login:
         self.logout = logout
 
 
+def _checkSeconds(
+    name: str,
+    value: object,
+    noneAllowed: bool = False,
+    zeroAllowed: bool = False,
+) -> None:
+    """
+    Refuse a timeout that is not a positive number of seconds.
+
+    @raise TypeError: For something that is not a number (nor an allowed
+        L{None}).
+    @raise ValueError: For a negative one, or zero unless C{zeroAllowed}.
+    """
+    if value is None and noneAllowed:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+    if value < 0 or (value == 0 and not zeroAllowed):
+        raise ValueError(f"{name} must be more than 0 seconds, not {value!r}")
+
+
+def _checkCount(
+    name: str, value: object, least: int = 1, noneAllowed: bool = False
+) -> None:
+    """
+    Refuse a size or count that is not an C{int} of at least C{least}.
+
+    @raise TypeError: For something that is not an C{int} (nor an allowed
+        L{None}).
+    @raise ValueError: For one below C{least}.
+    """
+    if value is None and noneAllowed:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, not {value!r}")
+
+
 @implementer(IProtocolNegotiationFactory)
 class ConnectProxyFactory(Factory):
     """
@@ -1526,7 +1566,12 @@ class ConnectProxyFactory(Factory):
             connection goes to the global log (twistd's log file).  The
             L{tunnelObservers} get it either way.
         @raise TypeError: If C{connector} or C{policy} does not provide its
-            interface, C{portal} has no C{login}, or C{realm} is no L{str}.
+            interface (or lacks one of its methods), C{portal} has no
+            C{login}, C{realm} is no L{str}, a number is not one, or
+            C{proxyProtocolFrom} is a string rather than a sequence of them.
+        @raise ValueError: For a timeout that is not positive (or, the idle
+            timeout, negative), or a size or count below one (early data:
+            below zero).
         """
         # Checked now, where a mistake is one traceback at start-up, rather
         # than a 500 (or a client left waiting) on every request.
@@ -1539,6 +1584,31 @@ class ConnectProxyFactory(Factory):
                     f"{name} must provide {interface.__name__}"
                     f" (@implementer({interface.__name__})), not {value!r}"
                 )
+            if value is not None:
+                try:
+                    verifyObject(interface, value)
+                except Invalid as e:
+                    raise TypeError(
+                        f"{name} does not implement {interface.__name__}: {e}"
+                    ) from None
+        _checkSeconds("headerTimeout", headerTimeout)
+        _checkSeconds("connectTimeout", connectTimeout, noneAllowed=True)
+        _checkSeconds("idleTimeout", idleTimeout, noneAllowed=True, zeroAllowed=True)
+        _checkCount("maxRequestLine", maxRequestLine)
+        _checkCount("maxHeaderSize", maxHeaderSize)
+        _checkCount("maxEarlyData", maxEarlyData, least=0)
+        _checkCount("maxTunnels", maxTunnels, noneAllowed=True)
+        _checkCount("maxTunnelsPerClient", maxTunnelsPerClient, noneAllowed=True)
+        _checkCount(
+            "maxPartialHeadBytesPerClient",
+            maxPartialHeadBytesPerClient,
+            noneAllowed=True,
+        )
+        if isinstance(proxyProtocolFrom, (str, bytes)):
+            raise TypeError(
+                "proxyProtocolFrom must be a sequence of networks, such as"
+                f" [{proxyProtocolFrom!r}], not {type(proxyProtocolFrom).__name__}"
+            )
         if portal is not None and not callable(getattr(portal, "login", None)):
             raise TypeError(
                 f"portal must be a twisted.cred Portal (with login), not {portal!r}"
