@@ -18,7 +18,12 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -479,6 +484,7 @@ class AccessLogReasonTests(ProxyTestMixin, SynchronousTestCase):
         [record] = self.records()
         self.assertEqual(record["status"], 403)
         self.assertEqual(self.reasons(record), ("port", None, None))
+        self.assertIn("--allow-port 22", record["detail"])
 
     def test_limit(self) -> None:
         """
@@ -491,6 +497,30 @@ class AccessLogReasonTests(ProxyTestMixin, SynchronousTestCase):
         [record] = self.records()
         self.assertEqual((record["status"], record["ended"]), (503, "target-failed"))
         self.assertEqual(self.reasons(record), (None, "name-lookups", None))
+        self.assertEqual(
+            record["detail"], "Too many name lookups are waiting; try again."
+        )
+
+    def test_targetRefused(self) -> None:
+        """
+        A 502 says why in C{detail}: a target that refused the connection
+        is told from a name that does not resolve.
+        """
+        for failure in [ConnectionRefusedError(), DNSLookupError()]:
+            proxy, _client = self.connectClient()
+            proxy.dataReceived(
+                b"CONNECT target.example:443 HTTP/1.1\r\nHost: h\r\n\r\n"
+            )
+            self.connector.endpoint.attempts[-1][1].errback(failure)
+        records = self.records()
+        self.assertEqual(
+            [record["detail"] for record in records],
+            [
+                "The target refused the connection.",
+                "The target host name does not resolve.",
+            ],
+        )
+        self.assertEqual({record["status"] for record in records}, {502})
 
     def test_parentStatus(self) -> None:
         """
@@ -517,6 +547,7 @@ class AccessLogReasonTests(ProxyTestMixin, SynchronousTestCase):
         [record] = self.records()
         self.assertEqual(record["status"], 200)
         self.assertEqual(self.reasons(record), (None, None, None))
+        self.assertIsNone(record["detail"])
 
 
 class MetricsTests(SynchronousTestCase):

@@ -48,10 +48,11 @@ ACCESS_FIELDS = (
 #: The fields of a JSON record: those of the text format, then why the
 #: proxy refused or failed the connection (each C{null} when it did not):
 #: the policy or authentication rule (C{port}, C{auth}, ...), the proxy's
-#: own limit (C{max-tunnels}, C{name-lookups}, ...) and a parent proxy's
-#: status.  The text format's fields are fixed; these are the JSON
+#: own limit (C{max-tunnels}, C{name-lookups}, ...), a parent proxy's
+#: status, and what the error answer told the client (C{"The target
+#: refused the connection."}).  The text format's fields are fixed; these are the JSON
 #: format's only, so that a text line keeps its documented shape.
-ACCESS_JSON_FIELDS = (*ACCESS_FIELDS, "rule", "limit", "parent_status")
+ACCESS_JSON_FIELDS = (*ACCESS_FIELDS, "rule", "limit", "parent_status", "detail")
 
 
 # The second last formatted, and its text: records come many to a second,
@@ -146,6 +147,7 @@ def formatAccessJSON(event: LogEvent) -> str:
     record["rule"] = event.get("refusal")
     record["limit"] = event.get("limit")
     record["parent_status"] = event.get("parentStatus")
+    record["detail"] = event.get("detail")
     text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
     if text.isprintable():
         return text

@@ -1089,7 +1089,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._lingering = self.factory.clock.callLater(
             LINGER_SECONDS, self._client.abortConnection
         )
-        self._end(rejected.status, ended)
+        self._end(rejected.status, ended, detail=rejected.detail)
         connecting, self._connecting = self._connecting, None
         if connecting is not None:
             connecting.cancel()
@@ -1192,10 +1192,17 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._end(200, result.ended, result.bytesUp, result.bytesDown)
 
     def _end(
-        self, status: int | None, ended: str, bytesUp: int = 0, bytesDown: int = 0
+        self,
+        status: int | None,
+        ended: str,
+        bytesUp: int = 0,
+        bytesDown: int = 0,
+        detail: str | None = None,
     ) -> None:
         """
         Emit the one log event for this connection.
+
+        @param detail: What an error answer told the client, if one did.
         """
         if self._ended is not None:
             return
@@ -1206,7 +1213,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
         if not (factory.logTunnels or factory.tunnelObservers):
             self._forgetIfDone()
             return
-        fields = self._tunnelEvent(status, ended, bytesUp, bytesDown)
+        fields = self._tunnelEvent(status, ended, bytesUp, bytesDown, detail)
         # Each reading of self._log makes a new Logger (it is a descriptor
         # that binds the source): once will do.
         log = self._log
@@ -1231,7 +1238,12 @@ class ConnectProxy(Protocol, TimeoutMixin):
         self._forgetIfDone()
 
     def _tunnelEvent(
-        self, status: int | None, ended: str, bytesUp: int, bytesDown: int
+        self,
+        status: int | None,
+        ended: str,
+        bytesUp: int,
+        bytesDown: int,
+        detail: str | None = None,
     ) -> dict[str, Any]:
         """
         The fields of the one event for this connection (see the README's
@@ -1281,6 +1293,7 @@ class ConnectProxy(Protocol, TimeoutMixin):
             "refusal": self._refusal,
             "limit": self._limit,
             "parentStatus": self._parentStatus,
+            "detail": detail,
             "ended": ended,
         }
         return fields
