@@ -5,10 +5,13 @@ Tests for L{tunnel.tap}: the command line and the service it makes.
 from __future__ import annotations
 
 import errno
+import io
 import ipaddress
 import itertools
 import os
+import platform
 import socket
+import sys
 import time
 from typing import Any, cast
 
@@ -370,6 +373,25 @@ class OptionsTests(SynchronousTestCase):
         for name in ["--listen", "--header-timeout", "--idle-timeout"]:
             self.assertIn(name, text)
         self.assertIn(DEFAULT_LISTEN, text)
+
+    def test_version(self) -> None:
+        """
+        C{--version} prints tunnel's version (the installed package's), then
+        Twisted's and Python's, and exits.
+        """
+        import tunnel
+        import twisted
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        exited = self.assertRaises(SystemExit, Options().parseOptions, ["--version"])
+        self.assertEqual(exited.code, 0)
+        self.assertEqual(
+            out.getvalue(),
+            f"tunnel {tunnel.__version__} (Twisted {twisted.__version__}, "
+            f"Python {platform.python_version()})\n",
+        )
+        self.assertRegex(tunnel.__version__, r"^\d+\.\d+")
 
 
 class MakeServiceTests(SynchronousTestCase):

@@ -35,6 +35,9 @@ The submodules hold more, for those who build on the parts; what they list
 in C{__all__} is public too.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from .accesslog import AccessLogObserver
 from .auth import FailureDamper, IProxyUser, ProxyUser, portalFromCheckers
 from .connector import HostnameConnector
@@ -102,3 +105,9 @@ __all__ = [
     "parseUpstreamURL",
     "portalFromCheckers",
 ]
+
+try:
+    #: The installed version of tunnel.
+    __version__ = _version("tunnel")
+except PackageNotFoundError:  # pragma: no cover (a checkout not installed)
+    __version__ = "unknown"

@@ -7,9 +7,10 @@ from __future__ import annotations
 import gc
 import math
 import os
+import platform
 import sys
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from twisted.application.service import IService
 from twisted.cred.checkers import (
@@ -396,6 +397,20 @@ class Options(usage.Options, AuthOptionMixin):
             options = sys.argv[1:]
         self.argv = list(options)
         super().parseOptions(options)
+
+    def opt_version(self) -> NoReturn:
+        """
+        Print the versions of tunnel, Twisted and Python, and exit.
+        """
+        import twisted
+
+        from . import __version__
+
+        print(
+            f"tunnel {__version__} (Twisted {twisted.__version__}, "
+            f"Python {platform.python_version()})"
+        )
+        sys.exit(0)
 
     def opt_inherit_fd(self, value: str) -> None:
         """
