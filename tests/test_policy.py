@@ -293,6 +293,9 @@ class PortTests(SynchronousTestCase):
         self.assertEqual(parsePortRange("1-65535"), PortRange(1, 65535))
         for text in ["0", "65536", "9-8", "a", "1-", "-1", "", "1-2-3"]:
             self.assertRaises(ValueError, parsePortRange, text)
+        # A range written backwards is told as one, not as out of 1-65535.
+        error = self.assertRaises(ValueError, parsePortRange, "8000-7000")
+        self.assertIn("ends before it starts (write 7000-8000)", str(error))
         self.assertNotIn("22", PortRange(1, 100))
 
 

@@ -1724,6 +1724,10 @@ class UpstreamOptionsTests(SynchronousTestCase):
         self.patch(tap, "checkSourceAddress", cannotBind)
         error = self.assertRaises(UsageError, parse, "--outgoing-address", "192.0.2.1")
         self.assertIn("192.0.2.1: Cannot assign requested address", str(error))
+        self.assertIn("is it an address of this host?", str(error))
+        # A link-local address without its zone is told so.
+        error = self.assertRaises(UsageError, parse, "--outgoing-address", "fe80::1")
+        self.assertIn("needs its zone, as in fe80::1%eth0", str(error))
         self.patch(tap, "checkSourceAddress", lambda address: None)
         options = parse("--outgoing-address", "192.0.2.1")
         error = self.assertRaises(
@@ -1805,10 +1809,10 @@ class UpstreamOptionsTests(SynchronousTestCase):
         error; C{-} (standard output) with C{--workers} is one too, since a
         worker's standard output carries its log.
         """
-        e = self.assertRaises(
-            UsageError, parse, "--access-log", self.mktemp() + "/missing/x.log"
-        )
+        missing = self.mktemp() + "/missing"
+        e = self.assertRaises(UsageError, parse, "--access-log", missing + "/x.log")
         self.assertIn("--access-log", str(e))
+        self.assertTrue(str(e).endswith(": no directory " + os.path.abspath(missing)))
         e = self.assertRaises(UsageError, parse, "--access-log", "-", "--workers", "2")
         self.assertIn("--workers", str(e))
         parse("--access-log", "-")

@@ -244,6 +244,10 @@ def parsePortRange(text: str) -> PortRange:
         highPort = int(high) if dash else lowPort
     except ValueError:
         raise ValueError(f"not a port or port range: {text!r}") from None
+    if lowPort > highPort:
+        raise ValueError(
+            f"not a port range: {text!r} ends before it starts (write {high}-{low})"
+        )
     if not 1 <= lowPort <= highPort <= 65535:
         raise ValueError(f"not a port range within 1-65535: {text!r}")
     return PortRange(lowPort, highPort)

@@ -596,9 +596,13 @@ class Options(usage.Options, AuthOptionMixin):
             try:
                 checkSourceAddress(address)
             except OSError as e:
+                zone = (
+                    " (a link-local IPv6 address needs its zone, as in fe80::1%eth0)"
+                    if address.lower().startswith("fe80:") and "%" not in address
+                    else " (is it an address of this host?)"
+                )
                 raise usage.UsageError(
-                    f"--outgoing-address {address}: {e.strerror or e} (is it "
-                    "an address of this host?)"
+                    f"--outgoing-address {address}: {e.strerror or e}{zone}"
                 ) from None
 
     def _checkListeners(self) -> None:
@@ -736,14 +740,16 @@ class Options(usage.Options, AuthOptionMixin):
         if os.path.isdir(path):
             raise usage.UsageError(f"--access-log: {path} is a directory")
         if os.path.exists(path):
-            writable = os.access(path, os.W_OK)
+            writable, why = os.access(path, os.W_OK), "not writable by this user"
         else:
             directory = os.path.dirname(path) or "."
-            writable = os.path.isdir(directory) and os.access(
-                directory, os.W_OK | os.X_OK
-            )
+            if not os.path.isdir(directory):
+                writable, why = False, f"no directory {directory}"
+            else:
+                writable = os.access(directory, os.W_OK | os.X_OK)
+                why = f"cannot create files in {directory}"
         if not writable:
-            raise usage.UsageError(f"--access-log: cannot write {path}")
+            raise usage.UsageError(f"--access-log: cannot write {path}: {why}")
 
 
 # Name each number option in its coercer's errors (see _number).
