@@ -1859,8 +1859,17 @@ class ChainTests(TestCase):
         parentPort = self.startParent(tls=True)
         expiredPort = self.startParent(tls=True, certificate="localhostExpired")
         noNamePort = self.startParent(tls=True, certificate="localhostNoSAN")
+        plainPort = self.startParent()
         resolver = FakeResolver({"localhost": ["127.0.0.1"]})
         for url, ca, why in [
+            (
+                # A parent that does not speak TLS: OpenSSL's reason, not
+                # pyOpenSSL's list of tuples.
+                f"https://localhost:{plainPort}",
+                self.caFile(),
+                "TLS with the parent proxy failed: wrong version number (does"
+                " the parent speak TLS on that port?)",
+            ),
             (
                 f"https://localhost:{parentPort}",
                 self.caFile("otherCA"),

@@ -831,14 +831,34 @@ class _Handshake(Protocol):
         failure = self._failure
         if failure is None:
             if reason.check(SSL.Error, VerificationError, CertificateError):
-                failure = Failure(
-                    _UpstreamTLSFailed(string=reason.getErrorMessage().rstrip("."))
-                )
+                failure = Failure(_UpstreamTLSFailed(string=_tlsErrorText(reason)))
             else:
                 ended = type(reason.value).__name__
                 why = f"the connection ended before it answered ({ended})"
                 failure = Failure(UpstreamProtocolError(string=why))
         self._attempt.fail(failure)
+
+
+def _tlsErrorText(reason: Failure) -> str:
+    """
+    What a TLS failure with the parent says, for the log: OpenSSL's reasons
+    (C{wrong version number}), not the list of tuples pyOpenSSL carries
+    them in; a parent that does not speak TLS at all is named as such.
+    """
+    error = reason.value
+    entries = error.args[0] if isinstance(error, SSL.Error) and error.args else None
+    if isinstance(entries, list):
+        reasons = [
+            entry[2]
+            for entry in entries
+            if isinstance(entry, tuple) and len(entry) == 3 and entry[2]
+        ]
+        if reasons:
+            text = "; ".join(reasons)
+            if "wrong version number" in reasons:
+                text += " (does the parent speak TLS on that port?)"
+            return text
+    return reason.getErrorMessage().rstrip(".")
 
 
 class _UpstreamTLSFailed(UpstreamProtocolError):
