@@ -339,6 +339,27 @@ class FromStringsTests(SynchronousTestCase):
             )
             self.assertIn(f"{name} must hold rule texts, such as '8443'", str(error))
 
+    def test_iterables(self) -> None:
+        """
+        Rule texts given as iterators (a generator) are read once and all
+        kept: checking them must not use them up and leave a policy that
+        allows every client and denies no destination.
+        """
+        policy = TunnelPolicy.fromStrings(
+            ports=iter(["8443"]),
+            allowFrom=(text for text in ["10.0.0.0/8"]),
+            allowTo=iter(["192.168.0.0/16"]),
+            denyTo=iter(["169.254.0.0/16"]),
+        )
+        listed = TunnelPolicy.fromStrings(
+            ports=["8443"],
+            allowFrom=["10.0.0.0/8"],
+            allowTo=["192.168.0.0/16"],
+            denyTo=["169.254.0.0/16"],
+        )
+        self.assertEqual(policy, listed)
+        self.assertIsNotNone(policy.checkClient(ipaddress.ip_address("203.0.113.5")))
+
     def test_portsAreRanges(self) -> None:
         """
         A policy built with ports that are not L{PortRange}s is refused

@@ -725,6 +725,15 @@ class ClientShareTests(ResolverTestCase):
             resolver = self.makeResolver(threads=threads)
             self.assertEqual(resolver.maxRunningPerClient, share, threads)
 
+    def test_noShare(self) -> None:
+        """
+        A share of no thread, for a domain or a client, is refused: its
+        lookups would wait for ever.
+        """
+        for name in ("maxRunningPerDomain", "maxRunningPerClient"):
+            error = self.assertRaises(ValueError, self.makeResolver, **{name: 0})
+            self.assertIn(name, str(error))
+
     def test_waitingInOrderOfTheirClients(self) -> None:
         """
         When a thread is free, the oldest waiting lookup whose client has

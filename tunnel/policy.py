@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from attrs import field, frozen
@@ -570,10 +570,10 @@ class TunnelPolicy:
     @classmethod
     def fromStrings(
         cls,
-        ports: Sequence[str] = (),
-        allowFrom: Sequence[str] = (),
-        allowTo: Sequence[str] = (),
-        denyTo: Sequence[str] = (),
+        ports: Iterable[str] = (),
+        allowFrom: Iterable[str] = (),
+        allowTo: Iterable[str] = (),
+        denyTo: Iterable[str] = (),
         defaultPorts: bool = True,
     ) -> TunnelPolicy:
         """
@@ -592,6 +592,9 @@ class TunnelPolicy:
         @raise ValueError: If a rule cannot be parsed.
         @raise TypeError: If a string is given where a sequence of them is.
         """
+        # Each read once, whatever it is (a generator, too), then checked
+        # and parsed from the copy.
+        given: dict[str, tuple[str, ...]] = {}
         for name, texts in (
             ("ports", ports),
             ("allowFrom", allowFrom),
@@ -605,7 +608,8 @@ class TunnelPolicy:
                     f"{name} must be a sequence of rule texts, such as"
                     f" [{texts!r}], not {type(texts).__name__}"
                 )
-            for text in texts:
+            given[name] = tuple(texts)
+            for text in given[name]:
                 if not isinstance(text, str):
                     raise TypeError(
                         f"{name} must hold rule texts, such as {str(text)!r},"
@@ -614,10 +618,10 @@ class TunnelPolicy:
         defaults = DEFAULT_PORTS if defaultPorts else ()
         return cls(
             ports=tuple(PortRange(p, p) for p in defaults)
-            + tuple(parsePortRange(text) for text in ports),
-            allowFrom=_parseNetworks(allowFrom),
-            allowTo=tuple(parseTargetRule(text) for text in allowTo),
-            denyTo=tuple(parseTargetRule(text) for text in denyTo),
+            + tuple(parsePortRange(text) for text in given["ports"]),
+            allowFrom=_parseNetworks(given["allowFrom"]),
+            allowTo=tuple(parseTargetRule(text) for text in given["allowTo"]),
+            denyTo=tuple(parseTargetRule(text) for text in given["denyTo"]),
         )
 
     def checkClient(self, client: IPAddress | None) -> Denial | None:

@@ -423,6 +423,14 @@ class ThreadedResolver:
         """
         if threads < 1:
             raise ValueError("a resolver needs at least one thread")
+        for name, share in (
+            ("maxRunningPerDomain", maxRunningPerDomain),
+            ("maxRunningPerClient", maxRunningPerClient),
+        ):
+            if share is not None and share < 1:
+                # No thread for a domain (or client) at all: its lookups
+                # would wait for ever.
+                raise ValueError(f"{name} must be at least 1, not {share}")
         self._reactor = reactor
         self.threads = threads
         self.maxWaiting = maxWaiting

@@ -5,6 +5,7 @@ The CONNECT handshake: the protocol that talks to a client, and its factory.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
@@ -1408,7 +1409,8 @@ def _checkSeconds(
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {value!r}")
-    if value < 0 or (value == 0 and not zeroAllowed):
+    # NaN compares false with everything, so it is asked for by name.
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zeroAllowed):
         raise ValueError(f"{name} must be more than 0 seconds, not {value!r}")
 
 
