@@ -367,6 +367,9 @@ class FromStringsTests(SynchronousTestCase):
         """
         self.assertRaises(TypeError, TunnelPolicy, ports=(443, 8443))
         TunnelPolicy(ports=(PortRange(443, 443),))
+        # Any iterable of them, read once into the tuple kept.
+        policy = TunnelPolicy(ports=iter([PortRange(22, 22)]))
+        self.assertEqual(policy.ports, (PortRange(22, 22),))
 
 
 class HostBitsNoteTests(SynchronousTestCase):

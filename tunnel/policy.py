@@ -536,6 +536,10 @@ def _parseNetworks(texts: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(parseNetwork(text) for text in texts)
 
 
+def _portRanges(ports: Iterable[PortRange]) -> tuple[PortRange, ...]:
+    return tuple(ports)
+
+
 @implementer(ITunnelPolicy)
 @frozen
 class TunnelPolicy:
@@ -561,6 +565,7 @@ class TunnelPolicy:
     # fail there, a 500 for each.
     ports: tuple[PortRange, ...] = field(
         default=tuple(PortRange(p, p) for p in DEFAULT_PORTS),
+        converter=_portRanges,
         validator=deep_iterable(instance_of(PortRange)),
     )
     allowFrom: tuple[IPNetwork, ...] = ()

@@ -839,7 +839,9 @@ class ConnectProxy(Protocol, TimeoutMixin):
 
         target = TargetProtocol()
         # The lookups a name needs are this client's (a resolver gives each
-        # client a share of its threads): an address needs none.
+        # client a share of its threads).  An address needs none; through a
+        # parent proxy it needs the parent's name, one answer kept for every
+        # client, so counted against none.
         asking = None if literal is not None else lookupClient.set(self._clientKey)
         try:
             endpoint = factory.connector.endpointForTarget(host, port, allowAddress)
