@@ -295,7 +295,8 @@ class Options(usage.Options, AuthOptionMixin):
             "Name lookups (getaddrinfo) of targets and the parent proxy that "
             "may run at once, in threads apart from the password checks; up to "
             "1000 more wait (503 beyond); the names of one domain take at "
-            "most a quarter of them (at least one)",
+            "most a quarter of them, the lookups of one client at most half "
+            "(at least one each)",
             _number(int, 1, 1000),
         ],
         [
