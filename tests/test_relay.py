@@ -1,15 +1,19 @@
 """
 Tests for the parts of L{tunnel.relay} that need no connection: how one
-side's transport produces for the other.
+side's transport produces for the other, and what a reset flushes first.
 """
 
 from __future__ import annotations
 
 from typing import Any, cast
 
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunnel.relay import _PeerProducer
+from tunnel.relay import _PeerProducer, _sendBufferedNow
 
 
 class FakeTransport:
@@ -90,3 +94,69 @@ class PeerProducerTests(SynchronousTestCase):
         peerProducer(producer, consumer).resumeProducing()
         self.assertEqual(producer.calls, ["resume"])
         self.assertEqual(consumer.calls, [])
+
+
+class RecordingDescriptor(FileDescriptor):
+    """
+    A file descriptor transport whose socket is a byte string: what
+    C{doWrite} sends is recorded.
+
+    @ivar sent: The bytes sent so far.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(reactor=MemoryReactor())
+        self.connected = 1
+        self.sent = b""
+
+    def writeSomeData(self, data: bytes) -> int:
+        """
+        Take everything.
+        """
+        self.sent += bytes(data)
+        return len(data)
+
+
+class SendBufferedNowTests(SynchronousTestCase):
+    """
+    L{_sendBufferedNow}, what a relay does with the other side's transport
+    before resetting it because one side reset.
+    """
+
+    def test_tcp(self) -> None:
+        """
+        A file descriptor transport sends what it holds at once, as the
+        reactor's C{doWrite} would.
+        """
+        transport = RecordingDescriptor()
+        transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        self.assertEqual(transport.sent, b"")
+        _sendBufferedNow(transport)
+        self.assertEqual(transport.sent, b"HTTP/1.1 200 Connection Established\r\n\r\n")
+
+    def test_wrapper(self) -> None:
+        """
+        A wrapping transport (TLS, which writes its records to the transport
+        below it as soon as it makes them) has that transport send.
+        """
+        below = RecordingDescriptor()
+        wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
+        wrapper.makeConnection(below)
+        wrapper.write(b"records")
+        _sendBufferedNow(wrapper)
+        self.assertEqual(below.sent, b"records")
+
+    def test_closedOrOther(self) -> None:
+        """
+        A transport no longer connected sends nothing; one that is neither
+        (a test's C{StringTransport}) is left alone.
+        """
+        closed = RecordingDescriptor()
+        closed.write(b"late")
+        closed.connected = 0
+        _sendBufferedNow(closed)
+        self.assertEqual(closed.sent, b"")
+        other = StringTransport()
+        other.write(b"kept")
+        _sendBufferedNow(other)
+        self.assertEqual(other.value(), b"kept")

@@ -463,11 +463,14 @@ def _sendBufferedNow(transport: object) -> None:
     """
     Send what a TCP transport holds for its peer, as far as its socket
     takes it without waiting (one C{doWrite}, as the reactor would call
-    it once the socket is writable).  Other transports (TLS: its records
-    are written by the transport below) keep theirs.
+    it once the socket is writable).  A wrapping transport (TLS, whose
+    records are written to the TCP transport below it as soon as they are
+    made) has the transport below do so.  Others keep theirs.
 
     @param transport: A transport about to be aborted.
     """
+    if isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
     if isinstance(transport, FileDescriptor) and transport.connected:
         transport.doWrite()
 
