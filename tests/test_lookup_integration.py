@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 
 from tests.fakes import turnsUntil
 from tests.test_integration import (
@@ -67,6 +67,23 @@ class SlowDomainTests(LoopbackTestCase):
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
 
     @inlineCallbacks
+    def request(
+        self, name: str, source: str | None = None
+    ) -> Yielding[tuple[Peer, Deferred[bytes]]]:
+        """
+        Connect a client (from C{source}) and ask for a tunnel to C{name}
+        on the target's port.
+
+        @return: Fires, once the request is sent, with the client and what
+            fires with the proxy's response head.
+        """
+        peer = Peer()
+        answer = peer.expectResponseHead()
+        yield self.connectToProxy(self.proxy.port, peer, source)
+        peer.tcp.write(connectHead(f"{name}:{self.target.port}"))
+        return peer, answer
+
+    @inlineCallbacks
     def test_otherDomainsGoFirst(self) -> Yielding[None]:
         """
         While the lookups of names under a domain whose servers do not
@@ -74,11 +91,10 @@ class SlowDomainTests(LoopbackTestCase):
         have, a client naming another domain gets its tunnel at once; the
         hung requests get theirs once their lookups return, one at a time.
         """
-        slow = [Peer() for _ in range(6)]
-        answers = [peer.expectResponseHead() for peer in slow]
-        for number, peer in enumerate(slow):
-            yield self.connectToProxy(self.proxy.port, peer)
-            peer.tcp.write(connectHead(f"x{number}.slow.test:{self.target.port}"))
+        answers = []
+        for number in range(6):
+            _, answer = yield self.request(f"x{number}.slow.test")
+            answers.append(answer)
         yield turnsUntil(reactor, lambda: self.resolver.waiting == 5)
         self.assertEqual((self.resolver.running, self.resolver.waiting), (1, 5))
         fast = Peer()
@@ -102,18 +118,14 @@ class SlowDomainTests(LoopbackTestCase):
         the client's share (two of four): another client's name is looked
         up at once, and the first client's lookups wait for its own to end.
         """
-        slow = [Peer() for _ in range(4)]
-        answers = [peer.expectResponseHead() for peer in slow]
-        for number, peer in enumerate(slow):
-            yield self.connectToProxy(self.proxy.port, peer)
-            peer.tcp.write(connectHead(f"x.slow{number}.test:{self.target.port}"))
+        answers = []
+        for number in range(4):
+            _, answer = yield self.request(f"x.slow{number}.test")
+            answers.append(answer)
         yield turnsUntil(reactor, lambda: self.resolver.waiting == 2)
         self.assertEqual((self.resolver.running, self.resolver.waiting), (2, 2))
-        other = Peer()
-        answer = other.expectResponseHead()
-        yield self.connectToProxy(self.proxy.port, other, source="127.0.0.2")
-        other.tcp.write(connectHead(f"fast.test:{self.target.port}"))
-        head = yield answer
+        _, fast = yield self.request("fast.test", source="127.0.0.2")
+        head = yield fast
         self.assertEqual(head, ESTABLISHED)
         self.assertEqual(self.looked, ["fast.test"])
         self.assertFalse(any(answer.called for answer in answers))

@@ -30,7 +30,12 @@ from tunnel import connector, limits, listeners, tap, upstream
 from tunnel.auth import IProxyUser, ProxyUser
 from tunnel.connector import HostnameConnector
 from tunnel.htpasswd import HtpasswdChecker
-from tunnel.listeners import StopInTurn, listensBeyondLoopback, withDefaultBacklog
+from tunnel.listeners import (
+    StopInTurn,
+    boundBeyondLoopback,
+    listensBeyondLoopback,
+    withDefaultBacklog,
+)
 from tunnel.resolver import ThreadedResolver
 from tunnel.rules import RulesFilePolicy
 from tunnel.server import ConnectProxyFactory
@@ -1070,14 +1075,14 @@ class OpenProxyWarningTests(SynchronousTestCase):
         ]:
             self.assertEqual(listensBeyondLoopback(description), beyond, description)
 
-    def test_systemdSocketAddress(self) -> None:
+    def test_boundBeyondLoopback(self) -> None:
         """
-        For a C{systemd:} listener the socket systemd passed (by index or by
-        name) is asked its address: bound to loopback, or a UNIX socket, it
-        accepts no other machine; one that cannot be found or asked might.
+        For a C{systemd:} listener the socket systemd passed is asked its
+        address: bound to loopback, or a UNIX socket, it accepts no other
+        machine; a descriptor that cannot be asked might.  (Without the
+        socket, as here, a C{systemd:} listener might too: see
+        L{test_listensBeyondLoopback}.)
         """
-        from twisted.python.systemd import ListenFDs
-
         loopback = socket.socket()
         self.addCleanup(loopback.close)
         loopback.bind(("127.0.0.1", 0))
@@ -1086,23 +1091,11 @@ class OpenProxyWarningTests(SynchronousTestCase):
         reading, writing = os.pipe()
         self.addCleanup(os.close, reading)
         self.addCleanup(os.close, writing)
-        sockets = ListenFDs(
-            [loopback.fileno(), unix.fileno(), reading], ["proxy", "local", "pipe"]
-        )
-        for description, beyond in [
-            ("systemd:domain=INET:index=0", False),
-            ("systemd:domain=INET:name=proxy", False),
-            ("systemd:domain=UNIX:index=1", False),
-            ("systemd:domain=INET:index=2", True),
-            ("systemd:domain=INET:index=3", True),
-            ("systemd:domain=INET:name=other", True),
-        ]:
-            self.assertEqual(
-                listensBeyondLoopback(description, sockets), beyond, description
-            )
-        self.assertTrue(
-            listensBeyondLoopback("systemd:domain=INET:index=0", ListenFDs([], []))
-        )
+        self.assertFalse(boundBeyondLoopback(loopback.fileno()))
+        self.assertFalse(boundBeyondLoopback(unix.fileno()))
+        self.assertTrue(boundBeyondLoopback(reading))
+        # The descriptors asked were copies: these are still open.
+        self.assertEqual(loopback.getsockname()[0], "127.0.0.1")
 
     def test_withDefaultBacklog(self) -> None:
         """

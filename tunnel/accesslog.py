@@ -50,8 +50,9 @@ ACCESS_FIELDS = (
 #: the policy or authentication rule (C{port}, C{auth}, ...), the proxy's
 #: own limit (C{max-tunnels}, C{name-lookups}, ...), a parent proxy's
 #: status, and what the error answer told the client (C{"The target
-#: refused the connection."}).  The text format's fields are fixed; these are the JSON
-#: format's only, so that a text line keeps its documented shape.
+#: refused the connection."}).  The text format's fields are fixed; these
+#: are the JSON format's only, so that a text line keeps its documented
+#: shape.
 ACCESS_JSON_FIELDS = (*ACCESS_FIELDS, "rule", "limit", "parent_status", "detail")
 
 

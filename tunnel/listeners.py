@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_BACKLOG",
     "InheritedPorts",
     "StopInTurn",
+    "boundBeyondLoopback",
     "checkBindable",
     "listen",
     "listensBeyondLoopback",
@@ -159,15 +160,12 @@ def _checkSocketFree(path: str, locked: bool) -> None:
 _INTERFACE = re.compile(r"(?:^|:)interface=((?:[^:\\]|\\.)*)")
 
 
-def listensBeyondLoopback(description: str, systemdSockets: Any = None) -> bool:
+def listensBeyondLoopback(description: str) -> bool:
     """
     Whether a server endpoint string may accept connections from other
     machines.
 
     @param description: The endpoint string.
-    @param systemdSockets: The sockets systemd passed, a
-        L{twisted.python.systemd.ListenFDs}; by default those of this
-        process's environment.
     @return: C{False} for UNIX sockets and for TCP/TLS listeners bound to a
         loopback interface, and for a C{systemd:} socket bound so (its
         address is asked of the socket itself); C{True} otherwise (all
@@ -177,7 +175,14 @@ def listensBeyondLoopback(description: str, systemdSockets: Any = None) -> bool:
     if kind == "unix":
         return False
     if kind == "systemd":
-        return _systemdBeyondLoopback(description, systemdSockets)
+        try:
+            # The descriptor the listener will adopt, as Twisted's parser
+            # finds it: the environment systemd set is read once, by
+            # Twisted, which then removes it.
+            fd = serverFromString(None, description).fileno
+        except (LookupError, ValueError, TypeError, AttributeError):
+            return True
+        return boundBeyondLoopback(fd)
     match = _INTERFACE.search(description)
     if match is None:
         return True
@@ -190,33 +195,19 @@ def listensBeyondLoopback(description: str, systemdSockets: Any = None) -> bool:
         return True
 
 
-def _systemdBeyondLoopback(description: str, sockets: Any) -> bool:
+def boundBeyondLoopback(fd: int) -> bool:
     """
-    Whether the socket systemd passed for a C{systemd:} listener (by
-    C{index=} or C{name=}) is bound beyond loopback; C{True} if it cannot
-    be told.
+    Whether a listening socket may accept connections from other machines,
+    as its own address tells.
+
+    @param fd: The socket's descriptor (a copy is asked, and closed).
+    @return: C{False} for a UNIX socket or one bound to a loopback address;
+        C{True} otherwise, and for a descriptor that cannot be asked.
     """
     try:
-        if sockets is None:
-            # The descriptor the listener will adopt, as Twisted's parser
-            # finds it: the environment systemd set is read once, by
-            # Twisted, which then removes it.
-            fd = serverFromString(None, description).fileno
-        else:
-            arguments = dict(
-                part.partition("=")[::2]
-                for part in description.split(":")[1:]
-                if "=" in part
-            )
-            if "name" in arguments:
-                fd = sockets.inheritedNamedDescriptors()[arguments["name"]]
-            else:
-                fd = sockets.inheritedDescriptors()[int(arguments.get("index", ""))]
-        # A copy of the descriptor, closed at once: the endpoint adopts the
-        # socket itself later.
         with socket.socket(fileno=os.dup(fd)) as sock:
             family, address = sock.family, sock.getsockname()
-    except (LookupError, ValueError, TypeError, AttributeError, OSError):
+    except OSError:
         return True
     if family == socket.AF_UNIX:
         return False

@@ -536,6 +536,31 @@ def _parseNetworks(texts: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(parseNetwork(text) for text in texts)
 
 
+def _ruleTexts(name: str, texts: Iterable[str]) -> tuple[str, ...]:
+    """
+    The rule texts given for C{name}, read once (a generator, too) and
+    checked.
+
+    @raise TypeError: For a string where a sequence of them is expected,
+        or an item that is not a string.
+    """
+    if isinstance(texts, (str, bytes)):
+        # A string is a sequence too: "8443" would allow ports 8, 4 and 3,
+        # and not 8443.
+        raise TypeError(
+            f"{name} must be a sequence of rule texts, such as"
+            f" [{texts!r}], not {type(texts).__name__}"
+        )
+    given = tuple(texts)
+    for text in given:
+        if not isinstance(text, str):
+            raise TypeError(
+                f"{name} must hold rule texts, such as {str(text)!r},"
+                f" not {type(text).__name__}"
+            )
+    return given
+
+
 def _portRanges(ports: Iterable[PortRange]) -> tuple[PortRange, ...]:
     return tuple(ports)
 
@@ -597,36 +622,17 @@ class TunnelPolicy:
         @raise ValueError: If a rule cannot be parsed.
         @raise TypeError: If a string is given where a sequence of them is.
         """
-        # Each read once, whatever it is (a generator, too), then checked
-        # and parsed from the copy.
-        given: dict[str, tuple[str, ...]] = {}
-        for name, texts in (
-            ("ports", ports),
-            ("allowFrom", allowFrom),
-            ("allowTo", allowTo),
-            ("denyTo", denyTo),
-        ):
-            if isinstance(texts, (str, bytes)):
-                # A string is a sequence too: "8443" would allow ports 8,
-                # 4 and 3, and not 8443.
-                raise TypeError(
-                    f"{name} must be a sequence of rule texts, such as"
-                    f" [{texts!r}], not {type(texts).__name__}"
-                )
-            given[name] = tuple(texts)
-            for text in given[name]:
-                if not isinstance(text, str):
-                    raise TypeError(
-                        f"{name} must hold rule texts, such as {str(text)!r},"
-                        f" not {type(text).__name__}"
-                    )
+        ports = _ruleTexts("ports", ports)
+        allowFrom = _ruleTexts("allowFrom", allowFrom)
+        allowTo = _ruleTexts("allowTo", allowTo)
+        denyTo = _ruleTexts("denyTo", denyTo)
         defaults = DEFAULT_PORTS if defaultPorts else ()
         return cls(
             ports=tuple(PortRange(p, p) for p in defaults)
-            + tuple(parsePortRange(text) for text in given["ports"]),
-            allowFrom=_parseNetworks(given["allowFrom"]),
-            allowTo=tuple(parseTargetRule(text) for text in given["allowTo"]),
-            denyTo=tuple(parseTargetRule(text) for text in given["denyTo"]),
+            + tuple(parsePortRange(text) for text in ports),
+            allowFrom=_parseNetworks(allowFrom),
+            allowTo=tuple(parseTargetRule(text) for text in allowTo),
+            denyTo=tuple(parseTargetRule(text) for text in denyTo),
         )
 
     def checkClient(self, client: IPAddress | None) -> Denial | None:

@@ -223,6 +223,17 @@ def domainOf(name: str) -> str:
     return ".".join(name.rstrip(".").lower().rsplit(".", 2)[-2:])
 
 
+def _tally(counts: dict[str, list[int]], key: str, which: int, step: int) -> None:
+    """
+    Add C{step} to C{key}'s count number C{which} (running, waiting); a key
+    with neither has no entry.
+    """
+    entry = counts.setdefault(key, [0, 0])
+    entry[which] += step
+    if entry == [0, 0]:
+        del counts[key]
+
+
 def _given(value: int | None, default: int) -> int:
     return default if value is None else value
 
@@ -720,23 +731,18 @@ class ThreadedResolver:
         Count C{job} as running (C{which} 0) or waiting (1) for its domain
         and its client.
         """
-        self._domains.setdefault(job.domain, [0, 0])[which] += 1
-        if job.client is not None:
-            self._clients.setdefault(job.client, [0, 0])[which] += 1
+        self._count(job, which, 1)
 
     def _leave(self, job: _Job, which: int) -> None:
         """
         Count C{job} as no longer running (C{which} 0) or waiting (1).
         """
-        counts = self._domains[job.domain]
-        counts[which] -= 1
-        if counts == [0, 0]:
-            del self._domains[job.domain]
+        self._count(job, which, -1)
+
+    def _count(self, job: _Job, which: int, step: int) -> None:
+        _tally(self._domains, job.domain, which, step)
         if job.client is not None:
-            counts = self._clients[job.client]
-            counts[which] -= 1
-            if counts == [0, 0]:
-                del self._clients[job.client]
+            _tally(self._clients, job.client, which, step)
 
     def _deliver(self, lookup: Lookup, addresses: list[IAddress]) -> None:
         # Until it is cancelled, even from inside its own receiver; a

@@ -154,9 +154,9 @@ def _shortageOf(reason: Failure) -> tuple[str, str, str] | None:
         reason.check(ConnectError)
         and getattr(reason.value, "osError", None) in OUT_OF_RESOURCES
     ):
-        return "resources", _DESCRIPTORS_REMEDY, _OUT_OF_RESOURCES
+        return "resources", _DESCRIPTORS_REMEDY, _OUT_OF_RESOURCES_ANSWER
     if reason.check(NoLocalPort):
-        return "local-ports", _LOCAL_PORTS_REMEDY, _OUT_OF_RESOURCES
+        return "local-ports", _LOCAL_PORTS_REMEDY, _OUT_OF_RESOURCES_ANSWER
     if reason.check(SourceUnusable):
         return (
             "outgoing-address",
@@ -166,7 +166,7 @@ def _shortageOf(reason: Failure) -> tuple[str, str, str] | None:
     return None
 
 
-_OUT_OF_RESOURCES = "The proxy is out of resources; try again."
+_OUT_OF_RESOURCES_ANSWER = "The proxy is out of resources; try again."
 _DESCRIPTORS_REMEDY = (
     "see the file descriptor limit (ulimit -n, LimitNOFILE) and --max-tunnels"
 )
